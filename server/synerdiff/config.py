@@ -1,0 +1,140 @@
+"""Typed configuration: the one source of truth for the CLI, env vars and the CRD schema.
+
+`EngineConfig` is what an engine needs (model, device, limits, scheduler knobs). It is a
+plain pydantic model so the operator can embed its JSON schema in the DiffusionPool CRD.
+`ServerSettings` wraps it for the HTTP server and reads env vars with the `SYNERDIFF_`
+prefix (nested fields with `__`, e.g. `SYNERDIFF_ENGINE__LIMITS__MAX_N=4`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+EMBEDDED_MODEL_DIR = Path(__file__).parent / "models" / "embedded" / "tiny-sd"
+
+SamplerName = Literal["ddim", "euler", "euler_a", "dpmpp_2m"]
+DType = Literal["float32", "float16", "bfloat16"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LimitsConfig(_Strict):
+    """Admission limits. Every request outside them is refused with a 4xx naming the field."""
+
+    max_prompt_chars: int = Field(2000, ge=1, description="Longest prompt or negative prompt, in characters.")
+    max_n: int = Field(8, ge=1, le=64, description="Most images per request.")
+    min_side: int = Field(64, ge=8, description="Smallest height or width in pixels.")
+    max_side: int = Field(1024, ge=8, description="Largest height or width in pixels.")
+    max_pixels: int = Field(1024 * 1024, ge=64, description="Largest height*width.")
+    size_multiple: int = Field(8, ge=1, description="Height and width must be multiples of this.")
+    max_steps: int = Field(100, ge=1, le=1000, description="Most denoising steps per request.")
+    min_guidance: float = Field(0.0, ge=0.0)
+    max_guidance: float = Field(20.0, ge=0.0)
+    max_queue: int = Field(256, ge=1, description="Most waiting requests; beyond it new ones get 429.")
+    request_timeout_s: float = Field(300.0, gt=0, description="Deadline from arrival, queue wait included.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "LimitsConfig":
+        if self.min_side > self.max_side:
+            raise ValueError("min_side must be <= max_side")
+        if self.min_guidance > self.max_guidance:
+            raise ValueError("min_guidance must be <= max_guidance")
+        return self
+
+
+class SchedulerConfig(_Strict):
+    """The SynerDiff scheduler's knobs; the operator tunes these at run time."""
+
+    policy: Literal["synerdiff", "continuous"] = Field(
+        "synerdiff",
+        description="synerdiff: threshold-aware planning with VAE chunking and adaptive skip-CFG; "
+        "continuous: plain step-level continuous batching with inline VAE decode (the baseline).",
+    )
+    max_rows: int = Field(64, ge=1, le=4096, description="Most UNet rows in one forward (a guided image is 2 rows).")
+    threshold: float = Field(0.8, ge=0.0, le=1.0, description="Floor on UNet throughput relative to its peak while work waits.")
+    threshold_min: float = Field(0.5, ge=0.0, le=1.0)
+    threshold_max: float = Field(0.95, ge=0.0, le=1.0)
+    controller: Literal["fixed", "adaptive"] = Field("adaptive", description="adaptive: the feedback controller moves the threshold with the queue.")
+    controller_gain: float = Field(0.05, ge=0.0, le=1.0, description="Threshold change per controller tick.")
+    controller_high_water: float = Field(2.0, ge=0.0, description="Queue length per free batch slot above which the threshold rises.")
+    controller_low_water: float = Field(0.5, ge=0.0, description="Queue length per free batch slot below which the threshold falls.")
+    skip_cfg_bound: float = Field(0.3, ge=0.0, le=0.9, description="Largest fraction of a guided request's steps that may run without CFG.")
+    vae_step_budget_ms: float = Field(10.0, ge=0.0, description="Most VAE decode time added between two UNet steps while UNet work runs.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "SchedulerConfig":
+        if not self.threshold_min <= self.threshold_max:
+            raise ValueError("threshold_min must be <= threshold_max")
+        if not self.threshold_min <= self.threshold <= self.threshold_max:
+            raise ValueError("threshold must lie within [threshold_min, threshold_max]")
+        if self.controller_low_water > self.controller_high_water:
+            raise ValueError("controller_low_water must be <= controller_high_water")
+        return self
+
+
+class EngineConfig(_Strict):
+    model: str = Field(str(EMBEDDED_MODEL_DIR), description="Path of a diffusers Stable-Diffusion directory.")
+    device: str = Field("auto", description="'auto' (cuda if present), 'cpu', 'cuda' or 'cuda:N'.")
+    dtype: DType | Literal["auto"] = Field("auto", description="'auto' = float16 on CUDA, float32 on CPU.")
+    default_sampler: SamplerName = "euler"
+    default_steps: int = Field(0, ge=0, description="Steps when a request names none; 0 = 30 on CUDA, 20 on CPU.")
+    default_guidance: float = Field(7.5, ge=0.0)
+    fast_path: bool = Field(True, description="CUDA only: capture CUDA graphs for fixed row buckets at start-up.")
+    profile_path: str | None = Field(None, description="Profiler output to load as the cost model.")
+    warmup: bool = Field(True, description="Run one generation before reporting ready.")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+
+
+class _ConfigFileSource(PydanticBaseSettingsSource):
+    """Reads `SYNERDIFF_CONFIG_FILE` (JSON or YAML): how the operator's ConfigMap reaches the pod."""
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover - unused
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = os.environ.get("SYNERDIFF_CONFIG_FILE")
+        if not path:
+            return {}
+        text = Path(path).read_text()
+        if path.endswith((".yaml", ".yml")):
+            import yaml
+
+            return yaml.safe_load(text) or {}
+        return json.loads(text)
+
+
+class ServerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SYNERDIFF_", env_nested_delimiter="__", extra="forbid")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_token: str | None = Field(None, description="Bearer token required on every API call when set.")
+    api_token_file: str | None = Field(None, description="File holding the bearer token (a mounted Secret).")
+    admin_token: str | None = Field(None, description="Token for /v1/admin/*; defaults to api_token. Admin endpoints are off when neither is set.")
+    drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish.")
+    served_model_name: str = "synerdiff-default"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+        return (init_settings, env_settings, _ConfigFileSource(settings_cls), file_secret_settings)
+
+    def resolved_api_token(self) -> str | None:
+        if self.api_token:
+            return self.api_token
+        if self.api_token_file:
+            return Path(self.api_token_file).read_text().strip() or None
+        return None
+
+    def resolved_admin_token(self) -> str | None:
+        return self.admin_token or self.resolved_api_token()

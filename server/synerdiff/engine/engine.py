@@ -1,0 +1,567 @@
+"""The engine: one worker thread owns the device and runs step-level continuous batching.
+
+Each iteration the worker takes new submissions and cancellations, asks the scheduling
+policy for a plan (see `scheduling.planner`), then executes it: admits requests (their
+prompts encoded in one batch), runs ONE UNet forward over every active row of one shape
+bucket (each row at its own timestep), applies all rows' sampler updates in one tensor
+expression, and decodes finished latents. Callers hold a `RequestHandle` whose future
+resolves to a `GenerationResult`; asyncio callers await `handle.result()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..config import EngineConfig, SchedulerConfig
+from ..models.loader import ModelBundle, load_model
+from ..samplers import SamplerPlan, apply_update, make_plan
+from ..scheduling.planner import Active, Bucket, ContinuousPolicy, Decode, EngineView, IterationPlan, Policy, Waiting
+from .executor import StepExecutor
+from .request import (
+    Cancelled,
+    EngineError,
+    GenerationRequest,
+    GenerationResult,
+    QueueFull,
+    RequestError,
+    ShuttingDown,
+    TimedOut,
+    Timings,
+)
+
+log = logging.getLogger("synerdiff.engine")
+
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass
+class IterationStats:
+    """What one iteration did; hooks receive one per iteration (metrics, benchmarks)."""
+
+    bucket: Bucket | None = None
+    rows: int = 0
+    images: int = 0
+    admitted: int = 0
+    finished: int = 0
+    cfg_skipped: int = 0
+    decoded_images: int = 0
+    vae_chunks: int = 0
+    encode_s: float = 0.0
+    unet_s: float = 0.0
+    sampler_s: float = 0.0
+    vae_s: float = 0.0
+    waiting: int = 0
+    running: int = 0
+    queue_waits_s: list[float] = field(default_factory=list)
+
+
+class RequestHandle:
+    def __init__(self, engine: "Engine", request: GenerationRequest):
+        self._engine = engine
+        self.request = request
+        self.request_id = request.request_id
+        self.future: concurrent.futures.Future[GenerationResult] = concurrent.futures.Future()
+        self._progress: list[ProgressCallback] = []
+
+    def add_progress_callback(self, fn: ProgressCallback) -> None:
+        """fn(step_done, total_steps), called from the engine thread after each step."""
+        self._progress.append(fn)
+
+    def cancel(self) -> None:
+        self._engine.cancel(self.request_id)
+
+    def wait(self, timeout: float | None = None) -> GenerationResult:
+        return self.future.result(timeout)
+
+    async def result(self) -> GenerationResult:
+        return await asyncio.wrap_future(self.future)
+
+
+class _State:
+    """Engine-side state of one request (worker thread only)."""
+
+    def __init__(self, handle: RequestHandle, seed: int, arrival: float, timeout_s: float):
+        self.handle = handle
+        self.req = handle.request
+        self.id = self.req.request_id
+        self.seed = seed
+        self.arrival = arrival
+        self.deadline = arrival + timeout_s
+        self.bucket: Bucket = (self.req.height, self.req.width)
+        self.n = self.req.n
+        self.steps = self.req.steps
+        self.guided = self.req.guided
+        self.plan: SamplerPlan | None = None
+        self.coeff_rows: list[list[float]] = []
+        self.gen: torch.Generator | None = None
+        self.latents: torch.Tensor | None = None
+        self.history: torch.Tensor | None = None
+        self.cond: torch.Tensor | None = None
+        self.uncond: torch.Tensor | None = None
+        self.step = 0
+        self.skipped = 0
+        self.cutoff_step = None if self.req.cfg_cutoff_ratio is None else int(self.steps * self.req.cfg_cutoff_ratio)
+        self.admitted_at = 0.0
+        self.finished_at = 0.0
+        self.decode_started = 0.0
+        self.images: list[torch.Tensor] = []
+
+    def future_done(self) -> bool:
+        return self.handle.future.done()
+
+    def forced_unguided(self) -> bool:
+        # diffusers' SDCFGCutoffCallback turns guidance off after the step equal to the cutoff.
+        return self.cutoff_step is not None and self.step > self.cutoff_step
+
+    def guided_now(self, skip: frozenset[str]) -> bool:
+        return self.guided and not self.forced_unguided() and self.id not in skip
+
+
+class Engine:
+    def __init__(
+        self,
+        config: EngineConfig | None = None,
+        *,
+        model: ModelBundle | None = None,
+        policy: Policy | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.config = config or EngineConfig()
+        self._model = model
+        self.executor: StepExecutor | None = None
+        self.clock = clock
+        self._policy_override = policy
+        self.policy: Policy = policy or ContinuousPolicy()
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._accepting = False
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._waiting: list[_State] = []
+        self._active: list[_State] = []
+        self._decoding: list[_State] = []
+        self._last_served: dict[Bucket, float] = {}
+        self._queued = 0  # submitted, not yet admitted (read by other threads)
+        self._in_flight = 0  # submitted, not yet finished
+        self.rows_active = 0
+        self.ready = False
+        self.hooks: list[Callable[[IterationStats], None]] = []
+        self.request_hooks: list[Callable[[_State, str, str], None]] = []
+        # Test-only: called with (stage, request ids) before device work; may raise.
+        self.fault_hook: Callable[[str, list[str]], None] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+    @property
+    def model(self) -> ModelBundle:
+        assert self._model is not None, "engine not started"
+        return self._model
+
+    def start(self) -> "Engine":
+        """Load the model (unless given), start the worker and (optionally) warm up."""
+        if self._model is None:
+            self._model = load_model(self.config.model, self.config.device, self.config.dtype)
+        self.executor = StepExecutor(self._model)
+        self.apply_scheduler_config(self.config.scheduler)
+        self._accepting = True
+        self._thread = threading.Thread(target=self._run, name="synerdiff-engine", daemon=True)
+        self._thread.start()
+        if self.config.warmup:
+            size = self._model.default_size
+            self.submit(GenerationRequest(prompt="warm-up", height=size, width=size, steps=2, seed=0)).wait()
+        self.ready = True
+        return self
+
+    def shutdown(self, drain_timeout: float | None = 0.0) -> None:
+        """Stop accepting; let in-flight requests finish for `drain_timeout` s; fail the rest."""
+        self._accepting = False
+        self.ready = False
+        deadline = time.monotonic() + (drain_timeout or 0.0)
+        while self._in_flight and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def __enter__(self) -> "Engine":
+        return self.start() if self._thread is None else self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    # ------------------------------------------------------------------ public API
+    def default_steps(self) -> int:
+        if self.config.default_steps:
+            return self.config.default_steps
+        return 30 if self.model.device.type == "cuda" else 20
+
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Queue a request; raises RequestError for bad input, QueueFull, ShuttingDown."""
+        if not self._accepting:
+            raise ShuttingDown()
+        request.validate(self.config.limits)
+        lat = self.model.vae_scale_factor
+        if request.height % lat or request.width % lat:
+            raise RequestError("size", f"height and width must be multiples of {lat} for this model")
+        handle = RequestHandle(self, request)
+        seed = request.seed if request.seed is not None else random.randrange(2**63)
+        timeout = request.timeout_s or self.config.limits.request_timeout_s
+        with self._lock:
+            if self._queued >= self.config.limits.max_queue:
+                raise QueueFull(f"queue is full ({self._queued} waiting)", retry_after_s=self._retry_after())
+            self._queued += 1
+            self._in_flight += 1
+        self._inbox.put(("submit", _State(handle, seed, self.clock(), timeout)))
+        self._wake.set()
+        return handle
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        handle = self.submit(request)
+        try:
+            return await handle.result()
+        except asyncio.CancelledError:
+            handle.cancel()
+            raise
+
+    def generate_sync(self, request: GenerationRequest, timeout: float | None = None) -> GenerationResult:
+        return self.submit(request).wait(timeout)
+
+    def cancel(self, request_id: str) -> None:
+        self._inbox.put(("cancel", request_id))
+        self._wake.set()
+
+    @property
+    def waiting(self) -> int:
+        return self._queued
+
+    @property
+    def running(self) -> int:
+        return self._in_flight - self._queued
+
+    def apply_scheduler_config(self, cfg: SchedulerConfig) -> None:
+        """Swap scheduler knobs at run time (the admin API and the operator call this)."""
+        self.config.scheduler = cfg
+        if self._policy_override is None:
+            from ..scheduling.policies import policy_for
+
+            self.policy = policy_for(cfg)
+
+    def _retry_after(self) -> float:
+        return 1.0
+
+    # ------------------------------------------------------------------ worker
+    def _run(self) -> None:
+        while not self._stop:
+            try:
+                worked = self._iterate()
+            except Exception:  # a bug in the loop itself must not kill the worker
+                log.exception("engine iteration failed")
+                worked = False
+            if not worked:
+                self._wake.wait(0.05)
+                self._wake.clear()
+        self._fail_all(ShuttingDown("engine stopped before the request finished"))
+
+    def _iterate(self) -> bool:
+        now = self.clock()
+        self._intake()
+        self._expire(now)
+        view = self._view(now)
+        plan = self.policy.plan(view)
+        if plan.idle:
+            return False
+        stats = IterationStats()
+        if plan.admit:
+            self._admit(plan.admit, stats)
+        if plan.step_bucket is not None:
+            self._last_served[plan.step_bucket] = now
+            self._step(plan.step_bucket, plan.skip_cfg, stats)
+        if plan.decode:
+            self._decode(plan.decode, stats)
+        stats.waiting = len(self._waiting)
+        stats.running = len(self._active) + len(self._decoding)
+        for hook in self.hooks:
+            try:
+                hook(stats)
+            except Exception:
+                log.exception("iteration hook failed")
+        return True
+
+    def _intake(self) -> None:
+        while True:
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "submit":
+                self._waiting.append(item)
+            else:
+                self._cancel(item)
+
+    def _cancel(self, request_id: str) -> None:
+        for group in (self._waiting, self._active, self._decoding):
+            for st in group:
+                if st.id == request_id:
+                    self._finish(st, error=Cancelled())
+                    return
+
+    def _expire(self, now: float) -> None:
+        for group in (self._waiting, self._active, self._decoding):
+            for st in [s for s in group if now > s.deadline]:
+                where = "in the queue" if group is self._waiting else "while generating"
+                self._finish(st, error=TimedOut(f"request exceeded its {st.deadline - st.arrival:.1f}s deadline {where}"))
+
+    def _view(self, now: float) -> EngineView:
+        bound = self.config.scheduler.skip_cfg_bound
+        active = []
+        for s in self._active:
+            first_skippable = s.steps - int(s.steps * bound)
+            active.append(
+                Active(
+                    request_id=s.id,
+                    bucket=s.bucket,
+                    images=s.n,
+                    guided=s.guided,
+                    step=s.step,
+                    steps=s.steps,
+                    may_skip_cfg=s.guided
+                    and s.req.cfg_skip == "auto"
+                    and s.cutoff_step is None
+                    and s.step >= first_skippable,
+                    forced_unguided=s.forced_unguided(),
+                )
+            )
+        return EngineView(
+            now=now,
+            waiting=tuple(Waiting(s.id, s.bucket, s.n, s.guided, s.steps, s.arrival) for s in self._waiting),
+            active=tuple(active),
+            decodes=tuple(Decode(s.id, s.bucket, s.n - len(s.images), s.finished_at) for s in self._decoding),
+            max_rows=self.config.scheduler.max_rows,
+            last_served=dict(self._last_served),
+        )
+
+    # ------------------------------------------------------------------ stages
+    def _by_id(self, group: list[_State], ids) -> list[_State]:
+        wanted = set(ids)
+        return [s for s in group if s.id in wanted]
+
+    def _guard(self, stage: str, states: list[_State]) -> bool:
+        """Run the test fault hook; on a raise fail `states` like a real device fault."""
+        if self.fault_hook is None:
+            return True
+        try:
+            self.fault_hook(stage, [s.id for s in states])
+        except Exception as exc:
+            self._fault(stage, states, exc)
+            return False
+        return True
+
+    def _fault(self, stage: str, states: list[_State], exc: BaseException) -> None:
+        log.error("engine fault in %s for %d request(s): %s", stage, len(states), exc)
+        oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+        reason = "out_of_memory" if oom else "engine_fault"
+        if oom and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        for st in states:
+            self._finish(st, error=EngineError(reason, f"{stage} failed: {type(exc).__name__}: {exc}"))
+
+    def _admit(self, ids: tuple[str, ...], stats: IterationStats) -> None:
+        states = self._by_id(self._waiting, ids)
+        if not states or not self._guard("encode", states):
+            return
+        t0 = time.perf_counter()
+        try:
+            ex, m = self.executor, self.model
+            prompts = [s.req.prompt for s in states] + [s.req.negative_prompt for s in states if s.guided]
+            emb = ex.encode_prompts(prompts)
+            neg = iter(range(len(states), len(prompts)))
+            for i, s in enumerate(states):
+                s.cond = emb[i : i + 1]
+                s.uncond = emb[next(neg)][None] if s.guided else None
+                s.plan = make_plan(s.req.sampler, m.scheduler_config, s.steps)
+                s.coeff_rows = s.plan.coeffs.tolist()
+                s.gen = torch.Generator("cpu").manual_seed(s.seed)
+                f = m.vae_scale_factor
+                shape = (s.n, m.latent_channels, s.req.height // f, s.req.width // f)
+                # diffusers' prepare_latents: one draw of all n images from the request's generator.
+                noise = randn_tensor(shape, generator=s.gen, device=m.device, dtype=m.dtype)
+                s.latents = noise.float() * s.plan.init_noise_sigma
+                s.history = torch.zeros_like(s.latents)
+        except Exception as exc:
+            self._fault("encode", states, exc)
+            return
+        now = self.clock()
+        for s in states:
+            self._waiting.remove(s)
+            self._active.append(s)
+            s.admitted_at = now
+            stats.queue_waits_s.append(now - s.arrival)
+        with self._lock:
+            self._queued -= len(states)
+        stats.admitted = len(states)
+        stats.encode_s = time.perf_counter() - t0
+
+    def _step(self, bucket: Bucket, skip: frozenset[str], stats: IterationStats) -> None:
+        states = [s for s in self._active if s.bucket == bucket]
+        if not states or not self._guard("unet", states):
+            return
+        ex, m = self.executor, self.model
+        t0 = time.perf_counter()
+        try:
+            x = torch.cat([s.latents for s in states]) if len(states) > 1 else states[0].latents
+            hist = torch.cat([s.history for s in states]) if len(states) > 1 else states[0].history
+            per_image: list[list[float]] = []  # timestep, input scale, guidance, 7 coefficients
+            guided_idx: list[int] = []
+            uncond_ctx, cond_ctx = [], []
+            off = 0
+            for s in states:
+                g = s.guided_now(skip)
+                row = [float(s.plan.timesteps[s.step]), float(s.plan.input_scale[s.step]), s.req.guidance_scale if g else 1.0]
+                row += s.coeff_rows[s.step]
+                per_image += [row] * s.n
+                cond_ctx.append(s.cond.expand(s.n, -1, -1))
+                if g:
+                    guided_idx += range(off, off + s.n)
+                    uncond_ctx.append(s.uncond.expand(s.n, -1, -1))
+                off += s.n
+            table = torch.tensor(per_image, dtype=torch.float64).to(m.device, torch.float32, non_blocking=True)
+            tsteps, scale, gscale, coeffs = table[:, 0], table[:, 1], table[:, 2], table[:, 3:]
+            model_in = x * scale.view(-1, 1, 1, 1)
+            gi = torch.tensor(guided_idx, dtype=torch.long, device=m.device) if guided_idx else None
+            if gi is not None:
+                model_in = torch.cat([model_in[gi], model_in])
+                tsteps_all = torch.cat([tsteps[gi], tsteps])
+                ctx = torch.cat(uncond_ctx + cond_ctx)
+            else:
+                tsteps_all, ctx = tsteps, torch.cat(cond_ctx)
+            out = ex.unet(model_in, tsteps_all, ctx)
+            t1 = time.perf_counter()
+            if gi is not None:
+                g = len(guided_idx)
+                out_u, out_c = out[:g], out[g:]
+                uncond_full = out_c.clone()
+                uncond_full[gi] = out_u
+                model_out = uncond_full + gscale.view(-1, 1, 1, 1) * (out_c - uncond_full)
+            else:
+                model_out = out
+            noise = None
+            if any(s.plan.ancestral for s in states):
+                parts = []
+                for s in states:
+                    if s.plan.ancestral:  # the request's own generator, as diffusers' step draws it
+                        parts.append(randn_tensor(s.latents.shape, generator=s.gen, device=m.device, dtype=torch.float32))
+                    else:
+                        parts.append(torch.zeros_like(s.latents))
+                noise = torch.cat(parts)
+            x_next, x0 = apply_update(x, model_out, hist, coeffs, noise)
+            ex.synchronize()
+        except Exception as exc:
+            self._fault("unet", states, exc)
+            return
+        t2 = time.perf_counter()
+        off = 0
+        rows = len(guided_idx) + x.shape[0]
+        for s in states:
+            s.latents, s.history = x_next[off : off + s.n], x0[off : off + s.n]
+            off += s.n
+            if s.guided and not s.guided_now(skip) and not s.forced_unguided():
+                s.skipped += 1
+                stats.cfg_skipped += 1
+            s.step += 1
+            for cb in s.handle._progress:
+                try:
+                    cb(s.step, s.steps)
+                except Exception:
+                    log.exception("progress callback failed")
+            if s.step == s.steps:
+                self._retire(s)
+                stats.finished += 1
+        self.rows_active = sum(s.n * (2 if s.guided else 1) for s in self._active)
+        stats.bucket, stats.rows, stats.images = bucket, rows, x.shape[0]
+        stats.unet_s, stats.sampler_s = t1 - t0, t2 - t1
+
+    def _retire(self, s: _State) -> None:
+        self._active.remove(s)
+        s.finished_at = self.clock()
+        if not bool(torch.isfinite(s.latents).all()):
+            self._finish(s, error=EngineError("numerical_fault", "the latents became NaN or infinite; try another seed or fewer steps"))
+            return
+        self._decoding.append(s)
+
+    def _decode(self, work: tuple[tuple[str, int], ...], stats: IterationStats) -> None:
+        by_id = {s.id: s for s in self._decoding}
+        chunks = [(by_id[i], k) for i, k in work if i in by_id and k > 0]
+        if not chunks or not self._guard("vae", [s for s, _ in chunks]):
+            return
+        t0 = time.perf_counter()
+        now = self.clock()
+        try:
+            lat = [s.latents[len(s.images) : len(s.images) + k] for s, k in chunks]
+            images = self.executor.decode(torch.cat(lat))
+        except Exception as exc:
+            self._fault("vae", [s for s, _ in chunks], exc)
+            return
+        stats.vae_s = time.perf_counter() - t0
+        stats.vae_chunks = len(chunks)
+        stats.decoded_images = images.shape[0]
+        off = 0
+        for s, k in chunks:
+            if not s.images:
+                s.decode_started = now
+            s.images.extend(images[off : off + k].unbind(0))
+            off += k
+            if len(s.images) >= s.n:
+                self._finish(s)
+
+    def _finish(self, s: _State, error: EngineError | None = None) -> None:
+        """Remove a request from wherever it is and resolve its future."""
+        was_waiting = s in self._waiting
+        for group in (self._waiting, self._active, self._decoding):
+            if s in group:
+                group.remove(s)
+        with self._lock:
+            if was_waiting:
+                self._queued -= 1
+            self._in_flight -= 1
+        self.rows_active = sum(a.n * (2 if a.guided else 1) for a in self._active)
+        if s.future_done():
+            return
+        if error is not None:
+            s.handle.future.set_exception(error)
+        else:
+            now = self.clock()
+            t = Timings(
+                queue_wait_s=s.admitted_at - s.arrival,
+                inference_s=s.finished_at - s.admitted_at,
+                decode_wait_s=max(0.0, s.decode_started - s.finished_at),
+                decode_s=now - s.decode_started,
+                total_s=now - s.arrival,
+            )
+            s.handle.future.set_result(
+                GenerationResult(s.id, s.seed, list(s.images), t, s.steps, guided_steps_skipped=s.skipped)
+            )
+        s.latents = s.history = s.cond = s.uncond = None
+        status = "ok" if error is None else error.reason
+        for hook in self.request_hooks:
+            try:
+                hook(s, status, "")
+            except Exception:
+                log.exception("request hook failed")
+
+    def _fail_all(self, error: EngineError) -> None:
+        self._intake()
+        for group in (self._waiting, self._active, self._decoding):
+            for s in list(group):
+                self._finish(s, error=error)

@@ -1,0 +1,49 @@
+"""The device-side work of one engine iteration: text encoding, one UNet forward, VAE decode.
+
+The executor knows tensors, not requests; the engine hands it stacked rows. It mirrors the
+arithmetic of diffusers' `StableDiffusionPipeline` (prompt encoding, CFG combination,
+latent scaling, decode and de-normalisation) so that batched results equal the pipeline's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..models.loader import ModelBundle
+
+
+class StepExecutor:
+    def __init__(self, model: ModelBundle):
+        self.model = model
+        self.device = model.device
+        self.dtype = model.dtype
+        te_cfg = model.text_encoder.config
+        self._use_attention_mask = bool(getattr(te_cfg, "use_attention_mask", False))
+        self._vae_scale = float(model.vae.config.scaling_factor)
+        self._vae_shift = getattr(model.vae.config, "shift_factor", None) or 0.0
+
+    @torch.inference_mode()
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        """(len(prompts), L, D) embeddings, padded to the tokenizer's max length like diffusers."""
+        tok = self.model.tokenizer
+        inputs = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+        mask = inputs.attention_mask.to(self.device) if self._use_attention_mask else None
+        out = self.model.text_encoder(inputs.input_ids.to(self.device), attention_mask=mask)[0]
+        return out.to(self.dtype)
+
+    @torch.inference_mode()
+    def unet(self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """One UNet forward; every row at its own timestep. Returns float32."""
+        out = self.model.unet(sample.to(self.dtype), timesteps, encoder_hidden_states=context, return_dict=False)[0]
+        return out.float()
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (N, C, h, w) -> images (N, 3, H, W) float32 in [0, 1] on the CPU."""
+        z = (latents / self._vae_scale + self._vae_shift).to(self.dtype)
+        img = self.model.vae.decode(z, return_dict=False)[0]
+        return (img.float() / 2 + 0.5).clamp(0, 1).cpu()
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)

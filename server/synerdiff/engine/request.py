@@ -1,0 +1,140 @@
+"""What a caller asks the engine for, and what it gets back."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Literal
+
+from ..config import LimitsConfig
+
+SAMPLER_NAMES = ("ddim", "euler", "euler_a", "dpmpp_2m")
+CfgSkip = Literal["auto", "never"]
+
+_ids = itertools.count(1)
+
+
+class RequestError(ValueError):
+    """A request the engine refuses; `field` names the offending input."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str
+    negative_prompt: str = ""
+    n: int = 1
+    height: int = 64
+    width: int = 64
+    steps: int = 20
+    guidance_scale: float = 7.5
+    seed: int | None = None
+    sampler: str = "euler"
+    cfg_skip: CfgSkip = "auto"
+    # A fixed CFG cutoff (diffusers' SDCFGCutoffCallback semantics: steps after
+    # int(steps * ratio) run unguided). None = let the scheduler decide within its bound.
+    cfg_cutoff_ratio: float | None = None
+    timeout_s: float | None = None
+    request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+
+    def validate(self, limits: LimitsConfig) -> None:
+        """Raise RequestError naming the first field outside `limits`."""
+        if not isinstance(self.prompt, str) or not self.prompt.strip():
+            raise RequestError("prompt", "must be a non-empty string")
+        if len(self.prompt) > limits.max_prompt_chars:
+            raise RequestError("prompt", f"is {len(self.prompt)} characters; the limit is {limits.max_prompt_chars}")
+        if len(self.negative_prompt) > limits.max_prompt_chars:
+            raise RequestError("negative_prompt", f"is longer than {limits.max_prompt_chars} characters")
+        if not 1 <= self.n <= limits.max_n:
+            raise RequestError("n", f"must be between 1 and {limits.max_n}, got {self.n}")
+        for name in ("height", "width"):
+            v = getattr(self, name)
+            if not limits.min_side <= v <= limits.max_side:
+                raise RequestError(name, f"must be between {limits.min_side} and {limits.max_side}, got {v}")
+            if v % limits.size_multiple:
+                raise RequestError(name, f"must be a multiple of {limits.size_multiple}, got {v}")
+        if self.height * self.width > limits.max_pixels:
+            raise RequestError("size", f"{self.width}x{self.height} exceeds {limits.max_pixels} pixels")
+        if not 1 <= self.steps <= limits.max_steps:
+            raise RequestError("num_inference_steps", f"must be between 1 and {limits.max_steps}, got {self.steps}")
+        if not limits.min_guidance <= self.guidance_scale <= limits.max_guidance:
+            raise RequestError(
+                "guidance_scale", f"must be between {limits.min_guidance} and {limits.max_guidance}, got {self.guidance_scale}"
+            )
+        if self.sampler not in SAMPLER_NAMES:
+            raise RequestError("sampler", f"must be one of {', '.join(SAMPLER_NAMES)}, got {self.sampler!r}")
+        if self.cfg_skip not in ("auto", "never"):
+            raise RequestError("cfg_skip", "must be 'auto' or 'never'")
+        if self.cfg_cutoff_ratio is not None and not 0.0 <= self.cfg_cutoff_ratio <= 1.0:
+            raise RequestError("cfg_cutoff_ratio", "must be between 0 and 1")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise RequestError("seed", "must be between 0 and 2**63-1")
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            raise RequestError("timeout_s", "must be positive")
+
+    @property
+    def guided(self) -> bool:
+        # diffusers' rule: classifier-free guidance only when guidance_scale > 1.
+        return self.guidance_scale > 1.0
+
+
+@dataclass
+class Timings:
+    queue_wait_s: float = 0.0
+    inference_s: float = 0.0  # admission -> last UNet step
+    decode_wait_s: float = 0.0  # last step -> decode start
+    decode_s: float = 0.0
+    total_s: float = 0.0
+
+
+@dataclass
+class GenerationResult:
+    request_id: str
+    seed: int
+    images: list  # float32 tensors (3, H, W) in [0, 1], on the CPU
+    timings: Timings
+    steps: int
+    guided_steps_skipped: int = 0
+
+    def to_pil(self):
+        from PIL import Image
+
+        out = []
+        for img in self.images:
+            arr = (img.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype("uint8")
+            out.append(Image.fromarray(arr))
+        return out
+
+
+class EngineError(RuntimeError):
+    """The engine could not serve a request (fault in its batch, shutdown, timeout...)."""
+
+    def __init__(self, reason: str, message: str, status: int = 503):
+        super().__init__(message)
+        self.reason = reason
+        self.status = status
+
+
+class Cancelled(EngineError):
+    def __init__(self, message: str = "request cancelled"):
+        super().__init__("cancelled", message, status=499)
+
+
+class TimedOut(EngineError):
+    def __init__(self, message: str):
+        super().__init__("timeout", message, status=504)
+
+
+class QueueFull(EngineError):
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__("queue_full", message, status=429)
+        self.retry_after_s = retry_after_s
+
+
+class ShuttingDown(EngineError):
+    def __init__(self, message: str = "engine is shutting down"):
+        super().__init__("shutting_down", message, status=503)

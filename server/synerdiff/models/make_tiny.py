@@ -1,0 +1,171 @@
+"""Build the embedded default model: a tiny Stable-Diffusion-shaped diffusers directory.
+
+Random weights from a fixed seed, a character-level CLIP tokenizer (valid `vocab.json`
+and `merges.txt`), and SD1.5's noise schedule. `StableDiffusionPipeline.from_pretrained`
+loads the result like any real model. Run:
+
+    python -m synerdiff.models.make_tiny [OUT_DIR] [--seed 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+TINY_UNET = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(32, 64),
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=32,
+    attention_head_dim=4,
+    norm_num_groups=8,
+)
+TINY_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=(16, 32, 32),
+    down_block_types=("DownEncoderBlock2D",) * 3,
+    up_block_types=("UpDecoderBlock2D",) * 3,
+    layers_per_block=1,
+    norm_num_groups=8,
+    sample_size=64,
+)
+TINY_CLIP = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=77,
+    projection_dim=32,
+)
+# SD1.5's schedule; DDIM is the pipeline default, the engine picks its sampler per request.
+SD15_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+    timestep_spacing="leading",
+)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable-character map."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def write_char_tokenizer(out: Path, words: list[str] = ()) -> int:
+    """A CLIP BPE tokenizer whose merges spell out `words` (others fall back to characters)."""
+    chars = list(bytes_to_unicode().values())
+    vocab_list = chars + [c + "</w>" for c in chars]
+    merges: list[str] = []
+    known = set(vocab_list)
+    for word in words:
+        # Left-to-right merges: w,o -> wo; wo,r -> wor; ... the last piece carries </w>.
+        symbols = list(word[:-1]) + [word[-1] + "</w>"]
+        cur = symbols[0]
+        for nxt in symbols[1:]:
+            merged = cur + nxt
+            if merged not in known:
+                merges.append(f"{cur} {nxt}")
+                vocab_list.append(merged)
+                known.add(merged)
+            cur = merged
+    vocab_list += ["<|startoftext|>", "<|endoftext|>"]
+    vocab = {tok: i for i, tok in enumerate(vocab_list)}
+    tok_dir = out / "tokenizer"
+    tok_dir.mkdir(parents=True, exist_ok=True)
+    (tok_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (tok_dir / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges))
+    (tok_dir / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "CLIPTokenizer",
+                "model_max_length": 77,
+                "bos_token": "<|startoftext|>",
+                "eos_token": "<|endoftext|>",
+                "unk_token": "<|endoftext|>",
+                "pad_token": "<|endoftext|>",
+                "do_lower_case": True,
+            },
+            indent=1,
+        )
+    )
+    (tok_dir / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"})
+    )
+    return len(vocab)
+
+
+def build(out: Path, seed: int = 0) -> Path:
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab_size = write_char_tokenizer(out)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY_UNET)
+    vae = AutoencoderKL(**TINY_VAE)
+    text_cfg = CLIPTextConfig(
+        vocab_size=vocab_size, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, **TINY_CLIP
+    )
+    text_encoder = CLIPTextModel(text_cfg)
+    # Random init leaves the decoder's output nearly constant; a louder conv_out gives
+    # images whose pixels depend visibly on the latents, which makes tests sharper.
+    with torch.no_grad():
+        vae.decoder.conv_out.weight.mul_(8.0)
+    unet.save_pretrained(out / "unet")
+    vae.save_pretrained(out / "vae")
+    text_encoder.save_pretrained(out / "text_encoder")
+    DDIMScheduler(**SD15_SCHEDULER).save_pretrained(out / "scheduler")
+    (out / "model_index.json").write_text(
+        json.dumps(
+            {
+                "_class_name": "StableDiffusionPipeline",
+                "_diffusers_version": "0.30.0",
+                "feature_extractor": [None, None],
+                "requires_safety_checker": False,
+                "safety_checker": [None, None],
+                "scheduler": ["diffusers", "DDIMScheduler"],
+                "text_encoder": ["transformers", "CLIPTextModel"],
+                "tokenizer": ["transformers", "CLIPTokenizer"],
+                "unet": ["diffusers", "UNet2DConditionModel"],
+                "vae": ["diffusers", "AutoencoderKL"],
+            },
+            indent=1,
+        )
+    )
+    return out
+
+
+def main() -> None:
+    from synerdiff.config import EMBEDDED_MODEL_DIR
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", nargs="?", default=str(EMBEDDED_MODEL_DIR))
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    print(build(Path(args.out), args.seed))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Deciding what each engine iteration runs: planner data types, policies, controller."""

@@ -1,0 +1,119 @@
+"""What the engine runs in one iteration: a pure function of a snapshot of its state.
+
+The engine builds an `EngineView` (who waits, who runs, what awaits decoding), asks a
+policy for an `IterationPlan` (whom to admit, which shape bucket steps, whose guidance
+is skipped this step, which decodes run), and executes it. Policies have no I/O and no
+tensors, so they are tested and simulated without a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+Bucket = tuple[int, int]  # (height, width): requests of one latent shape share a forward
+
+
+@dataclass(frozen=True)
+class Waiting:
+    request_id: str
+    bucket: Bucket
+    images: int
+    guided: bool
+    steps: int
+    arrival: float
+
+    @property
+    def rows(self) -> int:
+        return self.images * (2 if self.guided else 1)
+
+
+@dataclass(frozen=True)
+class Active:
+    request_id: str
+    bucket: Bucket
+    images: int
+    guided: bool  # asks for guidance at all
+    step: int  # next step to run
+    steps: int
+    may_skip_cfg: bool  # guided, opted in, and within its skip budget at this step
+    forced_unguided: bool = False  # a fixed cutoff says this step runs without CFG
+
+    @property
+    def rows(self) -> int:
+        return self.images * (2 if self.guided and not self.forced_unguided else 1)
+
+
+@dataclass(frozen=True)
+class Decode:
+    request_id: str
+    bucket: Bucket
+    images_left: int
+    ready_at: float  # when its last UNet step finished
+
+
+@dataclass(frozen=True)
+class EngineView:
+    now: float
+    waiting: tuple[Waiting, ...]
+    active: tuple[Active, ...]
+    decodes: tuple[Decode, ...]
+    max_rows: int
+    last_served: dict[Bucket, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class IterationPlan:
+    admit: tuple[str, ...] = ()
+    step_bucket: Bucket | None = None
+    skip_cfg: frozenset[str] = frozenset()
+    decode: tuple[tuple[str, int], ...] = ()  # (request id, images to decode now)
+
+    @property
+    def idle(self) -> bool:
+        return not (self.admit or self.step_bucket is not None or self.decode)
+
+
+class Policy(Protocol):
+    def plan(self, view: EngineView) -> IterationPlan: ...
+
+
+def pick_bucket(view: EngineView) -> Bucket | None:
+    """Round-robin over buckets with work: the least recently served one goes next."""
+    buckets = {a.bucket for a in view.active} | {w.bucket for w in view.waiting}
+    if not buckets:
+        return None
+    return min(buckets, key=lambda b: (view.last_served.get(b, float("-inf")), b))
+
+
+def admit_fifo(view: EngineView, bucket: Bucket, rows_in_use: int, row_cap: int) -> tuple[str, ...]:
+    """Admit waiting requests of `bucket` in arrival order while their rows fit.
+
+    Stops at the first one that does not fit, so a large request is never overtaken
+    forever by a stream of small ones (no starvation). A request larger than the cap
+    is admitted alone when the bucket is empty.
+    """
+    admitted: list[str] = []
+    for w in sorted((w for w in view.waiting if w.bucket == bucket), key=lambda w: w.arrival):
+        if rows_in_use + w.rows > row_cap and (rows_in_use or admitted):
+            break
+        admitted.append(w.request_id)
+        rows_in_use += w.rows
+    return tuple(admitted)
+
+
+class ContinuousPolicy:
+    """Plain step-level continuous batching (the InstGenIE-style baseline).
+
+    Every waiting request that fits joins at the next step; every finished latent is
+    decoded whole, inline, before the next UNet step; guidance is never skipped.
+    """
+
+    def plan(self, view: EngineView) -> IterationPlan:
+        bucket = pick_bucket(view)
+        admit: tuple[str, ...] = ()
+        if bucket is not None:
+            in_use = sum(a.rows for a in view.active if a.bucket == bucket)
+            admit = admit_fifo(view, bucket, in_use, view.max_rows)
+        decode = tuple((d.request_id, d.images_left) for d in view.decodes)
+        return IterationPlan(admit=admit, step_bucket=bucket, decode=decode)
