@@ -31,7 +31,7 @@ class LimitsConfig(_Strict):
 
     max_prompt_chars: int = Field(2000, ge=1, description="Longest prompt or negative prompt, in characters.")
     max_n: int = Field(8, ge=1, le=64, description="Most images per request.")
-    min_side: int = Field(64, ge=8, description="Smallest height or width in pixels.")
+    min_side: int = Field(32, ge=8, description="Smallest height or width in pixels.")
     max_side: int = Field(1024, ge=8, description="Largest height or width in pixels.")
     max_pixels: int = Field(1024 * 1024, ge=64, description="Largest height*width.")
     size_multiple: int = Field(8, ge=1, description="Height and width must be multiples of this.")
