@@ -64,8 +64,8 @@ class SchedulerConfig(_Strict):
     threshold_max: float = Field(0.95, ge=0.0, le=1.0)
     controller: Literal["fixed", "adaptive"] = Field("adaptive", description="adaptive: the feedback controller moves the threshold with the queue.")
     controller_gain: float = Field(0.05, ge=0.0, le=1.0, description="Threshold change per controller tick.")
-    controller_high_water: float = Field(2.0, ge=0.0, description="Queue length per free batch slot above which the threshold rises.")
-    controller_low_water: float = Field(0.5, ge=0.0, description="Queue length per free batch slot below which the threshold falls.")
+    controller_high_water: float = Field(0.4, ge=0.0, description="Demand (rows running + waiting, over max_rows) above which the threshold rises.")
+    controller_low_water: float = Field(0.2, ge=0.0, description="Demand below which the threshold falls.")
     skip_cfg_bound: float = Field(0.3, ge=0.0, le=0.9, description="Largest fraction of a guided request's steps that may run without CFG.")
     vae_step_budget_ms: float = Field(10.0, ge=0.0, description="Most VAE decode time added between two UNet steps while UNet work runs.")
 

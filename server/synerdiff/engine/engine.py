@@ -26,7 +26,10 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..config import EngineConfig, SchedulerConfig
 from ..models.loader import ModelBundle, load_model
 from ..samplers import SamplerPlan, apply_update, make_plan
-from ..scheduling.planner import Active, Bucket, ContinuousPolicy, Decode, EngineView, IterationPlan, Policy, Waiting
+from ..scheduling import controller as ctl
+from ..scheduling.controller import ControllerState, Observation, skip_fraction
+from ..scheduling.cost_model import CostModel, Profile
+from ..scheduling.planner import Active, Bucket, ContinuousPolicy, Decode, EngineView, Policy, Waiting
 from .executor import StepExecutor
 from .request import (
     Cancelled,
@@ -143,6 +146,9 @@ class Engine:
         self.clock = clock
         self._policy_override = policy
         self.policy: Policy = policy or ContinuousPolicy()
+        self.cost_model: CostModel | None = None
+        self.controller = ControllerState.initial(self.config.scheduler)
+        self._recent_waits: list[float] = []
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._lock = threading.Lock()
@@ -173,6 +179,8 @@ class Engine:
         if self._model is None:
             self._model = load_model(self.config.model, self.config.device, self.config.dtype)
         self.executor = StepExecutor(self._model)
+        if self.cost_model is None and self.config.profile_path:
+            self.cost_model = CostModel(Profile.load(self.config.profile_path))
         self.apply_scheduler_config(self.config.scheduler)
         self._accepting = True
         self._thread = threading.Thread(target=self._run, name="synerdiff-engine", daemon=True)
@@ -252,11 +260,13 @@ class Engine:
 
     def apply_scheduler_config(self, cfg: SchedulerConfig) -> None:
         """Swap scheduler knobs at run time (the admin API and the operator call this)."""
-        self.config.scheduler = cfg
-        if self._policy_override is None:
-            from ..scheduling.policies import policy_for
+        from ..scheduling.policies import policy_for
 
-            self.policy = policy_for(cfg)
+        self.config.scheduler = cfg
+        th = cfg.threshold if cfg.controller == "fixed" else min(cfg.threshold_max, max(cfg.threshold_min, self.controller.threshold))
+        self.controller = ControllerState(threshold=th)
+        if self._policy_override is None:
+            self.policy = policy_for(cfg, self.cost_model)
 
     def _retry_after(self) -> float:
         return 1.0
@@ -278,6 +288,7 @@ class Engine:
         now = self.clock()
         self._intake()
         self._expire(now)
+        self._tick_controller(now)
         view = self._view(now)
         plan = self.policy.plan(view)
         if plan.idle:
@@ -298,6 +309,18 @@ class Engine:
             except Exception:
                 log.exception("iteration hook failed")
         return True
+
+    def _tick_controller(self, now: float) -> None:
+        if now - self.controller.last_tick < ctl.TICK_S:
+            return
+        waits, self._recent_waits = self._recent_waits, []
+        obs = Observation(
+            now=now,
+            waiting_rows=sum(s.n * (2 if s.guided else 1) for s in self._waiting),
+            active_rows=self.rows_active,
+            mean_queue_wait_s=sum(waits) / len(waits) if waits else None,
+        )
+        self.controller = ctl.tick(self.config.scheduler, self.controller, obs)
 
     def _intake(self) -> None:
         while True:
@@ -324,32 +347,29 @@ class Engine:
                 self._finish(st, error=TimedOut(f"request exceeded its {st.deadline - st.arrival:.1f}s deadline {where}"))
 
     def _view(self, now: float) -> EngineView:
-        bound = self.config.scheduler.skip_cfg_bound
-        active = []
-        for s in self._active:
-            first_skippable = s.steps - int(s.steps * bound)
-            active.append(
-                Active(
-                    request_id=s.id,
-                    bucket=s.bucket,
-                    images=s.n,
-                    guided=s.guided,
-                    step=s.step,
-                    steps=s.steps,
-                    may_skip_cfg=s.guided
-                    and s.req.cfg_skip == "auto"
-                    and s.cutoff_step is None
-                    and s.step >= first_skippable,
-                    forced_unguided=s.forced_unguided(),
-                )
+        active = tuple(
+            Active(
+                request_id=s.id,
+                bucket=s.bucket,
+                images=s.n,
+                guided=s.guided,
+                step=s.step,
+                steps=s.steps,
+                cfg_skippable=s.guided and s.req.cfg_skip == "auto" and s.cutoff_step is None,
+                forced_unguided=s.forced_unguided(),
             )
+            for s in self._active
+        )
+        cfg = self.config.scheduler
         return EngineView(
             now=now,
             waiting=tuple(Waiting(s.id, s.bucket, s.n, s.guided, s.steps, s.arrival) for s in self._waiting),
-            active=tuple(active),
+            active=active,
             decodes=tuple(Decode(s.id, s.bucket, s.n - len(s.images), s.finished_at) for s in self._decoding),
-            max_rows=self.config.scheduler.max_rows,
+            max_rows=cfg.max_rows,
             last_served=dict(self._last_served),
+            threshold=self.controller.threshold,
+            skip_fraction=skip_fraction(cfg, self.controller.threshold),
         )
 
     # ------------------------------------------------------------------ stages
@@ -408,6 +428,7 @@ class Engine:
             self._active.append(s)
             s.admitted_at = now
             stats.queue_waits_s.append(now - s.arrival)
+            self._recent_waits.append(now - s.arrival)
         with self._lock:
             self._queued -= len(states)
         stats.admitted = len(states)

@@ -36,8 +36,12 @@ class Active:
     guided: bool  # asks for guidance at all
     step: int  # next step to run
     steps: int
-    may_skip_cfg: bool  # guided, opted in, and within its skip budget at this step
+    cfg_skippable: bool  # guided, opted in to adaptive skipping, no fixed cutoff
     forced_unguided: bool = False  # a fixed cutoff says this step runs without CFG
+
+    def may_skip_cfg(self, fraction: float) -> bool:
+        """Within the last `fraction` of its steps, where skipping guidance costs least fidelity."""
+        return self.cfg_skippable and not self.forced_unguided and self.step >= self.steps - int(self.steps * fraction)
 
     @property
     def rows(self) -> int:
@@ -60,6 +64,8 @@ class EngineView:
     decodes: tuple[Decode, ...]
     max_rows: int
     last_served: dict[Bucket, float] = field(default_factory=dict)
+    threshold: float = 0.8  # the controller's current threshold
+    skip_fraction: float = 0.0  # the skip-CFG bound in force now
 
 
 @dataclass(frozen=True)
