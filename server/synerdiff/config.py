@@ -87,7 +87,9 @@ class EngineConfig(_Strict):
     default_sampler: SamplerName = "euler"
     default_steps: int = Field(0, ge=0, description="Steps when a request names none; 0 = 30 on CUDA, 20 on CPU.")
     default_guidance: float = Field(7.5, ge=0.0)
-    fast_path: bool = Field(True, description="CUDA only: capture CUDA graphs for fixed row buckets at start-up.")
+    fast_path: bool = Field(True, description="CUDA only: capture CUDA graphs of the UNet for fixed row buckets at start-up.")
+    fast_path_compile: bool = Field(False, description="CUDA only: torch.compile the UNet before capturing (slower start, faster steps).")
+    fast_path_sizes: list[str] = Field(default_factory=list, description="Image sizes 'WxH' to capture graphs for; empty = the model's native size.")
     profile_path: str | None = Field(None, description="Profiler output to load as the cost model.")
     warmup: bool = Field(True, description="Run one generation before reporting ready.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig)

@@ -179,6 +179,8 @@ class Engine:
         if self._model is None:
             self._model = load_model(self.config.model, self.config.device, self.config.dtype)
         self.executor = StepExecutor(self._model)
+        if self.config.fast_path and self._model.device.type == "cuda":
+            self.executor.enable_fast_path(self._fast_path_sizes(), self.config.scheduler.max_rows, self.config.fast_path_compile)
         if self.cost_model is None and self.config.profile_path:
             self.cost_model = CostModel(Profile.load(self.config.profile_path))
         self.apply_scheduler_config(self.config.scheduler)
@@ -190,6 +192,16 @@ class Engine:
             self.submit(GenerationRequest(prompt="warm-up", height=size, width=size, steps=2, seed=0)).wait()
         self.ready = True
         return self
+
+    def _fast_path_sizes(self) -> list[tuple[int, int]]:
+        if not self.config.fast_path_sizes:
+            size = self.model.default_size
+            return [(size, size)]
+        out = []
+        for spec in self.config.fast_path_sizes:
+            w, h = (int(v) for v in spec.lower().split("x"))
+            out.append((h, w))
+        return out
 
     def shutdown(self, drain_timeout: float | None = 0.0) -> None:
         """Stop accepting; let in-flight requests finish for `drain_timeout` s; fail the rest."""

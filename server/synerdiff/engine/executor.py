@@ -21,6 +21,25 @@ class StepExecutor:
         self._use_attention_mask = bool(getattr(te_cfg, "use_attention_mask", False))
         self._vae_scale = float(model.vae.config.scaling_factor)
         self._vae_shift = getattr(model.vae.config, "shift_factor", None) or 0.0
+        self.graphed = None  # a GraphedUNet once enable_fast_path ran
+
+    def enable_fast_path(self, sizes: list[tuple[int, int]], max_rows: int, compile: bool = False) -> None:
+        """Capture CUDA graphs of the UNet for every row bucket up to max_rows (CUDA only)."""
+        from .fastpath import GraphedUNet, buckets_up_to
+
+        m = self.model
+        if m.device.type != "cuda":
+            raise RuntimeError("the fast path needs a CUDA device")
+        m.unet.to(memory_format=torch.channels_last)
+        ctx = (m.tokenizer.model_max_length, int(m.unet.config.cross_attention_dim))
+        g = GraphedUNet(m.unet, ctx_shape=ctx, dtype=self.dtype, device=self.device, compile=compile)
+        f = m.vae_scale_factor
+        buckets = buckets_up_to(max_rows)
+        if compile:
+            buckets = [b for b in buckets if b > 1] or [2]  # batch 1 would force a second compile
+        for h, w in sizes:
+            g.capture((m.latent_channels, h // f, w // f), buckets)
+        self.graphed = g
 
     @torch.inference_mode()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
@@ -34,6 +53,8 @@ class StepExecutor:
     @torch.inference_mode()
     def unet(self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """One UNet forward; every row at its own timestep. Returns float32."""
+        if self.graphed is not None:
+            return self.graphed(sample.to(self.dtype), timesteps, context).float()
         out = self.model.unet(sample.to(self.dtype), timesteps, encoder_hidden_states=context, return_dict=False)[0]
         return out.float()
 

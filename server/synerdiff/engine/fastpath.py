@@ -1,0 +1,96 @@
+"""CUDA-graph fast path for the UNet: captured at start-up for fixed row buckets.
+
+An eager SD-sized UNet step launches about a thousand kernels; at small batches the GPU
+waits on the launches (27.6 ms eager vs 10.7 ms graphed for 2 rows on the lent H100).
+At start-up we capture one graph per (latent shape, row bucket); a step with `r` rows
+replays the smallest bucket >= r, its extra rows padded. Rows are independent in the
+UNet (group norm and attention are per sample), so padding never changes real rows;
+only the choice of GEMM kernel for the padded batch may move results by fp16 rounding.
+Optionally the UNet is `torch.compile`d first (dynamic batch dimension, one compile).
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+from collections.abc import Callable, Iterable
+
+import torch
+
+log = logging.getLogger("synerdiff.fastpath")
+
+DEFAULT_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 64, 80, 96, 128, 160, 192, 256)
+
+
+def buckets_up_to(max_rows: int, buckets: Iterable[int] = DEFAULT_BUCKETS) -> list[int]:
+    out = sorted({b for b in buckets if b < max_rows} | {max_rows})
+    return out
+
+
+class _Graph:
+    def __init__(self, rows: int, shape: tuple[int, int, int], ctx: tuple[int, int], dtype, device):
+        self.rows = rows
+        self.x = torch.zeros(rows, *shape, dtype=dtype, device=device)
+        self.t = torch.full((rows,), 500.0, dtype=torch.float32, device=device)
+        self.c = torch.zeros(rows, *ctx, dtype=dtype, device=device)
+        self.out: torch.Tensor | None = None
+        self.graph = torch.cuda.CUDAGraph()
+
+
+class GraphedUNet:
+    def __init__(self, unet, *, ctx_shape: tuple[int, int], dtype: torch.dtype, device: torch.device, compile: bool = False):
+        self.unet = unet
+        self.ctx_shape = ctx_shape
+        self.dtype = dtype
+        self.device = device
+        self._graphs: dict[tuple[int, int, int], dict[int, _Graph]] = {}
+        self._buckets: dict[tuple[int, int, int], list[int]] = {}
+        self._pool = torch.cuda.graph_pool_handle()
+        self.replays = 0
+        self.eager_calls = 0
+
+        def forward(x, t, c):
+            return unet(x, t, encoder_hidden_states=c, return_dict=False)[0]
+
+        self._fn: Callable = forward
+        if compile:
+            self._fn = torch.compile(forward, dynamic=True, fullgraph=False)
+
+    @torch.inference_mode()
+    def capture(self, shape: tuple[int, int, int], buckets: list[int]) -> None:
+        """Capture one graph per bucket for latents of `shape` (C, h, w)."""
+        graphs = self._graphs.setdefault(shape, {})
+        for rows in buckets:
+            g = _Graph(rows, shape, self.ctx_shape, self.dtype, self.device)
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm-up outside the capture: cuDNN/cuBLAS pick kernels, compile runs
+                    self._fn(g.x, g.t, g.c)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            with torch.cuda.graph(g.graph, pool=self._pool):
+                g.out = self._fn(g.x, g.t, g.c)
+            graphs[rows] = g
+            log.info("captured UNet graph: %d rows, latents %s", rows, shape)
+        self._buckets[shape] = sorted(graphs)
+        torch.cuda.synchronize(self.device)
+
+    def covers(self, rows: int, shape: tuple[int, int, int]) -> bool:
+        b = self._buckets.get(shape)
+        return bool(b) and rows <= b[-1]
+
+    @torch.inference_mode()
+    def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        rows, shape = sample.shape[0], tuple(sample.shape[1:])
+        buckets = self._buckets.get(shape)
+        if not buckets or rows > buckets[-1]:
+            self.eager_calls += 1
+            return self._fn(sample, timesteps, context)
+        g = self._graphs[shape][buckets[bisect.bisect_left(buckets, rows)]]
+        g.x[:rows].copy_(sample)
+        g.t[:rows].copy_(timesteps)
+        g.c[:rows].copy_(context)
+        g.graph.replay()
+        self.replays += 1
+        # A copy: the next replay overwrites the graph's output buffer.
+        return g.out[:rows].clone()

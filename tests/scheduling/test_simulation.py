@@ -1,0 +1,55 @@
+"""The simulation mode: the same policies with the cost model in place of the GPU."""
+
+from __future__ import annotations
+
+import pytest
+
+from synerdiff.config import SchedulerConfig
+from synerdiff.scheduling.cost_model import CostModel, Profile, reference_h100_sd15
+from synerdiff.scheduling.simulate import SimRequest, poisson_arrivals, simulate, simulate_static
+
+COST = CostModel(reference_h100_sd15())
+
+
+def test_lone_request_costs_steps_times_step_time_plus_decode():
+    r = SimRequest("solo", 0.0, steps=50)
+    out = simulate([r], SchedulerConfig(policy="continuous"), COST)
+    expect = COST.encode_s(2) + 50 * COST.unet_step_s(2, (512, 512)) + COST.vae_decode_s(1, (512, 512))
+    assert r.latency == pytest.approx(expect, rel=1e-9)
+
+
+def test_deterministic():
+    a = simulate(poisson_arrivals(3.0, 20, seed=4), SchedulerConfig(), COST)
+    b = simulate(poisson_arrivals(3.0, 20, seed=4), SchedulerConfig(), COST)
+    assert a.latencies() == b.latencies()
+
+
+def test_synerdiff_beats_plain_continuous_batching_at_overload():
+    cont = simulate(poisson_arrivals(4.0, 40, seed=2), SchedulerConfig(policy="continuous"), COST)
+    syn = simulate(poisson_arrivals(4.0, 40, seed=2), SchedulerConfig(policy="synerdiff"), COST)
+    assert syn.throughput > 1.05 * cont.throughput
+    assert syn.percentile(0.99) < cont.percentile(0.99)
+
+
+def test_light_load_stays_exact_and_fast():
+    syn = simulate(poisson_arrivals(0.3, 60, seed=3), SchedulerConfig(policy="synerdiff"), COST)
+    assert sum(r.skipped for r in syn.requests) == 0
+    lone = 50 * COST.unet_step_s(2, (512, 512))
+    assert syn.mean_latency < 1.15 * lone
+
+
+def test_static_batching_waits_for_its_batch():
+    reqs = [SimRequest(f"r{i}", i * 0.1) for i in range(4)]
+    simulate_static(reqs, COST, batch=4, wait_s=5.0)
+    assert len({r.admitted for r in reqs}) == 1 and reqs[0].admitted == pytest.approx(0.3)
+
+
+def test_cost_model_interpolates_and_round_trips(tmp_path):
+    prof = reference_h100_sd15()
+    prof.save(tmp_path / "p.json")
+    cm = CostModel(Profile.load(tmp_path / "p.json"))
+    assert cm.unet_step_s(32, (512, 512)) == pytest.approx(0.101)
+    assert 0.101 < cm.unet_step_s(48, (512, 512)) < 0.196
+    assert cm.unet_step_s(256, (512, 512)) > cm.unet_step_s(128, (512, 512))
+    assert cm.unet_step_s(8, (256, 256)) < cm.unet_step_s(8, (512, 512))
+    assert cm.rows_for_throughput(0.9, (512, 512), 128) >= cm.rows_for_throughput(0.5, (512, 512), 128)
