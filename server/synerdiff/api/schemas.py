@@ -1,0 +1,147 @@
+"""Wire models: the OpenAI images API plus SynerDiff's extensions, and the admin API.
+
+Range limits that depend on configuration (n, size, steps, guidance, prompt length) are
+checked by the engine against `LimitsConfig` and come back as 400s naming the field;
+here we only pin down types and the bounds no configuration can change.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from ..config import SchedulerConfig
+
+SIZE_PATTERN = r"^(auto|[0-9]{1,5}x[0-9]{1,5})$"
+
+
+class ImageGenerationRequest(BaseModel):
+    # Unknown fields are refused (422 naming them) so that a misspelt extension such as
+    # `num_inference_step` fails loudly instead of silently using the default.
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"prompt": "a red circle on a blue background", "size": "64x64", "num_inference_steps": 2, "seed": 1},
+                {"prompt": "a green square", "n": 2, "num_inference_steps": 2, "guidance_scale": 1.0, "sampler": "ddim", "stream": True},
+            ]
+        },
+    )
+
+    prompt: str = Field(..., description="What to draw. Length limit: `limits.max_prompt_chars`.")
+    n: int = Field(1, ge=1, description="Images to generate (limit: `limits.max_n`). All share one seed and one batch.")
+    size: Optional[str] = Field(
+        None,
+        pattern=SIZE_PATTERN,
+        description="`WIDTHxHEIGHT` in pixels, or `auto`/omitted for the model's native size. "
+        "Both sides must be multiples of `limits.size_multiple` within `[limits.min_side, limits.max_side]`.",
+        examples=["64x64"],
+    )
+    response_format: Optional[Literal["b64_json", "url"]] = Field(
+        "b64_json", description="Only `b64_json` is supported; `url` is refused with a 400."
+    )
+    model: Optional[str] = Field(None, description="Must be the served model name (see `GET /v1/models`) when given.")
+    user: Optional[str] = Field(None, description="Accepted for compatibility; ignored.")
+    quality: Optional[str] = Field(None, description="Accepted for compatibility; ignored.")
+    style: Optional[str] = Field(None, description="Accepted for compatibility; ignored.")
+    moderation: Optional[str] = Field(None, description="Accepted for compatibility; ignored.")
+    safety_identifier: Optional[str] = Field(None, description="Accepted for compatibility; ignored.")
+    output_format: Optional[Literal["png", "webp", "jpeg", "gif", "svg"]] = Field(
+        None, description="Only `png` is produced; other formats are refused with a 400."
+    )
+    background: Optional[Literal["auto", "opaque", "transparent"]] = Field(
+        None, description="`auto`/`opaque` accepted; `transparent` is refused with a 400."
+    )
+    stream: bool = Field(False, description="Server-sent events: `progress` per step, then `image` per image, then `done`.")
+    # SynerDiff extensions (send them with the openai client's `extra_body`).
+    negative_prompt: Optional[str] = Field(None, description="Extension: the prompt guidance steers away from.")
+    num_inference_steps: Optional[int] = Field(
+        None, ge=1, description="Extension: denoising steps (limit: `limits.max_steps`); default: `engine.default_steps`."
+    )
+    guidance_scale: Optional[float] = Field(
+        None,
+        ge=0.0,
+        allow_inf_nan=False,
+        description="Extension: classifier-free guidance scale; <= 1 disables guidance. Default: `engine.default_guidance`.",
+    )
+    seed: Optional[int] = Field(None, ge=0, lt=2**63, description="Extension: seed for reproducible images; random when omitted.")
+    sampler: Optional[Literal["ddim", "euler", "euler_a", "dpmpp_2m"]] = Field(
+        None, description="Extension: sampler; default: `engine.default_sampler`."
+    )
+    cfg_skip: Literal["auto", "never"] = Field(
+        "auto",
+        description="Extension: `auto` lets the scheduler run up to `scheduler.skip_cfg_bound` of the late steps "
+        "without guidance when that raises throughput; `never` keeps guidance on every step.",
+    )
+
+
+class ImageData(BaseModel):
+    b64_json: str = Field(..., description="The PNG, base64-encoded.")
+    revised_prompt: Optional[str] = None
+
+
+class TimingsOut(BaseModel):
+    queue_wait_s: float = Field(..., description="Arrival to admission into the running batch.")
+    inference_s: float = Field(..., description="Admission to the last denoising step.")
+    decode_s: float = Field(..., description="VAE decode.")
+    total_s: float = Field(..., description="Arrival to images ready (engine side; PNG encoding excluded).")
+
+
+class SynerDiffInfo(BaseModel):
+    request_id: str
+    seed: int = Field(..., description="The seed used; send it back to reproduce the images.")
+    steps: int
+    sampler: str
+    guidance_scale: float
+    guided_steps_skipped: int = Field(..., description="Steps that ran without CFG under `cfg_skip=auto`.")
+    timings: TimingsOut
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageData]
+    size: str
+    output_format: Literal["png"] = "png"
+    synerdiff: SynerDiffInfo
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: Optional[str] = None
+    code: Optional[str] = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "synerdiff"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def _optional_fields(model: type[BaseModel]) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        # Keep each field's constraints (ge/le/Literal) so a bad value is a 422 naming it.
+        inner = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
+        fields[name] = (Optional[inner], Field(None, description=info.description))
+    return fields
+
+
+# Built from SchedulerConfig so that knobs added there appear here without edits.
+SchedulerPatch = create_model(
+    "SchedulerPatch",
+    __config__=ConfigDict(extra="forbid"),
+    __doc__="Partial update of the scheduler configuration: omitted or null fields keep their value.",
+    **_optional_fields(SchedulerConfig),
+)

@@ -1,0 +1,212 @@
+"""Offline profiler: measure what the planner's `CostModel` needs on the device at hand.
+
+UNet step time against rows for each latent shape, VAE decode time against chunk size,
+text-encoder time against prompt count, all through the engine's own `StepExecutor` so the
+numbers include exactly the casts and copies an engine iteration pays. The result is a
+`scheduling.cost_model.Profile`, keyed by GPU, model, dtype and fast path.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..scheduling.cost_model import Profile, bucket_key
+from .timing import median_time, synchronizer
+
+if TYPE_CHECKING:
+    from ..config import EngineConfig
+    from ..engine.executor import StepExecutor
+
+log = logging.getLogger("synerdiff.bench.profiler")
+
+Size = tuple[int, int]
+VAE_CHUNKS = (1, 2, 4, 8, 16)
+ENCODE_PROMPTS = (1, 2, 4, 8, 16, 32)
+
+
+def gpu_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def model_id(path: str | Path) -> str:
+    # Resolved, so the engine and the CLI name the same directory the same way.
+    return str(Path(path).resolve())
+
+
+def versions() -> dict[str, str]:
+    import diffusers
+
+    out = {"torch": torch.__version__, "diffusers": diffusers.__version__}
+    try:
+        import transformers
+
+        out["transformers"] = transformers.__version__
+    except ImportError:  # pragma: no cover
+        pass
+    return out
+
+
+def uses_fast_path(executor: "StepExecutor") -> bool:
+    return getattr(executor, "graphed", None) is not None
+
+
+def row_counts(max_rows: int, executor: "StepExecutor | None" = None) -> list[int]:
+    """Powers of two up to max_rows; with the fast path, its graph buckets instead: a step
+    replays the smallest bucket that fits, so those are the only step costs that occur."""
+    if executor is not None and uses_fast_path(executor):
+        from ..engine.fastpath import buckets_up_to
+
+        return buckets_up_to(max_rows)
+
+    rows, r = [], 1
+    while r < max_rows:
+        rows.append(r)
+        r *= 2
+    return rows + [max_rows]
+
+
+def parse_sizes(text: str) -> list[Size]:
+    """'512x512,384x640' -> [(512, 512), (384, 640)] as (height, width)."""
+    out = []
+    for part in text.split(","):
+        m = re.fullmatch(r"\s*(\d+)x(\d+)\s*", part)
+        if not m:
+            raise ValueError(f"size {part!r} is not HEIGHTxWIDTH")
+        out.append((int(m.group(1)), int(m.group(2))))
+    return out
+
+
+def _monotone(points: list[tuple[int, float]]) -> list[tuple[int, float]]:
+    """Running maximum: a bigger batch never costs less; a dip is timing noise the planner must not chase."""
+    out, best = [], 0.0
+    for n, t in sorted(points):
+        best = max(best, t)
+        out.append((n, best))
+    return out
+
+
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+def profile_executor(
+    executor: "StepExecutor",
+    model_path: str | Path,
+    sizes: list[Size] | None = None,
+    max_rows: int = 64,
+    vae_chunks: tuple[int, ...] = VAE_CHUNKS,
+    encode_prompts: tuple[int, ...] = ENCODE_PROMPTS,
+    warmup: int = 2,
+    repeats: int = 5,
+    progress: bool = False,
+) -> Profile:
+    m = executor.model
+    dev, dt = m.device, m.dtype
+    sync = synchronizer(dev)
+    f = m.vae_scale_factor
+    sizes = sizes or [(m.default_size, m.default_size)]
+    hidden = m.text_hidden_size
+    ctx_len = int(m.tokenizer.model_max_length)
+    unet: dict[str, list[tuple[int, float]]] = {}
+    vae: dict[str, list[tuple[int, float]]] = {}
+    for h, w in sizes:
+        pts: list[tuple[int, float]] = []
+        for rows in row_counts(max_rows, executor):
+            try:
+                x = torch.randn(rows, m.latent_channels, h // f, w // f, device=dev, dtype=torch.float32)
+                t = torch.full((rows,), 500.0, device=dev)
+                c = torch.randn(rows, ctx_len, hidden, device=dev, dtype=dt)
+                s = median_time(partial(executor.unet, x, t, c), sync, warmup, repeats)
+            except RuntimeError as exc:
+                if not _is_oom(exc):
+                    raise
+                log.warning("unet %dx%d: %d rows ran out of memory; stopping there", h, w, rows)
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                break
+            pts.append((rows, s))
+            if progress:
+                print(f"profile unet {h}x{w} rows={rows}: {s * 1e3:.2f} ms ({rows / s:.0f} rows/s)", flush=True)
+        unet[bucket_key((h, w))] = _monotone(pts)
+        vpts: list[tuple[int, float]] = []
+        for n in vae_chunks:
+            try:
+                z = torch.randn(n, m.latent_channels, h // f, w // f, device=dev, dtype=torch.float32)
+                s = median_time(partial(executor.decode, z), sync, max(1, warmup - 1), max(2, repeats - 2))
+            except RuntimeError as exc:
+                if not _is_oom(exc):
+                    raise
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                break
+            vpts.append((n, s))
+            if progress:
+                print(f"profile vae {h}x{w} chunk={n}: {s * 1e3:.2f} ms", flush=True)
+        vae[bucket_key((h, w))] = _monotone(vpts)
+    enc: list[tuple[int, float]] = []
+    for n in encode_prompts:
+        prompts = [f"a photograph of object number {i}" for i in range(n)]
+        enc.append((n, median_time(partial(executor.encode_prompts, prompts), sync, warmup, repeats)))
+    return Profile(
+        gpu=gpu_name(dev),
+        model=model_id(model_path),
+        dtype=dtype_name(dt),
+        unet=unet,
+        vae=vae,
+        encode=_monotone(enc),
+        fast_path=uses_fast_path(executor),
+        versions=versions(),
+    )
+
+
+def default_profile_path(executor: "StepExecutor", model_path: str | Path) -> Path:
+    import hashlib
+
+    digest = hashlib.sha1(model_id(model_path).encode()).hexdigest()[:10]
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", gpu_name(executor.model.device)).strip("-")
+    return Path.home() / ".cache" / "synerdiff" / "profiles" / f"{gpu}-{dtype_name(executor.model.dtype)}-{digest}.json"
+
+
+def ensure_profile(config: "EngineConfig", executor: "StepExecutor", path: str | Path | None = None) -> Profile:
+    """The profile at `path` (else config.profile_path, else a per-GPU cache file) if it
+    matches this GPU, model, dtype and fast path; otherwise a quick profile, saved there.
+
+    Quick = the model's default size, rows in powers of two up to max_rows, 1 warm-up and
+    3 repeats: a few seconds on a GPU, so an engine can afford it at start.
+    """
+    p = Path(path or config.profile_path or default_profile_path(executor, config.model))
+    m = executor.model
+    key = (gpu_name(m.device), model_id(config.model), dtype_name(m.dtype), uses_fast_path(executor))
+    if p.is_file():
+        try:
+            prof = Profile.load(p)
+            if prof.matches(*key):
+                return prof
+            log.info("profile %s is for %s/%s/%s; re-profiling", p, prof.gpu, prof.model, prof.dtype)
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("profile %s unreadable (%s); re-profiling", p, exc)
+    prof = profile_executor(
+        executor,
+        config.model,
+        max_rows=config.scheduler.max_rows,
+        vae_chunks=(1, 2, 4, 8),
+        encode_prompts=(1, 8),
+        warmup=1,
+        repeats=3,
+    )
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        prof.save(p)
+    except OSError as exc:  # a read-only mounted profile: keep the fresh one in memory
+        log.warning("could not save profile to %s: %s", p, exc)
+    return prof

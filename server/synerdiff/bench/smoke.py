@@ -1,0 +1,153 @@
+"""GPU smoke run: many concurrent mixed requests through the engine, every iteration recorded.
+
+Checks what a benchmark cannot: that ≥ 32 requests with different steps, guidance and
+samplers share UNet forwards (rows per step from `engine.hooks`), all finish with finite
+images, and that the first few still match diffusers' own pipeline run alone (PSNR).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from ..config import EngineConfig
+from ..engine import Engine, GenerationRequest, IterationStats
+from ..models.loader import ModelBundle
+from ..samplers import DIFFUSERS_CLASSES
+from .baselines import make_pipeline
+from .workload import PROMPTS
+
+Size = tuple[int, int]
+
+
+def smoke_requests(
+    count: int, size: Size, steps: tuple[int, ...], guidance: tuple[float, ...], samplers: tuple[str, ...], seed: int
+) -> list[GenerationRequest]:
+    rng = random.Random(f"smoke:{seed}")
+    return [
+        GenerationRequest(
+            prompt=PROMPTS[i % len(PROMPTS)],
+            height=size[0],
+            width=size[1],
+            steps=rng.choice(steps),
+            guidance_scale=rng.choice(guidance),
+            sampler=samplers[i % len(samplers)],
+            seed=seed * 1000 + i,
+        )
+        for i in range(count)
+    ]
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = float(((a.double() - b.double()) ** 2).mean())
+    return 100.0 if mse == 0 else 10 * math.log10(1.0 / mse)
+
+
+def _pipeline_image(pipe, model: ModelBundle, r: GenerationRequest) -> torch.Tensor:
+    pipe.scheduler = DIFFUSERS_CLASSES[r.sampler].from_config(model.scheduler_config)
+    out = pipe(
+        r.prompt,
+        height=r.height,
+        width=r.width,
+        num_inference_steps=r.steps,
+        guidance_scale=r.guidance_scale,
+        generator=torch.Generator("cpu").manual_seed(r.seed),
+        output_type="pt",
+    )
+    return out.images[0].float().cpu()
+
+
+def smoke_engine(
+    name: str,
+    config: EngineConfig,
+    model: ModelBundle,
+    requests: list[GenerationRequest],
+    stagger_s: float = 0.5,
+    check_exact: int = 1,
+    timeout_s: float = 600.0,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """Submit half the requests at once, the rest `stagger_s` later (so some join mid-flight)."""
+    iters: list[dict[str, Any]] = []
+    t_start = time.perf_counter()
+
+    def record(st: IterationStats) -> None:
+        d = dataclasses.asdict(st)
+        d["t"] = time.perf_counter() - t_start
+        d["queue_waits_s"] = [round(x, 4) for x in d["queue_waits_s"]]
+        iters.append(d)
+
+    engine = Engine(config, model=model).start()
+    try:
+        engine.hooks.append(record)
+        t_start = time.perf_counter()
+        half = len(requests) // 2
+        handles = [engine.submit(r) for r in requests[:half]]
+        time.sleep(stagger_s)
+        handles += [engine.submit(r) for r in requests[half:]]
+        outcomes: list[dict[str, Any]] = []
+        kept: dict[int, torch.Tensor] = {}
+        for i, (r, h) in enumerate(zip(requests, handles)):
+            row = {"steps": r.steps, "guidance": r.guidance_scale, "sampler": r.sampler, "seed": r.seed}
+            try:
+                res = h.wait(max(1.0, timeout_s - (time.perf_counter() - t_start)))
+                img = res.images[0]
+                row.update(
+                    status="ok",
+                    finite=bool(torch.isfinite(img).all()),
+                    latency_s=res.timings.total_s,
+                    queue_wait_s=res.timings.queue_wait_s,
+                    cfg_skipped=res.guided_steps_skipped,
+                    pixel_std=float(img.std()),
+                )
+                if len(kept) < check_exact:
+                    kept[i] = img
+            except Exception as exc:  # recorded, not raised: the JSON is the smoke test's verdict
+                row.update(status=f"error:{getattr(exc, 'reason', type(exc).__name__)}", message=str(exc)[:200])
+            outcomes.append(row)
+        wall = time.perf_counter() - t_start
+    finally:
+        engine.shutdown()
+    exact = []
+    if kept:
+        pipe = make_pipeline(model)
+        for i, img in kept.items():
+            ref = _pipeline_image(pipe, model, requests[i])
+            exact.append({"request": i, "sampler": requests[i].sampler, "psnr_db": psnr(img, ref), "cfg_skipped": outcomes[i].get("cfg_skipped")})
+    steps = [it for it in iters if it["rows"]]
+    by_rows: dict[int, list[float]] = {}
+    for it in steps:
+        by_rows.setdefault(it["rows"], []).append(it["unet_s"])
+    ok = [o for o in outcomes if o["status"] == "ok"]
+    summary = {
+        "requests": len(requests),
+        "ok": len(ok),
+        "all_ok": len(ok) == len(requests),
+        "all_finite": all(o.get("finite") for o in ok),
+        "wall_s": wall,
+        "images_per_s": len(ok) / wall if wall else 0.0,
+        "iterations": len(iters),
+        "unet_steps": len(steps),
+        "max_rows": max((it["rows"] for it in steps), default=0),
+        "max_rows_allowed": config.scheduler.max_rows,
+        "mean_rows": statistics.fmean(it["rows"] for it in steps) if steps else 0.0,
+        "unet_ms_median_by_rows": {str(r): 1e3 * statistics.median(v) for r, v in sorted(by_rows.items())},
+        "vae_s_total": sum(it["vae_s"] for it in iters),
+        "cfg_skipped_total": sum(it["cfg_skipped"] for it in iters),
+        "latency_s_max": max((o["latency_s"] for o in ok), default=None),
+        "exact": exact,
+    }
+    log(
+        f"[smoke {name}] {summary['ok']}/{len(requests)} ok, finite={summary['all_finite']}, "
+        f"{summary['unet_steps']} UNet steps, rows mean {summary['mean_rows']:.1f} max {summary['max_rows']}, "
+        f"{summary['images_per_s']:.2f} img/s" + "".join(f", PSNR vs diffusers {e['psnr_db']:.1f} dB" for e in exact)
+    )
+    return {"config": config.model_dump(mode="json"), "summary": summary, "requests": outcomes, "iterations": iters}
+

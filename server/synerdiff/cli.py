@@ -1,0 +1,254 @@
+"""`synerdiff serve` runs the server; `synerdiff generate` is a small client for it.
+
+Settings precedence for `serve`: flags > SYNERDIFF_* environment variables > the config
+file (--config or SYNERDIFF_CONFIG_FILE) > defaults. With no arguments it serves the
+embedded tiny model on http://127.0.0.1:8000.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+# argparse dest -> path in ServerSettings; only flags the user gave are applied.
+SERVE_FLAGS: dict[str, tuple[str, ...]] = {
+    "model": ("engine", "model"),
+    "host": ("host",),
+    "port": ("port",),
+    "device": ("engine", "device"),
+    "dtype": ("engine", "dtype"),
+    "max_rows": ("engine", "scheduler", "max_rows"),
+    "policy": ("engine", "scheduler", "policy"),
+    "max_queue": ("engine", "limits", "max_queue"),
+    "request_timeout": ("engine", "limits", "request_timeout_s"),
+    "default_steps": ("engine", "default_steps"),
+    "warmup": ("engine", "warmup"),
+    "drain_timeout": ("drain_timeout_s",),
+    "api_token_file": ("api_token_file",),
+    "served_model_name": ("served_model_name",),
+    "log_level": ("log_level",),
+}
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="synerdiff",
+        description="SynerDiff: text-to-image diffusion serving with step-level continuous batching.",
+        epilog="Run `synerdiff COMMAND --help` for a command's options.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    s = sub.add_parser(
+        "serve",
+        help="run the HTTP server",
+        description="Run the OpenAI-compatible HTTP server. Flags override SYNERDIFF_* environment variables, "
+        "which override the config file, which overrides defaults. Without arguments: the embedded tiny model "
+        "on http://127.0.0.1:8000. SIGTERM drains: readiness fails at once, in-flight requests finish "
+        "(up to --drain-timeout seconds), then the process exits 0.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    s.add_argument("--config", metavar="FILE", help="JSON or YAML settings file (same as SYNERDIFF_CONFIG_FILE)")
+    s.add_argument("--model", metavar="PATH", help="diffusers Stable-Diffusion directory (default: the embedded tiny model)")
+    s.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    s.add_argument("--device", help="auto, cpu, cuda or cuda:N (default auto)")
+    s.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], help="weights dtype (default auto)")
+    s.add_argument("--max-rows", type=int, metavar="N", help="most UNet rows per forward; a guided image is 2 rows")
+    s.add_argument("--policy", choices=["synerdiff", "continuous"], help="scheduling policy")
+    s.add_argument("--max-queue", type=int, metavar="N", help="most waiting requests before 429")
+    s.add_argument("--request-timeout", type=float, metavar="S", help="per-request deadline in seconds, queue wait included")
+    s.add_argument("--default-steps", type=int, metavar="N", help="steps when a request names none (0: 30 on CUDA, 20 on CPU)")
+    s.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the warm-up generation before ready")
+    s.add_argument("--drain-timeout", type=float, metavar="S", help="on SIGTERM, how long in-flight requests may take")
+    s.add_argument("--api-token-file", metavar="FILE", help="file holding the bearer token required on /v1/*")
+    s.add_argument("--served-model-name", metavar="NAME", help="model id reported by /v1/models")
+    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="log level (default info)")
+    s.add_argument("--print-config", action="store_true", help="print the effective settings as JSON and exit")
+
+    g = sub.add_parser(
+        "generate",
+        help="generate images with a running server",
+        description="Ask a running SynerDiff server for images, showing per-step progress, and write PNGs. "
+        "With --n > 1 the files are OUT-0.png, OUT-1.png, ...",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g.add_argument("prompt", help="what to draw")
+    g.add_argument("-o", "--output", default="out.png", help="PNG path to write")
+    g.add_argument("--url", default=os.environ.get("SYNERDIFF_URL", "http://127.0.0.1:8000"), help="server base URL (env SYNERDIFF_URL)")
+    g.add_argument("--size", default=None, help="WIDTHxHEIGHT, e.g. 64x64 (default: the model's native size)")
+    g.add_argument("--steps", type=int, default=None, help="denoising steps (default: the server's)")
+    g.add_argument("--seed", type=int, default=None, help="seed for reproducible images")
+    g.add_argument("--n", type=int, default=1, help="number of images")
+    g.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the server's)")
+    g.add_argument("--negative", default=None, help="negative prompt")
+    g.add_argument("--sampler", choices=["ddim", "euler", "euler_a", "dpmpp_2m"], default=None, help="sampler (default: the server's)")
+    g.add_argument("--token", default=os.environ.get("SYNERDIFF_API_TOKEN"), help="bearer token (env SYNERDIFF_API_TOKEN)")
+    g.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
+    g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    return parser
+
+
+# ---------------------------------------------------------------------------------- serve
+def settings_from_args(args: argparse.Namespace):
+    from .config import ServerSettings
+
+    if getattr(args, "config", None):
+        os.environ["SYNERDIFF_CONFIG_FILE"] = args.config
+    init: dict[str, Any] = {}
+    for dest, path in SERVE_FLAGS.items():
+        if hasattr(args, dest):
+            node = init
+            for key in path[:-1]:
+                node = node.setdefault(key, {})
+            node[path[-1]] = getattr(args, dest)
+    return ServerSettings(**init)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    try:
+        settings = settings_from_args(args)
+    except (ValidationError, OSError, ValueError) as exc:
+        print(f"synerdiff serve: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    if getattr(args, "print_config", False):
+        shown = settings.model_dump(mode="json")
+        for secret in ("api_token", "admin_token"):
+            if shown.get(secret):
+                shown[secret] = "***"
+        print(json.dumps(shown, indent=2))
+        return 0
+    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT)
+    from .api.server import run_server
+
+    logging.getLogger("synerdiff").info(
+        "starting: model=%s device=%s policy=%s on %s:%d",
+        settings.engine.model,
+        settings.engine.device,
+        settings.engine.scheduler.policy,
+        settings.host,
+        settings.port,
+    )
+    return run_server(settings)
+
+
+# ---------------------------------------------------------------------------------- generate
+def _sse_events(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
+    """(event, data) pairs from a text/event-stream; comments (pings) are skipped."""
+    event, data = "message", []
+    for line in lines:
+        if not line:
+            if data:
+                yield event, "\n".join(data)
+            event, data = "message", []
+        elif line.startswith(":"):
+            continue
+        elif line.startswith("event:"):
+            event = line[6:].strip()
+        elif line.startswith("data:"):
+            data.append(line[5:].removeprefix(" "))
+    if data:
+        yield event, "\n".join(data)
+
+
+def _progress(step: int, total: int, started: float) -> None:
+    width = 30
+    filled = int(width * step / max(total, 1))
+    bar = "#" * filled + "." * (width - filled)
+    sys.stderr.write(f"\r[{bar}] {step}/{total} steps  {time.monotonic() - started:5.1f}s")
+    sys.stderr.flush()
+
+
+def _output_paths(output: str, n: int) -> list[Path]:
+    path = Path(output)
+    if n == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(n)]
+
+
+def _error_message(body: bytes) -> str:
+    try:
+        return json.loads(body)["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return body.decode(errors="replace")[:500] or "no details"
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import httpx
+
+    body: dict[str, Any] = {"prompt": args.prompt, "n": args.n, "stream": True}
+    for key, value in (
+        ("size", args.size),
+        ("num_inference_steps", args.steps),
+        ("seed", args.seed),
+        ("guidance_scale", args.guidance),
+        ("negative_prompt", args.negative),
+        ("sampler", args.sampler),
+    ):
+        if value is not None:
+            body[key] = value
+    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
+    url = args.url.rstrip("/") + "/v1/images/generations"
+    paths = _output_paths(args.output, args.n)
+    started = time.monotonic()
+    written: list[Path] = []
+    try:
+        with httpx.Client(timeout=httpx.Timeout(args.timeout, connect=10.0)) as client:
+            with client.stream("POST", url, json=body, headers=headers) as resp:
+                if resp.status_code != 200:
+                    print(f"synerdiff generate: HTTP {resp.status_code}: {_error_message(resp.read())}", file=sys.stderr)
+                    return 1
+                for event, data in _sse_events(resp.iter_lines()):
+                    payload = json.loads(data)
+                    if event == "progress" and not args.quiet:
+                        _progress(payload["step"], payload["total"], started)
+                    elif event == "image":
+                        path = paths[payload.get("index", len(written))]
+                        path.parent.mkdir(parents=True, exist_ok=True)
+                        path.write_bytes(base64.b64decode(payload["b64_json"]))
+                        written.append(path)
+                    elif event == "error":
+                        if not args.quiet:
+                            sys.stderr.write("\n")
+                        print(f"synerdiff generate: {payload['error']['message']}", file=sys.stderr)
+                        return 1
+                    elif event == "done":
+                        info = payload.get("synerdiff", {})
+                        if not args.quiet:
+                            sys.stderr.write("\n")
+                            print(
+                                f"done in {time.monotonic() - started:.1f}s, seed {info.get('seed')}",
+                                file=sys.stderr,
+                            )
+    except httpx.HTTPError as exc:
+        print(f"\nsynerdiff generate: cannot complete the request to {url}: {exc}", file=sys.stderr)
+        return 1
+    if len(written) != args.n:
+        print(f"synerdiff generate: the stream ended after {len(written)} of {args.n} image(s)", file=sys.stderr)
+        return 1
+    for path in written:
+        print(path)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    if args.command == "serve":
+        return _serve(args)
+    return _generate(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Prometheus metrics of one server: engine iterations, request outcomes, live queue gauges.
+
+Each app owns its CollectorRegistry, so several apps (tests) never collide on the global
+one. Gauges an autoscaler or a router reads (waiting, running, rows) are computed at
+scrape time from the engine, not sampled from the last iteration, so an idle engine with a
+full queue is never reported as empty.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from ..engine import Engine, IterationStats
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+# Series that exist from the first scrape so that rate() and alerts see zeros, not gaps.
+_INITIAL_OUTCOMES = (
+    ("ok", "none"),
+    ("cancelled", "cancelled"),
+    ("timeout", "timeout"),
+    ("rejected", "invalid_request"),
+    ("rejected", "queue_full"),
+    ("rejected", "shutting_down"),
+    ("failed", "engine_fault"),
+    ("failed", "out_of_memory"),
+)
+
+
+def current_threshold(engine: Engine) -> float:
+    """The threshold in force: the adaptive controller's current value, else the configured one."""
+    live = getattr(getattr(engine, "controller", None), "threshold", None)
+    if isinstance(live, (int, float)):
+        return float(live)
+    return float(engine.config.scheduler.threshold)
+
+
+def current_skip_fraction(engine: Engine) -> float:
+    """The skip-CFG fraction in force at the current threshold (at most skip_cfg_bound)."""
+    cfg = engine.config.scheduler
+    try:
+        from ..scheduling.controller import skip_fraction
+    except ImportError:  # an engine without the controller: the configured bound applies
+        return float(cfg.skip_cfg_bound)
+    return float(skip_fraction(cfg, current_threshold(engine)))
+
+
+class ServerMetrics:
+    def __init__(self, engine: Engine, registry: CollectorRegistry | None = None, ready=lambda: False):
+        self.engine = engine
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+
+        Gauge("synerdiff_requests_waiting", "Requests queued, not yet admitted to the running batch.", registry=r).set_function(
+            lambda: engine.waiting
+        )
+        Gauge("synerdiff_requests_running", "Requests admitted and not finished (denoising or decoding).", registry=r).set_function(
+            lambda: engine.running
+        )
+        Gauge("synerdiff_unet_rows_active", "UNet rows held by running requests (a guided image is 2 rows).", registry=r).set_function(
+            lambda: engine.rows_active
+        )
+        Gauge("synerdiff_ready", "1 when the model is loaded, warmed up and the server is not draining.", registry=r).set_function(
+            lambda: 1.0 if ready() else 0.0
+        )
+        Gauge("synerdiff_scheduler_threshold", "Scheduler throughput threshold in force (moved by the adaptive controller).", registry=r).set_function(
+            lambda: current_threshold(engine)
+        )
+        Gauge("synerdiff_skip_cfg_bound", "Configured largest fraction of a guided request's steps that may skip CFG.", registry=r).set_function(
+            lambda: engine.config.scheduler.skip_cfg_bound
+        )
+        Gauge("synerdiff_skip_cfg_fraction", "Fraction of late steps that may skip CFG now (grows with the threshold).", registry=r).set_function(
+            lambda: current_skip_fraction(engine)
+        )
+        Gauge("synerdiff_scheduler_max_rows", "Most UNet rows in one forward.", registry=r).set_function(
+            lambda: engine.config.scheduler.max_rows
+        )
+
+        self.step_rows = Histogram("synerdiff_step_rows", "UNet rows per denoising step.", buckets=ROW_BUCKETS, registry=r)
+        self.unet_step = Histogram(
+            "synerdiff_unet_step_seconds", "One batched denoising step: UNet forward plus sampler update.", buckets=STEP_BUCKETS, registry=r
+        )
+        self.vae_decode = Histogram(
+            "synerdiff_vae_decode_seconds", "One VAE decode call (one or more chunks of images).", buckets=STEP_BUCKETS, registry=r
+        )
+        self.queue_wait = Histogram(
+            "synerdiff_queue_wait_seconds", "Arrival to admission, per admitted request.", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.latency = Histogram(
+            "synerdiff_request_latency_seconds",
+            "End-to-end latency of successful generation requests, HTTP arrival to response ready.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.images = Counter("synerdiff_images_generated", "Images returned to clients.", registry=r)
+        self.requests = Counter(
+            "synerdiff_requests", "Generation requests by outcome.", ["status", "reason"], registry=r
+        )
+        self.cfg_skipped = Counter(
+            "synerdiff_cfg_skipped_steps", "Request-steps of guided requests that ran without CFG.", registry=r
+        )
+        self.vae_chunks = Counter("synerdiff_vae_chunks", "VAE decode chunks (one per request per decode call).", registry=r)
+        for status, reason in _INITIAL_OUTCOMES:
+            self.requests.labels(status, reason)
+
+    # Engine thread: keep it cheap, no locks beyond prometheus_client's own.
+    def on_iteration(self, stats: IterationStats) -> None:
+        if stats.rows:
+            self.step_rows.observe(stats.rows)
+            self.unet_step.observe(stats.unet_s + stats.sampler_s)
+        if stats.vae_chunks:
+            self.vae_decode.observe(stats.vae_s)
+            self.vae_chunks.inc(stats.vae_chunks)
+        if stats.cfg_skipped:
+            self.cfg_skipped.inc(stats.cfg_skipped)
+        for wait in stats.queue_waits_s:
+            self.queue_wait.observe(wait)
+
+    def attach(self) -> None:
+        if self.on_iteration not in self.engine.hooks:
+            self.engine.hooks.append(self.on_iteration)
+
+    def detach(self) -> None:
+        if self.on_iteration in self.engine.hooks:
+            self.engine.hooks.remove(self.on_iteration)
+
+    def request_done(self, status: str, reason: str, latency_s: float | None = None, images: int = 0) -> None:
+        self.requests.labels(status, reason).inc()
+        if status == "ok":
+            if latency_s is not None:
+                self.latency.observe(latency_s)
+            self.images.inc(images)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def outcome(http_status: int, code: str | None) -> tuple[str, str]:
+    """(status, reason) labels for a finished generation request."""
+    if http_status < 400:
+        return "ok", "none"
+    if http_status == 499:
+        return "cancelled", "cancelled"
+    if http_status == 504:
+        return "timeout", "timeout"
+    if http_status >= 500 and code not in ("shutting_down", "loading"):
+        return "failed", code or "internal_error"
+    if http_status in (400, 404, 422):
+        return "rejected", "invalid_request"
+    return "rejected", code or str(http_status)
+

@@ -1,0 +1,211 @@
+"""Pure manifest functions: spec -> ConfigMap, Service, PodDisruptionBudget, Deployment."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from synerdiff.config import ServerSettings
+from synerdiff_operator import manifests
+from synerdiff_operator.spec import parse_spec
+
+K8S_VERSION = "1.33.0"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+META = {"name": "sd", "namespace": "ml", "uid": "0b5d-uid", "generation": 7}
+BASE = {"image": "engine:1", "model": {"uri": "hf://org/model"}}
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "hf-uri": BASE,
+    "hf-uri-pvc-cache": {**BASE, "model": {"uri": "hf://org/model", "pvc": "cache", "tokenSecret": {"name": "hf"}}},
+    "path-in-image-cpu": {"image": "engine:1", "model": {"path": "/opt/m", "dtype": "float32"}, "gpu": {"count": 0}},
+    "path-on-pvc": {"image": "engine:1", "model": {"path": "sd15/", "pvc": "models"}},
+    "everything": {
+        **BASE,
+        "replicas": 3, "maxReplicas": 5,
+        "gpu": {"count": 2, "resourceName": "amd.com/gpu", "nodeSelector": {"pool": "gpu"},
+                "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}], "runtimeClassName": "nvidia"},
+        "resources": {"requests": {"cpu": 4, "memory": "16Gi"}, "limits": {"memory": "20Gi"}},
+        "auth": {"apiTokenSecret": {"name": "api", "key": "t"}, "adminTokenSecret": {"name": "adm"}},
+        "service": {"type": "LoadBalancer", "port": 8080, "annotations": {"lb": "internal"}},
+        "servedModelName": "sd-xl",
+        "drainTimeoutSeconds": 90,
+    },
+}
+
+
+def build(spec: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {c["kind"]: c for c in manifests.children(META, parse_spec(spec))}
+
+
+def container(dep: dict[str, Any], name: str = "engine") -> dict[str, Any]:
+    return next(c for c in dep["spec"]["template"]["spec"]["containers"] + dep["spec"]["template"]["spec"].get("initContainers", []) if c["name"] == name)
+
+
+def example_specs() -> list[dict[str, Any]]:
+    paths = sorted((REPO_ROOT / "examples").glob("*.yaml")) + sorted((REPO_ROOT / "charts/synerdiff-operator/examples").glob("*.yaml"))
+    return [yaml.safe_load(p.read_text())["spec"] for p in paths]
+
+
+@pytest.mark.parametrize("spec", list(VARIANTS.values()) + example_specs(), ids=list(VARIANTS) + [f"example{i}" for i in range(len(example_specs()))])
+def test_children_are_valid_kubernetes_objects(spec: dict[str, Any]) -> None:
+    children = manifests.children(META, parse_spec(spec))
+    assert [c["kind"] for c in children] == ["ConfigMap", "Service", "PodDisruptionBudget", "Deployment"]
+    for child in children:
+        kubernetes_validate.validate(child, K8S_VERSION, strict=True)
+        assert child["metadata"]["ownerReferences"] == [{
+            "apiVersion": "synerdiff.io/v1alpha1", "kind": "DiffusionPool", "name": "sd", "uid": "0b5d-uid",
+            "controller": True, "blockOwnerDeletion": True}]
+        assert child["metadata"]["namespace"] == "ml"
+        assert child["metadata"]["labels"][manifests.LABEL_POOL] == "sd"
+
+
+def test_the_engine_loads_the_config_the_way_the_pod_gives_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    spec = parse_spec(VARIANTS["everything"])
+    kids = {c["kind"]: c for c in manifests.children(META, spec)}
+    config_file = tmp_path / "config.json"
+    config_file.write_text(kids["ConfigMap"]["data"]["config.json"])
+    for var in container(kids["Deployment"])["env"]:
+        if "value" in var:
+            monkeypatch.setenv(var["name"], var["value"])
+    monkeypatch.setenv("SYNERDIFF_CONFIG_FILE", str(config_file))  # the mount path, here
+    monkeypatch.delenv("SYNERDIFF_API_TOKEN_FILE", raising=False)
+
+    settings = ServerSettings()
+    assert (settings.host, settings.port) == ("0.0.0.0", 8000)
+    assert settings.engine.model == "/models/hf/org/model"
+    assert settings.engine.device == "cuda" and settings.engine.dtype == "float16"
+    assert settings.drain_timeout_s == 90 and settings.served_model_name == "sd-xl"
+    assert settings.engine.scheduler == spec.engine.scheduler and settings.engine.limits == spec.engine.limits
+    assert json.loads(kids["ConfigMap"]["data"]["config.json"]).keys() == {"engine", "drain_timeout_s", "served_model_name"}
+
+
+def test_engine_container_probes_and_shutdown() -> None:
+    spec = parse_spec({**BASE, "drainTimeoutSeconds": 45, "startupTimeoutSeconds": 1200})
+    dep = build({**BASE, "drainTimeoutSeconds": 45, "startupTimeoutSeconds": 1200})["Deployment"]
+    engine = container(dep)
+    assert engine["command"] == ["synerdiff", "serve"]
+    assert engine["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
+    startup = engine["startupProbe"]
+    assert startup["httpGet"]["path"] == "/readyz"
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 1200  # room for the model to load
+    assert engine["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert engine["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    sleep = engine["lifecycle"]["preStop"]["sleep"]["seconds"]
+    grace = dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert sleep >= 3 and grace > sleep + spec.drain_timeout_seconds
+    assert dep["spec"]["progressDeadlineSeconds"] > 1200
+    env = {e["name"]: e.get("value") for e in engine["env"]}
+    assert env["SYNERDIFF_HOST"] == "0.0.0.0" and env["SYNERDIFF_PORT"] == "8000"
+    assert env["SYNERDIFF_CONFIG_FILE"] == "/etc/synerdiff/config.json"
+
+
+def test_pods_run_non_root_with_a_read_only_root() -> None:
+    dep = build(VARIANTS["hf-uri"])["Deployment"]
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["automountServiceAccountToken"] is False
+    for name in ("engine", "model-fetch"):
+        c = container(dep, name)
+        assert c["securityContext"]["readOnlyRootFilesystem"] is True
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False
+        assert {"name": "tmp", "mountPath": "/tmp"} in c["volumeMounts"]
+    assert {"name": "tmp", "emptyDir": {}} in pod["volumes"]
+    config_mount = next(m for m in container(dep)["volumeMounts"] if m["name"] == "config")
+    assert config_mount == {"name": "config", "mountPath": "/etc/synerdiff", "readOnly": True}
+    assert {"name": "config", "configMap": {"name": "sd-engine"}} in pod["volumes"]
+
+
+def test_gpu_requests_and_placement() -> None:
+    kids = build(VARIANTS["everything"])
+    pod = kids["Deployment"]["spec"]["template"]["spec"]
+    res = container(kids["Deployment"])["resources"]
+    assert res["limits"]["amd.com/gpu"] == "2" and res["requests"]["amd.com/gpu"] == "2"
+    assert res["requests"]["cpu"] == "4" and res["limits"]["memory"] == "20Gi"
+    assert pod["nodeSelector"] == {"pool": "gpu"} and pod["runtimeClassName"] == "nvidia"
+    assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]
+
+    cpu = build(VARIANTS["path-in-image-cpu"])
+    assert "resources" not in container(cpu["Deployment"])
+    assert json.loads(cpu["ConfigMap"]["data"]["config.json"])["engine"]["device"] == "cpu"
+
+
+@pytest.mark.parametrize(("variant", "model_dir", "volume", "fetch"), [
+    ("hf-uri", "/models/hf/org/model", {"name": "models", "emptyDir": {}}, True),
+    ("hf-uri-pvc-cache", "/models/hf/org/model", {"name": "models", "persistentVolumeClaim": {"claimName": "cache", "readOnly": False}}, True),
+    ("path-on-pvc", "/models/sd15", {"name": "models", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}, False),
+    ("path-in-image-cpu", "/opt/m", None, False),
+])
+def test_model_sources(variant: str, model_dir: str, volume: dict[str, Any] | None, fetch: bool) -> None:
+    kids = build(VARIANTS[variant])
+    pod = kids["Deployment"]["spec"]["template"]["spec"]
+    assert json.loads(kids["ConfigMap"]["data"]["config.json"])["engine"]["model"] == model_dir
+    models = [v for v in pod["volumes"] if v["name"] == "models"]
+    assert models == ([volume] if volume else [])
+    assert ("initContainers" in pod) == fetch
+    if fetch:
+        env = {e["name"]: e for e in container(kids["Deployment"], "model-fetch")["env"]}
+        assert env["SYNERDIFF_MODEL_REPO"]["value"] == "org/model" and env["SYNERDIFF_MODEL_DIR"]["value"] == model_dir
+        if variant == "hf-uri-pvc-cache":
+            assert env["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
+        else:
+            assert "HF_TOKEN" not in env
+        engine_mount = next(m for m in container(kids["Deployment"])["volumeMounts"] if m["name"] == "models")
+        assert engine_mount["readOnly"] is True  # only the download writes
+
+
+def test_tokens_come_from_secrets() -> None:
+    kids = build(VARIANTS["everything"])
+    engine = container(kids["Deployment"])
+    env = {e["name"]: e for e in engine["env"]}
+    assert env["SYNERDIFF_API_TOKEN_FILE"]["value"] == "/var/run/secrets/synerdiff/api-token/token"
+    assert env["SYNERDIFF_ADMIN_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "adm", "key": "token"}}
+    pod = kids["Deployment"]["spec"]["template"]["spec"]
+    assert {"name": "api-token", "secret": {"secretName": "api", "items": [{"key": "t", "path": "token"}]}} in pod["volumes"]
+    plain = {e["name"] for e in container(build(BASE)["Deployment"])["env"]}
+    assert not plain & {"SYNERDIFF_API_TOKEN_FILE", "SYNERDIFF_ADMIN_TOKEN"}
+
+
+def test_selectors_match_the_pods_and_are_stable() -> None:
+    kids = build(VARIANTS["everything"])
+    dep = kids["Deployment"]
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    selector = dep["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= pod_labels.items()
+    assert kids["Service"]["spec"]["selector"] == selector == kids["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"]
+    assert selector == build(BASE)["Deployment"]["spec"]["selector"]["matchLabels"]  # immutable field: spec-independent
+    assert manifests.selector_string("sd") == "app.kubernetes.io/name=synerdiff-engine,synerdiff.io/pool=sd"
+    assert kids["Service"]["spec"]["ports"] == [{"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"}]
+    assert kids["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
+
+
+def test_config_changes_roll_pods_but_scaling_does_not() -> None:
+    def template_hash(spec: dict[str, Any]) -> str:
+        return build(spec)["Deployment"]["spec"]["template"]["metadata"]["annotations"][manifests.ANN_CONFIG_HASH]
+
+    base = template_hash(BASE)
+    assert template_hash({**BASE, "engine": {"scheduler": {"threshold": 0.7}}}) != base
+    assert template_hash({**BASE, "drainTimeoutSeconds": 10}) != base
+    assert template_hash({**BASE, "replicas": 3, "maxReplicas": 4}) == base
+    assert build({**BASE, "replicas": 3, "maxReplicas": 4})["Deployment"]["spec"]["replicas"] == 3
+    assert build(BASE)["Deployment"]["metadata"]["annotations"][manifests.ANN_GENERATION] == "7"
+
+
+def test_autoscaled_replicas_are_clamped() -> None:
+    spec = {**BASE, "autoscaling": {"enabled": True}, "minReplicas": 2, "maxReplicas": 5}
+    assert build({**spec, "replicas": 9})["Deployment"]["spec"]["replicas"] == 5
+    assert build({**spec, "replicas": 0})["Deployment"]["spec"]["replicas"] == 2
+    assert build({**BASE, "replicas": 0, "minReplicas": 0})["Deployment"]["spec"]["replicas"] == 0
+
+
+def test_manifests_are_pure() -> None:
+    raw = copy.deepcopy(VARIANTS["everything"])
+    spec = parse_spec(raw)
+    meta = copy.deepcopy(META)
+    first = manifests.children(meta, spec)
+    assert meta == META and raw == VARIANTS["everything"]  # inputs untouched
+    assert json.dumps(first, sort_keys=True) == json.dumps(manifests.children(meta, spec), sort_keys=True)
