@@ -96,6 +96,13 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--token", default=os.environ.get("SYNERDIFF_API_TOKEN"), help="bearer token (env SYNERDIFF_API_TOKEN)")
     g.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+    # The benchmark tools keep their own parsers; these entries forward to them.
+    for name, text in (
+        ("bench", "load benchmark: baselines and engine configs under Poisson load (see docs/bench.md)"),
+        ("profile", "measure UNet/VAE/text-encoder costs on this device into a profile (the scheduler's cost model)"),
+    ):
+        sub.add_parser(name, help=text, add_help=False)
     return parser
 
 
@@ -244,6 +251,18 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("bench", "profile"):
+        from .bench.__main__ import main as bench_main
+
+        # `synerdiff bench ARGS` = `python -m synerdiff.bench run ARGS`; `bench plot|smoke|build-model` pass through.
+        rest = argv[1:]
+        if argv[0] == "profile":
+            rest = ["profile", *rest]
+        elif not rest or rest[0] not in ("run", "plot", "smoke", "build-model", "profile"):
+            rest = ["run", *rest]
+        bench_main(rest)
+        return 0
     args = _build_parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)

@@ -28,7 +28,7 @@ from ..models.loader import ModelBundle, load_model
 from ..samplers import SamplerPlan, apply_update, make_plan
 from ..scheduling import controller as ctl
 from ..scheduling.controller import ControllerState, Observation, skip_fraction
-from ..scheduling.cost_model import CostModel, Profile
+from ..scheduling.cost_model import CostModel
 from ..scheduling.planner import Active, Bucket, ContinuousPolicy, Decode, EngineView, Policy, Waiting
 from .executor import StepExecutor
 from .request import (
@@ -181,8 +181,8 @@ class Engine:
         self.executor = StepExecutor(self._model)
         if self.config.fast_path and self._model.device.type == "cuda":
             self.executor.enable_fast_path(self._fast_path_sizes(), self.config.scheduler.max_rows, self.config.fast_path_compile)
-        if self.cost_model is None and self.config.profile_path:
-            self.cost_model = CostModel(Profile.load(self.config.profile_path))
+        if self.cost_model is None and (self.config.profile_path or self.config.scheduler.policy == "synerdiff"):
+            self.cost_model = self._load_cost_model()
         self.apply_scheduler_config(self.config.scheduler)
         self._accepting = True
         self._thread = threading.Thread(target=self._run, name="synerdiff-engine", daemon=True)
@@ -192,6 +192,16 @@ class Engine:
             self.submit(GenerationRequest(prompt="warm-up", height=size, width=size, steps=2, seed=0)).wait()
         self.ready = True
         return self
+
+    def _load_cost_model(self) -> CostModel | None:
+        """The profile that matches this GPU/model/dtype, or a quick fresh one (cached on disk)."""
+        from ..bench.profiler import ensure_profile
+
+        try:
+            return CostModel(ensure_profile(self.config, self.executor))
+        except Exception:  # planning with a stale model beats not serving at all
+            log.exception("profiling failed; planning with the reference H100 cost model")
+            return None
 
     def _fast_path_sizes(self) -> list[tuple[int, int]]:
         if not self.config.fast_path_sizes:

@@ -189,3 +189,48 @@ def simulate_static(requests: list[SimRequest], cost: CostModel, batch: int, wai
         now = start + t
         i = j
     return SimOutcome(requests, now)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m synerdiff.scheduling.simulate --profile P --rates 1,2,3 --duration 120"""
+    import argparse
+    import json
+    import sys
+
+    from .cost_model import Profile
+
+    ap = argparse.ArgumentParser(description="Simulate the engine's policies on a measured profile (no GPU).")
+    ap.add_argument("--profile", required=True)
+    ap.add_argument("--bucket", default="512x512")
+    ap.add_argument("--rates", default="0.5,1,1.5,2,2.5,3,3.5,4,5")
+    ap.add_argument("--duration", type=float, default=120.0)
+    ap.add_argument("--max-rows", type=int, default=64)
+    ap.add_argument("--static-batch", type=int, default=8)
+    ap.add_argument("--static-wait", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="JSON results file")
+    args = ap.parse_args(argv)
+    cost = CostModel(Profile.load(args.profile))
+    h, w = (int(v) for v in args.bucket.split("x"))
+    systems = {
+        "static": None,
+        "continuous": SchedulerConfig(policy="continuous", max_rows=args.max_rows),
+        "synerdiff": SchedulerConfig(policy="synerdiff", max_rows=args.max_rows),
+    }
+    rows = []
+    for rate in (float(r) for r in args.rates.split(",")):
+        for name, cfg in systems.items():
+            reqs = poisson_arrivals(rate, args.duration, seed=args.seed, bucket=(h, w))
+            out = simulate_static(reqs, cost, args.static_batch, args.static_wait) if cfg is None else simulate(reqs, cfg, cost)
+            rows.append(dict(system=name, rate=rate, throughput=out.throughput, mean_s=out.mean_latency, p50_s=out.percentile(0.5),
+                             p99_s=out.percentile(0.99), skipped_per_request=sum(r.skipped for r in reqs) / max(1, len(reqs))))
+            r = rows[-1]
+            print(f"{name:>10} @ {rate:>4}/s: {r['throughput']:.2f} img/s, mean {r['mean_s']:.2f} s, p99 {r['p99_s']:.2f} s, skipped {r['skipped_per_request']:.1f}/req")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"command": "python -m synerdiff.scheduling.simulate " + " ".join(sys.argv[1:] if argv is None else argv),
+                       "profile": args.profile, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
