@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from synerdiff.bench import profiler
+from synerdiff.engine import profiler
 from synerdiff.bench.__main__ import main
 from synerdiff.config import EMBEDDED_MODEL_DIR, EngineConfig, SchedulerConfig
 from synerdiff.engine.executor import StepExecutor

@@ -147,7 +147,7 @@ def cmd_build_model(args: argparse.Namespace) -> None:
 
 def cmd_profile(args: argparse.Namespace) -> None:
     from ..engine.executor import StepExecutor
-    from .profiler import parse_sizes, profile_executor
+    from ..engine.profiler import parse_sizes, profile_executor
 
     path, model = _load(args)
     executor = StepExecutor(model)
@@ -172,7 +172,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     from .baselines import bench_engine_config, build_system, weights_key
-    from .profiler import parse_sizes
+    from ..engine.profiler import parse_sizes
     from .report import new_report, result_path, write_json
     from .sweep import SweepConfig, run_sweep
     from .workload import default_mix, mixed_mix
@@ -216,7 +216,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 def cmd_smoke(args: argparse.Namespace) -> None:
     from .baselines import bench_engine_config, engine_config
-    from .profiler import parse_sizes
+    from ..engine.profiler import parse_sizes
     from .report import new_report, result_path, write_json
     from .smoke import smoke_engine, smoke_requests
 

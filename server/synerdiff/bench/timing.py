@@ -1,36 +1,6 @@
-"""Device timing: warm-up, synchronise around each repeat, take the median."""
+"""Percentiles for load results (device timing lives in engine/profiler.py)."""
 
 from __future__ import annotations
-
-import statistics
-import time
-from collections.abc import Callable
-
-import torch
-
-
-def synchronizer(device: torch.device) -> Callable[[], None]:
-    if device.type == "cuda":
-        return lambda: torch.cuda.synchronize(device)
-    return lambda: None
-
-
-def median_time(fn: Callable[[], object], sync: Callable[[], None], warmup: int = 2, repeats: int = 5) -> float:
-    """Median seconds of `fn`; each repeat is bracketed by syncs so queued kernels are counted.
-
-    The median, not the mean, because one stray allocator or clock hiccup would otherwise
-    shift a point that the planner interpolates through.
-    """
-    for _ in range(warmup):
-        fn()
-    sync()
-    samples = []
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
 
 
 def percentile(values: list[float], q: float) -> float | None:

@@ -195,7 +195,7 @@ class Engine:
 
     def _load_cost_model(self) -> CostModel | None:
         """The profile that matches this GPU/model/dtype, or a quick fresh one (cached on disk)."""
-        from ..bench.profiler import ensure_profile
+        from .profiler import ensure_profile
 
         try:
             return CostModel(ensure_profile(self.config, self.executor))

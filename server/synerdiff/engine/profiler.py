@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import logging
 import re
+import statistics
+import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,13 +20,37 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..scheduling.cost_model import Profile, bucket_key
-from .timing import median_time, synchronizer
 
 if TYPE_CHECKING:
     from ..config import EngineConfig
-    from ..engine.executor import StepExecutor
+    from .executor import StepExecutor
 
-log = logging.getLogger("synerdiff.bench.profiler")
+log = logging.getLogger("synerdiff.profiler")
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def median_time(fn: Callable[[], object], sync: Callable[[], None], warmup: int = 2, repeats: int = 5) -> float:
+    """Median seconds of `fn`; each repeat is bracketed by syncs so queued kernels are counted.
+
+    The median, not the mean, because one stray allocator or clock hiccup would otherwise
+    shift a point that the planner interpolates through.
+    """
+    for _ in range(warmup):
+        fn()
+    sync()
+    samples = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples)
+
 
 Size = tuple[int, int]
 VAE_CHUNKS = (1, 2, 4, 8, 16)
@@ -64,7 +91,7 @@ def row_counts(max_rows: int, executor: "StepExecutor | None" = None) -> list[in
     """Powers of two up to max_rows; with the fast path, its graph buckets instead: a step
     replays the smallest bucket that fits, so those are the only step costs that occur."""
     if executor is not None and uses_fast_path(executor):
-        from ..engine.fastpath import buckets_up_to
+        from .fastpath import buckets_up_to
 
         return buckets_up_to(max_rows)
 
