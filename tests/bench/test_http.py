@@ -1,61 +1,51 @@
-"""The HTTP driver against a stub server (the real API server is tested elsewhere)."""
+"""The HTTP driver against the real API server (uvicorn on loopback, the embedded model)."""
 
 from __future__ import annotations
 
-import base64
-import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
 import pytest
 
+from synerdiff.api import create_app
 from synerdiff.bench.load import run_rate
 from synerdiff.bench.systems import HttpSystem
 from synerdiff.bench.workload import default_mix, poisson_arrivals
+from synerdiff.config import EngineConfig, LimitsConfig, SchedulerConfig, ServerSettings
+from synerdiff.engine import Engine
+from tests.server.httpkit import serve_app
 
 
-class _Handler(BaseHTTPRequestHandler):
-    seen: list[dict] = []
-
-    def do_POST(self):  # noqa: N802
-        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        _Handler.seen.append({"path": self.path, "auth": self.headers.get("Authorization"), **body})
-        if body["seed"] % 5 == 4:
-            self.send_response(429)
-            self.end_headers()
-            return
-        timings = {"queue_wait_s": 0.1, "inference_s": 0.3, "decode_s": 0.01, "total_s": 0.41}
-        payload = json.dumps({"created": 0, "data": [{"b64_json": base64.b64encode(b"png").decode()}], "synerdiff": {"timings": timings}}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *a):
-        pass
-
-
-@pytest.fixture
+@pytest.fixture(scope="module")
 def server():
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-
-
-def test_http_driver_posts_openai_bodies_and_counts_rejections(server):
-    _Handler.seen.clear()
-    system = HttpSystem("srv", server, model="m", token="tok")
-    system.start()
-    arrivals = poisson_arrivals(40.0, 0.5, 0.0, default_mix((512, 384), 30, 5.0), seed=0)
+    # One guided image at a time and a queue of 2: a burst must see 429s.
+    cfg = EngineConfig(device="cpu", dtype="float32", limits=LimitsConfig(max_queue=2), scheduler=SchedulerConfig(policy="continuous", max_rows=2))
+    engine = Engine(cfg).start()
+    app = create_app(ServerSettings(api_token="tok", engine=cfg), engine=engine)
     try:
-        p = run_rate(system, arrivals, lambda r: 5.0, rate=40.0, duration_s=0.5, warmup_s=0.0, lone_step_s={"512x384": 0.005}, log=lambda s: None)
+        with serve_app(app) as url:
+            yield url
+    finally:
+        engine.shutdown()
+
+
+def test_http_driver_gets_images_and_counts_rejections(server):
+    system = HttpSystem("srv", server, model="synerdiff-default", token="tok")
+    system.start()
+    arrivals = poisson_arrivals(40.0, 0.5, 0.0, default_mix((64, 64), 4, 5.0), seed=0)
+    try:
+        p = run_rate(system, arrivals, lambda r: 30.0, rate=40.0, duration_s=0.5, warmup_s=0.0, lone_step_s={"64x64": 0.005}, log=lambda s: None)
     finally:
         system.close()
-    rejected = sum(1 for a in arrivals if a.request.seed % 5 == 4)
-    assert p["statuses"].get("rejected", 0) == rejected and p["completed"] == len(arrivals) - rejected
-    b = _Handler.seen[0]
-    assert b["path"] == "/v1/images/generations" and b["auth"] == "Bearer tok" and b["model"] == "m"
-    assert (b["size"], b["num_inference_steps"], b["guidance_scale"], b["n"], b["sampler"]) == ("384x512", 30, 5.0, 1, "euler")
-    assert p["queue_wait_mean_s"] == pytest.approx(0.1) and p["step_inflation"] == pytest.approx(2.0)
+    rejected = p["statuses"].get("rejected", 0)
+    assert p["completed"] + rejected == len(arrivals) > 5
+    assert p["completed"] >= 2 and rejected >= 1, p["statuses"]
+    assert p["latency_s"]["p50"] > 0 and p["queue_wait_mean_s"] >= 0
+
+
+def test_http_driver_with_a_wrong_token_completes_nothing(server):
+    system = HttpSystem("srv", server, model="synerdiff-default", token="wrong")
+    system.start()
+    arrivals = poisson_arrivals(10.0, 0.2, 0.0, default_mix((64, 64), 4, 5.0), seed=1)
+    try:
+        p = run_rate(system, arrivals, lambda r: 30.0, rate=10.0, duration_s=0.2, warmup_s=0.0, lone_step_s={"64x64": 0.005}, log=lambda s: None)
+    finally:
+        system.close()
+    assert p["completed"] == 0 and sum(p["statuses"].values()) == len(arrivals)
