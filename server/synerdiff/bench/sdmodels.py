@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from ..config import EMBEDDED_MODEL_DIR
-from ..models.make_tiny import SD15_SCHEDULER, write_char_tokenizer
+from ..models.make_tiny import SD15_SCHEDULER, write_char_tokenizer, write_model_index
 
 SD15_UNET = dict(
     sample_size=64,
@@ -86,26 +86,11 @@ def build_sd15(out: str | Path, seed: int = 0, device: str = "auto") -> Path:
         module.to(torch.float16).save_pretrained(out / name)
         del module
     DDIMScheduler(**SD15_SCHEDULER).save_pretrained(out / "scheduler")
-    (out / "model_index.json").write_text(json.dumps(_model_index(), indent=1))
+    write_model_index(out)
     marker.write_text(json.dumps({"seed": seed, "shape": "sd15"}))
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return out
-
-
-def _model_index() -> dict:
-    return {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": "0.30.0",
-        "feature_extractor": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
 
 
 def resolve_model(spec: str, model_dir: str = DEFAULT_SD15_DIR, seed: int = 0, device: str = "auto") -> str:

@@ -58,6 +58,25 @@ SD15_SCHEDULER = dict(
 )
 
 
+MODEL_INDEX = {
+    "_class_name": "StableDiffusionPipeline",
+    "_diffusers_version": "0.30.0",
+    "feature_extractor": [None, None],
+    "requires_safety_checker": False,
+    "safety_checker": [None, None],
+    "scheduler": ["diffusers", "DDIMScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
+
+
+def write_model_index(out: Path) -> None:
+    """The `model_index.json` that makes `out` a StableDiffusionPipeline directory."""
+    (Path(out) / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=1))
+
+
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte -> printable-character map."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
@@ -137,23 +156,7 @@ def build(out: Path, seed: int = 0) -> Path:
     vae.save_pretrained(out / "vae")
     text_encoder.save_pretrained(out / "text_encoder")
     DDIMScheduler(**SD15_SCHEDULER).save_pretrained(out / "scheduler")
-    (out / "model_index.json").write_text(
-        json.dumps(
-            {
-                "_class_name": "StableDiffusionPipeline",
-                "_diffusers_version": "0.30.0",
-                "feature_extractor": [None, None],
-                "requires_safety_checker": False,
-                "safety_checker": [None, None],
-                "scheduler": ["diffusers", "DDIMScheduler"],
-                "text_encoder": ["transformers", "CLIPTextModel"],
-                "tokenizer": ["transformers", "CLIPTokenizer"],
-                "unet": ["diffusers", "UNet2DConditionModel"],
-                "vae": ["diffusers", "AutoencoderKL"],
-            },
-            indent=1,
-        )
-    )
+    write_model_index(out)
     return out
 
 
