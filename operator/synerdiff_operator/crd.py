@@ -53,6 +53,7 @@ PRINTER_COLUMNS = [
     {"name": "Available", "type": "integer", "jsonPath": ".status.readyReplicas", "priority": 1},
     {"name": "Min", "type": "integer", "jsonPath": ".spec.minReplicas"},
     {"name": "Max", "type": "integer", "jsonPath": ".spec.maxReplicas"},
+    {"name": "Desired", "type": "integer", "jsonPath": ".status.desiredReplicas", "priority": 1},
     {"name": "Threshold", "type": "number", "jsonPath": ".status.threshold"},
     {"name": "Reason", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].reason', "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
@@ -175,8 +176,17 @@ def spec_schema() -> dict[str, Any]:
     return factory_defaults(PoolSpec, structural(PoolSpec.model_json_schema(by_alias=True, mode="validation")))
 
 
+def _without_defaults(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _without_defaults(v) for k, v in node.items() if k != "default"}
+    if isinstance(node, list):
+        return [_without_defaults(v) for v in node]
+    return node
+
+
 def status_schema() -> dict[str, Any]:
-    return structural(PoolStatus.model_json_schema(by_alias=True, mode="serialization"))
+    # Only the operator writes status; a default there would invent a reading nobody took.
+    return _without_defaults(structural(PoolStatus.model_json_schema(by_alias=True, mode="serialization")))
 
 
 def build_crd() -> dict[str, Any]:

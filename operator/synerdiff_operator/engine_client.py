@@ -1,4 +1,4 @@
-"""The operator's only channel to engine pods: their HTTP API (here, `GET /metrics`).
+"""The operator's only channel to engine pods: their HTTP API (`GET /metrics`, `PUT /v1/admin/scheduler`).
 
 Reads are best effort with short timeouts: an unreachable pod yields no reading, never a zero
 (treating an unknown metric as 0 is how autoscalers scale healthy pools down).
@@ -6,6 +6,7 @@ Reads are best effort with short timeouts: an unreachable pod yields no reading,
 
 from __future__ import annotations
 
+import json
 import statistics
 import urllib.error
 import urllib.request
@@ -65,3 +66,22 @@ def live_threshold(pods: list[dict[str, Any]], *, timeout: float = 1.0, sample: 
         except ValueError:
             continue
     return statistics.fmean(readings) if readings else None
+
+
+def put_scheduler(base_url: str, body: dict[str, Any], token: str, timeout: float) -> str | None:
+    """PUT /v1/admin/scheduler; None on success, else why it failed (for the pool's status)."""
+    request = urllib.request.Request(
+        f"{base_url}/v1/admin/scheduler",
+        data=json.dumps(body).encode(),
+        method="PUT",
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 - pod IPs only
+            resp.read()
+        return None
+    except urllib.error.HTTPError as exc:
+        detail = exc.read().decode("utf-8", "replace")[:300]
+        return f"HTTP {exc.code}: {detail}"
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return f"unreachable: {exc}"

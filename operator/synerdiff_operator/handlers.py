@@ -8,9 +8,10 @@ No finalizers: children carry controller ownerReferences, so Kubernetes' garbage
 deletes them with the pool, and deleting a pool never waits on the operator being up. (kopf's
 timers and daemons would add a finalizer, hence the operator-level resync task instead.)
 
-The metrics-driven autoscaler belongs beside the resync: a module (`autoscale.py`) that reads the
-engines' gauges through `engine_client` and writes `spec.replicas` through the pool's /scale
-subresource, so the reconcile path stays the only writer of children.
+The outer feedback loop (`autoscaler.py`: scrape the pods, decide replicas and scheduler floors)
+runs beside the resync, in a task of its own, for pools with `autoscaling.enabled` or
+`autoscaling.tuneThresholds`. It writes only `spec.replicas` (like `kubectl scale`), pod
+annotations and its status fields, so the reconcile path stays the only writer of children.
 """
 
 from __future__ import annotations
@@ -28,10 +29,12 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from synerdiff_operator import GROUP, PLURAL, VERSION, kube, manifests
+from synerdiff_operator.autoscaler import Autoscaler
 from synerdiff_operator.kube import ApiException, Kube
 from synerdiff_operator.reconciler import Outcome, Reconciler
 
 POOLS = (GROUP, VERSION, PLURAL)
+log = logging.getLogger("synerdiff_operator")  # the periodic tasks serve every pool: no per-pool logger
 
 
 class OperatorOptions(BaseSettings):
@@ -39,6 +42,7 @@ class OperatorOptions(BaseSettings):
 
     resync_seconds: float = Field(30.0, gt=0, description="How often every known pool is reconciled regardless of events.")
     scrape_timeout_seconds: float = Field(1.0, gt=0, description="Timeout of one GET /metrics on an engine pod.")
+    autoscale_tick_seconds: float = Field(1.0, gt=0, description="How often the autoscaling task looks for pools whose period is due.")
 
 
 @dataclass
@@ -50,12 +54,21 @@ class State:
     pools: set[tuple[str, str]] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
     resync_task: asyncio.Task[None] | None = None
+    autoscaler: Autoscaler | None = None
+    autoscale_task: asyncio.Task[None] | None = None
 
     def get_reconciler(self) -> Reconciler:
         with self.lock:
             if self.reconciler is None:
                 self.reconciler = Reconciler(Kube(kube.load_configuration()), scrape_timeout=self.options.scrape_timeout_seconds)
             return self.reconciler
+
+    def get_autoscaler(self) -> Autoscaler:
+        kube_client = self.get_reconciler().kube  # one client (and connection pool) for both
+        with self.lock:
+            if self.autoscaler is None:
+                self.autoscaler = Autoscaler(kube_client, scrape_timeout=self.options.scrape_timeout_seconds)
+            return self.autoscaler
 
 
 @kopf.on.login()
@@ -65,23 +78,24 @@ def login(**_: Any) -> kopf.ConnectionInfo:
 
 
 @kopf.on.startup()
-async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
     # Structural schemas prune unknown status fields, so kopf keeps its state in annotations.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=GROUP, key="last-handled-configuration")
     # Our own events say what happened; kopf's per-handler chatter stays in the logs.
     settings.posting.level = logging.WARNING
-    state = State(options=OperatorOptions())
-    memo.state = state
-    state.resync_task = asyncio.create_task(_resync_forever(state, logger))
+    memo.state = State(options=OperatorOptions())
 
 
 @kopf.on.cleanup()
 async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     state: State = memo.state
-    if state.resync_task is not None:
-        state.resync_task.cancel()
-        await asyncio.gather(state.resync_task, return_exceptions=True)
+    tasks = [t for t in (state.resync_task, state.autoscale_task) if t is not None]
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    if state.autoscaler is not None:
+        state.autoscaler.close()
     if state.reconciler is not None:
         state.reconciler.kube.close()
 
@@ -130,10 +144,20 @@ def reconcile_pool(namespace: str, name: str, memo: kopf.Memo, logger: logging.L
         raise kopf.TemporaryError(f"{outcome.child_error[0]}: {outcome.child_error[1]}", delay=30)
 
 
+def _start_tasks(state: State) -> None:
+    # Started from a resource handler, not from startup: kopf.event() needs the event queue that
+    # kopf puts in the context of resource handlers only, and tasks inherit their creator's context.
+    if state.resync_task is None:
+        state.resync_task = asyncio.create_task(_resync_forever(state, log))
+    if state.autoscale_task is None:
+        state.autoscale_task = asyncio.create_task(_autoscale_forever(state, log))
+
+
 @kopf.on.event(*POOLS)
-def track_pool(event: dict[str, Any], namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+async def track_pool(event: dict[str, Any], namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
     """Keeps the resync's list of pools in step with what kopf watches (its namespaces only)."""
     state: State = memo.state
+    _start_tasks(state)
     with state.lock:
         if event.get("type") == "DELETED":
             state.pools.discard((namespace, name))
@@ -141,6 +165,8 @@ def track_pool(event: dict[str, Any], namespace: str, name: str, memo: kopf.Memo
             state.pools.add((namespace, name))
     if event.get("type") == "DELETED" and state.reconciler is not None:
         state.reconciler.forget(namespace, name)
+    if event.get("type") == "DELETED" and state.autoscaler is not None:
+        state.autoscaler.forget(namespace, name)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={manifests.LABEL_MANAGED_BY: manifests.MANAGER})
@@ -170,3 +196,35 @@ async def _resync_forever(state: State, logger: logging.Logger) -> None:
                 logger.warning(f"resync of {namespace}/{name}: {exc}")
             except Exception:  # one broken pool must not stop the resync of the others
                 logger.exception(f"resync of {namespace}/{name} failed")
+
+
+def run_autoscale(state: State, namespace: str, name: str, logger: logging.Logger) -> None:
+    autoscaler = state.get_autoscaler()
+    if not autoscaler.due(namespace, name):
+        return
+    try:
+        report = autoscaler.step(namespace, name)
+    except (ApiException, urllib3.exceptions.HTTPError, OSError) as exc:
+        logger.warning(f"autoscaling {namespace}/{name}: {exc}; retried next period")
+        return
+    if report is None:
+        return
+    for type_, reason, message in report.events:
+        kopf.event(report.pool, type=type_, reason=reason, message=message[:1024])
+        logger.info(f"{namespace}/{name}: {reason}: {message}")
+
+
+async def _autoscale_forever(state: State, logger: logging.Logger) -> None:
+    """Each tick, steps every pool whose autoscaling period is due (pools without it are cheap:
+    the autoscaler looks at them again only every IDLE_RECHECK_S)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        await asyncio.sleep(state.options.autoscale_tick_seconds)
+        with state.lock:
+            pools = sorted(state.pools)
+        for namespace, name in pools:
+            ctx = contextvars.copy_context()
+            try:
+                await loop.run_in_executor(None, ctx.run, run_autoscale, state, namespace, name, logger)
+            except Exception:  # one broken pool must not stop the others
+                logger.exception(f"autoscaling {namespace}/{name} failed")

@@ -42,6 +42,7 @@ KIND_REFS: dict[str, Ref] = {
     "ConfigMap": Ref("v1", "configmaps"),
     "Service": Ref("v1", "services"),
     "Pod": Ref("v1", "pods"),
+    "Secret": Ref("v1", "secrets"),
     "PodDisruptionBudget": Ref("policy/v1", "poddisruptionbudgets"),
     "Deployment": Ref("apps/v1", "deployments"),
 }

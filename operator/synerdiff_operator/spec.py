@@ -96,10 +96,23 @@ class Quantities(_Spec):
 
 
 class Autoscaling(_Spec):
-    enabled: bool = Field(False, description="Let the autoscaler own spec.replicas within [minReplicas, maxReplicas].")
-    target_queue_per_replica: float = Field(4.0, alias="targetQueuePerReplica", gt=0, le=10000, description="Waiting requests per ready replica the autoscaler aims for.")
-    scale_up_window_seconds: int = Field(30, alias="scaleUpWindowSeconds", ge=0, le=3600, description="Window over which load is averaged before scaling up.")
-    scale_down_delay_seconds: int = Field(300, alias="scaleDownDelaySeconds", ge=0, le=86400, description="How long load must stay low before scaling down.")
+    """The operator's own control loop (`autoscaler.py`, algorithm in `scaling.py`, see docs/operator.md)."""
+
+    enabled: bool = Field(False, description="Let the operator's autoscaler own spec.replicas within [minReplicas, maxReplicas]. Leave false to drive /scale with an HPA, KEDA or kubectl.")
+    tune_thresholds: bool = Field(False, alias="tuneThresholds", description="Push scheduler threshold floors and the skip-CFG bound to the pods from pool-wide metrics (PUT /v1/admin/scheduler; needs an admin or API token Secret). Works with or without `enabled`.")
+    period_seconds: float = Field(5.0, alias="periodSeconds", ge=0.2, le=300, description="How often the pods' /metrics are read and a decision is taken.")
+    capacity_per_replica: float | None = Field(None, alias="capacityPerReplica", gt=0, le=100000, description="Images/s one ready pod sustains within the latency SLO (e.g. from `synerdiff profile` and the pool simulator). Unset: learned from pods observed saturated.")
+    target_utilization: float = Field(0.7, alias="targetUtilization", gt=0, le=1, description="Fraction of capacityPerReplica each pod is planned to carry; the rest absorbs bursts while new pods start.")
+    target_queue_per_replica: float = Field(4.0, alias="targetQueuePerReplica", gt=0, le=10000, description="Waiting requests per ready replica tolerated; a backlog beyond it adds the capacity to drain it within the stable window, and marks the pool saturated for threshold tuning.")
+    scale_up_window_seconds: int = Field(30, alias="scaleUpWindowSeconds", ge=0, le=3600, description="The stable window: the arrival rate is averaged over it for the normal decision.")
+    predict_seconds: float = Field(0.0, alias="predictSeconds", ge=0, le=3600, description="Lead time: while the arrival rate rises, plan for where its trend (regressed over four stable windows) will be this much later. Set it near the pods' start-up time (image pull + model load); 0 disables.")
+    panic_window_seconds: float = Field(6.0, alias="panicWindowSeconds", ge=0, le=3600, description="The panic window (shorter than the stable window): a burst seen here that needs panicThreshold x the ready pods scales up at once, and nothing scales down until a stable window passes without one.")
+    panic_threshold: float = Field(2.0, alias="panicThreshold", ge=1, le=100, description="Panic when the panic window's desired pods reach this multiple of the ready pods.")
+    scale_down_delay_seconds: int = Field(300, alias="scaleDownDelaySeconds", ge=0, le=86400, description="A scale-down takes the highest recommendation of this window, so load must stay low this long.")
+    max_scale_up_rate: float = Field(2.0, alias="maxScaleUpRate", ge=1, le=1000, description="One decision sets at most max(ready+1, ceil(ready x this)) pods.")
+    max_scale_down_rate: float = Field(2.0, alias="maxScaleDownRate", ge=1, le=1000, description="One decision removes at most half (for 2) of the pods, and at least one.")
+    latency_slo_seconds: float | None = Field(None, alias="latencySLOSeconds", gt=0, le=3600, description="End-to-end latency objective; threshold tuning raises the floor while SLO attainment is below sloTarget.")
+    slo_target: float = Field(0.99, alias="sloTarget", gt=0, le=1, description="Fraction of requests that should meet latencySLOSeconds.")
 
 
 class ServiceSpec(_Spec):

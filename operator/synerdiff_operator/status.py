@@ -32,6 +32,43 @@ class Condition(BaseModel):
     observed_generation: int | None = Field(None, alias="observedGeneration", ge=0)
 
 
+class ScalingEvent(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    time: str = Field(json_schema_extra={"format": "date-time"})
+    reason: str = Field(max_length=64)
+    message: str = Field(max_length=1024)
+    replicas: int | None = Field(None, ge=0, description="spec.replicas after a scaling decision.")
+    threshold_min: float | None = Field(None, alias="thresholdMin", description="Threshold floor after a tuning decision.")
+
+
+class AutoscalerStatus(BaseModel):
+    """The outer loop's last reading and decision (written every autoscaling.periodSeconds)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    reason: str | None = Field(None, max_length=64, description="Last replica decision: ScaleUp, PanicScaleUp, ScaleDown, Steady, ScaleDownDelayed, MetricsIncomplete, MetricsUnknown, MetricsStale, CapacityUnknown, AtMaxReplicas, AtMinReplicas, ScaleUpLimited, OutOfBounds.")
+    message: str | None = Field(None, max_length=1024)
+    mode: Literal["stable", "panic"] | None = None
+    ready_pods: int | None = Field(None, alias="readyPods", ge=0)
+    pending_pods: int | None = Field(None, alias="pendingPods", ge=0, description="Pods that exist but are not ready: never counted as capacity.")
+    scraped_pods: int | None = Field(None, alias="scrapedPods", ge=0, description="Ready pods whose /metrics answered in the last round.")
+    unknown_pods: int | None = Field(None, alias="unknownPods", ge=0, description="Ready pods without metrics: excluded from the sums (never read as zero); no scale-down while any.")
+    waiting: float | None = Field(None, description="Requests waiting, summed over the scraped pods.")
+    running: float | None = None
+    arrival_rate: float | None = Field(None, alias="arrivalRate", description="Images/s arriving (served + queue growth) at pods with rates.")
+    throughput: float | None = Field(None, description="Images/s returned.")
+    capacity_per_replica: float | None = Field(None, alias="capacityPerReplica", description="Images/s per pod the decision used (spec or learned).")
+    queue_wait_p99_seconds: float | None = Field(None, alias="queueWaitP99Seconds")
+    latency_p99_seconds: float | None = Field(None, alias="latencyP99Seconds")
+    slo_attainment: float | None = Field(None, alias="sloAttainment", description="Fraction of requests within latencySLOSeconds over the stable window.")
+    tuning_reason: str | None = Field(None, alias="tuningReason", max_length=64, description="Saturated, Headroom, Hold, MetricsUnknown or PushFailed.")
+    tuning_message: str | None = Field(None, alias="tuningMessage", max_length=1024)
+    threshold_min: float | None = Field(None, alias="thresholdMin", description="Threshold floor the operator asks of every pod.")
+    skip_cfg_bound: float | None = Field(None, alias="skipCfgBound")
+    history: list[ScalingEvent] | None = Field(None, max_length=10, description="The last scaling and tuning decisions that changed something, oldest first.")
+
+
 class PoolStatus(BaseModel):
     """What the operator observed; `selector` and `replicas` back the /scale subresource."""
 
@@ -44,6 +81,9 @@ class PoolStatus(BaseModel):
     observed_generation: int | None = Field(None, alias="observedGeneration", ge=0, description="The spec generation the children reflect.")
     threshold: float | None = Field(None, description="Scheduler threshold: the engines' live mean when readable, else the configured one.")
     threshold_source: Literal["engines", "spec"] | None = Field(None, alias="thresholdSource")
+    desired_replicas: int | None = Field(None, alias="desiredReplicas", ge=0, description="What the operator's autoscaler wants spec.replicas to be.")
+    last_scale_time: str | None = Field(None, alias="lastScaleTime", json_schema_extra={"format": "date-time"}, description="When the autoscaler last changed spec.replicas.")
+    autoscaler: AutoscalerStatus | None = None
     conditions: list[Condition] | None = Field(
         None,
         max_length=16,

@@ -1,19 +1,26 @@
-"""The shipped embedded model: loads as a plain diffusers pipeline and draws what it is told."""
+"""The shipped embedded model: loads as a plain diffusers pipeline and draws what it is told.
+
+SYNERDIFF_SHAPES_MODEL points these tests at another model directory (a candidate
+before it is installed).
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("diffusers")
+import torch  # noqa: E402
 
 from synerdiff.models.shapes.dataset import HELD_OUT_TRIPLES, VOCAB, caption  # noqa: E402
 from synerdiff.models.shapes.evaluate import EMBEDDED, generate  # noqa: E402
 from synerdiff.models.shapes.scorer import parse_caption, score  # noqa: E402
+
+MODEL = Path(os.environ.get("SYNERDIFF_SHAPES_MODEL", EMBEDDED))
 
 
 @pytest.fixture(scope="module")
@@ -22,19 +29,19 @@ def pipe():
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        p = StableDiffusionPipeline.from_pretrained(EMBEDDED, local_files_only=True)
+        p = StableDiffusionPipeline.from_pretrained(MODEL, local_files_only=True)
     p.set_progress_bar_config(disable=True)
     return p
 
 
 def test_layout_and_size():
-    index = json.loads((EMBEDDED / "model_index.json").read_text())
+    index = json.loads((MODEL / "model_index.json").read_text())
     for part in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
-        assert part in index and (EMBEDDED / part).is_dir()
-    weights = list(EMBEDDED.rglob("*.safetensors"))
+        assert part in index and (MODEL / part).is_dir()
+    weights = list(MODEL.rglob("*.safetensors"))
     assert len(weights) == 3
-    assert sum(f.stat().st_size for f in EMBEDDED.rglob("*") if f.is_file()) < 16 * 2**20
-    assert json.loads((EMBEDDED / "scheduler" / "scheduler_config.json").read_text())["beta_schedule"] == "scaled_linear"
+    assert sum(f.stat().st_size for f in MODEL.rglob("*") if f.is_file()) < 16 * 2**20
+    assert json.loads((MODEL / "scheduler" / "scheduler_config.json").read_text())["beta_schedule"] == "scaled_linear"
 
 
 def test_every_grammar_word_is_one_token(pipe):

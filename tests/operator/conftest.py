@@ -53,6 +53,7 @@ async def operator(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> AsyncIt
     """The real kopf operator (all of synerdiff_operator.handlers) running against the emulator."""
     monkeypatch.setenv("SYNERDIFF_OPERATOR_RESYNC_SECONDS", "0.3")
     monkeypatch.setenv("SYNERDIFF_OPERATOR_SCRAPE_TIMEOUT_SECONDS", "1")
+    monkeypatch.setenv("SYNERDIFF_OPERATOR_AUTOSCALE_TICK_SECONDS", "0.1")
     import synerdiff_operator.handlers  # noqa: F401  registers the handlers in kopf's default registry
 
     runner = OperatorThread()

@@ -95,6 +95,9 @@ def test_rbac_binds_the_operators_service_account() -> None:
     assert "*" not in verbs and not {"delete", "deletecollection", "escalate", "bind", "impersonate"} & verbs
     assert all("*" not in rule["resources"] and "*" not in rule["apiGroups"] for rule in objs["ClusterRole"]["rules"])
     assert all(rule["resources"] != ["secrets"] for rule in objs["ClusterRole"]["rules"])
+    # Threshold tuning needs the pools' admin tokens: opt-in, and `get` only.
+    secrets = [r for r in by_kind(render("--set", "rbac.readTokenSecrets=true"))["ClusterRole"]["rules"] if "secrets" in r["resources"]]
+    assert secrets == [{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"]}]
     assert "ClusterRole" not in by_kind(render("--set", "rbac.create=false"))
 
 

@@ -14,7 +14,7 @@ HEAVY = {"torch", "diffusers", "transformers", "fastapi", "uvicorn", "numpy", "P
 
 def test_the_operator_imports_no_engine_dependencies() -> None:
     code = (
-        "import sys, synerdiff_operator.handlers, synerdiff_operator.crd, synerdiff_operator.__main__;"
+        "import sys, synerdiff_operator.handlers, synerdiff_operator.crd, synerdiff_operator.__main__, synerdiff_operator.poolsim;"
         f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({sorted(HEAVY)!r})))"
     )
     path = os.pathsep.join([str(REPO_ROOT / "operator"), str(REPO_ROOT / "server")])

@@ -108,6 +108,21 @@ def evaluate_model(
     return dict(model=str(model_dir), rows=rows)
 
 
+def time_single(pipe, prompt="a red circle on a blue background", steps=20, guidance=7.5, repeats=5, png=None) -> float:
+    """Median seconds for one 64x64 image through the pipeline (after a warm-up call)."""
+    import torch
+
+    times = []
+    for i in range(repeats + 1):
+        t = time.perf_counter()
+        img = pipe(prompt, num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator(pipe.device).manual_seed(0)).images[0]
+        if i:
+            times.append(time.perf_counter() - t)
+    if png:
+        img.save(png)
+    return float(np.median(times))
+
+
 def save_grid(images: np.ndarray, path, cols: int = 8) -> None:
     from PIL import Image
 
@@ -131,6 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", default=str(REPO / "bench" / "results" / "adherence.json"))
     ap.add_argument("--grid", default=None, help="write the held-out images as one PNG grid")
     ap.add_argument("--with-train", action="store_true", help="also score prompts of training triples")
+    ap.add_argument("--note", default=None, help="free text stored in the report")
+    ap.add_argument("--png", default=None, help="save the timed 'a red circle on a blue background' image here")
     args = ap.parse_args(argv)
 
     import torch
@@ -140,6 +157,12 @@ def main(argv: list[str] | None = None) -> dict:
         args.model, args.seeds, args.steps, args.guidance, args.device, include_train=args.with_train, grid=args.grid
     )
     report.update(torch=torch.__version__, threads=args.threads)
+    if args.note:
+        report["note"] = args.note
+    if args.device == "cpu":
+        secs = time_single(load_pipeline(args.model), steps=args.steps, guidance=args.guidance, png=args.png)
+        report["single_image"] = dict(prompt="a red circle on a blue background", steps=args.steps, guidance=args.guidance, seconds=round(secs, 3))
+        print(f"one image, {args.steps} steps, CFG {args.guidance}, {args.threads} threads: {secs:.2f}s")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")

@@ -11,8 +11,10 @@ How the pixels are read:
   that colour than to the background;
 - size: the longer side of its bounding box (small shapes span <= 17 px, large >= 26);
 - position: the bounding box's centre against the image's centre;
-- shape class: fill ratio of the bounding box (square 1, circle pi/4, triangle 1/2),
-  with the triangle's top-light mass as a tie-breaker.
+- shape class: an apex-up triangle is top-light (a quarter of its pixels above the box's
+  middle, against half for the others); between circle and square, whichever ideal shape
+  spanning the same box overlaps the region more (IoU). Both cues survive the blur of the
+  VAE decoder on 12-pixel shapes better than the bounding box's fill ratio does.
 """
 
 from __future__ import annotations
@@ -39,10 +41,9 @@ LARGE_MIN_SIDE = 22
 # widest inset); a centred one is within 3 px: split the difference.
 CENTER_MAX_OFFSET = 6.5
 CORNER_MIN_OFFSET = 6.5
-# Fill ratios: triangle 0.5, circle 0.785, square 1.0; thresholds roughly halfway, leaning
-# towards the circle because blur rounds square corners and triangle tips.
-SQUARE_MIN_FILL = 0.90
-TRIANGLE_MAX_FILL = 0.64
+# An apex-up triangle keeps about a quarter of its pixels in the top half of its box,
+# circles and squares half; blur rounds the tip but leaves it top-light.
+TRIANGLE_MAX_TOP_SHARE = 0.40
 # Pixels this far (RGB distance) from the background count as candidates for the shape.
 FOREGROUND_MIN_DIST = 60.0
 
@@ -81,6 +82,19 @@ def _largest_component(mask: np.ndarray) -> np.ndarray:
     return lab == ids[np.argmax(counts)]
 
 
+def _template_iou(mask: np.ndarray, x0, x1, y0, y1) -> dict[str, float]:
+    """IoU of the region with an ideal circle (ellipse), square and triangle spanning its box."""
+    h, w = mask.shape
+    dx = (np.arange(w)[None, :] + 0.5 - (x0 + x1) / 2) / ((x1 - x0) / 2)
+    dy = (np.arange(h)[:, None] + 0.5 - (y0 + y1) / 2) / ((y1 - y0) / 2)
+    ideal = {
+        "circle": dx * dx + dy * dy <= 1,
+        "square": (np.abs(dx) <= 1) & (np.abs(dy) <= 1),
+        "triangle": (dy <= 1) & (np.abs(dx) <= (dy + 1) / 2),
+    }
+    return {k: (v & mask).sum() / max((v | mask).sum(), 1) for k, v in ideal.items()}
+
+
 def analyze(image) -> dict:
     """Attributes read off an image (HxWx3 uint8 array or PIL image); None where unreadable.
     Also returns the raw features under "features"."""
@@ -107,12 +121,11 @@ def analyze(image) -> dict:
     ymid = (y0 + y1) / 2
     top, bottom = (ys + 0.5 < ymid).sum(), (ys + 0.5 > ymid).sum()
     top_share = top / max(top + bottom, 1)
-    if fill >= SQUARE_MIN_FILL:
-        shape = "square"
-    elif fill < TRIANGLE_MAX_FILL or (fill < 0.72 and top_share < 0.35):
+    iou = _template_iou(mask, x0, x1, y0, y1)
+    if top_share < TRIANGLE_MAX_TOP_SHARE:
         shape = "triangle"
     else:
-        shape = "circle"
+        shape = "square" if iou["square"] > iou["circle"] else "circle"
     out["shape"] = shape
     side = max(bw, bh)
     out["size"] = "large" if side >= LARGE_MIN_SIDE else "small"
@@ -125,6 +138,7 @@ def analyze(image) -> dict:
     out["features"] = {
         "fill": round(float(fill), 4),
         "top_share": round(float(top_share), 4),
+        "iou": {k: round(float(v), 4) for k, v in iou.items()},
         "side": int(side),
         "dx": float(dx),
         "dy": float(dy),

@@ -7,8 +7,8 @@ Two phases, each bounded by steps and/or minutes:
    SD1.5's DDPM schedule and 10% empty captions so classifier-free guidance works.
 EMA weights of phase 2 are what gets written, as a diffusers StableDiffusionPipeline directory.
 
-    python -m synerdiff.models.shapes.train --out DIR [--vae-minutes 1.25 --unet-minutes 5.5]
-    python -m synerdiff.models.shapes.train --out DIR --vae-steps 300 --unet-steps 300   # CPU smoke run
+    python -m synerdiff.models.shapes.train --out DIR --vae-minutes 1.1 --unet-minutes 5.0 [--tar model.tar --eval-seeds 4]
+    python -m synerdiff.models.shapes.train --out DIR --vae-steps 3 --unet-steps 3 --vae-batch 8 --batch 8   # CPU smoke run
 """
 
 from __future__ import annotations
@@ -37,6 +37,16 @@ UNET = dict(
     attention_head_dim=8,
     norm_num_groups=16,
 )
+# Down to 4x4, where every cell touches the zero padding, so absolute position (which
+# left/right needs) is cheap to compute; attention only at 8x8 and 4x4 keeps it fast.
+# Not yet trained on the GPU: see docs/model.md.
+UNET_DEEP = dict(
+    UNET,
+    block_out_channels=(64, 128, 128),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+)
+UNETS = {"small": UNET, "deep": UNET_DEEP}
 VAE = dict(TINY_VAE)
 TEXT = dict(
     hidden_size=64,
@@ -97,11 +107,11 @@ def write_tokenizer(out: Path) -> int:
     raise RuntimeError(f"could not make single tokens of {sorted(todo)}")
 
 
-def build_models(vocab_size: int):
+def build_models(vocab_size: int, arch: str = "small"):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    unet = UNet2DConditionModel(**UNET)
+    unet = UNet2DConditionModel(**UNETS[arch])
     vae = AutoencoderKL(**VAE)
     text_cfg = CLIPTextConfig(
         vocab_size=vocab_size, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, **TEXT
@@ -140,8 +150,8 @@ def lr_at(base: float, step: int, progress: float, warmup: int) -> float:
     return base * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def images(rng, n: int, device, triples=TRAIN_TRIPLES):
-    batch = sample_scenes(n, rng, triples=triples)
+def images(rng, n: int, device, triples=TRAIN_TRIPLES, p_position: float = 0.6):
+    batch = sample_scenes(n, rng, triples=triples, p_position=p_position)
     return render(batch, device).mul_(2).sub_(1), batch
 
 
@@ -236,13 +246,13 @@ def train_unet(unet, text_encoder, vae, tokenizer, args, device, rng, log) -> tu
     budget = Budget(args.unet_steps, args.unet_minutes)
     ema_loss, last_print, losses = None, 0.0, []
     while not budget.done():
-        x, batch = images(rng, args.batch, device)
+        x, batch = images(rng, args.batch, device, p_position=args.p_position)
         caps = ["" if d else c for c, d in zip(batch.captions, rng.random(len(batch)) < args.drop)]
         ids = ids_of(caps)
         with torch.no_grad(), _autocast(device):
             z = vae.encode(x).latent_dist.sample().float() * sf
         noise = torch.randn_like(z)
-        t = torch.randint(0, 1000, (z.shape[0],), device=device)
+        t = torch.randint(args.t_min, 1000, (z.shape[0],), device=device)
         zt = sqrt_ac[t].view(-1, 1, 1, 1) * z + sqrt_1m[t].view(-1, 1, 1, 1) * noise
         for g in opt.param_groups:
             g["lr"] = lr_at(args.lr, budget.step, budget.progress(), args.warmup)
@@ -308,6 +318,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output diffusers directory")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--arch", choices=sorted(UNETS), default="small", help="UNet layout (see UNETS)")
     ap.add_argument("--device", default=None, help="default: cuda if available")
     ap.add_argument("--vae-steps", type=int, default=None)
     ap.add_argument("--vae-minutes", type=float, default=None)
@@ -321,13 +332,16 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=300)
     ap.add_argument("--ema", type=float, default=0.999)
     ap.add_argument("--drop", type=float, default=0.1, help="share of empty captions, for classifier-free guidance")
+    ap.add_argument("--p-position", type=float, default=0.6, help="share of captions that state the position")
+    ap.add_argument("--t-min", type=int, default=0, help="lowest training timestep (fine-tuning the layout only needs high ones)")
+    ap.add_argument("--init", default=None, help="start from this model directory (fine-tuning; --vae-steps 0 keeps its VAE)")
     ap.add_argument("--print-every", type=float, default=10.0, help="seconds between progress lines")
     ap.add_argument("--tar", default=None, help="also pack the output directory into this tar file")
     ap.add_argument("--eval-seeds", type=int, default=0, help="after saving, score held-out prompts with this many seeds each")
     ap.add_argument("--eval-json", default=None, help="where to write the evaluation report")
     ap.add_argument("--eval-grid", default=None, help="PNG grid of the held-out images")
     args = ap.parse_args(argv)
-    if not (args.vae_steps or args.vae_minutes) or not (args.unet_steps or args.unet_minutes):
+    if not (args.vae_steps or args.vae_minutes or (args.init and args.vae_steps == 0)) or not (args.unet_steps or args.unet_minutes):
         ap.error("give --vae-steps/--vae-minutes and --unet-steps/--unet-minutes")
 
     import torch
@@ -349,7 +363,14 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = CLIPTokenizer.from_pretrained(out / "tokenizer")
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(args.seed)
-    unet, vae, text_encoder = build_models(vocab_size)
+    unet, vae, text_encoder = build_models(vocab_size, args.arch)
+    if args.init:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        unet = UNet2DConditionModel.from_pretrained(Path(args.init) / "unet")
+        vae = AutoencoderKL.from_pretrained(Path(args.init) / "vae")
+        text_encoder = CLIPTextModel.from_pretrained(Path(args.init) / "text_encoder", dtype=torch.float32)
     unet.to(device)
     vae.to(device)
     text_encoder.to(device)
@@ -358,7 +379,11 @@ def main(argv: list[str] | None = None) -> dict:
         f"params: unet={_count(unet):.2f}M vae={_count(vae):.2f}M text={_count(text_encoder):.2f}M "
         f"train triples={len(TRAIN_TRIPLES)} held out={len(HELD_OUT_TRIPLES)}"
     )
-    vae_stats = train_vae(vae, args, device, rng, log)
+    if args.init and args.vae_steps == 0:
+        vae_stats = dict(init=str(args.init), scaling_factor=vae.config.scaling_factor)
+        vae.eval()
+    else:
+        vae_stats = train_vae(vae, args, device, rng, log)
     vae.requires_grad_(False)
     unet_stats, ema_unet, ema_text = train_unet(unet, text_encoder, vae, tokenizer, args, device, rng, log)
     save(out, ema_unet, vae, ema_text)

@@ -1,0 +1,317 @@
+"""The outer feedback loop's I/O: scrape the pods, decide (`scaling.py`), then act and report.
+
+One `step()` per pool per `autoscaling.periodSeconds`, from the operator's own task (no kopf
+timer: timers add finalizers, which this operator avoids). Blocking I/O; the handlers run it in
+a worker thread. It acts only through
+
+- `spec.replicas` of the pool (a merge patch, as `kubectl scale` or an HPA would write it; the
+  reconciler then sizes the Deployment), so the pool's /scale subresource means the same thing
+  whoever scales;
+- `controller.kubernetes.io/pod-deletion-cost` on the ready pods that should go first on a
+  scale-down (the fewest requests running), so the ReplicaSet removes idle engines and the
+  engines' SIGTERM drain has the least to finish;
+- `PUT /v1/admin/scheduler` on the ready pods (threshold tuning), with the pool's admin token;
+- `status.desiredReplicas`, `status.lastScaleTime` and `status.autoscaler`.
+
+Per-pool memory (readings, recommendations, what each pod was sent) lives here and is lost on
+an operator restart; `decide` then waits a full scale-down delay before any scale-down.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from synerdiff_operator import engine_client, manifests, scaling, signals
+from synerdiff_operator.kube import KIND_REFS, ApiException, Kube
+from synerdiff_operator.reconciler import POOL_REF, utc_now
+from synerdiff_operator.spec import InvalidSpec, PoolSpec, parse_spec
+
+log = logging.getLogger("synerdiff_operator.autoscaler")
+
+ANN_DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
+ANN_SCALE_DOWN = "synerdiff.io/scale-down-candidate"
+# Well below anything a person would set, so our candidates go before any hand-ranked pod.
+DELETION_COST = "-1000"
+HISTORY_LEN = 10
+IDLE_RECHECK_S = 30.0  # how soon a pool without autoscaling or tuning is looked at again
+
+
+@dataclass
+class PodMemory:
+    sample: signals.EngineSample
+    time: float
+
+
+@dataclass
+class PoolLoop:
+    history: deque[signals.PoolMetrics] = field(default_factory=lambda: deque(maxlen=4096))
+    pods: dict[str, PodMemory] = field(default_factory=dict)  # pod uid -> last good sample
+    scaler: scaling.ScalerState = field(default_factory=scaling.ScalerState)
+    tuner: scaling.TuneState = field(default_factory=scaling.TuneState)
+    pushed: dict[str, dict[str, float]] = field(default_factory=dict)  # pod uid -> knobs it runs with
+    next_due: float = 0.0
+    last_scale_time: str | None = None
+    events: list[dict[str, Any]] | None = None  # status history, seeded from the pool's status
+
+
+@dataclass
+class StepReport:
+    pool: dict[str, Any]
+    decision: scaling.Decision | None
+    tuning: scaling.TuneDecision | None
+    metrics: signals.PoolMetrics
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (type, reason, message) for the pool
+
+
+def is_ready(pod: dict[str, Any]) -> bool:
+    return engine_client.pod_base_url(pod) is not None
+
+
+def is_terminating(pod: dict[str, Any]) -> bool:
+    return bool((pod.get("metadata") or {}).get("deletionTimestamp"))
+
+
+def scale_down_candidates(pods: list[dict[str, Any]], running: dict[str, float], remove: int) -> list[str]:
+    """Names of the ready pods to go first: the fewest requests running (unknown last), then
+    the youngest (the ReplicaSet's own tie-break), at most `remove`.
+
+    Pods that are not ready are removed first by the ReplicaSet anyway, so they use up the
+    removal count before any ready pod needs a mark.
+    """
+    live = [p for p in pods if not is_terminating(p)]
+    unready = sum(1 for p in live if not is_ready(p))
+    need = max(0, remove - unready)
+    ready = sorted((p for p in live if is_ready(p)), key=lambda p: p["metadata"]["name"])
+    # Stable sorts, last key first: youngest first among equals, then fewest running.
+    ready.sort(key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "", reverse=True)
+    ready.sort(key=lambda p: running.get(Autoscaler._uid(p), float("inf")))
+    return [p["metadata"]["name"] for p in ready[:need]]
+
+
+class Autoscaler:
+    def __init__(self, kube: Kube, *, scrape_timeout: float = 1.0, clock: Callable[[], float] = time.monotonic,
+                 wall: Callable[[], str] = utc_now, workers: int = 8) -> None:
+        self.kube = kube
+        self.scrape_timeout = scrape_timeout
+        self.clock = clock
+        self.wall = wall
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scrape")
+        self._loops: dict[tuple[str, str], PoolLoop] = {}
+        self._guard = threading.Lock()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def forget(self, namespace: str, name: str) -> None:
+        with self._guard:
+            self._loops.pop((namespace, name), None)
+
+    def due(self, namespace: str, name: str) -> bool:
+        with self._guard:
+            loop = self._loops.get((namespace, name))
+        return loop is None or self.clock() >= loop.next_due
+
+    def _loop(self, namespace: str, name: str) -> PoolLoop:
+        with self._guard:
+            return self._loops.setdefault((namespace, name), PoolLoop())
+
+    # ------------------------------------------------------------------------------------ step
+    def step(self, namespace: str, name: str) -> StepReport | None:
+        loop = self._loop(namespace, name)
+        pool = self.kube.get(POOL_REF.path(namespace, name))
+        if pool is None or (pool.get("metadata") or {}).get("deletionTimestamp"):
+            self.forget(namespace, name)
+            return None
+        try:
+            spec = parse_spec(pool.get("spec"))
+        except InvalidSpec:
+            loop.next_due = self.clock() + IDLE_RECHECK_S  # the reconciler reports it
+            return None
+        a = spec.autoscaling
+        if not (a.enabled or a.tune_thresholds):
+            loop.next_due = self.clock() + IDLE_RECHECK_S
+            return None
+        now = self.clock()
+        loop.next_due = now + a.period_seconds
+        if loop.events is None:
+            previous = (pool.get("status") or {})
+            loop.events = list(((previous.get("autoscaler") or {}).get("history")) or [])[-HISTORY_LEN:]
+            loop.last_scale_time = previous.get("lastScaleTime")
+
+        pods = [p for p in self.kube.list(KIND_REFS["Pod"].path(namespace), manifests.selector_labels(name)) if not is_terminating(p)]
+        ready = [p for p in pods if is_ready(p)]
+        metrics, running = self._observe(loop, spec, ready, pending=len(pods) - len(ready), now=now)
+        loop.history.append(metrics)
+        keep = scaling.history_seconds(spec)
+        while loop.history and loop.history[0].time < now - keep:
+            loop.history.popleft()
+
+        report = StepReport(pool=pool, decision=None, tuning=None, metrics=metrics)
+        if a.enabled:
+            decision = scaling.decide(spec, list(loop.history), now, loop.scaler)
+            loop.scaler = decision.state
+            report.decision = decision
+            if decision.changed:
+                if decision.replicas < decision.current:
+                    self._mark_for_removal(namespace, pods, running, decision.current - decision.replicas)
+                self.kube.patch(POOL_REF.path(namespace, name), {"spec": {"replicas": decision.replicas}})
+                loop.last_scale_time = self.wall()
+                self._remember(loop, decision.reason, decision.message, replicas=decision.replicas)
+                report.events.append(("Normal", "Scaled", decision.message))
+        if a.tune_thresholds:
+            answered = [p for p in ready if self._uid(p) in running]  # an unknown pod gets nothing until it answers
+            report.tuning = self._tune(loop, pool, spec, answered, now, report)
+        self._write_status(namespace, name, pool, spec, loop, report)
+        return report
+
+    def _observe(self, loop: PoolLoop, spec: PoolSpec, ready: list[dict[str, Any]], *, pending: int, now: float
+                 ) -> tuple[signals.PoolMetrics, dict[str, float]]:
+        urls = {self._uid(p): engine_client.pod_base_url(p) for p in ready}
+        futures = {uid: self._pool.submit(self._scrape, url) for uid, url in urls.items() if url}
+        stale = scaling.stale_after(spec)
+        readings, running = [], {}
+        for pod in ready:
+            uid = self._uid(pod)
+            sample = futures[uid].result() if uid in futures else None
+            before = loop.pods.get(uid)
+            previous, interval = None, None
+            if before is not None and now - before.time <= stale:
+                previous, interval = before.sample, now - before.time
+            readings.append(signals.PodReading(pod["metadata"]["name"], sample, previous, interval))
+            if sample is not None:
+                loop.pods[uid] = PodMemory(sample, now)
+                running[uid] = sample.running
+                if sample.threshold is not None:
+                    pushed = loop.pushed.get(uid)
+                    # A restarted engine (or one edited by hand) no longer runs what we sent it.
+                    if pushed is not None and (sample.threshold < pushed["threshold_min"] - 1e-6
+                                               or (sample.skip_cfg_bound is not None and abs(sample.skip_cfg_bound - pushed["skip_cfg_bound"]) > 1e-6)):
+                        loop.pushed.pop(uid, None)
+        alive = {self._uid(p) for p in ready}
+        for uid in [u for u in loop.pods if u not in alive]:
+            loop.pods.pop(uid, None)
+            loop.pushed.pop(uid, None)
+        return signals.aggregate(now, readings, pending=pending, slo_seconds=spec.autoscaling.latency_slo_seconds), running
+
+    def _scrape(self, url: str) -> signals.EngineSample | None:
+        text = engine_client.fetch_metrics(url, self.scrape_timeout)
+        if text is None:
+            return None
+        try:
+            return signals.parse(text)
+        except signals.BadSample:
+            return None
+
+    @staticmethod
+    def _uid(pod: dict[str, Any]) -> str:
+        meta = pod.get("metadata") or {}
+        return meta.get("uid") or meta["name"]
+
+    def _mark_for_removal(self, namespace: str, pods: list[dict[str, Any]], running: dict[str, float], remove: int) -> None:
+        chosen = set(scale_down_candidates(pods, running, remove))
+        stamp = self.wall()
+        for pod in pods:
+            annotations = (pod.get("metadata") or {}).get("annotations") or {}
+            name = pod["metadata"]["name"]
+            path = KIND_REFS["Pod"].path(namespace, name)
+            if name in chosen:
+                self.kube.patch(path, {"metadata": {"annotations": {ANN_DELETION_COST: DELETION_COST, ANN_SCALE_DOWN: stamp}}})
+            elif ANN_SCALE_DOWN in annotations:
+                # A candidate of an earlier scale-down that survived it: busy again, maybe.
+                self.kube.patch(path, {"metadata": {"annotations": {ANN_DELETION_COST: None, ANN_SCALE_DOWN: None}}})
+
+    def _remember(self, loop: PoolLoop, reason: str, message: str, **extra: Any) -> None:
+        assert loop.events is not None
+        loop.events.append({"time": self.wall(), "reason": reason, "message": message[:512], **extra})
+        del loop.events[:-HISTORY_LEN]
+
+    # ---------------------------------------------------------------------------------- tuning
+    def _token(self, namespace: str, spec: PoolSpec) -> str | None:
+        ref = spec.auth.admin_token_secret or spec.auth.api_token_secret
+        if ref is None:
+            return None
+        secret = self.kube.get(KIND_REFS["Secret"].path(namespace, ref.name))
+        raw = ((secret or {}).get("data") or {}).get(ref.key)
+        if not raw:
+            return None
+        try:
+            return base64.b64decode(raw).decode().strip() or None
+        except (ValueError, UnicodeDecodeError):
+            return None
+
+    def _tune(self, loop: PoolLoop, pool: dict[str, Any], spec: PoolSpec, ready: list[dict[str, Any]], now: float,
+              report: StepReport) -> scaling.TuneDecision:
+        namespace = pool["metadata"]["namespace"]
+        decision = scaling.tune(spec, list(loop.history), now, loop.tuner)
+        loop.tuner = decision.state
+        if decision.changed:
+            self._remember(loop, "Tuned" + decision.reason, decision.message, thresholdMin=decision.target.threshold_min)
+            report.events.append(("Normal", "ThresholdTuned", decision.message))
+        body = decision.target.body()
+        todo = [p for p in ready if loop.pushed.get(self._uid(p)) != body]
+        if not todo:
+            return decision
+        try:
+            token = self._token(namespace, spec)
+        except ApiException as exc:
+            return _failed(decision, f"cannot read the admin token Secret: {exc.status} {exc.reason}")
+        if token is None:
+            return _failed(decision, "no admin token: set auth.adminTokenSecret (or auth.apiTokenSecret) to a Secret with the token")
+        failures = []
+        for pod in todo:
+            url = engine_client.pod_base_url(pod)
+            if url is None:
+                continue
+            error = engine_client.put_scheduler(url, body, token, self.scrape_timeout * 2)
+            if error is None:
+                loop.pushed[self._uid(pod)] = dict(body)
+            else:
+                failures.append(f"{pod['metadata']['name']}: {error}")
+        if failures:
+            return _failed(decision, "PUT /v1/admin/scheduler failed on " + "; ".join(failures))
+        return decision
+
+    # ---------------------------------------------------------------------------------- status
+    def _write_status(self, namespace: str, name: str, pool: dict[str, Any], spec: PoolSpec, loop: PoolLoop, report: StepReport) -> None:
+        m = report.metrics
+
+        def num(x: float | None, digits: int = 3) -> float | None:
+            return None if x is None else round(float(x), digits)
+
+        attained, counted = scaling.slo_attainment(list(loop.history), m.time, max(float(spec.autoscaling.scale_up_window_seconds), spec.autoscaling.period_seconds))
+        body: dict[str, Any] = {
+            "readyPods": m.ready, "pendingPods": m.pending, "scrapedPods": m.scraped, "unknownPods": m.unknown,
+            "waiting": num(m.waiting), "running": num(m.running), "arrivalRate": num(m.arrival_rate), "throughput": num(m.throughput),
+            "queueWaitP99Seconds": num(m.queue_wait_p99), "latencyP99Seconds": num(m.latency_p99),
+            "sloAttainment": num(attained, 4) if counted else None,
+            "history": loop.events or None,
+        }
+        status: dict[str, Any] = {}
+        d = report.decision
+        if d is not None:
+            status["desiredReplicas"] = d.replicas
+            if loop.last_scale_time:
+                status["lastScaleTime"] = loop.last_scale_time
+            body.update(reason=d.reason, message=d.message[:1024], mode="panic" if d.panic else "stable", capacityPerReplica=num(d.capacity))
+        t = report.tuning
+        if t is not None:
+            body.update(tuningReason=t.reason, tuningMessage=t.message[:1024], thresholdMin=t.target.threshold_min, skipCfgBound=t.target.skip_cfg_bound)
+        status["autoscaler"] = {k: v for k, v in body.items() if v is not None}
+        previous = pool.get("status") or {}
+        # Clear fields that became unknown: a stale number would be read as a fact.
+        for key in (previous.get("autoscaler") or {}):
+            if key not in status["autoscaler"]:
+                status["autoscaler"][key] = None
+        self.kube.patch(POOL_REF.path(namespace, name, "status"), {"status": status})
+
+
+def _failed(decision: scaling.TuneDecision, message: str) -> scaling.TuneDecision:
+    return scaling.TuneDecision(decision.target, "PushFailed", message, decision.state, decision.changed)
