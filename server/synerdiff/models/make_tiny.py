@@ -1,10 +1,11 @@
-"""Build the embedded default model: a tiny Stable-Diffusion-shaped diffusers directory.
+"""Build a tiny Stable-Diffusion-shaped diffusers directory with random weights.
 
 Random weights from a fixed seed, a character-level CLIP tokenizer (valid `vocab.json`
 and `merges.txt`), and SD1.5's noise schedule. `StableDiffusionPipeline.from_pretrained`
-loads the result like any real model. Run:
+loads the result like any real model. The shapes model in `embedded/` (see
+docs/model.md) is trained from this layout. Run:
 
-    python -m synerdiff.models.make_tiny [OUT_DIR] [--seed 0]
+    python -m synerdiff.models.make_tiny OUT_DIR [--seed 0]
 """
 
 from __future__ import annotations
@@ -161,10 +162,8 @@ def build(out: Path, seed: int = 0) -> Path:
 
 
 def main() -> None:
-    from synerdiff.config import EMBEDDED_MODEL_DIR
-
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("out", nargs="?", default=str(EMBEDDED_MODEL_DIR))
+    ap.add_argument("out", help="where to write the model (not the embedded folder: that holds the trained model)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     print(build(Path(args.out), args.seed))
