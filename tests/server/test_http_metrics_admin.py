@@ -120,3 +120,20 @@ def test_admin_disabled_without_tokens_and_api_token_enforced(engine):
         assert httpx.get(url + "/v1/admin/scheduler", headers={"Authorization": "Bearer tok"}).status_code == 200
         for open_path in ("/healthz", "/readyz", "/metrics"):
             assert httpx.get(url + open_path).status_code == 200
+
+
+def test_step_inflation_is_observed_with_a_cost_model():
+    """The synerdiff policy profiles at start; every step then reports its inflation >= ~1."""
+    from synerdiff.metrics.server import ServerMetrics  # noqa: F401  (the metric lives there)
+    from synerdiff.config import EngineConfig, SchedulerConfig
+    from synerdiff.engine import Engine, GenerationRequest
+
+    eng = Engine(EngineConfig(device="cpu", dtype="float32", warmup=False, scheduler=SchedulerConfig(policy="synerdiff"))).start()
+    seen = []
+    eng.hooks.append(lambda st: seen.append(st.step_inflation) if st.rows else None)
+    try:
+        eng.generate_sync(GenerationRequest(prompt="a red circle", steps=4, seed=1), timeout=60)
+    finally:
+        eng.shutdown()
+    assert eng.cost_model is not None and len(seen) == 4
+    assert all(v > 0.3 for v in seen), seen

@@ -64,6 +64,9 @@ class IterationStats:
     unet_s: float = 0.0
     sampler_s: float = 0.0
     vae_s: float = 0.0
+    # Whole iteration over the profiled time of a bare UNet step of the same rows: how much
+    # admissions, decodes and overhead stretched the step every running request waited on.
+    step_inflation: float = 0.0
     waiting: int = 0
     running: int = 0
     queue_waits_s: list[float] = field(default_factory=list)
@@ -325,6 +328,10 @@ class Engine:
             self._decode(plan.decode, stats)
         stats.waiting = len(self._waiting)
         stats.running = len(self._active) + len(self._decoding)
+        if stats.rows and self.cost_model is not None:
+            bare = self.cost_model.unet_step_s(stats.rows, stats.bucket)
+            if bare > 0:
+                stats.step_inflation = (stats.encode_s + stats.unet_s + stats.sampler_s + stats.vae_s) / bare
         for hook in self.hooks:
             try:
                 hook(stats)

@@ -101,6 +101,12 @@ class ServerMetrics:
         self.cfg_skipped = Counter(
             "synerdiff_cfg_skipped_steps", "Request-steps of guided requests that ran without CFG.", registry=r
         )
+        self.step_inflation = Histogram(
+            "synerdiff_step_inflation_ratio",
+            "Iteration time over the profiled bare UNet step time for the same rows (VAE and admission contention).",
+            buckets=(1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0),
+            registry=r,
+        )
         self.vae_chunks = Counter("synerdiff_vae_chunks", "VAE decode chunks (one per request per decode call).", registry=r)
         for status, reason in _INITIAL_OUTCOMES:
             self.requests.labels(status, reason)
@@ -110,6 +116,8 @@ class ServerMetrics:
         if stats.rows:
             self.step_rows.observe(stats.rows)
             self.unet_step.observe(stats.unet_s + stats.sampler_s)
+        if stats.step_inflation:
+            self.step_inflation.observe(stats.step_inflation)
         if stats.vae_chunks:
             self.vae_decode.observe(stats.vae_s)
             self.vae_chunks.inc(stats.vae_chunks)
