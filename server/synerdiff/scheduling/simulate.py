@@ -216,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         "static": None,
         "continuous": SchedulerConfig(policy="continuous", max_rows=args.max_rows),
         "synerdiff": SchedulerConfig(policy="synerdiff", max_rows=args.max_rows),
+        "chunking-only": SchedulerConfig(policy="synerdiff", max_rows=args.max_rows, skip_cfg_bound=0.0),
     }
     rows = []
     for rate in (float(r) for r in args.rates.split(",")):
