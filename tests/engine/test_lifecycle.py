@@ -147,3 +147,21 @@ def test_buckets_take_turns():
         t.join()
         eng.shutdown(drain_timeout=10)
     assert still_streaming and res.images[0].shape == (3, 48, 80)
+
+
+def test_retry_after_follows_the_completion_rate():
+    eng = make_engine(max_rows=2)
+    eng.config.limits.max_queue = 3
+    try:
+        for i in range(4):
+            eng.generate_sync(req(steps=2, seed=i), timeout=30)
+        handles = [eng.submit(req(steps=40, seed=10 + i)) for i in range(3)]
+        with pytest.raises(QueueFull) as full:
+            for _ in range(5):
+                handles.append(eng.submit(req(steps=40)))
+        for h in handles:
+            h.cancel()
+    finally:
+        eng.shutdown()
+    # 4 quick completions give a rate; the hint is whole seconds within [1, 60].
+    assert 1.0 <= full.value.retry_after_s <= 60.0 and full.value.retry_after_s == int(full.value.retry_after_s)

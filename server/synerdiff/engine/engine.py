@@ -11,8 +11,10 @@ resolves to a `GenerationResult`; asyncio callers await `handle.result()`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import logging
+import math
 import queue
 import random
 import threading
@@ -152,6 +154,7 @@ class Engine:
         self.cost_model: CostModel | None = None
         self.controller = ControllerState.initial(self.config.scheduler)
         self._recent_waits: list[float] = []
+        self._completions: collections.deque[float] = collections.deque(maxlen=64)  # finish times, for Retry-After
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._lock = threading.Lock()
@@ -294,7 +297,12 @@ class Engine:
             self.policy = policy_for(cfg, self.cost_model)
 
     def _retry_after(self) -> float:
-        return 1.0
+        """Seconds until the queue has room again, from the recent completion rate (1-60 s)."""
+        done = list(self._completions)
+        if len(done) < 2 or done[-1] <= done[0]:
+            return 1.0
+        rate = (len(done) - 1) / (done[-1] - done[0])
+        return float(min(60.0, max(1.0, math.ceil(self._queued / rate))))
 
     # ------------------------------------------------------------------ worker
     def _run(self) -> None:
@@ -592,6 +600,7 @@ class Engine:
             s.handle.future.set_exception(error)
         else:
             now = self.clock()
+            self._completions.append(now)
             t = Timings(
                 queue_wait_s=s.admitted_at - s.arrival,
                 inference_s=s.finished_at - s.admitted_at,
