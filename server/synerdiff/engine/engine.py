@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import dataclasses
 import logging
 import math
 import queue
@@ -158,7 +159,9 @@ class Engine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._lock = threading.Lock()
+        self._cfg_lock = threading.Lock()
         self._accepting = False
+        self._closed = False  # set by the worker, under _lock, just before its last intake
         self._stop = False
         self._thread: threading.Thread | None = None
         self._waiting: list[_State] = []
@@ -251,15 +254,23 @@ class Engine:
         lat = self.model.vae_scale_factor
         if request.height % lat or request.width % lat:
             raise RequestError("size", f"height and width must be multiples of {lat} for this model")
+        try:  # cached; refuses step counts the sampler's schedule cannot produce
+            make_plan(request.sampler, self.model.scheduler_config, request.steps)
+        except ValueError as exc:
+            raise RequestError("num_inference_steps", f"{request.steps} steps with sampler {request.sampler}: {exc}") from exc
         handle = RequestHandle(self, request)
         seed = request.seed if request.seed is not None else random.randrange(2**63)
         timeout = request.timeout_s or self.config.limits.request_timeout_s
         with self._lock:
+            # Under the lock the worker takes to close: a request is either refused here or
+            # enqueued before the worker's last intake, never stranded in the inbox.
+            if not self._accepting or self._closed:
+                raise ShuttingDown()
             if self._queued >= self.config.limits.max_queue:
                 raise QueueFull(f"queue is full ({self._queued} waiting)", retry_after_s=self._retry_after())
             self._queued += 1
             self._in_flight += 1
-        self._inbox.put(("submit", _State(handle, seed, self.clock(), timeout)))
+            self._inbox.put(("submit", _State(handle, seed, self.clock(), timeout)))
         self._wake.set()
         return handle
 
@@ -284,17 +295,23 @@ class Engine:
 
     @property
     def running(self) -> int:
-        return self._in_flight - self._queued
+        with self._lock:
+            return self._in_flight - self._queued
 
     def apply_scheduler_config(self, cfg: SchedulerConfig) -> None:
         """Swap scheduler knobs at run time (the admin API and the operator call this)."""
         from ..scheduling.policies import policy_for
 
-        self.config.scheduler = cfg
-        th = cfg.threshold if cfg.controller == "fixed" else min(cfg.threshold_max, max(cfg.threshold_min, self.controller.threshold))
-        self.controller = ControllerState(threshold=th)
-        if self._policy_override is None:
-            self.policy = policy_for(cfg, self.cost_model)
+        with self._cfg_lock:  # the worker's controller tick reads and writes the same state
+            old = self.config.scheduler
+            # An explicitly changed threshold moves the live value; otherwise the controller's
+            # current value stays, clamped into the new bounds, and so does its queue-wait memory.
+            moved = cfg.controller == "fixed" or cfg.threshold != old.threshold
+            live = cfg.threshold if moved else min(cfg.threshold_max, max(cfg.threshold_min, self.controller.threshold))
+            self.config.scheduler = cfg
+            self.controller = dataclasses.replace(self.controller, threshold=live)
+            if self._policy_override is None:
+                self.policy = policy_for(cfg, self.cost_model)
 
     def _retry_after(self) -> float:
         """Seconds until the queue has room again, from the recent completion rate (1-60 s)."""
@@ -315,6 +332,8 @@ class Engine:
             if not worked:
                 self._wake.wait(0.05)
                 self._wake.clear()
+        with self._lock:
+            self._closed = True
         self._fail_all(ShuttingDown("engine stopped before the request finished"))
 
     def _iterate(self) -> bool:
@@ -357,7 +376,8 @@ class Engine:
             active_rows=self.rows_active,
             mean_queue_wait_s=sum(waits) / len(waits) if waits else None,
         )
-        self.controller = ctl.tick(self.config.scheduler, self.controller, obs)
+        with self._cfg_lock:
+            self.controller = ctl.tick(self.config.scheduler, self.controller, obs)
 
     def _intake(self) -> None:
         while True:
@@ -440,36 +460,50 @@ class Engine:
             return
         t0 = time.perf_counter()
         try:
-            ex, m = self.executor, self.model
-            prompts = [s.req.prompt for s in states] + [s.req.negative_prompt for s in states if s.guided]
-            emb = ex.encode_prompts(prompts)
-            neg = iter(range(len(states), len(prompts)))
-            for i, s in enumerate(states):
-                s.cond = emb[i : i + 1]
-                s.uncond = emb[next(neg)][None] if s.guided else None
-                s.plan = make_plan(s.req.sampler, m.scheduler_config, s.steps)
-                s.coeff_rows = s.plan.coeffs.tolist()
-                s.gen = torch.Generator("cpu").manual_seed(s.seed)
-                f = m.vae_scale_factor
-                shape = (s.n, m.latent_channels, s.req.height // f, s.req.width // f)
-                # diffusers' prepare_latents: one draw of all n images from the request's generator.
-                noise = randn_tensor(shape, generator=s.gen, device=m.device, dtype=m.dtype)
-                s.latents = noise.float() * s.plan.init_noise_sigma
-                s.history = torch.zeros_like(s.latents)
+            self._prepare(states)
+            ready = states
         except Exception as exc:
-            self._fault("encode", states, exc)
-            return
+            if len(states) == 1:
+                self._fault("encode", states, exc)
+                return
+            # One bad request must not fail the others it was batched with: retry one by one.
+            ready = []
+            for st in states:
+                try:
+                    self._prepare([st])
+                    ready.append(st)
+                except Exception as one:
+                    self._fault("encode", [st], one)
         now = self.clock()
-        for s in states:
-            self._waiting.remove(s)
-            self._active.append(s)
-            s.admitted_at = now
-            stats.queue_waits_s.append(now - s.arrival)
-            self._recent_waits.append(now - s.arrival)
+        for st in ready:
+            self._waiting.remove(st)
+            self._active.append(st)
+            st.admitted_at = now
+            stats.queue_waits_s.append(now - st.arrival)
+            self._recent_waits.append(now - st.arrival)
         with self._lock:
-            self._queued -= len(states)
-        stats.admitted = len(states)
+            self._queued -= len(ready)
+        stats.admitted = len(ready)
         stats.encode_s = time.perf_counter() - t0
+
+    def _prepare(self, states: list[_State]) -> None:
+        """Encode the prompts of `states` in one batch and draw their initial latents."""
+        ex, m = self.executor, self.model
+        prompts = [st.req.prompt for st in states] + [st.req.negative_prompt for st in states if st.guided]
+        emb = ex.encode_prompts(prompts)
+        neg = iter(range(len(states), len(prompts)))
+        for i, st in enumerate(states):
+            st.cond = emb[i : i + 1]
+            st.uncond = emb[next(neg)][None] if st.guided else None
+            st.plan = make_plan(st.req.sampler, m.scheduler_config, st.steps)
+            st.coeff_rows = st.plan.coeffs.tolist()
+            st.gen = torch.Generator("cpu").manual_seed(st.seed)
+            f = m.vae_scale_factor
+            shape = (st.n, m.latent_channels, st.req.height // f, st.req.width // f)
+            # diffusers' prepare_latents: one draw of all n images from the request's generator.
+            noise = randn_tensor(shape, generator=st.gen, device=m.device, dtype=m.dtype)
+            st.latents = noise.float() * st.plan.init_noise_sigma
+            st.history = torch.zeros_like(st.latents)
 
     def _step(self, bucket: Bucket, skip: frozenset[str], stats: IterationStats) -> None:
         states = [s for s in self._active if s.bucket == bucket]
@@ -544,44 +578,49 @@ class Engine:
                 except Exception:
                     log.exception("progress callback failed")
             if s.step == s.steps:
-                self._retire(s)
-                stats.finished += 1
+                stats.finished += self._retire(s)
         self.rows_active = sum(s.n * (2 if s.guided else 1) for s in self._active)
         stats.bucket, stats.rows, stats.images = bucket, rows, x.shape[0]
         stats.unet_s, stats.sampler_s = t1 - t0, t2 - t1
 
-    def _retire(self, s: _State) -> None:
+    def _retire(self, s: _State) -> bool:
+        """Move a request whose last step ran to the decode queue; False if its latents are not finite."""
         self._active.remove(s)
         s.finished_at = self.clock()
         if not bool(torch.isfinite(s.latents).all()):
             self._finish(s, error=EngineError("numerical_fault", "the latents became NaN or infinite; try another seed or fewer steps"))
-            return
+            return False
         self._decoding.append(s)
+        return True
 
     def _decode(self, work: tuple[tuple[str, int], ...], stats: IterationStats) -> None:
         by_id = {s.id: s for s in self._decoding}
         chunks = [(by_id[i], k) for i, k in work if i in by_id and k > 0]
         if not chunks or not self._guard("vae", [s for s, _ in chunks]):
             return
+        groups: dict[Bucket, list[tuple[_State, int]]] = {}
+        for st, k in chunks:  # latents of different shapes cannot share one decode call
+            groups.setdefault(st.bucket, []).append((st, k))
         t0 = time.perf_counter()
         now = self.clock()
-        try:
-            lat = [s.latents[len(s.images) : len(s.images) + k] for s, k in chunks]
-            images = self.executor.decode(torch.cat(lat))
-        except Exception as exc:
-            self._fault("vae", [s for s, _ in chunks], exc)
-            return
+        for group in groups.values():
+            try:
+                lat = [st.latents[len(st.images) : len(st.images) + k] for st, k in group]
+                images = self.executor.decode(torch.cat(lat))
+            except Exception as exc:
+                self._fault("vae", [st for st, _ in group], exc)
+                continue
+            stats.vae_chunks += len(group)
+            stats.decoded_images += images.shape[0]
+            off = 0
+            for st, k in group:
+                if not st.images:
+                    st.decode_started = now
+                st.images.extend(images[off : off + k].unbind(0))
+                off += k
+                if len(st.images) >= st.n:
+                    self._finish(st)
         stats.vae_s = time.perf_counter() - t0
-        stats.vae_chunks = len(chunks)
-        stats.decoded_images = images.shape[0]
-        off = 0
-        for s, k in chunks:
-            if not s.images:
-                s.decode_started = now
-            s.images.extend(images[off : off + k].unbind(0))
-            off += k
-            if len(s.images) >= s.n:
-                self._finish(s)
 
     def _finish(self, s: _State, error: EngineError | None = None) -> None:
         """Remove a request from wherever it is and resolve its future."""
@@ -597,7 +636,10 @@ class Engine:
         if s.future_done():
             return
         if error is not None:
-            s.handle.future.set_exception(error)
+            try:
+                s.handle.future.set_exception(error)
+            except concurrent.futures.InvalidStateError:  # its awaiter cancelled it meanwhile
+                pass
         else:
             now = self.clock()
             self._completions.append(now)
@@ -608,9 +650,10 @@ class Engine:
                 decode_s=now - s.decode_started,
                 total_s=now - s.arrival,
             )
-            s.handle.future.set_result(
-                GenerationResult(s.id, s.seed, list(s.images), t, s.steps, guided_steps_skipped=s.skipped)
-            )
+            try:
+                s.handle.future.set_result(GenerationResult(s.id, s.seed, list(s.images), t, s.steps, guided_steps_skipped=s.skipped))
+            except concurrent.futures.InvalidStateError:  # its awaiter cancelled it meanwhile
+                pass
         s.latents = s.history = s.cond = s.uncond = None
         status = "ok" if error is None else error.reason
         for hook in self.request_hooks:

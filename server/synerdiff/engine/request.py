@@ -49,6 +49,11 @@ class GenerationRequest:
             raise RequestError("prompt", f"is {len(self.prompt)} characters; the limit is {limits.max_prompt_chars}")
         if len(self.negative_prompt) > limits.max_prompt_chars:
             raise RequestError("negative_prompt", f"is longer than {limits.max_prompt_chars} characters")
+        for name in ("prompt", "negative_prompt"):
+            try:
+                getattr(self, name).encode("utf-8")
+            except UnicodeEncodeError:  # a lone surrogate from a JSON escape: the tokenizer would choke on it
+                raise RequestError(name, "is not valid Unicode text (lone surrogate)") from None
         if not 1 <= self.n <= limits.max_n:
             raise RequestError("n", f"must be between 1 and {limits.max_n}, got {self.n}")
         for name in ("height", "width"):

@@ -171,4 +171,7 @@ def make_plan(name: str, scheduler_config: Mapping[str, Any], steps: int) -> Sam
     if name not in BUILDERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(BUILDERS)}")
     cfg = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
-    return _cached(name, _freeze(cfg), steps)
+    try:
+        return _cached(name, _freeze(cfg), steps)
+    except (IndexError, ArithmeticError) as exc:  # e.g. DDIM at steps == num_train_timesteps
+        raise ValueError(f"{name} cannot schedule {steps} steps with this model's scheduler ({type(exc).__name__}: {exc})") from exc
