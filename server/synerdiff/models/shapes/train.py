@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..make_tiny import SD15_SCHEDULER, TINY_VAE, write_char_tokenizer
+from ..make_tiny import SD15_SCHEDULER, TINY_VAE, write_char_tokenizer, write_model_index
 from .dataset import HELD_OUT_TRIPLES, TRAIN_TRIPLES, VOCAB, render, sample_scenes
 
 UNET = dict(
@@ -56,20 +56,6 @@ TEXT = dict(
     max_position_embeddings=77,
     projection_dim=64,
 )
-MODEL_INDEX = {
-    "_class_name": "StableDiffusionPipeline",
-    "_diffusers_version": "0.30.0",
-    "feature_extractor": [None, None],
-    "requires_safety_checker": False,
-    "safety_checker": [None, None],
-    "scheduler": ["diffusers", "DDIMScheduler"],
-    "text_encoder": ["transformers", "CLIPTextModel"],
-    "tokenizer": ["transformers", "CLIPTokenizer"],
-    "unet": ["diffusers", "UNet2DConditionModel"],
-    "vae": ["diffusers", "AutoencoderKL"],
-}
-
-
 def write_tokenizer(out: Path) -> int:
     """write_char_tokenizer with the grammar's words, plus merges that make each word one token.
 
@@ -295,7 +281,7 @@ def save(out: Path, unet, vae, text_encoder) -> None:
     copy.deepcopy(vae).to("cpu", torch.float32).save_pretrained(out / "vae")
     copy.deepcopy(text_encoder).to("cpu", torch.float32).save_pretrained(out / "text_encoder")
     DDIMScheduler(**SD15_SCHEDULER).save_pretrained(out / "scheduler")
-    (out / "model_index.json").write_text(json.dumps(MODEL_INDEX, indent=1))
+    write_model_index(out)
     for f in out.rglob("*"):  # safetensors writes 0600; the repo ships 0644
         f.chmod(0o755 if f.is_dir() else 0o644)
 
