@@ -113,6 +113,8 @@ class _State:
         self.guided = self.req.guided
         self.plan: SamplerPlan | None = None
         self.coeff_rows: list[list[float]] = []
+        self.t_rows: list[float] = []
+        self.scale_rows: list[float] = []
         self.gen: torch.Generator | None = None
         self.latents: torch.Tensor | None = None
         self.history: torch.Tensor | None = None
@@ -496,7 +498,10 @@ class Engine:
             st.cond = emb[i : i + 1]
             st.uncond = emb[next(neg)][None] if st.guided else None
             st.plan = make_plan(st.req.sampler, m.scheduler_config, st.steps)
+            # Plain lists: the per-step gather then touches no tensors.
             st.coeff_rows = st.plan.coeffs.tolist()
+            st.t_rows = st.plan.timesteps.tolist()
+            st.scale_rows = st.plan.input_scale.tolist()
             st.gen = torch.Generator("cpu").manual_seed(st.seed)
             f = m.vae_scale_factor
             shape = (st.n, m.latent_channels, st.req.height // f, st.req.width // f)
@@ -520,7 +525,7 @@ class Engine:
             off = 0
             for s in states:
                 g = s.guided_now(skip)
-                row = [float(s.plan.timesteps[s.step]), float(s.plan.input_scale[s.step]), s.req.guidance_scale if g else 1.0]
+                row = [s.t_rows[s.step], s.scale_rows[s.step], s.req.guidance_scale if g else 1.0]
                 row += s.coeff_rows[s.step]
                 per_image += [row] * s.n
                 cond_ctx.append(s.cond.expand(s.n, -1, -1))
