@@ -544,6 +544,7 @@ class Engine:
             else:
                 tsteps_all, ctx = tsteps, torch.cat(cond_ctx)
             out = ex.unet(model_in, tsteps_all, ctx)
+            ex.synchronize()  # without it unet_s would time only the (asynchronous) launches
             t1 = time.perf_counter()
             if gi is not None:
                 g = len(guided_idx)
