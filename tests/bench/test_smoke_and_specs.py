@@ -42,3 +42,13 @@ def test_specs_become_systems():
         engine_config(base, {"no_such_knob": "1"})
     with pytest.raises(ValueError):
         parse_spec("mystery")
+
+
+def test_smoke_reports_saturated_throughput_against_the_profile(tmp_path):
+    # A small row cap that many identical requests keep full: the saturated block must appear.
+    main(["smoke", *TINY_RUN, "--system", "sat:policy=synerdiff,max_rows=4", "--size", "64x64", "--requests", "16",
+          "--steps-choices", "6", "--guidance-choices", "7.5", "--samplers", "euler", "--stagger-s", "0.0",
+          "--check-exact", "0", "--out", str(tmp_path), "--name", "sat"])
+    sat = json.loads((tmp_path / "sat.json").read_text())["systems"]["sat"]["summary"]["saturated"]
+    assert sat is not None and sat["iterations"] >= 5 and sat["rows_per_s"] > 0
+    assert 0 < sat["fraction_of_peak"] < 5  # measured against the engine's own profile of this CPU

@@ -64,6 +64,23 @@ def _pipeline_image(pipe, model: ModelBundle, r: GenerationRequest) -> torch.Ten
     return out.images[0].float().cpu()
 
 
+def saturation(iters: list[dict[str, Any]], max_rows: int, peak_rows_per_s: float | None) -> dict[str, Any] | None:
+    """UNet throughput over the iterations whose batch was (nearly) full, against the profile's peak.
+
+    An iteration's wall time is the gap since the previous hook call, so decodes, admissions and
+    Python overhead count against it: this is the engine's delivered rate, not the bare UNet's.
+    """
+    full = [(it, it["t"] - prev["t"]) for prev, it in zip(iters, iters[1:]) if it["rows"] >= 0.9 * max_rows]
+    if len(full) < 5:
+        return None
+    seconds = sum(dt for _, dt in full)
+    rows_per_s = sum(it["rows"] for it, _ in full) / seconds
+    out = {"iterations": len(full), "seconds": seconds, "rows_per_s": rows_per_s, "image_steps_per_s": sum(it["images"] for it, _ in full) / seconds}
+    if peak_rows_per_s:
+        out.update(profile_peak_rows_per_s=peak_rows_per_s, fraction_of_peak=rows_per_s / peak_rows_per_s)
+    return out
+
+
 def smoke_engine(
     name: str,
     config: EngineConfig,
@@ -113,6 +130,7 @@ def smoke_engine(
                 row.update(status=f"error:{getattr(exc, 'reason', type(exc).__name__)}", message=str(exc)[:200])
             outcomes.append(row)
         wall = time.perf_counter() - t_start
+        peak = engine.cost_model.peak_rows_per_s((requests[0].height, requests[0].width)) if engine.cost_model else None
     finally:
         engine.shutdown()
     exact = []
@@ -142,6 +160,7 @@ def smoke_engine(
         "vae_s_total": sum(it["vae_s"] for it in iters),
         "cfg_skipped_total": sum(it["cfg_skipped"] for it in iters),
         "latency_s_max": max((o["latency_s"] for o in ok), default=None),
+        "saturated": saturation(iters, config.scheduler.max_rows, peak),
         "exact": exact,
     }
     log(
