@@ -80,3 +80,11 @@ def test_synerdiff_chunks_decodes_within_the_threshold_budget():
         view(active=active, decodes=decodes, threshold=0.5)
     )
     assert sum(dict(loose.decode).values()) > sum(taken.values())
+
+
+def test_rows_freed_by_skipping_are_not_handed_to_new_requests():
+    """If skipping stopped next step, the batch must still fit max_rows."""
+    active = tuple(running(i, step=45) for i in range(32))  # 64 rows at the cap, all inside the skip window
+    v = view(active=active, waiting=(Waiting("w", B, 1, True, 50, 9.0),))
+    plan = SynerDiffPolicy(SchedulerConfig(), COST).plan(v)
+    assert len(plan.skip_cfg) == 32 and plan.admit == ()

@@ -20,7 +20,8 @@ class SynerDiffPolicy:
        widens that fraction as the queue grows). Past the knee every dropped row shortens
        the step for everyone; below it a dropped row saves nothing, so nothing is
        skipped and images stay exact at light load.
-    2. Admission: FIFO while rows fit (no starvation), into the rows freed by step 1.
+    2. Admission: FIFO while rows fit (no starvation), counting skipped requests at their full
+       rows so the row cap holds whenever skipping stops.
     3. VAE chunking: unsaturated, every finished image is decoded at once (the shortest
        remaining job first is what minimises mean latency). Saturated, decodes get only
        the time that keeps UNet throughput at `threshold` x its peak:
@@ -50,7 +51,9 @@ class SynerDiffPolicy:
                     if a.guided and a.may_skip_cfg(view.skip_fraction):
                         skip.add(a.request_id)
                         rows -= a.images
-            admit = admit_fifo(view, bucket, rows, view.max_rows)
+            # Admission counts skipped requests at their full rows: skipping can stop on the next
+            # step (the queue drains, the controller lowers the bound), and max_rows must hold then too.
+            admit = admit_fifo(view, bucket, sum(a.rows for a in active), view.max_rows)
             rows += sum(w.rows for w in queue if w.request_id in admit)
             saturated = saturated or bool(view.waiting)
         else:
