@@ -49,3 +49,30 @@ def test_http_driver_with_a_wrong_token_completes_nothing(server):
     finally:
         system.close()
     assert p["completed"] == 0 and sum(p["statuses"].values()) == len(arrivals)
+
+
+def test_http_driver_spreads_requests_round_robin_over_several_servers():
+    """Issue 10's code path on one machine: N engine servers behind the driver's round-robin."""
+    engines, apps = [], []
+    for _ in range(2):
+        cfg = EngineConfig(device="cpu", dtype="float32", warmup=False, scheduler=SchedulerConfig(policy="continuous"))
+        eng = Engine(cfg).start()
+        engines.append(eng)
+        apps.append(create_app(ServerSettings(engine=cfg), engine=eng))
+    served = [0, 0]
+    for i, eng in enumerate(engines):
+        eng.request_hooks.append(lambda st, status, detail, i=i: served.__setitem__(i, served[i] + 1))
+    try:
+        with serve_app(apps[0]) as a, serve_app(apps[1]) as b:
+            system = HttpSystem("pool", f"{a};{b}")
+            system.start()
+            arrivals = poisson_arrivals(20.0, 0.5, 0.0, default_mix((64, 64), 3, 5.0), seed=2)
+            try:
+                p = run_rate(system, arrivals, lambda r: 30.0, rate=20.0, duration_s=0.5, warmup_s=0.0, lone_step_s={"64x64": 0.005}, log=lambda s: None)
+            finally:
+                system.close()
+    finally:
+        for eng in engines:
+            eng.shutdown()
+    assert p["completed"] == len(arrivals) > 3
+    assert abs(served[0] - served[1]) <= 1 and sum(served) == len(arrivals)

@@ -131,7 +131,11 @@ class HttpSystem:
 
     def __init__(self, name: str, url: str, model: str | None = None, token: str | None = None, timeout_s: float = 600.0, workers: int = 512):
         self.name = name
-        self.url = url.rstrip("/") + "/v1/images/generations"
+        # Several servers ("http://a:8000;http://b:8000", e.g. one per GPU) are sent requests
+        # round-robin: the plain router a pool Service without an inference gateway gives.
+        self.urls = [u.strip().rstrip("/") + "/v1/images/generations" for u in url.split(";") if u.strip()]
+        self.url = self.urls[0]
+        self._next = 0
         self.model = model
         self.token = token
         self.timeout_s = timeout_s
@@ -175,7 +179,10 @@ class HttpSystem:
             headers = {"Content-Type": "application/json"}
             if self.token:
                 headers["Authorization"] = f"Bearer {self.token}"
-            req = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
+            with self._lock:
+                url = self.urls[self._next % len(self.urls)]
+                self._next += 1
+            req = urllib.request.Request(url, data=data, headers=headers, method="POST")
             try:
                 with urllib.request.urlopen(req, timeout=self.timeout_s) as resp:
                     payload = json.loads(resp.read() or b"{}")
@@ -208,7 +215,7 @@ class HttpSystem:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
     def describe(self) -> dict[str, Any]:
-        return {"kind": self.kind, "url": self.url, "model": self.model}
+        return {"kind": self.kind, "url": self.url, "urls": self.urls, "model": self.model}
 
 
 def wait_idle(system: System, timeout_s: float) -> bool:
