@@ -66,8 +66,18 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def model_id(path: str | Path) -> str:
-    # Resolved, so the engine and the CLI name the same directory the same way.
-    return str(Path(path).resolve())
+    """The resolved directory plus a fingerprint of its UNet, so that replacing the weights
+    in place (a retrained model, another architecture) invalidates profiles made for the old ones."""
+    import hashlib
+
+    root = Path(path).resolve()
+    h = hashlib.sha1()
+    unet = root / "unet"
+    if unet.is_dir():
+        for f in sorted(unet.iterdir()):
+            h.update(f.name.encode())
+            h.update(f.read_bytes() if f.suffix == ".json" else str(f.stat().st_size).encode())
+    return f"{root}#{h.hexdigest()[:10]}"
 
 
 def versions() -> dict[str, str]:
