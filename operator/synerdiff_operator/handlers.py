@@ -181,21 +181,26 @@ def deployment_changed(body: kopf.Body, namespace: str, memo: kopf.Memo, logger:
         logger.warning(f"pool {namespace}/{pool}: {exc}; the periodic resync retries")
 
 
-async def _resync_forever(state: State, logger: logging.Logger) -> None:
+async def _every_pool_forever(state: State, period_s: float, work, what: str, logger: logging.Logger) -> None:
+    """Every `period_s`, run `work(state, namespace, name, logger)` for each known pool in a thread."""
     loop = asyncio.get_running_loop()
     while True:
-        await asyncio.sleep(state.options.resync_seconds)
+        await asyncio.sleep(period_s)
         with state.lock:
             pools = sorted(state.pools)
         for namespace, name in pools:
             # copy_context: kopf.event() finds kopf's event queue through context variables.
             ctx = contextvars.copy_context()
             try:
-                await loop.run_in_executor(None, ctx.run, run_reconcile, state, namespace, name, logger)
+                await loop.run_in_executor(None, ctx.run, work, state, namespace, name, logger)
             except kopf.TemporaryError as exc:
-                logger.warning(f"resync of {namespace}/{name}: {exc}")
-            except Exception:  # one broken pool must not stop the resync of the others
-                logger.exception(f"resync of {namespace}/{name} failed")
+                logger.warning(f"{what} of {namespace}/{name}: {exc}")
+            except Exception:  # one broken pool must not stop the others
+                logger.exception(f"{what} of {namespace}/{name} failed")
+
+
+async def _resync_forever(state: State, logger: logging.Logger) -> None:
+    await _every_pool_forever(state, state.options.resync_seconds, run_reconcile, "resync", logger)
 
 
 def run_autoscale(state: State, namespace: str, name: str, logger: logging.Logger) -> None:
@@ -217,14 +222,4 @@ def run_autoscale(state: State, namespace: str, name: str, logger: logging.Logge
 async def _autoscale_forever(state: State, logger: logging.Logger) -> None:
     """Each tick, steps every pool whose autoscaling period is due (pools without it are cheap:
     the autoscaler looks at them again only every IDLE_RECHECK_S)."""
-    loop = asyncio.get_running_loop()
-    while True:
-        await asyncio.sleep(state.options.autoscale_tick_seconds)
-        with state.lock:
-            pools = sorted(state.pools)
-        for namespace, name in pools:
-            ctx = contextvars.copy_context()
-            try:
-                await loop.run_in_executor(None, ctx.run, run_autoscale, state, namespace, name, logger)
-            except Exception:  # one broken pool must not stop the others
-                logger.exception(f"autoscaling {namespace}/{name} failed")
+    await _every_pool_forever(state, state.options.autoscale_tick_seconds, run_autoscale, "autoscaling", logger)

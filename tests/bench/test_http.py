@@ -26,14 +26,20 @@ def server():
         engine.shutdown()
 
 
-def test_http_driver_gets_images_and_counts_rejections(server):
-    system = HttpSystem("srv", server, model="synerdiff-default", token="tok")
+def drive(url: str, rate: float, duration_s: float, seed: int, steps: int = 4, **http) -> tuple[dict, list]:
+    """One open-loop load point through the HTTP driver: (result, arrivals)."""
+    system = HttpSystem("srv", url, **http)
     system.start()
-    arrivals = poisson_arrivals(40.0, 0.5, 0.0, default_mix((64, 64), 4, 5.0), seed=0)
+    arrivals = poisson_arrivals(rate, duration_s, 0.0, default_mix((64, 64), steps, 5.0), seed=seed)
     try:
-        p = run_rate(system, arrivals, lambda r: 30.0, rate=40.0, duration_s=0.5, warmup_s=0.0, lone_step_s={"64x64": 0.005}, log=lambda s: None)
+        p = run_rate(system, arrivals, lambda r: 30.0, rate=rate, duration_s=duration_s, warmup_s=0.0, lone_step_s={"64x64": 0.005}, log=lambda s: None)
     finally:
         system.close()
+    return p, arrivals
+
+
+def test_http_driver_gets_images_and_counts_rejections(server):
+    p, arrivals = drive(server, 40.0, 0.5, 0, model="synerdiff-default", token="tok")
     rejected = p["statuses"].get("rejected", 0)
     assert p["completed"] + rejected == len(arrivals) > 5
     assert p["completed"] >= 2 and rejected >= 1, p["statuses"]
@@ -41,13 +47,7 @@ def test_http_driver_gets_images_and_counts_rejections(server):
 
 
 def test_http_driver_with_a_wrong_token_completes_nothing(server):
-    system = HttpSystem("srv", server, model="synerdiff-default", token="wrong")
-    system.start()
-    arrivals = poisson_arrivals(10.0, 0.2, 0.0, default_mix((64, 64), 4, 5.0), seed=1)
-    try:
-        p = run_rate(system, arrivals, lambda r: 30.0, rate=10.0, duration_s=0.2, warmup_s=0.0, lone_step_s={"64x64": 0.005}, log=lambda s: None)
-    finally:
-        system.close()
+    p, arrivals = drive(server, 10.0, 0.2, 1, model="synerdiff-default", token="wrong")
     assert p["completed"] == 0 and sum(p["statuses"].values()) == len(arrivals)
 
 
@@ -64,13 +64,7 @@ def test_http_driver_spreads_requests_round_robin_over_several_servers():
         eng.request_hooks.append(lambda st, status, detail, i=i: served.__setitem__(i, served[i] + 1))
     try:
         with serve_app(apps[0]) as a, serve_app(apps[1]) as b:
-            system = HttpSystem("pool", f"{a};{b}")
-            system.start()
-            arrivals = poisson_arrivals(20.0, 0.5, 0.0, default_mix((64, 64), 3, 5.0), seed=2)
-            try:
-                p = run_rate(system, arrivals, lambda r: 30.0, rate=20.0, duration_s=0.5, warmup_s=0.0, lone_step_s={"64x64": 0.005}, log=lambda s: None)
-            finally:
-                system.close()
+            p, arrivals = drive(f"{a};{b}", 20.0, 0.5, 2, steps=3)
     finally:
         for eng in engines:
             eng.shutdown()

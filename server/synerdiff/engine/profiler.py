@@ -65,6 +65,26 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _until_oom(label: str, counts, time_one, dev: torch.device, progress: bool, per_item: str | None = None) -> list[tuple[int, float]]:
+    """Time `time_one(n)` for each n, stopping at the first that runs out of memory."""
+    pts: list[tuple[int, float]] = []
+    for n in counts:
+        try:
+            s = time_one(n)
+        except RuntimeError as exc:
+            if not _is_oom(exc):
+                raise
+            log.warning("%s=%d ran out of memory; stopping there", label, n)
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            break
+        pts.append((n, s))
+        if progress:
+            rate = f" ({n / s:.0f} {per_item}/s)" if per_item else ""
+            print(f"profile {label}={n}: {s * 1e3:.2f} ms{rate}", flush=True)
+    return _monotone(pts)
+
+
 def model_id(path: str | Path) -> str:
     """The resolved directory plus a fingerprint of its UNet, so that replacing the weights
     in place (a retrained model, another architecture) invalidates profiles made for the old ones."""
@@ -157,39 +177,21 @@ def profile_executor(
     unet: dict[str, list[tuple[int, float]]] = {}
     vae: dict[str, list[tuple[int, float]]] = {}
     for h, w in sizes:
-        pts: list[tuple[int, float]] = []
-        for rows in row_counts(max_rows, executor):
-            try:
-                x = torch.randn(rows, m.latent_channels, h // f, w // f, device=dev, dtype=torch.float32)
-                t = torch.full((rows,), 500.0, device=dev)
-                c = torch.randn(rows, ctx_len, hidden, device=dev, dtype=dt)
-                s = median_time(partial(executor.unet, x, t, c), sync, warmup, repeats)
-            except RuntimeError as exc:
-                if not _is_oom(exc):
-                    raise
-                log.warning("unet %dx%d: %d rows ran out of memory; stopping there", h, w, rows)
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
-                break
-            pts.append((rows, s))
-            if progress:
-                print(f"profile unet {h}x{w} rows={rows}: {s * 1e3:.2f} ms ({rows / s:.0f} rows/s)", flush=True)
-        unet[bucket_key((h, w))] = _monotone(pts)
-        vpts: list[tuple[int, float]] = []
-        for n in vae_chunks:
-            try:
-                z = torch.randn(n, m.latent_channels, h // f, w // f, device=dev, dtype=torch.float32)
-                s = median_time(partial(executor.decode, z), sync, max(1, warmup - 1), max(2, repeats - 2))
-            except RuntimeError as exc:
-                if not _is_oom(exc):
-                    raise
-                if dev.type == "cuda":
-                    torch.cuda.empty_cache()
-                break
-            vpts.append((n, s))
-            if progress:
-                print(f"profile vae {h}x{w} chunk={n}: {s * 1e3:.2f} ms", flush=True)
-        vae[bucket_key((h, w))] = _monotone(vpts)
+        lat = (m.latent_channels, h // f, w // f)
+
+        def time_unet(rows: int) -> float:
+            x = torch.randn(rows, *lat, device=dev, dtype=torch.float32)
+            t = torch.full((rows,), 500.0, device=dev)
+            c = torch.randn(rows, ctx_len, hidden, device=dev, dtype=dt)
+            return median_time(partial(executor.unet, x, t, c), sync, warmup, repeats)
+
+        def time_vae(n: int) -> float:
+            z = torch.randn(n, *lat, device=dev, dtype=torch.float32)
+            return median_time(partial(executor.decode, z), sync, max(1, warmup - 1), max(2, repeats - 2))
+
+        key = bucket_key((h, w))
+        unet[key] = _until_oom(f"unet {h}x{w} rows", row_counts(max_rows, executor), time_unet, dev, progress, per_item="rows")
+        vae[key] = _until_oom(f"vae {h}x{w} chunk", vae_chunks, time_vae, dev, progress)
     enc: list[tuple[int, float]] = []
     for n in encode_prompts:
         prompts = [f"a photograph of object number {i}" for i in range(n)]
