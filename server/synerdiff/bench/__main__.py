@@ -4,6 +4,7 @@
   profile      offline profiler -> a cost_model.Profile JSON
   run          open-loop load sweep over --rates for --systems -> OUT/NAME.json
   smoke        ≥ 32 concurrent mixed requests through the engine -> OUT/NAME.json
+  scale        N servers, one per GPU, behind round-robin, against one GPU -> OUT/NAME.json
   plot         a sweep JSON -> PNG (needs matplotlib; run it off the GPU machine)
 """
 
@@ -92,6 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stagger-s", type=float, default=0.5)
     s.add_argument("--check-exact", type=int, default=2, help="compare this many images with diffusers' pipeline run alone")
     s.add_argument("--seed", type=int, default=0)
+
+    from .scaling import add_parser as add_scale_parser
+
+    add_scale_parser(sub)
 
     pl = sub.add_parser("plot", help="sweep JSON -> PNG")
     pl.add_argument("json")
@@ -250,6 +255,12 @@ def cmd_smoke(args: argparse.Namespace) -> None:
         raise SystemExit(f"smoke: not every request of every system succeeded (see {out})")
 
 
+def cmd_scale(args: argparse.Namespace) -> None:
+    from .scaling import run_scaling
+
+    run_scaling(args)
+
+
 def cmd_plot(args: argparse.Namespace) -> None:
     from .plot import plot
 
@@ -260,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # stamped into the result files
-    {"build-model": cmd_build_model, "profile": cmd_profile, "run": cmd_run, "smoke": cmd_smoke, "plot": cmd_plot}[args.cmd](args)
+    {"build-model": cmd_build_model, "profile": cmd_profile, "run": cmd_run, "smoke": cmd_smoke, "scale": cmd_scale, "plot": cmd_plot}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -81,6 +81,37 @@ def saturation(iters: list[dict[str, Any]], max_rows: int, peak_rows_per_s: floa
     return out
 
 
+def _rows_per_image(requests: list[GenerationRequest]) -> float | None:
+    guided = {r.guidance_scale > 1.0 for r in requests}
+    return None if len(guided) != 1 else (2.0 if guided.pop() else 1.0)
+
+
+def steady_throughput(outcomes: list[dict[str, Any]], ceiling_rows_per_s: float | None, rows_per_image: float | None = 2.0) -> dict[str, Any] | None:
+    """Images/s while the engine was never short of work, against the UNet-bound ceiling.
+
+    With every request submitted at t = 0, a request's finish time is its latency and its
+    admission time its queue wait. From the first finish until the last admission the queue
+    was never empty, so completions in that span over its length is the saturated rate. The
+    ceiling is the profile's best rows/s / rows per image / steps (issue 4's definition);
+    decodes, admissions and Python overhead all count against the engine.
+    """
+    ok = [o for o in outcomes if o.get("status") == "ok" and o.get("latency_s") is not None]
+    if len(ok) < 4:
+        return None
+    start = min(o["latency_s"] for o in ok)
+    end = max(o["queue_wait_s"] for o in ok)
+    inside = [o for o in ok if start < o["latency_s"] <= end]
+    if end - start <= 0 or len(inside) < 2:
+        return None
+    ips = len(inside) / (end - start)
+    out: dict[str, Any] = {"span_s": [start, end], "images": len(inside), "images_per_s": ips}
+    steps = {o["steps"] for o in ok}
+    if ceiling_rows_per_s and rows_per_image and len(steps) == 1:
+        ceiling = ceiling_rows_per_s / rows_per_image / steps.pop()
+        out.update(ceiling_images_per_s=ceiling, fraction_of_ceiling=ips / ceiling)
+    return out
+
+
 def smoke_engine(
     name: str,
     config: EngineConfig,
@@ -161,6 +192,8 @@ def smoke_engine(
         "cfg_skipped_total": sum(it["cfg_skipped"] for it in iters),
         "latency_s_max": max((o["latency_s"] for o in ok), default=None),
         "saturated": saturation(iters, config.scheduler.max_rows, peak),
+        # Only meaningful when every request arrives at once (--stagger-s 0) and all are guided.
+        "steady": steady_throughput(outcomes, peak, _rows_per_image(requests)) if stagger_s == 0 else None,
         "exact": exact,
     }
     log(

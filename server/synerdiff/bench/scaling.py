@@ -1,0 +1,300 @@
+"""Does a pool's capacity grow with its GPUs? N engine servers, one per GPU, behind round-robin.
+
+    python -m synerdiff.bench scale --gpus 2 --model sd15 --device cuda --dtype float16 \\
+        --rates-per-gpu 1,2,3,4 --duration 20 --slo 5.4 --out $OUT
+
+starts `synerdiff serve` once per GPU (CUDA_VISIBLE_DEVICES=i, ports base..base+N-1), then
+for each pool size n in --pools sweeps the first n servers at n x each per-GPU rate through
+the HTTP driver's round-robin (the plain router a pool Service gives), and reports, per n,
+peak throughput, capacity (the highest rate whose P99 meets the SLO) and P99 at equal
+per-GPU load, each against n x one GPU. `--urls` drives servers that are already running.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class ServerProcess:
+    index: int
+    url: str
+    proc: subprocess.Popen | None = None
+    log_path: Path | None = None
+    ready_s: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def server_command(model: str, port: int, *, device: str, dtype: str, host: str = "127.0.0.1", policy: str | None = None) -> list[str]:
+    cmd = [sys.executable, "-m", "synerdiff.cli", "serve", "--model", model, "--host", host, "--port", str(port), "--device", device, "--dtype", dtype]
+    if policy:
+        cmd += ["--policy", policy]
+    return cmd + ["--log-level", "warning"]
+
+
+def server_env(index: int, device: str, work_dir: Path, base: dict[str, str] | None = None) -> dict[str, str]:
+    """One GPU per server; each keeps its own profile file so concurrent start-ups never share one."""
+    env = dict(os.environ if base is None else base)
+    if device.startswith("cuda"):
+        env["CUDA_VISIBLE_DEVICES"] = str(index)
+    env["SYNERDIFF_ENGINE__PROFILE_PATH"] = str(work_dir / f"profile-{index}.json")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def launch(model: str, n: int, *, device: str, dtype: str, base_port: int, work_dir: Path, policy: str | None = None) -> list[ServerProcess]:
+    servers = []
+    for i in range(n):
+        port = base_port + i
+        log_path = work_dir / f"server-{i}.log"
+        fh = open(log_path, "wb")
+        proc = subprocess.Popen(
+            server_command(model, port, device="cuda" if device.startswith("cuda") else device, dtype=dtype, policy=policy),
+            env=server_env(i, device, work_dir),
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a Ctrl-C to the driver reaches the servers only through stop()
+        )
+        fh.close()
+        servers.append(ServerProcess(i, f"http://127.0.0.1:{port}", proc, log_path))
+    return servers
+
+
+def ready(url: str, timeout_s: float = 2.0) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/readyz", timeout=timeout_s) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def wait_ready(servers: list[ServerProcess], timeout_s: float, log: Log = print) -> None:
+    t0 = time.monotonic()
+    pending = list(servers)
+    last = t0
+    while pending:
+        for s in list(pending):
+            if s.proc is not None and s.proc.poll() is not None:
+                tail = s.log_path.read_text(errors="replace")[-3000:] if s.log_path else ""
+                raise RuntimeError(f"server {s.index} exited with {s.proc.returncode} before it was ready:\n{tail}")
+            if ready(s.url):
+                s.ready_s = time.monotonic() - t0
+                log(f"[scale] server {s.index} at {s.url} ready after {s.ready_s:.0f}s")
+                pending.remove(s)
+        if not pending:
+            break
+        if time.monotonic() - t0 > timeout_s:
+            raise TimeoutError(f"servers {[s.index for s in pending]} not ready after {timeout_s:.0f}s")
+        if time.monotonic() - last > 15:
+            last = time.monotonic()
+            log(f"[scale] waiting for servers {[s.index for s in pending]} ({last - t0:.0f}s)")
+        time.sleep(0.5)
+
+
+def stop(servers: list[ServerProcess], timeout_s: float = 30.0) -> None:
+    """SIGTERM drains each server; whatever is still up after `timeout_s` is killed."""
+    for s in servers:
+        if s.proc is not None and s.proc.poll() is None:
+            s.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for s in servers:
+        if s.proc is None:
+            continue
+        try:
+            s.proc.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(s.proc.pid, signal.SIGKILL)
+            s.proc.wait()
+
+
+def _points(pool: dict[str, Any]) -> list[dict[str, Any]]:
+    return [p for p in pool.get("points", []) if "skipped" not in p]
+
+
+def capacity(points: list[dict[str, Any]], slo_s: float) -> float | None:
+    """Highest offered rate whose P99 meets the SLO, with no lower rate failing it (None: none met it)."""
+    best = None
+    for p in sorted(points, key=lambda p: p["rate"]):
+        p99 = p["latency_s"]["p99"]
+        if p["cut"] or p99 is None or p99 > slo_s:
+            break
+        best = p["rate"]
+    return best
+
+
+def summarise_scaling(pools: dict[int, dict[str, Any]], slo_s: float) -> dict[str, Any]:
+    """Per pool size n, against n x the one-GPU pool: peak throughput, capacity, and P99 at equal per-GPU load.
+
+    `pools` maps n to the sweep result of the n-server pool (its `points` carry `rate`, the
+    pool's offered rate). Efficiency 1.0 means perfectly linear.
+    """
+    if 1 not in pools:
+        raise ValueError("the one-GPU pool (n=1) is the reference and must be in the run")
+    one = _points(pools[1])
+    one_by_rate = {round(p["rate"], 6): p for p in one}
+    one_peak = max((p["throughput_ips"] for p in one), default=0.0)
+    one_cap = capacity(one, slo_s)
+    out: dict[str, Any] = {"slo_s": slo_s, "pools": {}}
+    for n, pool in sorted(pools.items()):
+        pts = _points(pool)
+        peak = max((p["throughput_ips"] for p in pts), default=0.0)
+        cap = capacity(pts, slo_s)
+        matched = []
+        for p in sorted(pts, key=lambda p: p["rate"]):
+            ref = one_by_rate.get(round(p["rate"] / n, 6))
+            if ref is None:
+                continue
+            matched.append(
+                {
+                    "rate_per_gpu": p["rate"] / n,
+                    "throughput_ips": p["throughput_ips"],
+                    "throughput_per_gpu_ips": p["throughput_ips"] / n,
+                    "one_gpu_throughput_ips": ref["throughput_ips"],
+                    "throughput_efficiency": p["throughput_ips"] / (n * ref["throughput_ips"]) if ref["throughput_ips"] else None,
+                    "p99_s": p["latency_s"]["p99"],
+                    "one_gpu_p99_s": ref["latency_s"]["p99"],
+                    "slo_attainment": p["slo_attainment"],
+                    "one_gpu_slo_attainment": ref["slo_attainment"],
+                }
+            )
+        out["pools"][str(n)] = {
+            "gpus": n,
+            "peak_throughput_ips": peak,
+            "peak_efficiency": peak / (n * one_peak) if one_peak else None,
+            "capacity_rps": cap,
+            "capacity_efficiency": cap / (n * one_cap) if cap and one_cap else None,
+            "matched": matched,
+        }
+    return out
+
+
+def goal_met(summary: dict[str, Any], target: float = 0.95) -> bool:
+    """Issue 10's goal: every pool reaches target x n x one GPU's peak throughput and capacity."""
+    pools = [p for k, p in summary["pools"].items() if k != "1"]
+    return bool(pools) and all(
+        (p["peak_efficiency"] or 0) >= target and (p["capacity_efficiency"] is None or p["capacity_efficiency"] >= target) for p in pools
+    )
+
+
+def run_scaling(args, log: Log = print) -> dict[str, Any]:
+    from ..engine.profiler import parse_sizes
+    from .report import new_report, result_path, write_json
+    from .sweep import SweepConfig, run_sweep
+    from .systems import HttpSystem
+    from .workload import default_mix
+
+    pools = sorted({int(x) for x in args.pools.split(",")}) if args.pools else None
+    work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="synerdiff-scale-"))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    servers: list[ServerProcess] = []
+    if args.urls:
+        servers = [ServerProcess(i, u.strip().rstrip("/")) for i, u in enumerate(args.urls.split(";")) if u.strip()]
+        model = args.model
+    else:
+        from .sdmodels import DEFAULT_SD15_DIR, resolve_model
+
+        model = resolve_model(args.model, args.model_dir or DEFAULT_SD15_DIR, seed=args.model_seed, device=args.device)
+        servers = launch(model, args.gpus, device=args.device, dtype=args.dtype, base_port=args.base_port, work_dir=work_dir, policy=args.policy)
+    pools = pools or list(range(1, len(servers) + 1))
+    if 1 not in pools or max(pools) > len(servers):
+        raise SystemExit(f"--pools must include 1 and stay within the {len(servers)} servers")
+    mix = default_mix(parse_sizes(args.size)[0], args.steps, args.guidance)
+    rates_per_gpu = [float(x) for x in args.rates_per_gpu.split(",")]
+    report = new_report(
+        "scale", args.name, args.argv, model=model, device=args.device, dtype=args.dtype, policy=args.policy, mix=mix.describe(),
+        servers=[s.url for s in servers], pools=pools, rates_per_gpu=rates_per_gpu, duration_s=args.duration, slo_s=args.slo,
+    )
+    report["pools"] = {}
+    out = result_path(args.out, args.name)
+    slo_s = args.slo  # without one, one GPU's 3x-lone SLO holds for every pool: equal P99 means one bar
+    try:
+        if servers and servers[0].proc is not None:
+            wait_ready(servers, args.ready_timeout, log)
+            report["server_ready_s"] = [s.ready_s for s in servers]
+        for n in pools:
+            urls = ";".join(s.url for s in servers[:n])
+            system = HttpSystem(f"gpus{n}", urls, timeout_s=args.request_timeout)
+            cfg = SweepConfig(
+                rates=[n * r for r in rates_per_gpu],
+                duration_s=args.duration,
+                warmup_s=args.warmup_s,
+                slo_s=slo_s,
+                slo_factor=args.slo_factor,
+                cut_factor=args.cut_factor,
+                seed=args.seed,
+                lone_repeats=args.lone_repeats,
+                progress_s=args.progress_s,
+                raw=not args.no_raw,
+            )
+            sub: dict[str, Any] = {"gpus": n, "urls": urls}
+            report["pools"][str(n)] = sub
+            try:
+                run_sweep([system], mix, cfg, sub, save=lambda: write_json(report, out), log=log)
+            finally:
+                system.close()
+            # The sweep writes its systems under sub["systems"]; one system per pool.
+            sub.update(sub.pop("systems")[system.name])
+            if slo_s is None:
+                slo_s = sub["slo"]["default_request_slo_s"]
+            write_json(report, out)
+        report["summary"] = summarise_scaling({int(k): v for k, v in report["pools"].items()}, slo_s)
+        report["summary"]["goal_0.95N_met"] = goal_met(report["summary"])
+        write_json(report, out)
+        for k, p in report["summary"]["pools"].items():
+            cap = "-" if p["capacity_rps"] is None else f"{p['capacity_rps']:g}/s"
+            eff = "-" if p["capacity_efficiency"] is None else f"{p['capacity_efficiency']:.2f}"
+            log(f"[scale] {k} GPU(s): peak {p['peak_throughput_ips']:.2f} img/s (x{p['peak_efficiency']:.2f} of linear), capacity {cap} (x{eff})")
+    finally:
+        if servers and servers[0].proc is not None:
+            stop(servers)
+            for s in servers:
+                if s.log_path and s.log_path.is_file():
+                    shutil.copy(s.log_path, Path(args.out) / f"{args.name}-server-{s.index}.log")
+    log(f"results written to {out}")
+    return report
+
+
+def add_parser(sub) -> None:
+    from .report import DEFAULT_OUT
+
+    s = sub.add_parser("scale", help="N servers, one per GPU, behind round-robin: throughput and P99 against one GPU")
+    s.add_argument("--gpus", type=int, default=2, help="servers to start, one per GPU (cuda) or all on the CPU")
+    s.add_argument("--urls", default=None, help="drive these running servers ('http://a:8000;http://b:8000') instead of starting any")
+    s.add_argument("--pools", default=None, help="pool sizes to measure, e.g. 1,2,4 (default 1..N)")
+    s.add_argument("--model", default="sd15", help="'tiny', 'sd15' or a diffusers directory (as for run)")
+    s.add_argument("--model-dir", default=None)
+    s.add_argument("--model-seed", type=int, default=0)
+    s.add_argument("--device", default="cuda", help="cuda (one GPU per server) or cpu")
+    s.add_argument("--dtype", default="float16", choices=["auto", "float32", "float16", "bfloat16"])
+    s.add_argument("--policy", default=None, choices=["synerdiff", "continuous"], help="engine policy (default: the server's)")
+    s.add_argument("--base-port", type=int, default=8001)
+    s.add_argument("--work-dir", default=None, help="server logs and profiles (default: a temp folder)")
+    s.add_argument("--ready-timeout", type=float, default=600.0)
+    s.add_argument("--rates-per-gpu", default="1,2,3,4", help="offered load per GPU; pool n gets n x each")
+    s.add_argument("--size", default="512x512")
+    s.add_argument("--steps", type=int, default=50)
+    s.add_argument("--guidance", type=float, default=7.5)
+    s.add_argument("--duration", type=float, default=20.0)
+    s.add_argument("--warmup-s", type=float, default=2.0)
+    s.add_argument("--slo", type=float, default=None, help="SLO in seconds for every pool (default: --slo-factor x one GPU's lone request)")
+    s.add_argument("--slo-factor", type=float, default=3.0)
+    s.add_argument("--cut-factor", type=float, default=3.0)
+    s.add_argument("--request-timeout", type=float, default=600.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--lone-repeats", type=int, default=2)
+    s.add_argument("--progress-s", type=float, default=10.0)
+    s.add_argument("--no-raw", action="store_true")
+    s.add_argument("--out", default=DEFAULT_OUT)
+    s.add_argument("--name", default="scale")
