@@ -118,12 +118,13 @@ def uses_fast_path(executor: "StepExecutor") -> bool:
 
 
 def row_counts(max_rows: int, executor: "StepExecutor | None" = None) -> list[int]:
-    """Powers of two up to max_rows; with the fast path, its graph buckets instead: a step
-    replays the smallest bucket that fits, so those are the only step costs that occur."""
+    """Powers of two up to max_rows; with the fast path, a subset of its graph buckets: a step
+    replays the smallest bucket that fits, so only bucket sizes occur, and the buckets are
+    fine enough that the cost model's linear interpolation between these stands for the rest."""
     if executor is not None and uses_fast_path(executor):
-        from .fastpath import buckets_up_to
+        from .fastpath import PROFILE_ROWS, buckets_up_to
 
-        return buckets_up_to(max_rows)
+        return [b for b in buckets_up_to(max_rows) if b in PROFILE_ROWS or b == max_rows]
 
     rows, r = [], 1
     while r < max_rows:
