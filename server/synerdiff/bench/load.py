@@ -149,6 +149,8 @@ def run_rate(
     point = summarise(tr.records, unsent_measured=sum(not a.warmup for a in arrivals[len(tr.records) :]), window=window, lone_step_s=lone_step_s or {})
     point.update(
         rate=rate,
+        # What the seeded draw offered in the window: one draw can be 30% off the nominal rate.
+        drawn_rate=point["measured"] / max(window[1] - window[0], 1e-9),
         arrivals=len(arrivals),
         unsent=unsent,
         cut=cut_reason is not None,

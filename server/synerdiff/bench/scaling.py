@@ -188,6 +188,10 @@ def goal_met(summary: dict[str, Any], target: float = 0.95) -> bool:
     )
 
 
+def _f(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
 def run_scaling(args, log: Log = print) -> dict[str, Any]:
     from ..engine.profiler import parse_sizes
     from .report import new_report, result_path, write_json
@@ -237,6 +241,7 @@ def run_scaling(args, log: Log = print) -> dict[str, Any]:
                 lone_repeats=args.lone_repeats,
                 progress_s=args.progress_s,
                 raw=not args.no_raw,
+                speedup=float(n),  # every pool replays one GPU's draw, n times faster
             )
             sub: dict[str, Any] = {"gpus": n, "urls": urls}
             report["pools"][str(n)] = sub
@@ -254,8 +259,7 @@ def run_scaling(args, log: Log = print) -> dict[str, Any]:
         write_json(report, out)
         for k, p in report["summary"]["pools"].items():
             cap = "-" if p["capacity_rps"] is None else f"{p['capacity_rps']:g}/s"
-            eff = "-" if p["capacity_efficiency"] is None else f"{p['capacity_efficiency']:.2f}"
-            log(f"[scale] {k} GPU(s): peak {p['peak_throughput_ips']:.2f} img/s (x{p['peak_efficiency']:.2f} of linear), capacity {cap} (x{eff})")
+            log(f"[scale] {k} GPU(s): peak {p['peak_throughput_ips']:.2f} img/s (x{_f(p['peak_efficiency'])} of linear), capacity {cap} (x{_f(p['capacity_efficiency'])})")
     finally:
         if servers and servers[0].proc is not None:
             stop(servers)

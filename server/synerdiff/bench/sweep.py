@@ -7,6 +7,7 @@ clearly overloaded at a rate (cut, or P99 past `cut_factor` x SLO) skips the hig
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import traceback
 from collections.abc import Callable
@@ -15,7 +16,7 @@ from typing import Any
 
 from .load import measure_lone, run_rate
 from .systems import System
-from .workload import BenchRequest, Mix, poisson_arrivals, size_key, window_end
+from .workload import Arrival, BenchRequest, Mix, poisson_arrivals, size_key, window_end
 
 
 @dataclass
@@ -32,6 +33,14 @@ class SweepConfig:
     lone_repeats: int = 2
     progress_s: float = 10.0
     raw: bool = True
+    # Pool runs: the arrivals of `rate / speedup` over `duration * speedup`, replayed `speedup`
+    # times faster. Pools of n servers at n x r then see the same draw, so "equal per-GPU
+    # load" holds exactly rather than up to one Poisson draw's luck.
+    speedup: float = 1.0
+
+
+def sped_up(arrivals: list[Arrival], speedup: float) -> list[Arrival]:
+    return arrivals if speedup == 1.0 else [dataclasses.replace(a, t=a.t / speedup) for a in arrivals]
 
 
 def reference_lone(lone: dict[str, dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
@@ -102,7 +111,7 @@ def run_sweep(
     log(f"SLO for a {size_key(mix.sizes[0])} {mix.steps[1]}-step request: {report['slo']['default_request_slo_s']:.2f}s")
     save()
     for rate in cfg.rates:
-        arrivals = poisson_arrivals(rate, cfg.duration_s, cfg.warmup_s, mix, cfg.seed, cfg.max_requests)
+        arrivals = sped_up(poisson_arrivals(rate / cfg.speedup, cfg.duration_s * cfg.speedup, cfg.warmup_s * cfg.speedup, mix, cfg.seed, cfg.max_requests), cfg.speedup)
         end_s = window_end(arrivals, cfg.warmup_s, cfg.duration_s, cfg.max_requests)
         for s in systems:
             entry = results[s.name]
