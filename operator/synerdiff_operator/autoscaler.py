@@ -29,7 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from synerdiff_operator import engine_client, manifests, scaling, signals
+from synerdiff_operator import engine_client, manifests, prometheus, scaling, signals
 from synerdiff_operator.kube import KIND_REFS, ApiException, Kube
 from synerdiff_operator.reconciler import POOL_REF, utc_now
 from synerdiff_operator.spec import InvalidSpec, PoolSpec, parse_spec
@@ -47,7 +47,10 @@ IDLE_RECHECK_S = 30.0  # how soon a pool without autoscaling or tuning is looked
 @dataclass
 class PodMemory:
     sample: signals.EngineSample
-    time: float
+    time: float  # when the pod was scraped (the loop's clock)
+    # The sample before it. Through Prometheus, two periods can return the same scrape; the rate then
+    # still spans the two newest distinct scrapes.
+    before: tuple[signals.EngineSample, float] | None = None
 
 
 @dataclass
@@ -174,20 +177,27 @@ class Autoscaler:
 
     def _observe(self, loop: PoolLoop, spec: PoolSpec, ready: list[dict[str, Any]], *, pending: int, now: float
                  ) -> tuple[signals.PoolMetrics, dict[str, float]]:
-        urls = {self._uid(p): engine_client.pod_base_url(p) for p in ready}
-        futures = {uid: self._pool.submit(self._scrape, url) for uid, url in urls.items() if url}
         stale = scaling.stale_after(spec)
+        taken = self._read(spec, ready, now, stale)
         readings, running = [], {}
         for pod in ready:
             uid = self._uid(pod)
-            sample = futures[uid].result() if uid in futures else None
-            before = loop.pods.get(uid)
+            sample, at = taken.get(uid, (None, now))
+            mem = loop.pods.get(uid)
             previous, interval = None, None
-            if before is not None and now - before.time <= stale:
-                previous, interval = before.sample, now - before.time
+            if sample is not None and mem is not None:
+                fresh = at > mem.time + 1e-6
+                # The same scrape as last period (Prometheus has not scraped since): the rate still
+                # spans the two newest distinct scrapes.
+                prev = (mem.sample, mem.time) if fresh else mem.before
+                if not fresh:
+                    at = mem.time
+                if prev is not None and 0 < at - prev[1] <= stale:
+                    previous, interval = prev[0], at - prev[1]
             readings.append(signals.PodReading(pod["metadata"]["name"], sample, previous, interval))
             if sample is not None:
-                loop.pods[uid] = PodMemory(sample, now)
+                if mem is None or at > mem.time + 1e-6:
+                    loop.pods[uid] = PodMemory(sample, at, (mem.sample, mem.time) if mem is not None else None)
                 running[uid] = sample.running
                 if sample.threshold is not None:
                     pushed = loop.pushed.get(uid)
@@ -200,6 +210,21 @@ class Autoscaler:
             loop.pods.pop(uid, None)
             loop.pushed.pop(uid, None)
         return signals.aggregate(now, readings, pending=pending, slo_seconds=spec.autoscaling.latency_slo_seconds), running
+
+    def _read(self, spec: PoolSpec, ready: list[dict[str, Any]], now: float, stale: float
+              ) -> dict[str, tuple[signals.EngineSample | None, float]]:
+        """Each ready pod's newest sample and when it was taken (the loop's clock): from its own
+        /metrics, or from Prometheus when the pool names one."""
+        a = spec.autoscaling
+        if a.prometheus_url:
+            names = {p["metadata"]["name"]: self._uid(p) for p in ready}
+            namespace = ready[0]["metadata"].get("namespace", "") if ready else ""
+            got = prometheus.read_pods(a.prometheus_url, namespace, list(names), selector=a.prometheus_selector,
+                                       max_age_s=stale, timeout=max(self.scrape_timeout, 2.0))
+            return {uid: ((got[n].sample, now - got[n].age_s) if got.get(n) else (None, now)) for n, uid in names.items()}
+        urls = {self._uid(p): engine_client.pod_base_url(p) for p in ready}
+        futures = {uid: self._pool.submit(self._scrape, url) for uid, url in urls.items() if url}
+        return {uid: (f.result(), now) for uid, f in futures.items()}
 
     def _scrape(self, url: str) -> signals.EngineSample | None:
         text = engine_client.fetch_metrics(url, self.scrape_timeout)

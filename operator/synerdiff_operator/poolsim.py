@@ -470,6 +470,10 @@ GOAL = 0.99
 OURS_UTILIZATION = (0.6, 0.7, 0.8)
 OURS_DELAY = (120, 300)
 OURS_PREDICT = (0, 90)
+OURS_HEADROOM = (0.0, 9.0)  # img/s kept spare: 9 is the burst trace's rise (0.1 req/s²) over a 90 s start-up
+# maxReplicas: unbounded (64), or the GPU budget a platform team would give the pool = the static
+# peak provisioning it replaces (the fewest pods that meet the goal on that trace).
+BUDGETS = (False, True)
 KUBEAI_TARGET = (1, 1.5, 2, 3)
 KUBEAI_WINDOW = (60.0, 600.0)  # KubeAI's default time window is 10 min
 
@@ -477,6 +481,7 @@ KUBEAI_WINDOW = (60.0, 600.0)  # KubeAI's default time window is 10 min
 def ours_spec(service: ServiceModel, utilization: float, slo_factor: float = 3.0, **extra: Any) -> PoolSpec:
     slo = slo_factor * service.lone_latency
     return autoscaling_spec(
+        max_replicas=extra.pop("maxReplicas", 64),
         capacityPerReplica=round(service.capacity(slo), 4), targetUtilization=utilization,
         periodSeconds=5, scaleUpWindowSeconds=30, panicWindowSeconds=10, panicThreshold=2.0,
         scaleDownDelaySeconds=extra.pop("scaleDownDelaySeconds", 300), latencySLOSeconds=round(slo, 3), **extra,
@@ -489,10 +494,10 @@ def experiment(*, quick: bool = False, startup_s: float = 90.0, log: Callable[[s
     if quick:
         traces = [dataclasses.replace(t, duration=t.duration / 5, arrivals=tuple(a for a in t.arrivals if a < t.duration / 5)) for t in traces]
     slo = 3.0 * service.lone_latency
-    ours_grid = [(u, d, p) for u in OURS_UTILIZATION for d in OURS_DELAY for p in OURS_PREDICT]
-    kubeai_grid = [(target, window) for target in KUBEAI_TARGET for window in KUBEAI_WINDOW]
+    ours_grid = [(u, d, p, h, b) for u in OURS_UTILIZATION for d in OURS_DELAY for p in OURS_PREDICT for h in OURS_HEADROOM for b in BUDGETS]
+    kubeai_grid = [(target, window, b) for target in KUBEAI_TARGET for window in KUBEAI_WINDOW for b in BUDGETS]
     if quick:
-        ours_grid, kubeai_grid = [(0.7, 120, 90)], [(2, 600.0)]
+        ours_grid, kubeai_grid = [(0.7, 120, 90, 0.0, False), (0.8, 120, 90, 9.0, True)], [(2, 600.0, False)]
 
     out: dict[str, Any] = {
         "service": {"profile": service.cost.profile.gpu + " / " + service.cost.profile.model, "steps": service.steps,
@@ -511,22 +516,27 @@ def experiment(*, quick: bool = False, startup_s: float = 90.0, log: Callable[[s
         out["runs"].append({"family": "static", "config": {"pods": int(r.policy[7:-1])}, **r.summary()})
         log(f"{t.name:8s} {r.policy:32s} slo={r.slo_attainment:.4f} gpu_s={r.gpu_seconds:.0f}")
     configs: dict[tuple[str, str], dict[str, Any]] = {}
-    for u, delay, predict in ours_grid:
-        label = f"ours(util={u:g}, delay={delay}s, predict={predict}s)"
+    def budget(t: Trace, bounded: bool) -> int:
+        return statics[t.name].max_pods if bounded else 64
+
+    for u, delay, predict, headroom, bounded in ours_grid:
+        label = f"ours(util={u:g}, delay={delay}s, predict={predict}s, headroom={headroom:g}, max={'static' if bounded else 64})"
         for t in traces:
-            policy = Ours(ours_spec(service, u, scaleDownDelaySeconds=delay, predictSeconds=predict), label)
-            r = run(t, policy, service, **kw)
+            spec = ours_spec(service, u, scaleDownDelaySeconds=delay, predictSeconds=predict, headroomImagesPerSecond=headroom,
+                             maxReplicas=budget(t, bounded))
+            r = run(t, Ours(spec, label), service, **kw)
             configs.setdefault(("ours", label), {})[t.name] = r
-            out["runs"].append({"family": "ours", "config": {"targetUtilization": u, "scaleDownDelaySeconds": delay, "predictSeconds": predict}, **r.summary()})
+            out["runs"].append({"family": "ours", "config": {"targetUtilization": u, "scaleDownDelaySeconds": delay, "predictSeconds": predict,
+                                                             "headroomImagesPerSecond": headroom, "maxReplicas": budget(t, bounded)}, **r.summary()})
             log(f"{t.name:8s} {label:32s} slo={r.slo_attainment:.4f} gpu_s={r.gpu_seconds:.0f}")
-    for target, window in kubeai_grid:
-        label = f"kubeai(target={target}, window={window:g}s)"
+    for target, window, bounded in kubeai_grid:
+        label = f"kubeai(target={target}, window={window:g}s, max={'static' if bounded else 64})"
         for t in traces:
             n0 = Ours(ours_spec(service, 0.7)).initial(t)
-            r = run(t, KubeAI(target, window), service, initial=n0, **kw)
+            r = run(t, KubeAI(target, window, max_replicas=budget(t, bounded)), service, initial=n0, **kw)
             r.policy = label
             configs.setdefault(("kubeai", label), {})[t.name] = r
-            out["runs"].append({"family": "kubeai", "config": {"targetRequests": target, "windowSeconds": window}, **r.summary()})
+            out["runs"].append({"family": "kubeai", "config": {"targetRequests": target, "windowSeconds": window, "maxReplicas": budget(t, bounded)}, **r.summary()})
             log(f"{t.name:8s} {label:32s} slo={r.slo_attainment:.4f} gpu_s={r.gpu_seconds:.0f}")
 
     def score(results: dict[str, Result]) -> tuple[int, float]:

@@ -156,7 +156,7 @@ def decide(spec: PoolSpec, history: Sequence[PoolMetrics], now: float, state: Sc
         # rate_s is centred half a stable window ago; cap the extrapolation at doubling, so the
         # noise of a nearly idle pool cannot invent a burst.
         ahead = min(rate_s, rising_trend(past, now, TREND_WINDOWS * stable_s) * (a.predict_seconds + stable_s / 2))
-    stable_pods = unrated + _pods_for(rate_s + ahead + drain, capacity, a.target_utilization)
+    stable_pods = unrated + _pods_for(rate_s + ahead + drain + a.headroom_images_per_second, capacity, a.target_utilization)
     panic_pods = unrated + _pods_for(rate_p + drain, capacity, a.target_utilization)
 
     panic = st.panic_until is not None and now < st.panic_until

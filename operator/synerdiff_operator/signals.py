@@ -15,7 +15,7 @@ Rules that keep unknowns unknown:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -28,6 +28,9 @@ IMAGES = "synerdiff_images_generated_total"
 REQUESTS = "synerdiff_requests_total"
 LATENCY = "synerdiff_request_latency_seconds"
 QUEUE_WAIT = "synerdiff_queue_wait_seconds"
+
+# Every series `from_samples` reads (histograms through their _bucket series).
+SERIES = (WAITING, RUNNING, THRESHOLD, SKIP_BOUND, IMAGES, REQUESTS, LATENCY + "_bucket", QUEUE_WAIT + "_bucket")
 
 Buckets = tuple[tuple[float, float], ...]  # cumulative (upper bound, count), ascending, ending at +Inf
 
@@ -56,31 +59,37 @@ class EngineSample:
 
 
 def parse(text: str) -> EngineSample:
-    gauges: dict[str, float] = {}
-    images = ok = finished = 0.0
-    seen_requests = False
-    hist: dict[str, dict[float, float]] = {LATENCY: {}, QUEUE_WAIT: {}}
+    """One scrape of an engine's /metrics (Prometheus text format)."""
     try:
         families = list(text_string_to_metric_families(text))
     except (ValueError, TypeError, IndexError) as exc:
         raise BadSample(f"unparsable metrics: {exc}") from None
-    for family in families:
-        for s in family.samples:
-            if s.name in (WAITING, RUNNING, THRESHOLD, SKIP_BOUND):
-                gauges[s.name] = float(s.value)
-            elif s.name == IMAGES:
-                images = float(s.value)
-            elif s.name == REQUESTS:
-                seen_requests = True
-                if s.labels.get("status") == "ok":
-                    ok += float(s.value)
-                # Malformed requests never queue: they are no load on the GPU.
-                if s.labels.get("reason") != "invalid_request":
-                    finished += float(s.value)
-            elif s.name in (LATENCY + "_bucket", QUEUE_WAIT + "_bucket"):
-                le = s.labels.get("le")
-                if le is not None:
-                    hist[s.name.removesuffix("_bucket")][float(le)] = float(s.value)
+    return from_samples((s.name, s.labels, s.value) for family in families for s in family.samples)
+
+
+def from_samples(samples: Iterable[tuple[str, Mapping[str, str], float]]) -> EngineSample:
+    """An engine's sample from (metric name, labels, value) triples: from a scrape, or from one
+    pod's series in a Prometheus query result (`prometheus.py`)."""
+    gauges: dict[str, float] = {}
+    images = ok = finished = 0.0
+    seen_requests = False
+    hist: dict[str, dict[float, float]] = {LATENCY: {}, QUEUE_WAIT: {}}
+    for name, labels, value in samples:
+        if name in (WAITING, RUNNING, THRESHOLD, SKIP_BOUND):
+            gauges[name] = float(value)
+        elif name == IMAGES:
+            images = float(value)
+        elif name == REQUESTS:
+            seen_requests = True
+            if labels.get("status") == "ok":
+                ok += float(value)
+            # Malformed requests never queue: they are no load on the GPU.
+            if labels.get("reason") != "invalid_request":
+                finished += float(value)
+        elif name in (LATENCY + "_bucket", QUEUE_WAIT + "_bucket"):
+            le = labels.get("le")
+            if le is not None:
+                hist[name.removesuffix("_bucket")][float(le)] = float(value)
     if WAITING not in gauges or RUNNING not in gauges or not seen_requests:
         raise BadSample(f"not a SynerDiff engine: {WAITING}, {RUNNING} or {REQUESTS} missing")
     return EngineSample(

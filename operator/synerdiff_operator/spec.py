@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from synerdiff.config import EngineConfig, ServerSettings
 
@@ -106,6 +106,7 @@ class Autoscaling(_Spec):
     target_queue_per_replica: float = Field(4.0, alias="targetQueuePerReplica", gt=0, le=10000, description="Waiting requests per ready replica tolerated; a backlog beyond it adds the capacity to drain it within the stable window, and marks the pool saturated for threshold tuning.")
     scale_up_window_seconds: int = Field(30, alias="scaleUpWindowSeconds", ge=0, le=3600, description="The stable window: the arrival rate is averaged over it for the normal decision.")
     predict_seconds: float = Field(0.0, alias="predictSeconds", ge=0, le=3600, description="Lead time: while the arrival rate rises, plan for where its trend (regressed over four stable windows) will be this much later. Set it near the pods' start-up time (image pull + model load); 0 disables.")
+    headroom_images_per_second: float = Field(0.0, alias="headroomImagesPerSecond", ge=0, le=100000, description="Spare capacity (images/s) kept above the planned load, within maxReplicas: the rise a burst can make while a new pod starts (its ramp x start-up time). No reactive signal sees a burst before it comes; this is the buffer that absorbs it.")
     panic_window_seconds: float = Field(6.0, alias="panicWindowSeconds", ge=0, le=3600, description="The panic window (shorter than the stable window): a burst seen here that needs panicThreshold x the ready pods scales up at once, and nothing scales down until a stable window passes without one.")
     panic_threshold: float = Field(2.0, alias="panicThreshold", ge=1, le=100, description="Panic when the panic window's desired pods reach this multiple of the ready pods.")
     scale_down_delay_seconds: int = Field(300, alias="scaleDownDelaySeconds", ge=0, le=86400, description="A scale-down takes the highest recommendation of this window, so load must stay low this long.")
@@ -113,6 +114,17 @@ class Autoscaling(_Spec):
     max_scale_down_rate: float = Field(2.0, alias="maxScaleDownRate", ge=1, le=1000, description="One decision removes at most half (for 2) of the pods, and at least one.")
     latency_slo_seconds: float | None = Field(None, alias="latencySLOSeconds", gt=0, le=3600, description="End-to-end latency objective; threshold tuning raises the floor while SLO attainment is below sloTarget.")
     slo_target: float = Field(0.99, alias="sloTarget", gt=0, le=1, description="Fraction of requests that should meet latencySLOSeconds.")
+    prometheus_url: str | None = Field(None, alias="prometheusURL", pattern=r"^https?://[^\s]+$", max_length=2048, description="Read the pods' engine metrics from this Prometheus server's query API instead of scraping each pod; its series must carry `namespace` and `pod` labels (a PodMonitor or the usual kubernetes_sd relabelling). Scrape at least every periodSeconds.")
+    prometheus_selector: str = Field("", alias="prometheusSelector", max_length=1024, description='Extra label matchers for the Prometheus queries, as inside {...}: e.g. job="synerdiff".')
+
+    @field_validator("prometheus_selector")
+    @classmethod
+    def _selector(cls, v: str) -> str:
+        from synerdiff_operator.prometheus import valid_selector
+
+        if not valid_selector(v):
+            raise ValueError('prometheusSelector must be label matchers like job="synerdiff", env=~"a|b"')
+        return v
 
 
 class ServiceSpec(_Spec):

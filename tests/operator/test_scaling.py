@@ -153,6 +153,16 @@ def test_a_rising_trend_is_planned_for_ahead() -> None:
     assert scaling.rising_trend(list(reversed([reading(t, 10 - 0.05 * t) for t in range(0, 125, 5)])), 120.0, 120.0) == 0.0
 
 
+def test_headroom_keeps_spare_pods_within_max_replicas() -> None:
+    # 2 img/s at 2 x 0.5 img/s a pod: 2 pods; 3 img/s of headroom adds 3 more, and maxReplicas caps them.
+    plain = decide(spec(2, panicThreshold=10), steady(2.0, until=60), 60.0, ScalerState())
+    spare = decide(spec(2, panicThreshold=10, headroomImagesPerSecond=3.0), steady(2.0, until=60), 60.0, ScalerState())
+    assert (plain.stable_pods, spare.stable_pods) == (2, 5)
+    assert plain.reason == "Steady" and spare.replicas == 4  # the scale-up rate limit: 2 ready -> at most 4 now
+    capped = decide(spec(4, max_r=4, panicThreshold=10, headroomImagesPerSecond=3.0), steady(2.0, until=60, ready=4), 60.0, ScalerState())
+    assert (capped.replicas, capped.reason) == (4, "AtMaxReplicas")
+
+
 def test_disabled_autoscaling_holds() -> None:
     d = decide(spec(2, enabled=False), steady(50.0, until=60), 60.0, ScalerState())
     assert (d.replicas, d.reason) == (2, "Disabled")

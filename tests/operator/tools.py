@@ -60,3 +60,38 @@ def tool(name: str) -> Path:
                     tmp.chmod(tmp.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
                     os.replace(tmp, dest)
     return target
+
+
+PROMETHEUS_DEB = "prometheus"
+
+
+def prometheus() -> Path:
+    """Path of a real `prometheus` server: Debian's package, fetched with `apt-get download` and
+    unpacked (no install, no root needed for dpkg -x) into `.tools/prometheus/` on first use."""
+    target = TOOLS_DIR / "prometheus" / "prometheus"
+    if target.exists():
+        return target
+    import shutil
+    import subprocess
+    import tempfile
+
+    if not shutil.which("apt-get") or not shutil.which("dpkg"):
+        raise ToolUnavailable("Debian's apt-get and dpkg fetch the real Prometheus server for these tests")
+    TOOLS_DIR.mkdir(exist_ok=True)
+    with open(TOOLS_DIR / ".lock-prometheus", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not target.exists():
+            with tempfile.TemporaryDirectory() as tmp:
+                got = subprocess.run(["apt-get", "download", PROMETHEUS_DEB], cwd=tmp, capture_output=True, text=True, timeout=300)
+                debs = list(Path(tmp).glob("prometheus_*.deb"))
+                if not debs:
+                    raise ToolUnavailable(f"apt-get download prometheus failed: {got.stderr.strip()[-500:]}")
+                unpacked = Path(tmp) / "x"
+                subprocess.run(["dpkg", "-x", str(debs[0]), str(unpacked)], check=True, timeout=120)
+                # The binary alone: a static Go build; the package's web assets are links into other packages.
+                target.parent.mkdir(parents=True, exist_ok=True)
+                tmp_bin = target.with_suffix(".part")
+                shutil.copy(unpacked / "usr" / "bin" / "prometheus", tmp_bin)
+                tmp_bin.chmod(0o755)
+                os.replace(tmp_bin, target)
+    return target
