@@ -176,3 +176,32 @@ def _ok(url: str) -> bool:
 def _get_req(req: urllib.request.Request) -> bytes:
     with urllib.request.urlopen(req, timeout=60) as r:
         return r.read()
+
+
+class _Scripted(Autoscaler):
+    """The loop's bookkeeping with scripted reads: (sample, when it was scraped) per period."""
+
+    def __init__(self, reads):
+        super().__init__(kube=None)  # type: ignore[arg-type]
+        self.reads = iter(reads)
+
+    def _read(self, spec, ready, now, stale):
+        return {"u0": next(self.reads)}
+
+
+def test_a_repeated_scrape_keeps_the_rate_of_the_two_newest_distinct_scrapes():
+    from synerdiff_operator.autoscaler import PoolLoop
+
+    spec = parse_spec({"image": "x", "model": {"path": "/m"}, "autoscaling": {"enabled": True, "periodSeconds": 5, "prometheusURL": "http://p:9090"}})
+    pod = [{"metadata": {"name": "p0", "namespace": "ns", "uid": "u0"}}]
+    a = signals.EngineSample(waiting=0, running=1, images=10, ok=10, finished=10)
+    b = signals.EngineSample(waiting=0, running=1, images=18, ok=18, finished=18)
+    c = signals.EngineSample(waiting=0, running=1, images=30, ok=30, finished=30)
+    # Periods at 0, 5, 10, 15: Prometheus scraped at 0, 4, (still 4), 12.
+    auto = _Scripted([(a, 0.0), (b, 4.0), (b, 4.0), (c, 12.0)])
+    loop = PoolLoop()
+    rates = [auto._observe(loop, spec, pod, pending=0, now=t)[0].arrival_rate for t in (0.0, 5.0, 10.0, 15.0)]
+    assert rates[0] is None  # one scrape: no rate yet
+    assert rates[1] == pytest.approx(8 / 4.0)  # over the scrapes' own 4 s, not the loop's 5 s
+    assert rates[2] == pytest.approx(rates[1])  # the same scrape again is not zero traffic
+    assert rates[3] == pytest.approx(12 / 8.0)

@@ -22,11 +22,11 @@ import torch
 log = logging.getLogger("synerdiff.fastpath")
 
 # One bucket per guided image (2 rows) up to 64 rows. A step costs about 3 ms a row at 512²
-# on an H100 from 8 rows up, so padding is pure waste; with the old power-of-two-ish list
-# (…32, 40, 48, 64) a step of 17 rows ran 24 and one of 49 ran 64. That waste fed back into
-# longer steps, more requests in flight and still more rows: at 2 req/s on one H100 a request
-# spent 4.2 s in the UNet where the profile's linear cost predicts about 1 s. Capturing a
-# graph costs about three forwards of its size, so 36 buckets add ~10 s to start-up.
+# on an H100 from 8 rows up, so padding is pure waste. With the old list (…32, 40, 48, 64) a
+# step of 17 rows ran 24 and one of 49 ran 64, and the waste fed back: longer steps, more
+# requests in flight, still more rows. At ~2.5 req/s on one H100, P99 fell from 6.1–6.9 s to
+# 4.9–5.1 s with these buckets (bench/results, session 2). Capturing a graph costs about three
+# forwards of its size: the 36 buckets up to 64 rows added ~25 s to start-up there.
 DEFAULT_BUCKETS = (
     tuple(range(1, 8))
     + tuple(range(8, 64, 2))
