@@ -5,10 +5,7 @@
 #          vs synerdiff), then the engines' long-window load sweep (issue 6).
 # The static-batching baseline for issue 6 runs in gpu-call-b.sh on the same kind of machine.
 set -u
-OUT=${OUT:?run through the device tool, or set OUT}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD/server PYTHONUNBUFFERED=1
-nvidia-smi -L
+source "$(dirname "$0")/device-env.sh"
 CUDA_VISIBLE_DEVICES=1 timeout 535 python3 -m synerdiff.models.shapes.train --out /tmp/m/model --arch deep \
   --vae-minutes 1.1 --unet-minutes 6.2 --p-position 0.85 --tar "$OUT/model.tar" \
   --eval-seeds 4 --eval-json "$OUT/train-eval.json" --eval-grid "$OUT/train-grid.png" > "$OUT/train.log" 2>&1 &

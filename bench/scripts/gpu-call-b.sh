@@ -3,10 +3,7 @@
 #   both GPUs: one `synerdiff serve` per GPU behind round-robin, 1 GPU against 2 (issue 10);
 #   GPU 0: the static-batching baseline with the same SLO and windows as gpu-call-a.sh (issue 6).
 set -u
-OUT=${OUT:?run through the device tool, or set OUT}
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD/server PYTHONUNBUFFERED=1
-nvidia-smi -L
+source "$(dirname "$0")/device-env.sh"
 python3 -m synerdiff.bench build-model --device cuda || exit 1
 timeout 340 python3 -m synerdiff.bench scale --gpus 2 --model sd15 --device cuda --dtype float16 \
   --rates-per-gpu 1,2,3,4 --duration 20 --slo 5.4 --cut-factor 3 --out "$OUT" --name scale > "$OUT/scale.log" 2>&1

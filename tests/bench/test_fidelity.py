@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from synerdiff.bench import fidelity
+from synerdiff.bench import fidelity, quality
 
 
 def test_fidelity_reports_exact_chunked_and_skip_variants(tmp_path):
@@ -24,5 +24,5 @@ def test_ssim_is_one_for_identical_and_lower_for_noise():
     import torch
 
     a = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
-    assert abs(fidelity.ssim(a, a) - 1.0) < 1e-9
-    assert fidelity.ssim(a, torch.rand(3, 32, 32)) < 0.2
+    assert abs(quality.ssim(a, a) - 1.0) < 1e-9
+    assert quality.ssim(a, torch.rand(3, 32, 32)) < 0.2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import pytest
@@ -11,11 +10,6 @@ import torch
 from synerdiff.config import EMBEDDED_MODEL_DIR, EngineConfig, SchedulerConfig
 from synerdiff.engine import Engine, GenerationRequest
 from synerdiff.samplers import DIFFUSERS_CLASSES
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = float(((a.double() - b.double()) ** 2).mean())
-    return 100.0 if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 @pytest.fixture(scope="session")

@@ -6,10 +6,9 @@ import threading
 
 import pytest
 
+from synerdiff.bench.quality import psnr
 from synerdiff.engine import GenerationRequest
 from synerdiff.samplers import SAMPLERS
-
-from .conftest import psnr
 
 MIN_PSNR = 40.0
 MARGIN_DB = 15.0

@@ -7,11 +7,10 @@ from dataclasses import replace
 
 import torch
 
-from synerdiff.config import EngineConfig, SchedulerConfig
+from synerdiff.bench.quality import psnr
+from synerdiff.config import EngineConfig
 from synerdiff.engine import Engine, GenerationRequest
 from synerdiff.scheduling.planner import ContinuousPolicy, EngineView, IterationPlan
-
-from .conftest import psnr
 
 
 class OneImagePerIteration(ContinuousPolicy):

@@ -7,9 +7,10 @@ import time
 
 import pytest
 
+from synerdiff.bench.quality import psnr
 from synerdiff.engine import Cancelled, EngineError, GenerationRequest, QueueFull, RequestError, TimedOut
 
-from .conftest import make_engine, psnr
+from .conftest import make_engine
 
 
 def req(**kw) -> GenerationRequest:

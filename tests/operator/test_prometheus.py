@@ -4,7 +4,6 @@ server (Debian's package) scraping two real engine servers on loopback."""
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import time
 import urllib.request
@@ -74,18 +73,10 @@ def test_a_bad_selector_is_refused_in_the_spec():
         parse_spec({**body, "autoscaling": {**body["autoscaling"], "prometheusURL": "prom:9090"}})
 
 
-def test_an_unreachable_prometheus_makes_every_pod_unknown():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed again: nothing listens there
+def test_an_unreachable_prometheus_makes_every_pod_unknown(free_port):
+    port = free_port()  # nothing listens there
     got = prometheus.read_pods(f"http://127.0.0.1:{port}", "ns", ["a", "b"], max_age_s=15, timeout=1.0)
     assert got == {"a": None, "b": None}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str) -> bytes:
@@ -108,7 +99,7 @@ def prometheus_binary() -> Path:
     return tools.prometheus()
 
 
-def test_real_prometheus_reads_what_the_pods_serve(tmp_path, prometheus_binary):
+def test_real_prometheus_reads_what_the_pods_serve(tmp_path, prometheus_binary, free_port):
     with ExitStack() as stack:
         urls, servers = [], []
         for _ in range(2):
@@ -128,7 +119,7 @@ def test_real_prometheus_reads_what_the_pods_serve(tmp_path, prometheus_binary):
         (tmp_path / "prometheus.yml").write_text(
             f"global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: synerdiff\n    static_configs:\n{targets}\n"
         )
-        port = _free_port()
+        port = free_port()
         proc = subprocess.Popen(
             [str(prometheus_binary), f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
              f"--web.listen-address=127.0.0.1:{port}"],

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 import time
@@ -22,17 +21,13 @@ import torch
 
 from ..config import EngineConfig, SchedulerConfig
 from ..engine import Engine, GenerationRequest
+from .quality import psnr
 
 MODES = {
     "eager": dict(fast_path=False),
     "graphs": dict(fast_path=True),
     "compile+graphs": dict(fast_path=True, fast_path_compile=True),
 }
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = float(((a.double() - b.double()) ** 2).mean())
-    return 100.0 if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -34,7 +34,6 @@ class ServerProcess:
     proc: subprocess.Popen | None = None
     log_path: Path | None = None
     ready_s: float | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def server_command(model: str, port: int, *, device: str, dtype: str, host: str = "127.0.0.1", policy: str | None = None) -> list[str]:

@@ -8,7 +8,6 @@ images, and that the first few still match diffusers' own pipeline run alone (PS
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 import statistics
 import time
@@ -23,6 +22,7 @@ from ..models.loader import ModelBundle
 from ..samplers import DIFFUSERS_CLASSES
 from .baselines import make_pipeline
 from .workload import PROMPTS
+from .quality import psnr
 
 Size = tuple[int, int]
 
@@ -43,11 +43,6 @@ def smoke_requests(
         )
         for i in range(count)
     ]
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = float(((a.double() - b.double()) ** 2).mean())
-    return 100.0 if mse == 0 else 10 * math.log10(1.0 / mse)
 
 
 def _pipeline_image(pipe, model: ModelBundle, r: GenerationRequest) -> torch.Tensor:
