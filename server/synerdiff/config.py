@@ -67,8 +67,12 @@ class SchedulerConfig(_Strict):
     controller_high_water: float = Field(0.4, ge=0.0, description="Demand (rows running + waiting, over max_rows) above which the threshold rises.")
     controller_low_water: float = Field(0.2, ge=0.0, description="Demand below which the threshold falls.")
     skip_cfg_bound: float = Field(0.3, ge=0.0, le=0.9, description="Largest fraction of a guided request's steps that may run without CFG.")
-    vae_step_budget_ms: float = Field(
-        10.0, ge=0.0, description="Saturated: VAE decode time always allowed between two UNet steps, times (1 - threshold), on top of the threshold's own budget."
+    vae_beside_step: int = Field(
+        1,
+        ge=0,
+        le=8,
+        description="synerdiff: finished images decoded one per chunk on a second CUDA stream beside each UNet step, "
+        "where the profile says that hides part of the decode; 0 = every decode runs after the step.",
     )
 
     @model_validator(mode="after")

@@ -88,6 +88,20 @@ def test_arrivals_are_seeded_poisson_and_identical_across_calls():
     assert sum(not x.warmup for x in capped) == 5
 
 
+def test_shared_draw_replays_one_sequence_compressed_by_rate():
+    mix = mixed_mix(((64, 64), (48, 80)), (2, 4))
+    slow = poisson_arrivals(2.0, 40.0, 2.0, mix, seed=3)
+    fast = poisson_arrivals(4.0, 20.0, 1.0, mix, seed=3)
+    assert len(slow) == len(fast) > 40
+    assert all(abs(f.t - s.t / 2) < 1e-9 and f.request == s.request and f.warmup == s.warmup for s, f in zip(slow, fast))
+    # per-rate: each rate its own draw (the pre-session-3 behaviour, kept to reproduce old results)
+    a = poisson_arrivals(2.0, 40.0, 2.0, mix, seed=3, draw="per-rate")
+    b = poisson_arrivals(4.0, 20.0, 1.0, mix, seed=3, draw="per-rate")
+    assert [x.t / 2 for x in a[:10]] != [x.t for x in b[:10]]
+    with pytest.raises(ValueError, match="arrival draw"):
+        poisson_arrivals(2.0, 1.0, 0.0, mix, draw="bogus")
+
+
 class _Stuck:
     """Accepts requests and never finishes them: the harness must give up and account for all."""
 

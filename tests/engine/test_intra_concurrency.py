@@ -89,3 +89,36 @@ def test_fixed_cutoff_equals_diffusers_cfg_cutoff_callback(engine, reference):
     assert own >= 40
     assert own - psnr(res.images[0], full[0]) >= 15
     assert rows == [2] * 5 + [1] * 5  # steps 0..4 guided (cutoff step 4 included), then one row
+
+
+def test_decodes_beside_the_step_give_the_same_images_and_are_counted(reference):
+    """The synerdiff policy with a profile that says a one-image decode overlaps a step: images
+    of a 2-image request are decoded beside the steps of another still running (on a CPU the
+    "beside" decode runs just before the step), and they equal diffusers' output."""
+    from synerdiff.config import SchedulerConfig
+    from synerdiff.metrics import ServerMetrics
+    from synerdiff.scheduling.cost_model import CostModel, Profile
+    from synerdiff.scheduling.policies import SynerDiffPolicy
+
+    prof = Profile(gpu="cpu", model="tiny", dtype="float32", unet={"64x64": [(1, 0.01), (64, 0.2)]},
+                   vae={"64x64": [(1, 0.004), (4, 0.012)]}, vae_beside={"64x64": [(1, 0.001), (64, 0.001)]})
+    policy = SynerDiffPolicy(SchedulerConfig(skip_cfg_bound=0.0), CostModel(prof))
+    cfg = EngineConfig(device="cpu", dtype="float32", warmup=False, scheduler=SchedulerConfig(policy="continuous"))
+    eng = Engine(cfg, policy=policy).start()
+    metrics = ServerMetrics(eng)
+    metrics.attach()
+    beside = []
+    eng.hooks.append(lambda st: beside.append(st.vae_beside) if st.vae_beside else None)
+    try:
+        short, long = req(n=2, steps=4, seed=1), req(steps=12, seed=2, prompt="a blue square")
+        h_long = eng.submit(long)
+        h_short = eng.submit(short)
+        res_short, res_long = h_short.wait(60), h_long.wait(60)
+    finally:
+        eng.shutdown()
+    assert sum(beside) >= 1, "no decode ran beside a step"
+    assert metrics.vae_beside._value.get() == sum(beside)
+    for res, r in ((res_short, short), (res_long, long)):
+        ref = reference(r)
+        for i in range(r.n):
+            assert psnr(res.images[i], ref[i]) >= 40

@@ -68,18 +68,54 @@ def test_opted_out_and_fixed_cutoff_requests_are_never_skipped_adaptively():
     assert not b.may_skip_cfg(0.9) and b.rows == 1
 
 
-def test_synerdiff_chunks_decodes_within_the_threshold_budget():
+def _with_beside(extra_s: float) -> CostModel:
+    """The reference profile plus a measured cost of a one-image decode beside a step."""
+    prof = reference_h100_sd15()
+    prof.vae_beside = {"512x512": [(1, extra_s), (64, extra_s)]}
+    return CostModel(prof)
+
+
+def test_synerdiff_decodes_every_pending_image_oldest_first():
+    """Saturated or not: holding a decode back only moves its time onto the requests behind it."""
     active = tuple(running(i) for i in range(30))  # 60 rows: saturated
-    decodes = (Decode("old", B, 3, 8.0), Decode("new", B, 4, 9.0))
-    plan = SynerDiffPolicy(SchedulerConfig(), COST).plan(view(active=active, decodes=decodes, threshold=0.95))
-    taken = dict(plan.decode)
-    assert taken.get("old", 0) >= 1, "at least one image is decoded per iteration"
-    assert sum(taken.values()) < 7, "a saturated step must not wait for every pending decode"
-    # A lower threshold leaves more time for decodes.
-    loose = SynerDiffPolicy(SchedulerConfig(threshold=0.5, threshold_min=0.5), COST).plan(
-        view(active=active, decodes=decodes, threshold=0.5)
+    decodes = (Decode("new", B, 4, 9.0), Decode("old", B, 3, 8.0))
+    for threshold in (0.5, 0.95):
+        plan = SynerDiffPolicy(SchedulerConfig(threshold=threshold, threshold_min=0.5), COST).plan(
+            view(active=active, decodes=decodes, threshold=threshold)
+        )
+        taken = dict(plan.decode)
+        for rid, k in plan.decode_beside:
+            taken[rid] = taken.get(rid, 0) + k
+        assert taken == {"old": 3, "new": 4}
+        assert [rid for rid, _ in plan.decode][0] == "old"
+
+
+def test_the_oldest_image_goes_beside_the_step_where_the_profile_says_it_overlaps():
+    active = tuple(running(i) for i in range(8))
+    decodes = (Decode("new", B, 1, 9.0), Decode("old", B, 2, 8.0))
+    cheap = _with_beside(0.008)  # the H100 hides ~2/3 of a 22 ms one-image decode behind a step
+    plan = SynerDiffPolicy(SchedulerConfig(), cheap).plan(view(active=active, decodes=decodes))
+    assert plan.decode_beside == (("old", 1),)
+    assert plan.decode == (("old", 1), ("new", 1))
+    two = SynerDiffPolicy(SchedulerConfig(vae_beside_step=2), cheap).plan(view(active=active, decodes=decodes))
+    assert two.decode_beside == (("old", 2),) and two.decode == (("new", 1),)
+    # Off; no step to hide behind; no measured overlap (the reference profile): all inline.
+    off = SynerDiffPolicy(SchedulerConfig(vae_beside_step=0), cheap).plan(view(active=active, decodes=decodes))
+    idle = SynerDiffPolicy(SchedulerConfig(), cheap).plan(view(decodes=decodes))
+    unmeasured = SynerDiffPolicy(SchedulerConfig(), COST).plan(view(active=active, decodes=decodes))
+    for p in (off, idle, unmeasured):
+        assert p.decode_beside == () and dict(p.decode) == {"old": 2, "new": 1}
+
+
+def test_a_big_pending_batch_stays_inline_when_batching_is_cheaper_than_overlap():
+    # In a 16-image batch one more image costs ~14 ms (reference: 233 ms for 16, 67 for 4);
+    # beside a step it would add 20 ms, so it stays in the batch.
+    plan = SynerDiffPolicy(SchedulerConfig(), _with_beside(0.020)).plan(
+        view(active=(running(0),), decodes=(Decode("d", B, 16, 8.0),))
     )
-    assert sum(dict(loose.decode).values()) > sum(taken.values())
+    assert plan.decode_beside == () and plan.decode == (("d", 16),)
+    small = SynerDiffPolicy(SchedulerConfig(), _with_beside(0.020)).plan(view(active=(running(0),), decodes=(Decode("d", B, 1, 8.0),)))
+    assert small.decode_beside == (("d", 1),) and small.decode == ()
 
 
 def test_rows_freed_by_skipping_are_not_handed_to_new_requests():

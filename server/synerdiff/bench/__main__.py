@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cut-factor", type=float, default=4.0, help="give up on a point once a request waits this many SLOs")
     r.add_argument("--budget-s", type=float, default=None, help="wall-time budget for the sweep; later points are skipped")
     r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--arrival-draw", default="shared", choices=["shared", "per-rate"],
+                   help="shared: every rate replays one draw of --seed, compressed (common random numbers); per-rate: an independent draw per rate (results before session 3)")
     r.add_argument("--lone-repeats", type=int, default=2, help="lone-request runs per size; the fastest counts")
     r.add_argument("--progress-s", type=float, default=10.0)
     r.add_argument("--no-raw", action="store_true", help="leave per-request rows out of the JSON")
@@ -93,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stagger-s", type=float, default=0.5)
     s.add_argument("--check-exact", type=int, default=2, help="compare this many images with diffusers' pipeline run alone")
     s.add_argument("--seed", type=int, default=0)
+
+    o = sub.add_parser("overlap", help="does a VAE decode overlap a UNet step on two CUDA streams?")
+    _model_args(o)
+    _out_args(o, "overlap")
+    o.add_argument("--rows", default="2,4,8,16,32", help="UNet rows per step")
+    o.add_argument("--images", default="1,4", help="images per decode")
+    o.add_argument("--repeats", type=int, default=10)
 
     from .scaling import add_parser as add_scale_parser
 
@@ -202,6 +211,7 @@ def cmd_run(args: argparse.Namespace) -> None:
         cut_factor=args.cut_factor,
         budget_s=args.budget_s,
         seed=args.seed,
+        arrival_draw=args.arrival_draw,
         lone_repeats=args.lone_repeats,
         progress_s=args.progress_s,
         raw=not args.no_raw,
@@ -261,6 +271,24 @@ def cmd_scale(args: argparse.Namespace) -> None:
     run_scaling(args)
 
 
+def cmd_overlap(args: argparse.Namespace) -> None:
+    from ..engine.executor import StepExecutor
+    from .overlap import measure_overlap
+    from .report import new_report, result_path, write_json
+
+    path, model = _load(args)
+    if model.device.type != "cuda":
+        raise SystemExit("overlap needs a CUDA device: it times two CUDA streams on one GPU")
+    executor = StepExecutor(model)
+    rows = [int(x) for x in args.rows.split(",")]
+    executor.enable_fast_path([(model.default_size, model.default_size)], max(rows))
+    report = new_report("overlap", args.name, args.argv, model=path, dtype=args.dtype)
+    report["points"] = measure_overlap(executor, rows, [int(x) for x in args.images.split(",")], args.repeats)
+    out = result_path(args.out, args.name)
+    write_json(report, out)
+    print(f"results written to {out}")
+
+
 def cmd_plot(args: argparse.Namespace) -> None:
     from .plot import plot
 
@@ -271,7 +299,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # stamped into the result files
-    {"build-model": cmd_build_model, "profile": cmd_profile, "run": cmd_run, "smoke": cmd_smoke, "scale": cmd_scale, "plot": cmd_plot}[args.cmd](args)
+    {"build-model": cmd_build_model, "profile": cmd_profile, "run": cmd_run, "smoke": cmd_smoke, "scale": cmd_scale, "overlap": cmd_overlap, "plot": cmd_plot}[args.cmd](args)
 
 
 if __name__ == "__main__":

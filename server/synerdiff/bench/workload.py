@@ -98,17 +98,36 @@ class Arrival:
     warmup: bool  # sent for load, left out of the statistics
 
 
+ARRIVAL_DRAWS = ("shared", "per-rate")
+
+
 def poisson_arrivals(
-    rate: float, duration_s: float, warmup_s: float, mix: Mix, seed: int = 0, max_requests: int | None = None
+    rate: float,
+    duration_s: float,
+    warmup_s: float,
+    mix: Mix,
+    seed: int = 0,
+    max_requests: int | None = None,
+    draw: str = "shared",
 ) -> list[Arrival]:
     """Exponential inter-arrival gaps at `rate`/s: warm-up arrivals first, then measured ones
-    until `duration_s` has passed or `max_requests` measured ones were made."""
-    rng = random.Random(f"arrivals:{seed}:{rate}")
-    req_rng = random.Random(f"requests:{seed}:{rate}")
+    until `duration_s` has passed or `max_requests` measured ones were made.
+
+    draw="shared" (common random numbers): every rate replays one unit-rate draw of `seed`,
+    compressed by `rate`, with the same request sequence. Rate points then differ only in
+    load, so latency rises with rate instead of jumping with each point's own luck (one
+    30 s draw can hold 30 % more arrivals than its nominal rate). "per-rate" draws each rate
+    independently: what results before session 3 used.
+    """
+    if draw not in ARRIVAL_DRAWS:
+        raise ValueError(f"arrival draw must be one of {ARRIVAL_DRAWS}, not {draw!r}")
+    key = f"{seed}" if draw == "shared" else f"{seed}:{rate}"
+    rng = random.Random(f"arrivals:{key}")
+    req_rng = random.Random(f"requests:{key}")
     out: list[Arrival] = []
     t, measured = 0.0, 0
     while True:
-        t += rng.expovariate(rate)
+        t += rng.expovariate(1.0) / rate
         if t > warmup_s + duration_s:
             break
         warm = t < warmup_s

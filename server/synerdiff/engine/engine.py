@@ -63,6 +63,7 @@ class IterationStats:
     cfg_skipped: int = 0
     decoded_images: int = 0
     vae_chunks: int = 0
+    vae_beside: int = 0  # of decoded_images, those decoded on the side stream during the step
     encode_s: float = 0.0
     unet_s: float = 0.0
     sampler_s: float = 0.0
@@ -169,6 +170,7 @@ class Engine:
         self._waiting: list[_State] = []
         self._active: list[_State] = []
         self._decoding: list[_State] = []
+        self._side_stream = None  # CUDA stream for decodes beside the step, made on first use
         self._last_served: dict[Bucket, float] = {}
         self._queued = 0  # submitted, not yet admitted (read by other threads)
         self._in_flight = 0  # submitted, not yet finished
@@ -350,9 +352,12 @@ class Engine:
         stats = IterationStats()
         if plan.admit:
             self._admit(plan.admit, stats)
+        beside = self._launch_beside(plan.decode_beside) if plan.decode_beside else []
         if plan.step_bucket is not None:
             self._last_served[plan.step_bucket] = now
             self._step(plan.step_bucket, plan.skip_cfg, stats)
+        if beside:
+            self._land_beside(beside, stats)
         if plan.decode:
             self._decode(plan.decode, stats)
         stats.waiting = len(self._waiting)
@@ -599,6 +604,51 @@ class Engine:
         self._decoding.append(s)
         return True
 
+    def _launch_beside(self, work: tuple[tuple[str, int], ...]) -> list[tuple[_State, list]]:
+        """Queue one-image decodes on the side stream before the step, which then runs beside them.
+
+        On a CPU there is no second stream: the decodes run here, before the step, with the
+        same results.
+        """
+        by_id = {s.id: s for s in self._decoding}
+        states = [(by_id[i], k) for i, k in work if i in by_id and k > 0]
+        if not states or not self._guard("vae", [s for s, _ in states]):
+            return []
+        if self._side_stream is None and self.model.device.type == "cuda":
+            self._side_stream = torch.cuda.Stream(self.model.device)
+        out: list[tuple[_State, list]] = []
+        for st, k in states:
+            first = len(st.images)
+            try:
+                pending = [self.executor.decode_launch(st.latents[j : j + 1], self._side_stream) for j in range(first, first + k)]
+            except Exception as exc:
+                self._fault("vae", [st], exc)
+                continue
+            out.append((st, pending))
+        return out
+
+    def _land_beside(self, launched: list[tuple[_State, list]], stats: IterationStats) -> None:
+        t0 = time.perf_counter()
+        now = self.clock()
+        for st, pending in launched:
+            if st not in self._decoding:  # cancelled or expired meanwhile
+                continue
+            try:
+                images = [self.executor.decode_finish(p) for p in pending]
+            except Exception as exc:
+                self._fault("vae", [st], exc)
+                continue
+            if not st.images:
+                st.decode_started = now
+            for img in images:
+                st.images.extend(img.unbind(0))
+            stats.vae_chunks += len(images)
+            stats.vae_beside += len(images)
+            stats.decoded_images += len(images)
+            if len(st.images) >= st.n:
+                self._finish(st)
+        stats.vae_s += time.perf_counter() - t0
+
     def _decode(self, work: tuple[tuple[str, int], ...], stats: IterationStats) -> None:
         by_id = {s.id: s for s in self._decoding}
         chunks = [(by_id[i], k) for i, k in work if i in by_id and k > 0]
@@ -626,7 +676,7 @@ class Engine:
                 off += k
                 if len(st.images) >= st.n:
                     self._finish(st)
-        stats.vae_s = time.perf_counter() - t0
+        stats.vae_s += time.perf_counter() - t0
 
     def _finish(self, s: _State, error: EngineError | None = None) -> None:
         """Remove a request from wherever it is and resolve its future."""

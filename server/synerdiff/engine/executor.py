@@ -7,9 +7,16 @@ latent scaling, decode and de-normalisation) so that batched results equal the p
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..models.loader import ModelBundle
+
+
+class PendingDecode(NamedTuple):
+    images: torch.Tensor  # on the device, being written by `stream`
+    stream: "torch.cuda.Stream | None"
 
 
 class StepExecutor:
@@ -60,9 +67,38 @@ class StepExecutor:
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Latents (N, C, h, w) -> images (N, 3, H, W) float32 in [0, 1] on the CPU."""
+        return self.decode_finish(self.decode_launch(latents))
+
+    @torch.inference_mode()
+    def decode_launch(self, latents: torch.Tensor, stream: "torch.cuda.Stream | None" = None) -> PendingDecode:
+        """Queue a decode, on `stream` if given (CUDA), and return without waiting for it.
+
+        On a side stream the decode runs beside whatever the current stream does next (the
+        UNet step); `decode_finish` waits for it. The side stream first waits for the
+        current one, so latents written there are complete before the decode reads them.
+        """
+        if stream is None:
+            return PendingDecode(self._decode_gpu(latents), None)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            img = self._decode_gpu(latents)
+        # The current stream's allocator must not hand these blocks out again before the
+        # side stream is done with them.
+        latents.record_stream(stream)
+        img.record_stream(torch.cuda.current_stream(self.device))
+        return PendingDecode(img, stream)
+
+    @torch.inference_mode()
+    def decode_finish(self, pending: PendingDecode) -> torch.Tensor:
+        """Wait for a launched decode and bring its images to the CPU."""
+        if pending.stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(pending.stream)
+        return pending.images.cpu()
+
+    def _decode_gpu(self, latents: torch.Tensor) -> torch.Tensor:
         z = (latents / self._vae_scale + self._vae_shift).to(self.dtype)
         img = self.model.vae.decode(z, return_dict=False)[0]
-        return (img.float() / 2 + 0.5).clamp(0, 1).cpu()
+        return (img.float() / 2 + 0.5).clamp(0, 1)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":

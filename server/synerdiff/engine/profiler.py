@@ -53,8 +53,29 @@ def median_time(fn: Callable[[], object], sync: Callable[[], None], warmup: int 
 
 
 Size = tuple[int, int]
+BESIDE_ROWS = (1, 2, 4, 8, 16, 32, 64, 128)  # where a one-image decode beside a step is timed
 VAE_CHUNKS = (1, 2, 4, 8, 16)
 ENCODE_PROMPTS = (1, 2, 4, 8, 16, 32)
+
+
+@torch.inference_mode()
+def beside_step_s(executor: "StepExecutor", rows: int, lat: tuple[int, int, int], warmup: int = 2, repeats: int = 5) -> float:
+    """Median time of a UNet step of `rows` with a one-image decode launched beside it on a
+    second CUDA stream: what the engine does with `vae_beside_step`."""
+    m = executor.model
+    dev = m.device
+    x = torch.randn(rows, *lat, device=dev, dtype=torch.float32)
+    t = torch.full((rows,), 500.0, device=dev)
+    c = torch.randn(rows, int(m.tokenizer.model_max_length), m.text_hidden_size, device=dev, dtype=m.dtype)
+    z = torch.randn(1, *lat, device=dev, dtype=torch.float32)
+    side = torch.cuda.Stream(dev)
+
+    def together() -> None:
+        pending = executor.decode_launch(z, side)
+        executor.unet(x, t, c)
+        executor.decode_finish(pending)
+
+    return median_time(together, synchronizer(dev), warmup, repeats)
 
 
 def gpu_name(device: torch.device) -> str:
@@ -177,6 +198,7 @@ def profile_executor(
     ctx_len = int(m.tokenizer.model_max_length)
     unet: dict[str, list[tuple[int, float]]] = {}
     vae: dict[str, list[tuple[int, float]]] = {}
+    beside: dict[str, list[tuple[int, float]]] = {}
     for h, w in sizes:
         lat = (m.latent_channels, h // f, w // f)
 
@@ -193,6 +215,12 @@ def profile_executor(
         key = bucket_key((h, w))
         unet[key] = _until_oom(f"unet {h}x{w} rows", row_counts(max_rows, executor), time_unet, dev, progress, per_item="rows")
         vae[key] = _until_oom(f"vae {h}x{w} chunk", vae_chunks, time_vae, dev, progress)
+        if dev.type == "cuda":
+            measured = dict(unet[key])
+            beside[key] = [
+                (r, max(0.0, beside_step_s(executor, r, lat, warmup, repeats) - measured[r]))
+                for r in BESIDE_ROWS if r in measured
+            ]
     enc: list[tuple[int, float]] = []
     for n in encode_prompts:
         prompts = [f"a photograph of object number {i}" for i in range(n)]
@@ -204,6 +232,7 @@ def profile_executor(
         unet=unet,
         vae=vae,
         encode=_monotone(enc),
+        vae_beside=beside,
         fast_path=uses_fast_path(executor),
         versions=versions(),
     )

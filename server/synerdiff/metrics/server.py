@@ -108,6 +108,9 @@ class ServerMetrics:
             registry=r,
         )
         self.vae_chunks = Counter("synerdiff_vae_chunks", "VAE decode chunks (one per request per decode call).", registry=r)
+        self.vae_beside = Counter(
+            "synerdiff_vae_beside_images", "Images decoded one per chunk on a second CUDA stream during a UNet step.", registry=r
+        )
         for status, reason in _INITIAL_OUTCOMES:
             self.requests.labels(status, reason)
 
@@ -121,6 +124,8 @@ class ServerMetrics:
         if stats.vae_chunks:
             self.vae_decode.observe(stats.vae_s)
             self.vae_chunks.inc(stats.vae_chunks)
+        if stats.vae_beside:
+            self.vae_beside.inc(stats.vae_beside)
         if stats.cfg_skipped:
             self.cfg_skipped.inc(stats.cfg_skipped)
         for wait in stats.queue_waits_s:

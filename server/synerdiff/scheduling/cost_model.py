@@ -13,7 +13,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: vae_beside; version-1 files still load (the simulator), engines re-profile
 
 Bucket = tuple[int, int]
 
@@ -35,6 +35,8 @@ class Profile:
     unet: dict[str, list[tuple[int, float]]]  # "HxW" -> [(rows, seconds per step)]
     vae: dict[str, list[tuple[int, float]]]  # "HxW" -> [(images, seconds per decode)]
     encode: list[tuple[int, float]] = field(default_factory=list)  # [(prompts, seconds)]
+    # "HxW" -> [(rows, seconds a one-image decode on a second stream adds to a step of `rows`)]
+    vae_beside: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     fast_path: bool = False
     versions: dict[str, str] = field(default_factory=dict)
     version: int = PROFILE_VERSION
@@ -48,10 +50,11 @@ class Profile:
     @classmethod
     def load(cls, path: str | Path) -> "Profile":
         raw = json.loads(Path(path).read_text())
-        if raw.get("version") != PROFILE_VERSION:
+        if raw.get("version") not in (1, PROFILE_VERSION):
             raise ValueError(f"{path}: profile version {raw.get('version')} is not {PROFILE_VERSION}; re-run `synerdiff profile`")
         conv = lambda d: {k: [tuple(p) for p in v] for k, v in d.items()}  # noqa: E731
         raw["unet"], raw["vae"] = conv(raw["unet"]), conv(raw["vae"])
+        raw["vae_beside"] = conv(raw.get("vae_beside", {}))  # absent in profiles before session 3
         raw["encode"] = [tuple(p) for p in raw.get("encode", [])]
         return cls(**raw)
 
@@ -77,6 +80,7 @@ class CostModel:
         self.profile = profile
         self._unet = {parse_bucket(k): sorted(v) for k, v in profile.unet.items()}
         self._vae = {parse_bucket(k): sorted(v) for k, v in profile.vae.items()}
+        self._beside = {parse_bucket(k): sorted(v) for k, v in profile.vae_beside.items()}
 
     def _nearest(self, table: dict[Bucket, list], bucket: Bucket) -> tuple[list, float]:
         """Points for `bucket`, or the closest measured shape and a pixel-count scale factor."""
@@ -97,6 +101,13 @@ class CostModel:
             return 0.0
         pts, scale = self._nearest(self._vae, bucket)
         return _interp(pts, images * scale)
+
+    def vae_beside_s(self, rows: int, bucket: Bucket) -> float:
+        """What one image decoded on a second stream adds to a step of `rows`; with no
+        measurement for this shape, the whole decode (no overlap assumed)."""
+        if not self._beside or bucket not in self._beside:
+            return self.vae_decode_s(1, bucket)
+        return max(0.0, _interp(self._beside[bucket], max(rows, 1)))
 
     def encode_s(self, prompts: int) -> float:
         return _interp(self.profile.encode, prompts) if self.profile.encode and prompts else 0.0

@@ -73,11 +73,13 @@ class IterationPlan:
     admit: tuple[str, ...] = ()
     step_bucket: Bucket | None = None
     skip_cfg: frozenset[str] = frozenset()
-    decode: tuple[tuple[str, int], ...] = ()  # (request id, images to decode now)
+    decode: tuple[tuple[str, int], ...] = ()  # (request id, images to decode now, after the step)
+    # (request id, images) decoded one image per chunk on a second stream *during* the step
+    decode_beside: tuple[tuple[str, int], ...] = ()
 
     @property
     def idle(self) -> bool:
-        return not (self.admit or self.step_bucket is not None or self.decode)
+        return not (self.admit or self.step_bucket is not None or self.decode or self.decode_beside)
 
 
 class Policy(Protocol):

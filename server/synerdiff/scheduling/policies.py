@@ -8,7 +8,7 @@ from .planner import ContinuousPolicy, EngineView, IterationPlan, Policy, admit_
 
 
 class SynerDiffPolicy:
-    """Threshold-aware planning of admissions, skip-CFG and chunked VAE decodes.
+    """Threshold-aware planning of admissions and skip-CFG, with VAE chunks beside the UNet step.
 
     Per iteration, for the bucket whose turn it is:
     The bucket is *saturated* when requests wait or its rows are past the knee: the
@@ -22,13 +22,17 @@ class SynerDiffPolicy:
        skipped and images stay exact at light load.
     2. Admission: FIFO while rows fit (no starvation), counting skipped requests at their full
        rows so the row cap holds whenever skipping stops.
-    3. VAE chunking: unsaturated, every finished image is decoded at once (the shortest
-       remaining job first is what minimises mean latency). Saturated, decodes get only
-       the time that keeps UNet throughput at `threshold` x its peak:
-           rows / (t_unet(rows) + t_vae) >= threshold * peak  =>  t_vae <= rows/(threshold*peak) - t_unet
-       cut into whole-image chunks, oldest first. At least one image is decoded per
-       iteration whatever the budget: the decode queue always drains, and a step is
-       never stalled by more than the budget plus one image's decode.
+    3. VAE: every finished image is decoded this iteration, oldest first. The engine runs
+       UNet and VAE on one GPU, and a decode is the shortest job waiting, so holding one back
+       only moves its time onto the requests behind it. (Session 2 held decodes to a
+       threshold budget while saturated; the simulator on the H100 profile showed that
+       budget starving the decode queue, with P99 up to 2.2x plain continuous batching on
+       few-step or 4-image loads, and never better.) What chunking can win is overlap:
+       on the H100 a *one-image* decode on a second stream hides 33-81 % of itself behind
+       a UNet step, while a 4- or 8-image decode hides almost nothing
+       (bench/results/h100-run5/overlap.json). So the oldest `vae_beside_step` images are
+       decoded one per chunk beside the step when the profile says that costs less than
+       decoding them inline; the rest are decoded after the step in one batch.
     """
 
     def __init__(self, cfg: SchedulerConfig, cost: CostModel):
@@ -55,37 +59,32 @@ class SynerDiffPolicy:
             # step (the queue drains, the controller lowers the bound), and max_rows must hold then too.
             admit = admit_fifo(view, bucket, sum(a.rows for a in active), view.max_rows)
             rows += sum(w.rows for w in queue if w.request_id in admit)
-            saturated = saturated or bool(view.waiting)
-        else:
-            saturated = False
-        decode = self._decodes(view, bucket, rows, saturated)
-        return IterationPlan(admit=admit, step_bucket=bucket, skip_cfg=frozenset(skip), decode=decode)
+        beside, after = self._decodes(view, bucket, rows)
+        return IterationPlan(admit=admit, step_bucket=bucket, skip_cfg=frozenset(skip), decode=after, decode_beside=beside)
 
-    def _decodes(self, view: EngineView, bucket, rows: int, saturated: bool) -> tuple[tuple[str, int], ...]:
-        if not view.decodes:
-            return ()
-        if not saturated or rows == 0:
-            return tuple((d.request_id, d.images_left) for d in view.decodes)
-        t_unet = self.cost.unet_step_s(rows, bucket)
-        peak = self.cost.peak_rows_per_s(bucket)
-        budget = max(0.0, rows / (max(view.threshold, 1e-3) * peak) - t_unet)
-        budget = max(budget, self.cfg.vae_step_budget_ms / 1000.0 * (1.0 - view.threshold))
-        out: list[tuple[str, int]] = []
-        spent = 0.0
-        for d in sorted(view.decodes, key=lambda d: d.ready_at):
-            take = 0
-            while take < d.images_left:
-                extra = self.cost.vae_decode_s(take + 1, d.bucket) - self.cost.vae_decode_s(take, d.bucket)
-                if out or take:  # the first image of the iteration is always decoded
-                    if spent + extra > budget:
-                        break
-                spent += extra
-                take += 1
-            if take:
-                out.append((d.request_id, take))
-            if take < d.images_left:
-                break
-        return tuple(out)
+    def _decodes(self, view: EngineView, bucket, rows: int) -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, int], ...]]:
+        """(beside the step, after it): every pending image, the oldest ones beside when that is cheaper."""
+        pending = sorted(view.decodes, key=lambda d: d.ready_at)
+        slots = self.cfg.vae_beside_step if bucket is not None and rows > 0 else 0
+        beside: list[tuple[str, int]] = []
+        after: list[tuple[str, int]] = []
+        inline_images = sum(d.images_left for d in pending if d.bucket == bucket) if bucket is not None else 0
+        for d in pending:
+            k = 0
+            if slots and d.bucket == bucket:
+                # Beside costs what the chunk adds to the step; inline it would cost its share
+                # of the batched decode after the step.
+                extra = self.cost.vae_beside_s(rows, d.bucket)
+                saved = self.cost.vae_decode_s(inline_images, d.bucket) - self.cost.vae_decode_s(inline_images - 1, d.bucket)
+                while k < min(slots, d.images_left) and extra < saved:
+                    k += 1
+                slots -= k
+                inline_images -= k
+            if k:
+                beside.append((d.request_id, k))
+            if d.images_left > k:
+                after.append((d.request_id, d.images_left - k))
+        return tuple(beside), tuple(after)
 
 
 def policy_for(cfg: SchedulerConfig, cost: CostModel | None = None) -> Policy:

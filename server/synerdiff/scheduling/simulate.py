@@ -126,7 +126,7 @@ def simulate(
                 break
             now = pending[i].arrival
             continue
-        dt = 0.0
+        dt, rows = 0.0, 0
         by_id = {r.request_id: r for r in waiting}
         admitted = [by_id[x] for x in plan.admit]
         if admitted:
@@ -148,6 +148,12 @@ def simulate(
                 r.step += 1
         by_id = {r.request_id: r for r in decoding}
         finished_decodes = []
+        for rid, k in plan.decode_beside:  # one-image chunks on a second stream during the step
+            r = by_id[rid]
+            dt += k * cost.vae_beside_s(rows, r.bucket)
+            r.images_left -= k
+            if r.images_left <= 0:
+                finished_decodes.append(r)
         for rid, k in plan.decode:
             r = by_id[rid]
             dt += cost.vae_decode_s(k, r.bucket)
