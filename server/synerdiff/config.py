@@ -97,6 +97,12 @@ class EngineConfig(_Strict):
     fast_path_compile: bool = Field(False, description="CUDA only: torch.compile the UNet before capturing (slower start, faster steps).")
     fast_path_sizes: list[str] = Field(default_factory=list, description="Image sizes 'WxH' to capture graphs for; empty = the model's native size.")
     profile_path: str | None = Field(None, description="Profiler output to load as the cost model.")
+    vae_tiling: Literal["fallback", "always", "never"] = Field(
+        "fallback",
+        description="Spatial tiles for images larger than the VAE's tile (diffusers' tiled decode; changes pixels slightly). "
+        "fallback: a decode that runs out of memory is retried one image at a time, then tiled; "
+        "always: every such image is decoded in tiles (for GPUs short of memory); never: out of memory fails the request.",
+    )
     warmup: bool = Field(True, description="Run one generation before reporting ready.")
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)

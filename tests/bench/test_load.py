@@ -76,6 +76,19 @@ def test_plot_writes_a_png(sweep, tmp_path):
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_plot_draws_several_sweeps_of_one_load_together(sweep, tmp_path):
+    from synerdiff.bench.plot import merge
+
+    other = tmp_path / "again.json"
+    other.write_text(sweep.read_text())
+    merged = merge([sweep, other])
+    names = list(json.loads(sweep.read_text())["systems"])
+    assert list(merged["systems"]) == names + [f"{n} (again)" for n in names]
+    out = tmp_path / "both.png"
+    main(["plot", str(sweep), str(other), "-o", str(out)])
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_arrivals_are_seeded_poisson_and_identical_across_calls():
     mix = mixed_mix(((64, 64), (48, 80)), (2, 4))
     a = poisson_arrivals(20.0, 10.0, 1.0, mix, seed=1)

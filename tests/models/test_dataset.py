@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
 from synerdiff.models.shapes import dataset as D
 from synerdiff.models.shapes.scorer import parse_caption

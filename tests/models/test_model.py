@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import torch  # noqa: E402
 
 from synerdiff.models.shapes.dataset import HELD_OUT_TRIPLES, VOCAB, caption  # noqa: E402
 from synerdiff.models.shapes.evaluate import EMBEDDED, generate  # noqa: E402

@@ -32,7 +32,7 @@ BASE = {"image": "engine:1", "model": {"uri": "hf://org/model"}}
 
 @pytest.mark.parametrize("path", crdgen.CRD_PATHS, ids=lambda p: str(p.relative_to(REPO_ROOT)))
 def test_committed_crd_is_the_generated_one(path: Path) -> None:
-    assert path.read_text() == crdgen.render(), f"stale: run `python -m synerdiff_operator.crd --write`"
+    assert path.read_text() == crdgen.render(), "stale: run `python -m synerdiff_operator.crd --write`"
 
 
 def _nodes(schema: dict[str, Any], path: str = "") -> list[tuple[str, dict[str, Any]]]:

@@ -124,7 +124,6 @@ def test_admin_disabled_without_tokens_and_api_token_enforced(engine):
 
 def test_step_inflation_is_observed_with_a_cost_model():
     """The synerdiff policy profiles at start; every step then reports its inflation >= ~1."""
-    from synerdiff.metrics.server import ServerMetrics  # noqa: F401  (the metric lives there)
     from synerdiff.config import EngineConfig, SchedulerConfig
     from synerdiff.engine import Engine, GenerationRequest
 

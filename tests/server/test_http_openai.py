@@ -25,6 +25,7 @@ def test_generate_native_size_b64_png(client: OpenAI, live: Live):
     assert img.size == (native, native) and img.mode == "RGB"
     info = resp.to_dict()["synerdiff"]
     assert info["seed"] == 11 and info["steps"] == 3
+    assert info["vae_tiled"] is False and info["guided_steps_skipped"] == 0
     t = info["timings"]
     assert t["total_s"] >= t["inference_s"] > 0 and t["queue_wait_s"] >= 0
 

@@ -117,6 +117,7 @@ def synerdiff_info(greq: GenerationRequest, result: GenerationResult) -> dict[st
         "sampler": greq.sampler,
         "guidance_scale": greq.guidance_scale,
         "guided_steps_skipped": result.guided_steps_skipped,
+        "vae_tiled": result.vae_tiled,
         "timings": {
             "queue_wait_s": t.queue_wait_s,
             "inference_s": t.inference_s,

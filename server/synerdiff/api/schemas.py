@@ -95,6 +95,7 @@ class SynerDiffInfo(BaseModel):
     sampler: str
     guidance_scale: float
     guided_steps_skipped: int = Field(..., description="Steps that ran without CFG under `cfg_skip=auto`.")
+    vae_tiled: bool = Field(False, description="Decoded in spatial tiles (engine `vae_tiling`, or the fallback after running out of GPU memory); pixels differ slightly from a whole decode.")
     timings: TimingsOut
 
 

@@ -107,8 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_scale_parser(sub)
 
-    pl = sub.add_parser("plot", help="sweep JSON -> PNG")
-    pl.add_argument("json")
+    pl = sub.add_parser("plot", help="sweep JSON(s) -> PNG")
+    pl.add_argument("json", nargs="+", help="one sweep, or several of one load (their systems are drawn together)")
     pl.add_argument("-o", "--output", default=None)
     return ap
 

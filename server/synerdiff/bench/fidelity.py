@@ -6,7 +6,9 @@ For a set of prompts and seeds it generates the exact image (full guidance, whol
 decode), then the same request with guidance skipped on the last `bound` of its steps
 (the worst case the adaptive skip-CFG may apply at that bound: it skips only under load,
 and only inside that window) and with a one-image-at-a-time chunked decode, and reports
-PSNR and SSIM against the exact image. With the embedded shapes model it also reports
+PSNR and SSIM against the exact image. At `--tiled-size` (twice the model's size by default:
+tiles need an image larger than the VAE's tile) it compares the spatially tiled decode
+(`vae_tiling="always"`) with the whole decode of the same latents. With the embedded shapes model it also reports
 prompt adherence (the deterministic pixel scorer) for each variant.
 """
 
@@ -52,12 +54,18 @@ def _scorer():
     return scorer
 
 
-def run(model: str, device: str, prompts: list[str], seeds: list[int], bounds: list[float], steps: int, guidance: float, sampler: str) -> dict:
+def run(
+    model: str, device: str, prompts: list[str], seeds: list[int], bounds: list[float], steps: int, guidance: float, sampler: str,
+    tiled_size: int | None = None,
+) -> dict:
     cfg = EngineConfig(model=model, device=device, warmup=False, scheduler=SchedulerConfig(policy="continuous"))
     exact_eng = Engine(cfg).start()
     chunk_eng = Engine(cfg.model_copy(deep=True), model=exact_eng.model, policy=ChunkedDecode()).start()
+    tiled_eng = Engine(cfg.model_copy(update={"vae_tiling": "always"}, deep=True), model=exact_eng.model).start()
+    tiled_size = tiled_size or 2 * exact_eng.model.default_size
     scorer = _scorer()
-    rows: dict[str, list[dict]] = {"exact": [], "chunked_vae": [], **{f"skip_cfg_{b:g}": [] for b in bounds}}
+    big = f"{tiled_size}x{tiled_size}"
+    rows: dict[str, list[dict]] = {"exact": [], "chunked_vae": [], **{f"skip_cfg_{b:g}": [] for b in bounds}, f"exact_{big}": [], f"tiled_vae_{big}": []}
     try:
         for prompt in prompts:
             for seed in seeds:
@@ -68,14 +76,18 @@ def run(model: str, device: str, prompts: list[str], seeds: list[int], bounds: l
                     # Guidance on steps 0..int(steps*(1-b)), as the adaptive window allows at most.
                     req = replace(base, cfg_cutoff_ratio=1.0 - b, request_id=f"s{b}-{prompt}-{seed}")
                     variants[f"skip_cfg_{b:g}"] = exact_eng.generate_sync(req, timeout=600).images
-                for name, imgs in variants.items():
+                large = replace(base, height=tiled_size, width=tiled_size, request_id=f"L-{prompt}-{seed}")
+                whole = exact_eng.generate_sync(large, timeout=600).images
+                tiled = tiled_eng.generate_sync(replace(large, request_id=f"T-{prompt}-{seed}"), timeout=600).images
+                for name, imgs, ref in [*((n, v, exact) for n, v in variants.items()), (f"exact_{big}", whole, whole), (f"tiled_vae_{big}", tiled, whole)]:
                     for i, img in enumerate(imgs):
-                        row = {"prompt": prompt, "seed": seed, "image": i, "psnr_db": psnr(img, exact[i]), "ssim": ssim(img, exact[i])}
+                        row = {"prompt": prompt, "seed": seed, "image": i, "psnr_db": psnr(img, ref[i]), "ssim": ssim(img, ref[i])}
                         if scorer is not None:
                             pixels = (img.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
                             row["adherent"] = bool(scorer.score(pixels, prompt).correct)
                         rows[name].append(row)
     finally:
+        tiled_eng.shutdown()
         chunk_eng.shutdown()
         exact_eng.shutdown()
     summary = {}
@@ -102,11 +114,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--sampler", default="euler")
+    ap.add_argument("--tiled-size", type=int, default=None, help="square size for the tiled-decode comparison (default: twice the model's)")
     ap.add_argument("--out", default="bench/results/fidelity.json")
     args = ap.parse_args(argv)
     t0 = time.time()
     res = run(args.model, args.device, DEFAULT_PROMPTS, [int(s) for s in args.seeds.split(",")], [float(b) for b in args.bounds.split(",")],
-              args.steps, args.guidance, args.sampler)
+              args.steps, args.guidance, args.sampler, args.tiled_size)
     res.update(command="python -m synerdiff.bench.fidelity " + " ".join(sys.argv[1:] if argv is None else argv),
                model=args.model, device=args.device, torch=torch.__version__, seconds=time.time() - t0)
     with open(args.out, "w") as f:

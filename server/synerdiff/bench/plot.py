@@ -36,14 +36,28 @@ def _steps(steps: list[int] | None) -> str:
     return str(steps[0]) if steps[0] == steps[-1] else f"{steps[0]}-{steps[-1]}"
 
 
-def plot(json_path: str | Path, out: str | Path | None = None) -> Path:
+def merge(paths: list[str | Path]) -> dict[str, Any]:
+    """Several sweeps of one load (e.g. one system per device call) as one: the first file's
+    header, every file's systems; a name seen before gets its file's stem appended."""
+    docs = [json.loads(Path(p).read_text()) for p in paths]
+    data = {**docs[0], "systems": {}}
+    for p, d in zip(paths, docs):
+        for name, sysdata in d["systems"].items():
+            data["systems"][name if name not in data["systems"] else f"{name} ({Path(p).stem})"] = sysdata
+    if len(docs) > 1:
+        data["name"] = " + ".join(d.get("name", "") for d in docs)
+    return data
+
+
+def plot(json_path: str | Path | list[str | Path], out: str | Path | None = None) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = json.loads(Path(json_path).read_text())
-    out = Path(out) if out else Path(json_path).with_suffix(".png")
+    paths = json_path if isinstance(json_path, list) else [json_path]
+    data = merge(paths)
+    out = Path(out) if out else Path(paths[0]).with_suffix(".png")
     panels = [
         ("P99 end-to-end latency (s)", _p99, True),
         ("mean end-to-end latency (s)", lambda p: p["latency_s"]["mean"], True),

@@ -51,6 +51,10 @@ log = logging.getLogger("synerdiff.engine")
 ProgressCallback = Callable[[int, int], None]
 
 
+def _is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
 @dataclass
 class IterationStats:
     """What one iteration did; hooks receive one per iteration (metrics, benchmarks)."""
@@ -64,6 +68,7 @@ class IterationStats:
     decoded_images: int = 0
     vae_chunks: int = 0
     vae_beside: int = 0  # of decoded_images, those decoded on the side stream during the step
+    vae_fallbacks: int = 0  # decodes that ran out of memory and were redone smaller
     encode_s: float = 0.0
     unet_s: float = 0.0
     sampler_s: float = 0.0
@@ -123,6 +128,7 @@ class _State:
         self.uncond: torch.Tensor | None = None
         self.step = 0
         self.skipped = 0
+        self.vae_tiled = False
         self.cutoff_step = None if self.req.cfg_cutoff_ratio is None else int(self.steps * self.req.cfg_cutoff_ratio)
         self.admitted_at = 0.0
         self.finished_at = 0.0
@@ -454,7 +460,7 @@ class Engine:
 
     def _fault(self, stage: str, states: list[_State], exc: BaseException) -> None:
         log.error("engine fault in %s for %d request(s): %s", stage, len(states), exc)
-        oom = isinstance(exc, torch.OutOfMemoryError) or "out of memory" in str(exc).lower()
+        oom = _is_oom(exc)
         reason = "out_of_memory" if oom else "engine_fault"
         if oom and torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -622,6 +628,11 @@ class Engine:
             try:
                 pending = [self.executor.decode_launch(st.latents[j : j + 1], self._side_stream) for j in range(first, first + k)]
             except Exception as exc:
+                if _is_oom(exc) and self.config.vae_tiling != "never":
+                    # Left pending: the next iteration decodes it after the step, where
+                    # an out-of-memory decode falls back to tiles.
+                    log.warning("a decode beside the step ran out of memory; it moves after the step")
+                    continue
                 self._fault("vae", [st], exc)
                 continue
             out.append((st, pending))
@@ -659,10 +670,18 @@ class Engine:
             groups.setdefault(st.bucket, []).append((st, k))
         t0 = time.perf_counter()
         now = self.clock()
+        tiled = self.config.vae_tiling == "always"
         for group in groups.values():
             try:
                 lat = [st.latents[len(st.images) : len(st.images) + k] for st, k in group]
-                images = self.executor.decode(torch.cat(lat))
+                batch = torch.cat(lat)
+                try:
+                    images = self.executor.decode(batch, tiled=tiled)
+                    was_tiled = [tiled and self.executor.tiles(batch)] * batch.shape[0]
+                except Exception as exc:
+                    if not _is_oom(exc) or self.config.vae_tiling == "never":
+                        raise
+                    images, was_tiled = self._decode_smaller(batch, stats)
             except Exception as exc:
                 self._fault("vae", [st for st, _ in group], exc)
                 continue
@@ -673,10 +692,33 @@ class Engine:
                 if not st.images:
                     st.decode_started = now
                 st.images.extend(images[off : off + k].unbind(0))
+                st.vae_tiled = st.vae_tiled or any(was_tiled[off : off + k])
                 off += k
                 if len(st.images) >= st.n:
                     self._finish(st)
         stats.vae_s += time.perf_counter() - t0
+
+    def _decode_smaller(self, batch: torch.Tensor, stats: IterationStats) -> tuple[torch.Tensor, list[bool]]:
+        """After an out-of-memory decode: one image at a time, and in tiles if one image is too much."""
+        log.warning("VAE decode of %d image(s) %s ran out of memory; retrying one image at a time", batch.shape[0], tuple(batch.shape[-2:]))
+        stats.vae_fallbacks += 1
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        out, tiled = [], []
+        for i in range(batch.shape[0]):
+            one = batch[i : i + 1]
+            tiled.append(False)
+            try:
+                out.append(self.executor.decode(one))
+            except Exception as exc:
+                if not _is_oom(exc) or not self.executor.tiles(one):
+                    raise
+                log.warning("one image %s still ran out of memory; decoding it in tiles", tuple(one.shape[-2:]))
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+                out.append(self.executor.decode(one, tiled=True))
+                tiled[-1] = True
+        return torch.cat(out), tiled
 
     def _finish(self, s: _State, error: EngineError | None = None) -> None:
         """Remove a request from wherever it is and resolve its future."""
@@ -707,7 +749,8 @@ class Engine:
                 total_s=now - s.arrival,
             )
             try:
-                s.handle.future.set_result(GenerationResult(s.id, s.seed, list(s.images), t, s.steps, guided_steps_skipped=s.skipped))
+                result = GenerationResult(s.id, s.seed, list(s.images), t, s.steps, guided_steps_skipped=s.skipped, vae_tiled=s.vae_tiled)
+                s.handle.future.set_result(result)
             except concurrent.futures.InvalidStateError:  # its awaiter cancelled it meanwhile
                 pass
         s.latents = s.history = s.cond = s.uncond = None

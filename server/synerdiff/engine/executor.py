@@ -65,9 +65,21 @@ class StepExecutor:
         return out.float()
 
     @torch.inference_mode()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents (N, C, h, w) -> images (N, 3, H, W) float32 in [0, 1] on the CPU."""
+    def decode(self, latents: torch.Tensor, tiled: bool = False) -> torch.Tensor:
+        """Latents (N, C, h, w) -> images (N, 3, H, W) float32 in [0, 1] on the CPU.
+
+        tiled: decode latents larger than the VAE's tile in overlapping tiles blended at the
+        seams (diffusers' `AutoencoderKL.tiled_decode`, as `vae.enable_tiling()` would): peak
+        memory of one tile, slightly different pixels. Latents of one tile or less decode whole.
+        """
+        if tiled and self.tiles(latents):
+            return self._image(self.model.vae.tiled_decode(self._vae_input(latents), return_dict=False)[0]).cpu()
         return self.decode_finish(self.decode_launch(latents))
+
+    def tiles(self, latents: torch.Tensor) -> bool:
+        """Whether `latents` are larger than one VAE tile (what diffusers' decode checks too)."""
+        edge = getattr(self.model.vae, "tile_latent_min_size", None)
+        return edge is not None and (latents.shape[-1] > edge or latents.shape[-2] > edge)
 
     @torch.inference_mode()
     def decode_launch(self, latents: torch.Tensor, stream: "torch.cuda.Stream | None" = None) -> PendingDecode:
@@ -96,9 +108,14 @@ class StepExecutor:
         return pending.images.cpu()
 
     def _decode_gpu(self, latents: torch.Tensor) -> torch.Tensor:
-        z = (latents / self._vae_scale + self._vae_shift).to(self.dtype)
-        img = self.model.vae.decode(z, return_dict=False)[0]
-        return (img.float() / 2 + 0.5).clamp(0, 1)
+        return self._image(self.model.vae.decode(self._vae_input(latents), return_dict=False)[0])
+
+    def _vae_input(self, latents: torch.Tensor) -> torch.Tensor:
+        return (latents / self._vae_scale + self._vae_shift).to(self.dtype)
+
+    @staticmethod
+    def _image(vae_out: torch.Tensor) -> torch.Tensor:
+        return (vae_out.float() / 2 + 0.5).clamp(0, 1)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":

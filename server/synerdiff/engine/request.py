@@ -104,6 +104,7 @@ class GenerationResult:
     timings: Timings
     steps: int
     guided_steps_skipped: int = 0
+    vae_tiled: bool = False  # decoded in spatial tiles (vae_tiling): pixels differ slightly from a whole decode
 
     def to_pil(self):
         from PIL import Image

@@ -111,6 +111,9 @@ class ServerMetrics:
         self.vae_beside = Counter(
             "synerdiff_vae_beside_images", "Images decoded one per chunk on a second CUDA stream during a UNet step.", registry=r
         )
+        self.vae_fallbacks = Counter(
+            "synerdiff_vae_oom_fallbacks", "Decodes that ran out of GPU memory and were redone one image at a time (then in tiles).", registry=r
+        )
         for status, reason in _INITIAL_OUTCOMES:
             self.requests.labels(status, reason)
 
@@ -126,6 +129,8 @@ class ServerMetrics:
             self.vae_chunks.inc(stats.vae_chunks)
         if stats.vae_beside:
             self.vae_beside.inc(stats.vae_beside)
+        if stats.vae_fallbacks:
+            self.vae_fallbacks.inc(stats.vae_fallbacks)
         if stats.cfg_skipped:
             self.cfg_skipped.inc(stats.cfg_skipped)
         for wait in stats.queue_waits_s:

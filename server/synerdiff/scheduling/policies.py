@@ -75,11 +75,13 @@ class SynerDiffPolicy:
                 # Beside costs what the chunk adds to the step; inline it would cost its share
                 # of the batched decode after the step.
                 extra = self.cost.vae_beside_s(rows, d.bucket)
-                saved = self.cost.vae_decode_s(inline_images, d.bucket) - self.cost.vae_decode_s(inline_images - 1, d.bucket)
-                while k < min(slots, d.images_left) and extra < saved:
+                while k < min(slots, d.images_left):
+                    saved = self.cost.vae_decode_s(inline_images, d.bucket) - self.cost.vae_decode_s(inline_images - 1, d.bucket)
+                    if extra >= saved:
+                        break
                     k += 1
+                    inline_images -= 1
                 slots -= k
-                inline_images -= k
             if k:
                 beside.append((d.request_id, k))
             if d.images_left > k:

@@ -214,6 +214,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--static-batch", type=int, default=8)
     ap.add_argument("--static-wait", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default=None, help="several arrival draws, e.g. 0,1,2,3,4 (overrides --seed)")
+    ap.add_argument("--slo", type=float, default=None, help="P99 SLO in seconds: also report each system's capacity per seed")
     ap.add_argument("--out", default=None, help="JSON results file")
     args = ap.parse_args(argv)
     cost = CostModel(Profile.load(args.profile))
@@ -224,19 +226,38 @@ def main(argv: list[str] | None = None) -> None:
         "synerdiff": SchedulerConfig(policy="synerdiff", max_rows=args.max_rows),
         "chunking-only": SchedulerConfig(policy="synerdiff", max_rows=args.max_rows, skip_cfg_bound=0.0),
     }
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else [args.seed]
+    rates = [float(r) for r in args.rates.split(",")]
     rows = []
-    for rate in (float(r) for r in args.rates.split(",")):
-        for name, cfg in systems.items():
-            reqs = poisson_arrivals(rate, args.duration, seed=args.seed, bucket=(h, w))
-            out = simulate_static(reqs, cost, args.static_batch, args.static_wait) if cfg is None else simulate(reqs, cfg, cost)
-            rows.append(dict(system=name, rate=rate, throughput=out.throughput, mean_s=out.mean_latency, p50_s=out.percentile(0.5),
-                             p99_s=out.percentile(0.99), skipped_per_request=sum(r.skipped for r in reqs) / max(1, len(reqs))))
-            r = rows[-1]
-            print(f"{name:>10} @ {rate:>4}/s: {r['throughput']:.2f} img/s, mean {r['mean_s']:.2f} s, p99 {r['p99_s']:.2f} s, skipped {r['skipped_per_request']:.1f}/req")
+    for seed in seeds:
+        for rate in rates:
+            for name, cfg in systems.items():
+                reqs = poisson_arrivals(rate, args.duration, seed=seed, bucket=(h, w))
+                out = simulate_static(reqs, cost, args.static_batch, args.static_wait) if cfg is None else simulate(reqs, cfg, cost)
+                rows.append(dict(system=name, seed=seed, rate=rate, throughput=out.throughput, mean_s=out.mean_latency, p50_s=out.percentile(0.5),
+                                 p99_s=out.percentile(0.99), skipped_per_request=sum(r.skipped for r in reqs) / max(1, len(reqs))))
+                r = rows[-1]
+                print(f"{name:>13} @ {rate:>4}/s seed {seed}: {r['throughput']:.2f} img/s, mean {r['mean_s']:.2f} s, p99 {r['p99_s']:.2f} s, skipped {r['skipped_per_request']:.1f}/req")
+    caps = capacities(rows, args.slo) if args.slo else {}
+    for name, per_seed in caps.items():
+        print(f"capacity at P99 <= {args.slo:g} s, {name:>13}: " + ", ".join(f"seed {k}: {v if v is not None else '-'}" for k, v in per_seed.items()))
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"command": "python -m synerdiff.scheduling.simulate " + " ".join(sys.argv[1:] if argv is None else argv),
-                       "profile": args.profile, "rows": rows}, f, indent=1)
+                       "profile": args.profile, "rows": rows, "capacity": caps}, f, indent=1)
+
+
+def capacities(rows: list[dict], slo_s: float) -> dict[str, dict[int, float | None]]:
+    """Per system and seed: the highest rate whose P99 meets the SLO with no lower rate failing (None: none)."""
+    out: dict[str, dict[int, float | None]] = {}
+    for name, seed in sorted({(r["system"], r["seed"]) for r in rows}):
+        best = None
+        for r in sorted((r for r in rows if r["system"] == name and r["seed"] == seed), key=lambda r: r["rate"]):
+            if r["p99_s"] > slo_s:
+                break
+            best = r["rate"]
+        out.setdefault(name, {})[seed] = best
+    return out
 
 
 if __name__ == "__main__":
