@@ -78,6 +78,30 @@ def test_cost_model_interpolates_and_round_trips(tmp_path):
     assert cm.rows_for_throughput(0.9, (512, 512), 128) >= cm.rows_for_throughput(0.5, (512, 512), 128)
 
 
+def test_version_1_profiles_load_without_overlap_and_engines_re_profile(tmp_path):
+    import json
+
+    from synerdiff.scheduling.cost_model import PROFILE_VERSION
+
+    raw = json.loads(json.dumps(reference_h100_sd15().__dict__))
+    raw.pop("vae_beside")
+    raw["version"] = 1
+    (tmp_path / "v1.json").write_text(json.dumps(raw))
+    old = Profile.load(tmp_path / "v1.json")
+    assert old.vae_beside == {} and not old.matches(old.gpu, old.model, old.dtype, old.fast_path)
+    cm = CostModel(old)
+    assert cm.vae_beside_s(8, (512, 512)) == cm.vae_decode_s(1, (512, 512))  # no measured overlap: none assumed
+    new = reference_h100_sd15()
+    new.vae_beside = {"512x512": [(1, 0.010), (32, 0.016)]}
+    new.save(tmp_path / "v2.json")
+    cm2 = CostModel(Profile.load(tmp_path / "v2.json"))
+    assert PROFILE_VERSION == 2 and cm2.vae_beside_s(16, (512, 512)) == pytest.approx(0.010 + 0.006 * 15 / 31)
+    raw["version"] = 99
+    (tmp_path / "v99.json").write_text(json.dumps(raw))
+    with pytest.raises(ValueError, match="version 99"):
+        Profile.load(tmp_path / "v99.json")
+
+
 def test_capacity_is_the_highest_rate_before_the_first_miss_per_seed():
     from synerdiff.scheduling.simulate import capacities
 

@@ -8,8 +8,8 @@ decode), then the same request with guidance skipped on the last `bound` of its 
 and only inside that window) and with a one-image-at-a-time chunked decode, and reports
 PSNR and SSIM against the exact image. At `--tiled-size` (twice the model's size by default:
 tiles need an image larger than the VAE's tile) it compares the spatially tiled decode
-(`vae_tiling="always"`) with the whole decode of the same latents. With the embedded shapes model it also reports
-prompt adherence (the deterministic pixel scorer) for each variant.
+(`vae_tiling="always"`) with the whole decode of the same latents. With the embedded shapes
+model it also reports prompt adherence (the deterministic pixel scorer) for each variant.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Simulation mode: the engine's iteration loop with the cost model in place of the GPU.
 
 The same policies and controller as the real engine decide every iteration; each
-iteration's duration is what the cost model says its encode + UNet step + VAE chunks
-take (run back to back, as measured: they do not overlap on the GPU). Deterministic and
+iteration's duration is what the cost model says its encode + UNet step + VAE decodes
+take back to back, plus what each one-image chunk beside the step adds to it (the profile's
+measured `vae_beside`; only such small chunks overlap a step on the GPU). Deterministic and
 fast, so scheduler and controller behaviour is tested on a CPU, and the operator's pool
 simulator uses it as a pod's capacity model.
 """
