@@ -44,6 +44,9 @@ def test_every_system_and_rate_is_complete_and_well_formed(sweep):
             assert all(r[1] > 0 for r in p["requests"])
             assert p["throughput_ips"] > 0 and p["slo_attainment"] == 1.0
             assert p["queue_wait_mean_s"] >= 0 and p["step_inflation"] > 0
+            if name in ("continuous", "synerdiff"):  # engines report skipped guidance; continuous never skips
+                assert p["cfg_skipped_mean"] is not None and p["cfg_skipped_mean"] >= 0
+                assert name != "continuous" or p["cfg_skipped_mean"] == 0
     assert data["slo"]["mode"] == "fixed"
 
 

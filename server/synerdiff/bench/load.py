@@ -167,7 +167,8 @@ def run_rate(
         f"{label} {point['completed']}/{point['measured']} ok"
         f" | {point['throughput_ips']:.2f} img/s | mean {_f(lat['mean'])} p50 {_f(lat['p50'])} p99 {_f(lat['p99'])}"
         f" | SLO {100 * point['slo_attainment']:.0f}% | step x{_f(point['step_inflation'], 2)}"
-        f" | wall {point['wall_s']:.0f}s" + (f" | CUT: {cut_reason}" if cut_reason else "")
+        + (f" | cfg skipped {point['cfg_skipped_mean']:.1f}/req" if point.get("cfg_skipped_mean") else "")
+        + f" | wall {point['wall_s']:.0f}s" + (f" | CUT: {cut_reason}" if cut_reason else "")
     )
     return point
 
@@ -210,6 +211,7 @@ def summarise(records: list[Record], *, unsent_measured: int, window: tuple[floa
     last = max((r.done for r in ok if r.done is not None), default=first)
     images_ok = sum(r.request.n for r in ok)
     waits = [r.info["queue_wait_s"] for r in ok if "queue_wait_s" in r.info]
+    skipped = [r.info["cfg_skipped"] for r in ok if "cfg_skipped" in r.info]
     per_step = [(r.info["inference_s"] / r.request.steps, size_key(r.request.size)) for r in ok if "inference_s" in r.info]
     ratios = [s / lone_step_s[k] for s, k in per_step if lone_step_s.get(k)]
     # Age at abandonment is a lower bound on an unfinished request's latency.
@@ -238,6 +240,8 @@ def summarise(records: list[Record], *, unsent_measured: int, window: tuple[floa
         },
         "p99_lower_bound_s": percentile(bounds, 99),
         "queue_wait_mean_s": sum(waits) / len(waits) if waits else None,
+        # guided steps run without CFG, per completed request (engines in-process; None over HTTP)
+        "cfg_skipped_mean": sum(skipped) / len(skipped) if skipped else None,
         "step_time_mean_ms": 1e3 * sum(s for s, _ in per_step) / len(per_step) if per_step else None,
         "step_inflation": sum(ratios) / len(ratios) if ratios else None,
         "slo_attainment": sum(1 for r in ok if r.latency_s is not None and r.latency_s <= r.slo_s) / n_measured if n_measured else 0.0,

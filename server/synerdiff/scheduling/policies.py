@@ -13,12 +13,13 @@ class SynerDiffPolicy:
     Per iteration, for the bucket whose turn it is:
     The bucket is *saturated* when requests wait or its rows are past the knee: the
     fewest rows at which the UNet reaches `threshold` x its peak throughput (from the
-    cost model). Past the knee a step's time grows with its rows; below it, it is flat.
+    cost model). Past the knee a step's time grows with its rows; below it, it grows much less
+    (H100, SD1.5 at 512²: 2 rows 12.4 ms, 4 rows 17.4 ms, 8 rows 28.5 ms).
 
     1. Skip-CFG (adaptive): only while saturated, the guided requests inside the last
        `view.skip_fraction` of their steps drop their unconditional rows (the controller
        widens that fraction as the queue grows). Past the knee every dropped row shortens
-       the step for everyone; below it a dropped row saves nothing, so nothing is
+       the step for everyone; below it a dropped row saves little, so nothing is
        skipped and images stay exact at light load.
     2. Admission: FIFO while rows fit (no starvation), counting skipped requests at their full
        rows so the row cap holds whenever skipping stops.
