@@ -118,6 +118,8 @@ def test_decodes_beside_the_step_give_the_same_images_and_are_counted(reference)
         eng.shutdown()
     assert sum(beside) >= 1, "no decode ran beside a step"
     assert metrics.vae_beside._value.get() == sum(beside)
+    t = res_short.timings
+    assert t.decode_wait_s >= 0 and t.decode_s > 0 and t.total_s >= t.queue_wait_s + t.inference_s + t.decode_s - 1e-6
     for res, r in ((res_short, short), (res_long, long)):
         ref = reference(r)
         for i in range(r.n):

@@ -625,6 +625,8 @@ class Engine:
         out: list[tuple[_State, list]] = []
         for st, k in states:
             first = len(st.images)
+            if not first:
+                st.decode_started = self.clock()  # it starts now, beside the step
             try:
                 pending = [self.executor.decode_launch(st.latents[j : j + 1], self._side_stream) for j in range(first, first + k)]
             except Exception as exc:
@@ -640,7 +642,6 @@ class Engine:
 
     def _land_beside(self, launched: list[tuple[_State, list]], stats: IterationStats) -> None:
         t0 = time.perf_counter()
-        now = self.clock()
         for st, pending in launched:
             if st not in self._decoding:  # cancelled or expired meanwhile
                 continue
@@ -649,8 +650,6 @@ class Engine:
             except Exception as exc:
                 self._fault("vae", [st], exc)
                 continue
-            if not st.images:
-                st.decode_started = now
             for img in images:
                 st.images.extend(img.unbind(0))
             stats.vae_chunks += len(images)
