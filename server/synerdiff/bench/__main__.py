@@ -201,20 +201,13 @@ def cmd_run(args: argparse.Namespace) -> None:
     base = bench_engine_config(path, args.device, args.dtype, args.profile_path)
     models = _ModelCopies(path, args.device, args.dtype)
     systems = [build_system(n, o, base, models.get(weights_key(o, base))) for n, o in specs]
-    cfg = SweepConfig(
+    cfg = SweepConfig.from_args(
+        args,
         rates=[float(x) for x in args.rates.split(",")],
-        duration_s=args.duration,
-        warmup_s=args.warmup_s,
         max_requests=args.max_requests,
         slo_s=args.slo,
-        slo_factor=args.slo_factor,
-        cut_factor=args.cut_factor,
         budget_s=args.budget_s,
-        seed=args.seed,
         arrival_draw=args.arrival_draw,
-        lone_repeats=args.lone_repeats,
-        progress_s=args.progress_s,
-        raw=not args.no_raw,
     )
     report = new_report(
         "sweep", args.name, args.argv, model=path, device=args.device, dtype=args.dtype, mix=mix.describe(),

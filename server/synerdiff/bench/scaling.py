@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ..scheduling.simulate import capacity as capacity_of
+
 Log = Callable[[str], None]
 
 
@@ -123,14 +125,8 @@ def _points(pool: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def capacity(points: list[dict[str, Any]], slo_s: float) -> float | None:
-    """Highest offered rate whose P99 meets the SLO, with no lower rate failing it (None: none met it)."""
-    best = None
-    for p in sorted(points, key=lambda p: p["rate"]):
-        p99 = p["latency_s"]["p99"]
-        if p["cut"] or p99 is None or p99 > slo_s:
-            break
-        best = p["rate"]
-    return best
+    """Highest offered rate of a sweep whose P99 meets the SLO, no lower rate failing (a cut point fails)."""
+    return capacity_of(((p["rate"], None if p["cut"] else p["latency_s"]["p99"]) for p in points), slo_s)
 
 
 def summarise_scaling(pools: dict[int, dict[str, Any]], slo_s: float) -> dict[str, Any]:
@@ -229,17 +225,10 @@ def run_scaling(args, log: Log = print) -> dict[str, Any]:
         for n in pools:
             urls = ";".join(s.url for s in servers[:n])
             system = HttpSystem(f"gpus{n}", urls, timeout_s=args.request_timeout)
-            cfg = SweepConfig(
+            cfg = SweepConfig.from_args(
+                args,
                 rates=[n * r for r in rates_per_gpu],
-                duration_s=args.duration,
-                warmup_s=args.warmup_s,
                 slo_s=slo_s,
-                slo_factor=args.slo_factor,
-                cut_factor=args.cut_factor,
-                seed=args.seed,
-                lone_repeats=args.lone_repeats,
-                progress_s=args.progress_s,
-                raw=not args.no_raw,
                 speedup=float(n),  # every pool replays one GPU's draw, n times faster
             )
             sub: dict[str, Any] = {"gpus": n, "urls": urls}

@@ -39,6 +39,21 @@ class SweepConfig:
     # load" holds exactly rather than up to one Poisson draw's luck.
     speedup: float = 1.0
 
+    @classmethod
+    def from_args(cls, args: Any, **fields: Any) -> "SweepConfig":
+        """The options `run` and `scale` share, from their parsed arguments; `fields` sets the rest."""
+        return cls(
+            duration_s=args.duration,
+            warmup_s=args.warmup_s,
+            slo_factor=args.slo_factor,
+            cut_factor=args.cut_factor,
+            seed=args.seed,
+            lone_repeats=args.lone_repeats,
+            progress_s=args.progress_s,
+            raw=not args.no_raw,
+            **fields,
+        )
+
 
 def sped_up(arrivals: list[Arrival], speedup: float) -> list[Arrival]:
     return arrivals if speedup == 1.0 else [dataclasses.replace(a, t=a.t / speedup) for a in arrivals]

@@ -11,6 +11,7 @@ simulator uses it as a pod's capacity model.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 import random
 from dataclasses import dataclass, field
 
@@ -248,16 +249,23 @@ def main(argv: list[str] | None = None) -> None:
                        "profile": args.profile, "rows": rows, "capacity": caps}, f, indent=1)
 
 
+def capacity(p99_by_rate: Iterable[tuple[float, float | None]], slo_s: float) -> float | None:
+    """The highest rate whose P99 meets the SLO with no lower rate failing it (None: none did).
+    A P99 of None (the point was cut or never measured) fails."""
+    best = None
+    for rate, p99 in sorted(p99_by_rate, key=lambda x: x[0]):
+        if p99 is None or p99 > slo_s:
+            break
+        best = rate
+    return best
+
+
 def capacities(rows: list[dict], slo_s: float) -> dict[str, dict[int, float | None]]:
-    """Per system and seed: the highest rate whose P99 meets the SLO with no lower rate failing (None: none)."""
+    """Per system and seed of the simulator's rows: `capacity`."""
     out: dict[str, dict[int, float | None]] = {}
     for name, seed in sorted({(r["system"], r["seed"]) for r in rows}):
-        best = None
-        for r in sorted((r for r in rows if r["system"] == name and r["seed"] == seed), key=lambda r: r["rate"]):
-            if r["p99_s"] > slo_s:
-                break
-            best = r["rate"]
-        out.setdefault(name, {})[seed] = best
+        points = ((r["rate"], r["p99_s"]) for r in rows if r["system"] == name and r["seed"] == seed)
+        out.setdefault(name, {})[seed] = capacity(points, slo_s)
     return out
 
 
