@@ -101,7 +101,7 @@ def model_dir(spec: PoolSpec) -> str:
 
 
 def engine_settings(pool: str, spec: PoolSpec) -> dict[str, Any]:
-    """The engine's config file: the shape of `synerdiff.config.ServerSettings`."""
+    """The engine's config file: the shape of `synerdiff.contract.config.ServerSettings`."""
     engine = spec.engine.model_dump(mode="json")
     engine.update(
         model=model_dir(spec),

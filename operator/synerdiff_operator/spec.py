@@ -2,7 +2,7 @@
 
 The CRD's OpenAPI schema is generated from these models (see `crd.py`), so the API server's
 defaults and bounds and the operator's own defaults and bounds cannot drift apart. The `engine`
-section reuses `synerdiff.config.EngineConfig`'s fields verbatim (snake_case, as in the engine's
+section reuses `synerdiff.contract.config.EngineConfig`'s fields verbatim (snake_case, as in the engine's
 config file and admin API), minus the fields the operator derives from the rest of the spec.
 
 Every CEL rule (`x-kubernetes-validations`) has a Python twin in a model validator, because the
@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from synerdiff.config import EngineConfig, ServerSettings
+from synerdiff.contract.config import EngineConfig, ServerSettings
 
 # Derived from spec.model and spec.gpu, so a user-set value would only contradict them.
 ENGINE_OWNED_FIELDS = frozenset({"model", "device", "dtype"})
@@ -157,7 +157,7 @@ def _engine_spec_model() -> type[BaseModel]:
     return create_model(
         "EngineSpec",
         __config__=ConfigDict(extra="forbid", frozen=True, title="EngineSpec"),
-        __doc__="Engine settings, as in the engine's config file (snake_case, generated from synerdiff.config.EngineConfig).",
+        __doc__="Engine settings, as in the engine's config file (snake_case, generated from synerdiff.contract.config.EngineConfig).",
         **fields,
     )
 

@@ -108,7 +108,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------------------------- serve
 def settings_from_args(args: argparse.Namespace):
-    from .config import ServerSettings
+    from .contract.config import ServerSettings
 
     if getattr(args, "config", None):
         os.environ["SYNERDIFF_CONFIG_FILE"] = args.config

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 
-from synerdiff.config import EMBEDDED_MODEL_DIR
+from synerdiff.contract.config import EMBEDDED_MODEL_DIR
 from synerdiff.models.loader import load_model
 
 

@@ -8,7 +8,7 @@ from synerdiff.api import create_app
 from synerdiff.bench.load import run_rate
 from synerdiff.bench.systems import HttpSystem
 from synerdiff.bench.workload import default_mix, poisson_arrivals
-from synerdiff.config import EngineConfig, LimitsConfig, SchedulerConfig, ServerSettings
+from synerdiff.contract.config import EngineConfig, LimitsConfig, SchedulerConfig, ServerSettings
 from synerdiff.engine import Engine
 from tests.server.httpkit import serve_app
 

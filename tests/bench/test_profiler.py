@@ -4,7 +4,7 @@ import pytest
 
 from synerdiff.engine import profiler
 from synerdiff.bench.__main__ import main
-from synerdiff.config import EMBEDDED_MODEL_DIR, EngineConfig, SchedulerConfig
+from synerdiff.contract.config import EMBEDDED_MODEL_DIR, EngineConfig, SchedulerConfig
 from synerdiff.engine.executor import StepExecutor
 from synerdiff.scheduling.cost_model import CostModel, Profile
 

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from synerdiff.config import EMBEDDED_MODEL_DIR, EngineConfig, SchedulerConfig
+from synerdiff.contract.config import EMBEDDED_MODEL_DIR, EngineConfig, SchedulerConfig
 from synerdiff.engine import Engine, GenerationRequest
 from synerdiff.samplers import DIFFUSERS_CLASSES
 

@@ -8,7 +8,7 @@ from dataclasses import replace
 import torch
 
 from synerdiff.bench.quality import psnr
-from synerdiff.config import EngineConfig
+from synerdiff.contract.config import EngineConfig
 from synerdiff.engine import Engine, GenerationRequest
 from synerdiff.scheduling.planner import ContinuousPolicy, EngineView, IterationPlan
 
@@ -95,7 +95,7 @@ def test_decodes_beside_the_step_give_the_same_images_and_are_counted(reference)
     """The synerdiff policy with a profile that says a one-image decode overlaps a step: images
     of a 2-image request are decoded beside the steps of another still running (on a CPU the
     "beside" decode runs just before the step), and they equal diffusers' output."""
-    from synerdiff.config import SchedulerConfig
+    from synerdiff.contract.config import SchedulerConfig
     from synerdiff.metrics import ServerMetrics
     from synerdiff.scheduling.cost_model import CostModel, Profile
     from synerdiff.scheduling.policies import SynerDiffPolicy

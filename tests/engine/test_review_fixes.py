@@ -7,7 +7,7 @@ from dataclasses import replace
 
 import pytest
 
-from synerdiff.config import EngineConfig, LimitsConfig, SchedulerConfig
+from synerdiff.contract.config import EngineConfig, LimitsConfig, SchedulerConfig
 from synerdiff.engine import Engine, EngineError, GenerationRequest, RequestError
 from synerdiff.scheduling.planner import ContinuousPolicy, EngineView, IterationPlan
 

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from synerdiff.config import EMBEDDED_MODEL_DIR
+from synerdiff.contract.config import EMBEDDED_MODEL_DIR
 from synerdiff.samplers import DIFFUSERS_CLASSES, SAMPLERS, apply_update, make_plan
 
 CFG = json.loads((EMBEDDED_MODEL_DIR / "scheduler" / "scheduler_config.json").read_text())

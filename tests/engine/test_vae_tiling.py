@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from synerdiff.bench.quality import psnr
-from synerdiff.config import EngineConfig, SchedulerConfig
+from synerdiff.contract.config import EngineConfig, SchedulerConfig
 from synerdiff.engine import Engine, EngineError, GenerationRequest
 
 

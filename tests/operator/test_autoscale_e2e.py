@@ -28,7 +28,7 @@ import yaml
 from .harness import POOLS, REPO_ROOT, Cluster
 from .tools import tool
 from synerdiff.api import create_app
-from synerdiff.config import EngineConfig, SchedulerConfig, ServerSettings
+from synerdiff.contract.config import EngineConfig, SchedulerConfig, ServerSettings
 from synerdiff.engine import Engine
 from synerdiff_operator import autoscaler, manifests
 

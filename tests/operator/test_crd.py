@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from .crdcheck import REPO_ROOT, admit, apply_defaults, iter_rules, load_crd, root_schema, schema_errors
-from synerdiff.config import EngineConfig, LimitsConfig, SchedulerConfig
+from synerdiff.contract.config import EngineConfig, LimitsConfig, SchedulerConfig
 from synerdiff_operator import crd as crdgen
 from synerdiff_operator.spec import ENGINE_OWNED_FIELDS, EngineSpec, InvalidSpec, parse_spec
 

@@ -24,7 +24,7 @@ from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from .harness import POOLS, REPO_ROOT, Cluster, OperatorThread
 from .tools import tool
-from synerdiff.config import ServerSettings
+from synerdiff.contract.config import ServerSettings
 from synerdiff_operator import manifests
 
 DEPLOYMENTS = "apps/v1/deployments"

@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from synerdiff.config import ServerSettings
+from synerdiff.contract.config import ServerSettings
 from synerdiff_operator import manifests
 from synerdiff_operator.spec import parse_spec
 

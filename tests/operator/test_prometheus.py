@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from synerdiff.api import create_app
-from synerdiff.config import EngineConfig, SchedulerConfig, ServerSettings
+from synerdiff.contract.config import EngineConfig, SchedulerConfig, ServerSettings
 from synerdiff.engine import Engine
 from synerdiff_operator import prometheus, signals
 from synerdiff_operator.autoscaler import Autoscaler

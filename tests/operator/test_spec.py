@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from synerdiff.config import EngineConfig
+from synerdiff.contract.config import EngineConfig
 from synerdiff_operator.spec import InvalidSpec, check_name, parse_spec
 
 BASE = {"image": "engine:1", "model": {"uri": "hf://org/model"}}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from synerdiff.config import SchedulerConfig
+from synerdiff.contract.config import SchedulerConfig
 from synerdiff.scheduling import controller as ctl
 from synerdiff.scheduling.cost_model import CostModel, reference_h100_sd15
 from synerdiff.scheduling.simulate import SimRequest, poisson_arrivals, simulate

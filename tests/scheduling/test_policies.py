@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from synerdiff.config import SchedulerConfig
+from synerdiff.contract.config import SchedulerConfig
 from synerdiff.scheduling.cost_model import CostModel, reference_h100_sd15
 from synerdiff.scheduling.planner import Active, ContinuousPolicy, Decode, EngineView, Waiting, admit_fifo, pick_bucket
 from synerdiff.scheduling.policies import SynerDiffPolicy

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from synerdiff.config import SchedulerConfig
+from synerdiff.contract.config import SchedulerConfig
 from synerdiff.scheduling.cost_model import CostModel, Profile, reference_h100_sd15
 from synerdiff.scheduling.simulate import SimRequest, poisson_arrivals, simulate, simulate_static
 

@@ -8,7 +8,7 @@ import pytest
 from .httpkit import Live, make_engine, serve_app
 
 from synerdiff.api import create_app
-from synerdiff.config import ServerSettings
+from synerdiff.contract.config import ServerSettings
 from synerdiff.engine import Engine
 
 

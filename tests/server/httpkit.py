@@ -18,7 +18,7 @@ import uvicorn
 from PIL import Image
 
 from synerdiff.api.state import AppState
-from synerdiff.config import EngineConfig, LimitsConfig, SchedulerConfig
+from synerdiff.contract.config import EngineConfig, LimitsConfig, SchedulerConfig
 from synerdiff.engine import Engine
 
 # A request slow enough to catch while running on 2 shared cores (~40 ms+ per step),

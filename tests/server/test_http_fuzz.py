@@ -18,7 +18,7 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 
 from synerdiff.api import create_app
-from synerdiff.config import ServerSettings
+from synerdiff.contract.config import ServerSettings
 
 TOKEN = "fuzz-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

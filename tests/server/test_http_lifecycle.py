@@ -7,7 +7,7 @@ import threading
 import httpx
 
 from synerdiff.api import create_app
-from synerdiff.config import EngineConfig, ServerSettings
+from synerdiff.contract.config import EngineConfig, ServerSettings
 from synerdiff.engine import Engine
 
 from .httpkit import metric_value, serve_app, wait_until

@@ -10,7 +10,7 @@ import pytest
 from .httpkit import Live, metric_value, serve_app
 
 from synerdiff.api import create_app
-from synerdiff.config import ServerSettings
+from synerdiff.contract.config import ServerSettings
 
 GEN = "/v1/images/generations"
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "api.md"
@@ -124,7 +124,7 @@ def test_admin_disabled_without_tokens_and_api_token_enforced(engine):
 
 def test_step_inflation_is_observed_with_a_cost_model():
     """The synerdiff policy profiles at start; every step then reports its inflation >= ~1."""
-    from synerdiff.config import EngineConfig, SchedulerConfig
+    from synerdiff.contract.config import EngineConfig, SchedulerConfig
     from synerdiff.engine import Engine, GenerationRequest
 
     eng = Engine(EngineConfig(device="cpu", dtype="float32", warmup=False, scheduler=SchedulerConfig(policy="synerdiff"))).start()

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ..config import ServerSettings
+from ..contract.config import ServerSettings
 from ..engine import Engine
 from . import admin, generation
 from .auth import require_api_token

@@ -7,11 +7,11 @@ here we only pin down types and the bounds no configuration can change.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Optional
+from typing import Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field
 
-from ..config import SchedulerConfig
+from ..contract.requests import SamplerName
 
 SIZE_PATTERN = r"^(auto|[0-9]{1,5}x[0-9]{1,5})$"
 
@@ -66,7 +66,7 @@ class ImageGenerationRequest(BaseModel):
         description="Extension: classifier-free guidance scale; <= 1 disables guidance. Default: `engine.default_guidance`.",
     )
     seed: Optional[int] = Field(None, ge=0, lt=2**63, description="Extension: seed for reproducible images; random when omitted.")
-    sampler: Optional[Literal["ddim", "euler", "euler_a", "dpmpp_2m"]] = Field(
+    sampler: Optional[SamplerName] = Field(
         None, description="Extension: sampler; default: `engine.default_sampler`."
     )
     cfg_skip: Literal["auto", "never"] = Field(
@@ -130,19 +130,3 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-def _optional_fields(model: type[BaseModel]) -> dict[str, Any]:
-    fields: dict[str, Any] = {}
-    for name, info in model.model_fields.items():
-        # Keep each field's constraints (ge/le/Literal) so a bad value is a 422 naming it.
-        inner = Annotated[(info.annotation, *info.metadata)] if info.metadata else info.annotation
-        fields[name] = (Optional[inner], Field(None, description=info.description))
-    return fields
-
-
-# Built from SchedulerConfig so that knobs added there appear here without edits.
-SchedulerPatch = create_model(
-    "SchedulerPatch",
-    __config__=ConfigDict(extra="forbid"),
-    __doc__="Partial update of the scheduler configuration: omitted or null fields keep their value.",
-    **_optional_fields(SchedulerConfig),
-)

@@ -17,7 +17,7 @@ from types import FrameType
 
 import uvicorn
 
-from ..config import ServerSettings
+from ..contract.config import ServerSettings
 from .app import create_app
 from .state import AppState
 

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from ..config import ServerSettings
+from ..contract.config import ServerSettings
 from ..engine import Engine
 from ..metrics import ServerMetrics
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ..config import EngineConfig, LimitsConfig, SchedulerConfig
+from ..contract.config import EngineConfig, LimitsConfig, SchedulerConfig
 from ..models.loader import ModelBundle
 from ..samplers import DIFFUSERS_CLASSES
 from .systems import DoneFn, EngineSystem, HttpSystem, System

@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from ..config import EngineConfig, SchedulerConfig
+from ..contract.config import EngineConfig, SchedulerConfig
 from ..engine import Engine, GenerationRequest
 from .quality import psnr
 

@@ -23,7 +23,7 @@ from dataclasses import replace
 
 import torch
 
-from ..config import EMBEDDED_MODEL_DIR, EngineConfig, SchedulerConfig
+from ..contract.config import EMBEDDED_MODEL_DIR, EngineConfig, SchedulerConfig
 from ..engine import Engine, GenerationRequest
 from ..scheduling.planner import ContinuousPolicy, EngineView, IterationPlan
 from .quality import psnr, ssim

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import EMBEDDED_MODEL_DIR
+from ..contract.config import EMBEDDED_MODEL_DIR
 from ..models.make_tiny import SD15_SCHEDULER, write_char_tokenizer, write_model_index
 
 SD15_UNET = dict(

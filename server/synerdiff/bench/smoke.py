@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ..config import EngineConfig
+from ..contract.config import EngineConfig
 from ..engine import Engine, GenerationRequest, IterationStats
 from ..models.loader import ModelBundle
 from ..samplers import DIFFUSERS_CLASSES

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
-from ..config import EngineConfig
+from ..contract.config import EngineConfig
 from ..engine import Cancelled, Engine, EngineError, QueueFull, RequestError, TimedOut
 from ..models.loader import ModelBundle
 from .workload import BenchRequest

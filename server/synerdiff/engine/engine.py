@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..config import EngineConfig, SchedulerConfig
+from ..contract.config import EngineConfig, SchedulerConfig
 from ..models.loader import ModelBundle, load_model
 from ..samplers import SamplerPlan, apply_update, make_plan
 from ..scheduling import controller as ctl

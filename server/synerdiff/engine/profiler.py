@@ -22,7 +22,7 @@ import torch
 from ..scheduling.cost_model import Profile, bucket_key
 
 if TYPE_CHECKING:
-    from ..config import EngineConfig
+    from ..contract.config import EngineConfig
     from .executor import StepExecutor
 
 log = logging.getLogger("synerdiff.profiler")

@@ -6,9 +6,9 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ..config import LimitsConfig
+from ..contract.config import LimitsConfig
 
-SAMPLER_NAMES = ("ddim", "euler", "euler_a", "dpmpp_2m")
+from ..contract.requests import SAMPLER_NAMES
 CfgSkip = Literal["auto", "never"]
 
 _ids = itertools.count(1)

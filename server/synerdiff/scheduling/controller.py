@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from ..config import SchedulerConfig
+from ..contract.config import SchedulerConfig
 
 TICK_S = 0.5
 WAIT_EMA = 0.5  # weight of the newest queue-wait sample

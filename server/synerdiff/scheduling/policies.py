@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..config import SchedulerConfig
+from ..contract.config import SchedulerConfig
 from .cost_model import CostModel, reference_h100_sd15
 from .planner import ContinuousPolicy, EngineView, IterationPlan, Policy, admit_fifo, pick_bucket
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable
 import random
 from dataclasses import dataclass, field
 
-from ..config import SchedulerConfig
+from ..contract.config import SchedulerConfig
 from . import controller as ctl
 from .cost_model import CostModel
 from .planner import Active, Bucket, Decode, EngineView, Policy, Waiting

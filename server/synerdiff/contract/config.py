@@ -16,9 +16,10 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-EMBEDDED_MODEL_DIR = Path(__file__).parent / "models" / "embedded" / "tiny-sd"
+from .requests import SamplerName
 
-SamplerName = Literal["ddim", "euler", "euler_a", "dpmpp_2m"]
+EMBEDDED_MODEL_DIR = Path(__file__).parent.parent / "models" / "embedded" / "tiny-sd"
+
 DType = Literal["float32", "float16", "bfloat16"]
 
 

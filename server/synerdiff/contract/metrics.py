@@ -1,0 +1,44 @@
+"""Names and histogram buckets of an engine's Prometheus metrics (its `/metrics`).
+
+The server registers them; the operator's autoscaler and the pool simulator read them.
+Counters are named without `_total`: prometheus_client appends it on exposition.
+"""
+
+from __future__ import annotations
+
+# Gauges computed at scrape time.
+WAITING = "synerdiff_requests_waiting"
+RUNNING = "synerdiff_requests_running"
+ROWS_ACTIVE = "synerdiff_unet_rows_active"
+READY = "synerdiff_ready"
+THRESHOLD = "synerdiff_scheduler_threshold"
+SKIP_CFG_BOUND = "synerdiff_skip_cfg_bound"
+SKIP_CFG_FRACTION = "synerdiff_skip_cfg_fraction"
+MAX_ROWS = "synerdiff_scheduler_max_rows"
+
+# Histograms.
+STEP_ROWS = "synerdiff_step_rows"
+UNET_STEP = "synerdiff_unet_step_seconds"
+VAE_DECODE = "synerdiff_vae_decode_seconds"
+QUEUE_WAIT = "synerdiff_queue_wait_seconds"
+LATENCY = "synerdiff_request_latency_seconds"
+STEP_INFLATION = "synerdiff_step_inflation_ratio"
+
+# Counters (exposed with a `_total` suffix).
+IMAGES = "synerdiff_images_generated"
+REQUESTS = "synerdiff_requests"
+CFG_SKIPPED = "synerdiff_cfg_skipped_steps"
+VAE_CHUNKS = "synerdiff_vae_chunks"
+VAE_BESIDE = "synerdiff_vae_beside_images"
+VAE_FALLBACKS = "synerdiff_vae_oom_fallbacks"
+
+
+def total(counter: str) -> str:
+    """The exposed series name of a counter."""
+    return counter + "_total"
+
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
+INFLATION_BUCKETS = (1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
