@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Session 3, call d (one H100, about 9.5 minutes), from the repo root with .whl/ carried:
-#   issue 5: does a VAE decode overlap a graphed UNet step on a second stream (the premise of
-#            decoding beside steps)?  issue 6: plain continuous batching's capacity curve on
-#            60 s windows of one shared Poisson draw (seed 0); call e runs synerdiff on the same draw.
+# One H100 (about 9.5 minutes), from the repo root with the wheels in .whl/:
+#   overlap: does a VAE decode overlap a graphed UNet step on a second stream (the premise of
+#            decoding beside steps)?  capacity: plain continuous batching's capacity curve on
+#            60 s windows of one shared Poisson draw (seed 0); measure-capacity-synerdiff.sh runs synerdiff on the same draw.
 set -u
-source "$(dirname "$0")/device-env.sh"
+source "$(dirname "$0")/gpu-env.sh"
 python3 -m synerdiff.bench build-model --device cuda || exit 1
 timeout 120 python3 -m synerdiff.bench overlap --model sd15 --device cuda --dtype float16 \
   --rows 1,2,4,8,16,32 --images 1,4,8 --out "$OUT" --name overlap > "$OUT/overlap.log" 2>&1

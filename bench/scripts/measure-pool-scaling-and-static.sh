@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One device-tool call on a 2-GPU H100 host (about 9 minutes), from the repo root with .whl/ carried:
-#   both GPUs: one `synerdiff serve` per GPU behind round-robin, 1 GPU against 2 (issue 10);
-#   GPU 0: the static-batching baseline with the same SLO and windows as gpu-call-a.sh (issue 6).
+# One run on a 2-GPU H100 host (about 9 minutes), from the repo root with the wheels in .whl/:
+#   both GPUs: one `synerdiff serve` per GPU behind round-robin, 1 GPU against 2 (pool scaling);
+#   GPU 0: the static-batching baseline with the same SLO and windows as measure-saturation-sweep-and-train-model.sh.
 set -u
-source "$(dirname "$0")/device-env.sh"
+source "$(dirname "$0")/gpu-env.sh"
 python3 -m synerdiff.bench build-model --device cuda || exit 1
 timeout 340 python3 -m synerdiff.bench scale --gpus 2 --model sd15 --device cuda --dtype float16 \
   --rates-per-gpu 1,2,3,4 --duration 20 --slo 5.4 --cut-factor 3 --out "$OUT" --name scale > "$OUT/scale.log" 2>&1

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Session 3, call g (one H100, about 6 minutes), from the repo root with .whl/ carried, after the
+# One H100 (about 6 minutes), from the repo root with the wheels in .whl/, after the
 # synerdiff policy stopped holding decodes back and decodes one-image chunks beside the UNet step:
-#   issue 5: how several one-image chunks beside a step overlap (sets vae_beside_step), and
+#   chunking: how several one-image chunks beside a step overlap (sets vae_beside_step), and
 #   "chunking alone" (synerdiff with skip-CFG off) against plain continuous batching on a load
 #   where the VAE is a large share of the work: 8-step requests (a decode = ~2 steps' time).
 set -u
-source "$(dirname "$0")/device-env.sh"
+source "$(dirname "$0")/gpu-env.sh"
 python3 -m synerdiff.bench build-model --device cuda || exit 1
 timeout 90 python3 -m synerdiff.bench overlap --model sd15 --device cuda --dtype float16 \
   --rows 2,8,16,32 --images 1,2,4 --out "$OUT" --name overlap-chunks > "$OUT/overlap-chunks.log" 2>&1

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Session 3, call f (one H100, about 3.5 minutes), after call e on the same warm machine:
-#   issue 6's light-load goal: synerdiff at 0.25 req/s for 120 s against its own lone request.
+# One H100 (about 3.5 minutes), after measure-capacity-synerdiff.sh on the same warm machine:
+#   the light-load goal: synerdiff at 0.25 req/s for 120 s against its own lone request.
 set -u
-source "$(dirname "$0")/device-env.sh"
+source "$(dirname "$0")/gpu-env.sh"
 python3 -m synerdiff.bench build-model --device cuda || exit 1
 timeout 300 python3 -m synerdiff.bench run --model sd15 --device cuda --dtype float16 --systems synerdiff \
   --rates 0.25 --duration 120 --warmup-s 2 --slo 5.4 --lone-repeats 5 \

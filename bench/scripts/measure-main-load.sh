@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# Session 3, call h (one H100, about 6.5 minutes), right after call g on the same warm machine:
-#   issues 5 and 6 on the main load (50 steps, 512², cfg 7.5), seed-0 shared draw with 60 s windows
-#   as calls d/e: continuous again (same machine) and synerdiff with the new decode rule.
+# One H100 (about 6.5 minutes), right after measure-chunk-overlap-and-chunking.sh on the same warm machine:
+#   chunking and capacity on the main load (50 steps, 512², cfg 7.5), seed-0 shared draw with 60 s windows
+#   as the two capacity scripts: continuous again (same machine) and synerdiff decoding one-image chunks beside the step.
 set -u
-source "$(dirname "$0")/device-env.sh"
+source "$(dirname "$0")/gpu-env.sh"
 python3 -m synerdiff.bench build-model --device cuda || exit 1
 timeout 420 python3 -m synerdiff.bench run --model sd15 --device cuda --dtype float16 \
   --systems synerdiff,continuous \

@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# One device-tool call on a 2-GPU H100 host (about 9 minutes), from the repo root with .whl/ carried,
+# One run on a 2-GPU H100 host (about 9 minutes), from the repo root with the wheels in .whl/,
 # after the UNet graph buckets went from (…32, 40, 48, 64) to every 2 rows:
-#   both GPUs: issue 10's 1-vs-2-GPU pool again;  GPU 0: the engines' long-window sweep again (issue 6).
+#   both GPUs: the 1-vs-2-GPU pool again;  GPU 0: the engines' long-window sweep again (capacity at the SLO).
 set -u
-source "$(dirname "$0")/device-env.sh"
+source "$(dirname "$0")/gpu-env.sh"
 python3 -m synerdiff.bench build-model --device cuda || exit 1
 timeout 230 python3 -m synerdiff.bench scale --gpus 2 --model sd15 --device cuda --dtype float16 \
   --rates-per-gpu 1,2,3 --duration 20 --slo 5.4 --cut-factor 3 --out "$OUT" --name scale > "$OUT/scale.log" 2>&1

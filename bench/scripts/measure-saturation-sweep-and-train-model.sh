@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# One device-tool call on a 2-GPU H100 host (about 9.5 minutes), from the repo root with .whl/ carried:
-#   GPU 1: train the embedded shapes model (issue 9), deep UNet, from scratch;
-#   GPU 0: the saturation smoke (issues 4 and 5: every request at once, full CFG, continuous
-#          vs synerdiff), then the engines' long-window load sweep (issue 6).
-# The static-batching baseline for issue 6 runs in gpu-call-b.sh on the same kind of machine.
+# One run on a 2-GPU H100 host (about 9.5 minutes), from the repo root with the wheels in .whl/:
+#   GPU 1: train the embedded shapes model, deep UNet, from scratch;
+#   GPU 0: the saturation smoke (throughput against the UNet ceiling: every request at once, full CFG,
+#          continuous vs synerdiff), then the engines' long-window load sweep (capacity at the SLO).
+# The static-batching baseline for that sweep runs in measure-pool-scaling-and-static.sh on the same kind of machine.
 set -u
-source "$(dirname "$0")/device-env.sh"
+source "$(dirname "$0")/gpu-env.sh"
 CUDA_VISIBLE_DEVICES=1 timeout 535 python3 -m synerdiff.models.shapes.train --out /tmp/m/model --arch deep \
   --vae-minutes 1.1 --unet-minutes 6.2 --p-position 0.85 --tar "$OUT/model.tar" \
   --eval-seeds 4 --eval-json "$OUT/train-eval.json" --eval-grid "$OUT/train-grid.png" > "$OUT/train.log" 2>&1 &
