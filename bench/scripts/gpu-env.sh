@@ -1,6 +1,6 @@
-# Sourced by the gpu-call-*.sh scripts on the device machine (repo root, .whl/ carried): installs the
-# carried wheels and puts the server package on the path. Needs OUT (the device tool sets it).
-OUT=${OUT:?run through the device tool, or set OUT}
+# Sourced by the measure-*.sh scripts on the GPU machine (repo root, wheels in .whl/): installs the
+# wheels from .whl/ and puts the server package on the path. Needs OUT, the directory results go to.
+OUT=${OUT:?set OUT to the directory for results}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site:$PWD/server PYTHONUNBUFFERED=1
 nvidia-smi -L
