@@ -1,4 +1,4 @@
-"""Regressions found in review: mixed-shape decodes, batch-mates of a bad request, schedules a
+"""Engine edge cases: mixed-shape decodes, batch-mates of a bad request, schedules a
 sampler cannot make, explicit threshold changes."""
 
 from __future__ import annotations
