@@ -176,7 +176,7 @@ def summarise_scaling(pools: dict[int, dict[str, Any]], slo_s: float) -> dict[st
 
 
 def goal_met(summary: dict[str, Any], target: float = 0.95) -> bool:
-    """Issue 10's goal: every pool reaches target x n x one GPU's peak throughput and capacity."""
+    """The scaling goal: every pool reaches target x n x one GPU's peak throughput and capacity."""
     pools = [p for k, p in summary["pools"].items() if k != "1"]
     return bool(pools) and all(
         (p["peak_efficiency"] or 0) >= target and (p["capacity_efficiency"] is None or p["capacity_efficiency"] >= target) for p in pools
