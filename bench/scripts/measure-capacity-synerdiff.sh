@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One H100 (about 6 minutes), right after measure-overlap-and-capacity-continuous.sh on the same warm machine:
+# One H100 (about 6 minutes), right after measure-overlap-and-capacity-continuous.sh on the same machine:
 #   capacity: synerdiff's capacity curve on the same shared Poisson draw (seed 0, 60 s windows) as
 #   that script's plain continuous batching, one rate further.
 set -u

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One H100 (about 3.5 minutes), after measure-capacity-synerdiff.sh on the same warm machine:
+# One H100 (about 3.5 minutes), after measure-capacity-synerdiff.sh on the same machine:
 #   the light-load goal: synerdiff at 0.25 req/s for 120 s against its own lone request.
 set -u
 source "$(dirname "$0")/gpu-env.sh"

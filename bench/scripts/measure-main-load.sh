@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One H100 (about 6.5 minutes), right after measure-chunk-overlap-and-chunking.sh on the same warm machine:
+# One H100 (about 6.5 minutes), right after measure-chunk-overlap-and-chunking.sh on the same machine:
 #   chunking and capacity on the main load (50 steps, 512², cfg 7.5), seed-0 shared draw with 60 s windows
 #   as the two capacity scripts: continuous again (same machine) and synerdiff decoding one-image chunks beside the step.
 set -u

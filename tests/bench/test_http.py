@@ -52,7 +52,7 @@ def test_http_driver_with_a_wrong_token_completes_nothing(server):
 
 
 def test_http_driver_spreads_requests_round_robin_over_several_servers():
-    """Issue 10's code path on one machine: N engine servers behind the driver's round-robin."""
+    """The multi-GPU pool's code path on one machine: N engine servers behind the driver's round-robin."""
     engines, apps = [], []
     for _ in range(2):
         cfg = EngineConfig(device="cpu", dtype="float32", warmup=False, scheduler=SchedulerConfig(policy="continuous"))

@@ -1,4 +1,4 @@
-"""Issue 10's harness: the pure scaling summary, and the whole `bench scale` command on the CPU
+"""The multi-GPU scaling harness: the pure scaling summary, and the whole `bench scale` command on the CPU
 with two real `synerdiff serve` processes (the embedded model) on loopback."""
 
 from __future__ import annotations

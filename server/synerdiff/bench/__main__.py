@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--budget-s", type=float, default=None, help="wall-time budget for the sweep; later points are skipped")
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--arrival-draw", default="shared", choices=["shared", "per-rate"],
-                   help="shared: every rate replays one draw of --seed, compressed (common random numbers); per-rate: an independent draw per rate (results before session 3)")
+                   help="shared: every rate replays one draw of --seed, compressed (common random numbers); per-rate: an independent draw per rate (how the committed *-run1 to *-run4 results were drawn)")
     r.add_argument("--lone-repeats", type=int, default=2, help="lone-request runs per size; the fastest counts")
     r.add_argument("--progress-s", type=float, default=10.0)
     r.add_argument("--no-raw", action="store_true", help="leave per-request rows out of the JSON")

@@ -37,7 +37,7 @@ def _steps(steps: list[int] | None) -> str:
 
 
 def merge(paths: list[str | Path]) -> dict[str, Any]:
-    """Several sweeps of one load (e.g. one system per device call) as one: the first file's
+    """Several sweeps of one load (e.g. one system per GPU job) as one: the first file's
     header, every file's systems; a name seen before gets its file's stem appended."""
     docs = [json.loads(Path(p).read_text()) for p in paths]
     data = {**docs[0], "systems": {}}

@@ -87,7 +87,7 @@ def steady_throughput(outcomes: list[dict[str, Any]], ceiling_rows_per_s: float 
     With every request submitted at t = 0, a request's finish time is its latency and its
     admission time its queue wait. From the first finish until the last admission the queue
     was never empty, so completions in that span over its length is the saturated rate. The
-    ceiling is the profile's best rows/s / rows per image / steps (issue 4's definition);
+    ceiling is the profile's best rows/s / rows per image / steps (the saturated-throughput target's definition);
     decodes, admissions and Python overhead all count against the engine.
     """
     ok = [o for o in outcomes if o.get("status") == "ok" and o.get("latency_s") is not None]

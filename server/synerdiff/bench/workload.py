@@ -117,7 +117,7 @@ def poisson_arrivals(
     compressed by `rate`, with the same request sequence. Rate points then differ only in
     load, so latency rises with rate instead of jumping with each point's own luck (one
     30 s draw can hold 30 % more arrivals than its nominal rate). "per-rate" draws each rate
-    independently: what results before session 3 used.
+    independently: what the committed *-run1 to *-run4 results used.
     """
     if draw not in ARRIVAL_DRAWS:
         raise ValueError(f"arrival draw must be one of {ARRIVAL_DRAWS}, not {draw!r}")

@@ -54,7 +54,7 @@ class Profile:
             raise ValueError(f"{path}: profile version {raw.get('version')} is not {PROFILE_VERSION}; re-run `synerdiff profile`")
         conv = lambda d: {k: [tuple(p) for p in v] for k, v in d.items()}  # noqa: E731
         raw["unet"], raw["vae"] = conv(raw["unet"]), conv(raw["vae"])
-        raw["vae_beside"] = conv(raw.get("vae_beside", {}))  # absent in profiles before session 3
+        raw["vae_beside"] = conv(raw.get("vae_beside", {}))  # absent in profiles written before decodes beside a step were measured
         raw["encode"] = [tuple(p) for p in raw.get("encode", [])]
         return cls(**raw)
 
@@ -126,7 +126,7 @@ class CostModel:
 
 
 def reference_h100_sd15() -> Profile:
-    """The eager SD1.5-shaped numbers measured on the lent H100 (shared/notes/synerdiff.md).
+    """The eager SD1.5-shaped numbers measured on an NVIDIA H100 80GB HBM3.
 
     Used by the simulator and as the default when no profile matches; a real pod profiles itself.
     """

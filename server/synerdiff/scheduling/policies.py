@@ -25,7 +25,7 @@ class SynerDiffPolicy:
        rows so the row cap holds whenever skipping stops.
     3. VAE: every finished image is decoded this iteration, oldest first. The engine runs
        UNet and VAE on one GPU, and a decode is the shortest job waiting, so holding one back
-       only moves its time onto the requests behind it. (Session 2 held decodes to a
+       only moves its time onto the requests behind it. (An earlier version held decodes to a
        threshold budget while saturated; the simulator on the H100 profile showed that
        budget starving the decode queue, with P99 up to 2.2x plain continuous batching on
        few-step or 4-image loads, and never better.) What chunking can win is overlap:

@@ -39,7 +39,7 @@ UNET = dict(
 )
 # Down to 4x4, where every cell touches the zero padding, so absolute position (which
 # left/right needs) is cheap to compute; attention only at 8x8 and 4x4 keeps it fast.
-# The shipped model's layout (run 3): the small one never learned left from right (docs/model.md).
+# The shipped model's layout (its third training run): the small one never learned left from right (docs/model.md).
 UNET_DEEP = dict(
     UNET,
     block_out_channels=(64, 128, 128),
