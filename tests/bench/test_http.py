@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from synerdiff.engine import EngineObserver
 from synerdiff.api import create_app
 from synerdiff.bench.load import run_rate
 from synerdiff.bench.systems import HttpSystem
@@ -61,7 +62,7 @@ def test_http_driver_spreads_requests_round_robin_over_several_servers():
         apps.append(create_app(ServerSettings(engine=cfg), engine=eng))
     served = [0, 0]
     for i, eng in enumerate(engines):
-        eng.request_hooks.append(lambda st, status, detail, i=i: served.__setitem__(i, served[i] + 1))
+        eng.observers.append(EngineObserver(on_request_done=lambda outcome, i=i: served.__setitem__(i, served[i] + 1)))
     try:
         with serve_app(apps[0]) as a, serve_app(apps[1]) as b:
             p, arrivals = drive(f"{a};{b}", 20.0, 0.5, 2, steps=3)

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 
+from synerdiff.engine import EngineObserver
 from synerdiff.contract.config import EngineConfig, LimitsConfig, SchedulerConfig
 from synerdiff.engine import Engine, EngineError, GenerationRequest, RequestError
 from synerdiff.scheduling.planner import ContinuousPolicy, EngineView, IterationPlan
@@ -33,7 +34,7 @@ def req(**kw):
 def test_decodes_of_different_shapes_in_one_iteration_all_succeed():
     eng = Engine(EngineConfig(device="cpu", dtype="float32", warmup=False), policy=DecodeTwoShapesAtOnce()).start()
     groups = []
-    eng.hooks.append(lambda st: groups.append(st.vae_chunks) if st.vae_chunks else None)
+    eng.observers.append(EngineObserver(on_iteration=lambda st: groups.append(st.vae_chunks) if st.vae_chunks else None))
     try:
         handles = [eng.submit(req(seed=i, height=64 if i % 2 else 48, width=64 if i % 2 else 80, steps=3 + i % 3)) for i in range(6)]
         results = [h.wait(60) for h in handles]

@@ -6,6 +6,7 @@ import threading
 
 import pytest
 
+from synerdiff.engine import EngineObserver
 from synerdiff.bench.quality import psnr
 from synerdiff.engine import GenerationRequest
 from synerdiff.samplers import SAMPLERS
@@ -47,12 +48,12 @@ def test_n_images_match_num_images_per_prompt(engine, reference):
 @pytest.mark.parametrize("guidance", [1.0, 0.0])
 def test_unguided_uses_one_row_per_image(engine, reference, guidance):
     rows = []
-    engine.hooks.append(lambda st: rows.append(st.rows) if st.rows else None)
+    engine.observers.append(EngineObserver(on_iteration=lambda st: rows.append(st.rows) if st.rows else None))
     try:
         r = req(guidance_scale=guidance, n=2, sampler="dpmpp_2m")
         check(engine.generate_sync(r), reference(r), label=f"guidance {guidance}")
     finally:
-        engine.hooks.pop()
+        engine.observers.pop()
     assert rows and max(rows) == 2, rows
 
 
@@ -70,7 +71,7 @@ def test_mixed_batch_joining_and_leaving(engine, reference):
         req(sampler="ddim", steps=16, seed=26, guidance_scale=9.0),
     ]
     shared_steps = []
-    engine.hooks.append(lambda st: shared_steps.append(st.images))
+    engine.observers.append(EngineObserver(on_iteration=lambda st: shared_steps.append(st.images)))
     try:
         joined = threading.Event()
         handles = [engine.submit(r) for r in first]
@@ -79,7 +80,7 @@ def test_mixed_batch_joining_and_leaving(engine, reference):
         handles += [engine.submit(r) for r in later]
         results = [h.wait(120) for h in handles]
     finally:
-        engine.hooks.pop()
+        engine.observers.pop()
     assert max(shared_steps) >= 4, "requests never shared a forward"
     for r, res in zip(first + later, results):
         check(res, reference(r), label=f"{r.sampler}/{r.steps} steps/{r.height}x{r.width}")

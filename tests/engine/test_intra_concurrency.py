@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import torch
 
+from synerdiff.engine import EngineObserver
 from synerdiff.bench.quality import psnr
 from synerdiff.contract.config import EngineConfig
 from synerdiff.engine import Engine, GenerationRequest
@@ -49,7 +50,7 @@ def test_chunked_decode_equals_whole_decode(engine):
 def test_engine_with_one_image_chunks_matches_diffusers(reference):
     eng = Engine(EngineConfig(device="cpu", dtype="float32", warmup=False), policy=OneImagePerIteration()).start()
     chunks = []
-    eng.hooks.append(lambda st: chunks.append(st.decoded_images) if st.decoded_images else None)
+    eng.observers.append(EngineObserver(on_iteration=lambda st: chunks.append(st.decoded_images) if st.decoded_images else None))
     try:
         r = req(n=3)
         res = eng.generate_sync(r, timeout=60)
@@ -76,12 +77,12 @@ def test_skip_cfg_never_and_zero_bound_stay_exact(reference):
 
 def test_fixed_cutoff_equals_diffusers_cfg_cutoff_callback(engine, reference):
     rows = []
-    engine.hooks.append(lambda st: rows.append(st.rows) if st.rows else None)
+    engine.observers.append(EngineObserver(on_iteration=lambda st: rows.append(st.rows) if st.rows else None))
     try:
         r = req(cfg_cutoff_ratio=0.4, sampler="dpmpp_2m", steps=10)
         res = engine.generate_sync(r, timeout=60)
     finally:
-        engine.hooks.pop()
+        engine.observers.pop()
     ref = reference(r, cutoff_ratio=0.4)
     full = reference(replace(r, cfg_cutoff_ratio=None))
     own = psnr(res.images[0], ref[0])
@@ -108,7 +109,7 @@ def test_decodes_beside_the_step_give_the_same_images_and_are_counted(reference)
     metrics = ServerMetrics(eng)
     metrics.attach()
     beside = []
-    eng.hooks.append(lambda st: beside.append(st.vae_beside) if st.vae_beside else None)
+    eng.observers.append(EngineObserver(on_iteration=lambda st: beside.append(st.vae_beside) if st.vae_beside else None))
     try:
         short, long = req(n=2, steps=4, seed=1), req(steps=12, seed=2, prompt="a blue square")
         h_long = eng.submit(long)

@@ -7,6 +7,8 @@ import time
 
 import pytest
 
+from synerdiff.api.errors import status_of
+from synerdiff.engine import EngineObserver
 from synerdiff.bench.quality import psnr
 from synerdiff.engine import Cancelled, EngineError, GenerationRequest, QueueFull, RequestError, TimedOut
 
@@ -21,7 +23,7 @@ def req(**kw) -> GenerationRequest:
 
 def test_cancel_frees_rows_and_leaves_others_unchanged(engine, reference):
     rows: list[int] = []
-    engine.hooks.append(lambda st: rows.append(st.rows) if st.rows else None)
+    engine.observers.append(EngineObserver(on_iteration=lambda st: rows.append(st.rows) if st.rows else None))
     try:
         victim = engine.submit(req(steps=60, seed=1, n=2))
         started = threading.Event()
@@ -34,7 +36,7 @@ def test_cancel_frees_rows_and_leaves_others_unchanged(engine, reference):
             victim.wait(30)
         result = keeper.wait(60)
     finally:
-        engine.hooks.pop()
+        engine.observers.pop()
     assert psnr(result.images[0], reference(keep_req)[0]) >= 40
     assert max(rows) == 6 and rows[-1] == 2, rows  # 4 victim rows + 2, then the keeper alone
 
@@ -54,13 +56,13 @@ def test_fault_fails_the_batch_and_the_engine_keeps_serving(engine):
         if stage == "unet":
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    engine.fault_hook = boom
+    engine.observers.append(EngineObserver(before_stage=boom))
     try:
         with pytest.raises(EngineError) as err:
             engine.generate_sync(req(), timeout=30)
     finally:
-        engine.fault_hook = None
-    assert err.value.reason == "out_of_memory" and err.value.status == 503
+        engine.observers.pop()
+    assert err.value.reason == "out_of_memory" and status_of(err.value.kind) == 503
     assert len(engine.generate_sync(req(steps=3), timeout=30).images) == 1
 
 

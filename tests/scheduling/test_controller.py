@@ -5,7 +5,7 @@ from __future__ import annotations
 from synerdiff.contract.config import SchedulerConfig
 from synerdiff.scheduling import controller as ctl
 from synerdiff.scheduling.cost_model import CostModel, reference_h100_sd15
-from synerdiff.scheduling.simulate import SimRequest, poisson_arrivals, simulate
+from synerdiff.engine.simulate import SimRequest, poisson_arrivals, simulate
 
 CFG = SchedulerConfig()
 

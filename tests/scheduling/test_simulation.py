@@ -6,7 +6,7 @@ import pytest
 
 from synerdiff.contract.config import SchedulerConfig
 from synerdiff.scheduling.cost_model import CostModel, Profile, reference_h100_sd15
-from synerdiff.scheduling.simulate import SimRequest, poisson_arrivals, simulate, simulate_static
+from synerdiff.engine.simulate import SimRequest, poisson_arrivals, simulate, simulate_static
 
 COST = CostModel(reference_h100_sd15())
 
@@ -103,7 +103,7 @@ def test_version_1_profiles_load_without_overlap_and_engines_re_profile(tmp_path
 
 
 def test_capacity_is_the_highest_rate_before_the_first_miss_per_seed():
-    from synerdiff.scheduling.simulate import capacities
+    from synerdiff.engine.simulate import capacities
 
     rows = [dict(system="a", seed=0, rate=r, p99_s=p) for r, p in [(1, 1.0), (2, 2.0), (3, 9.0), (4, 1.0)]]
     rows += [dict(system="a", seed=1, rate=1, p99_s=9.0), dict(system="b", seed=0, rate=1, p99_s=0.5)]
@@ -114,7 +114,7 @@ def test_simulate_cli_reports_capacity_per_seed(tmp_path):
     import json
 
     from synerdiff.scheduling.cost_model import reference_h100_sd15
-    from synerdiff.scheduling.simulate import main
+    from synerdiff.engine.simulate import main
 
     prof = tmp_path / "p.json"
     reference_h100_sd15().save(prof)

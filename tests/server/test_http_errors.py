@@ -129,11 +129,11 @@ def test_engine_fault_is_503_with_reason_and_server_keeps_serving(live: Live, er
             fired.set()
             raise error
 
-    eng.fault_hook = fault
+    eng.observers.append(EngineObserver(before_stage=fault))
     try:
         r = httpx.post(live.url + GEN, json={"prompt": "boom", "num_inference_steps": 3}, timeout=60)
     finally:
-        eng.fault_hook = None
+        eng.observers.pop()
     assert fired.is_set()
     assert r.status_code == 503, r.text
     err = r.json()["error"]

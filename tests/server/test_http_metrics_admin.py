@@ -9,6 +9,7 @@ import httpx
 import pytest
 from .httpkit import Live, metric_value, serve_app
 
+from synerdiff.engine import EngineObserver
 from synerdiff.api import create_app
 from synerdiff.contract.config import ServerSettings
 
@@ -129,7 +130,7 @@ def test_step_inflation_is_observed_with_a_cost_model():
 
     eng = Engine(EngineConfig(device="cpu", dtype="float32", warmup=False, scheduler=SchedulerConfig(policy="synerdiff"))).start()
     seen = []
-    eng.hooks.append(lambda st: seen.append(st.step_inflation) if st.rows else None)
+    eng.observers.append(EngineObserver(on_iteration=lambda st: seen.append(st.step_inflation) if st.rows else None))
     try:
         eng.generate_sync(GenerationRequest(prompt="a red circle", steps=4, seed=1), timeout=60)
     finally:

@@ -88,13 +88,13 @@ def test_concurrent_mixed_requests_equal_their_solo_results(client: OpenAI, live
 
     solo = [run(kw) for kw in MIX]
     max_batch = {"rows": 0}
-    hook = lambda stats: max_batch.__setitem__("rows", max(max_batch["rows"], stats.rows))  # noqa: E731
-    live.engine.hooks.append(hook)
+    hook = EngineObserver(on_iteration=lambda stats: max_batch.__setitem__("rows", max(max_batch["rows"], stats.rows)))
+    live.engine.observers.append(hook)
     try:
         with ThreadPoolExecutor(len(MIX)) as pool:
             together = list(pool.map(run, MIX))
     finally:
-        live.engine.hooks.remove(hook)
+        live.engine.observers.remove(hook)
     # Requests really shared forwards: more rows than the largest single request (4).
     assert max_batch["rows"] > 4
     for kw, alone, batched in zip(MIX, solo, together):

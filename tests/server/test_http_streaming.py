@@ -7,6 +7,7 @@ import json
 import httpx
 from .httpkit import SLOW, Live, decode_png, metric_value, wait_until
 
+from synerdiff.engine import EngineObserver
 from synerdiff.cli import _sse_events
 
 GEN = "/v1/images/generations"
@@ -50,11 +51,11 @@ def test_engine_fault_arrives_as_error_event(live: Live):
         if stage == "vae":
             raise RuntimeError("CUDA out of memory")
 
-    live.engine.fault_hook = fault
+    live.engine.observers.append(EngineObserver(before_stage=fault))
     try:
         events = _stream(live, {"prompt": "x", "num_inference_steps": 3})
     finally:
-        live.engine.fault_hook = None
+        live.engine.observers.pop()
     assert [ev for ev, _ in events] == ["progress"] * 3 + ["error"]
     err = events[-1][1]
     assert err["status"] == 503 and err["error"]["code"] == "out_of_memory"

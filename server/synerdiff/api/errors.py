@@ -16,7 +16,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..engine import EngineError, QueueFull, RequestError
+from ..engine import EngineError, ErrorKind, QueueFull, RequestError
 
 log = logging.getLogger("synerdiff.api")
 
@@ -56,19 +56,36 @@ def from_request_error(exc: RequestError) -> APIError:
     return APIError(400, message, param=param, code="invalid_value")
 
 
+# The engine says what went wrong; the API says it in HTTP.
+_STATUS = {
+    ErrorKind.CANCELLED: 499,  # client closed request (nginx's code): nobody reads it
+    ErrorKind.TIMEOUT: 504,
+    ErrorKind.QUEUE_FULL: 429,
+    ErrorKind.SHUTTING_DOWN: 503,
+    ErrorKind.OUT_OF_MEMORY: 503,
+    ErrorKind.ENGINE_FAULT: 503,
+    ErrorKind.NUMERICAL_FAULT: 503,
+}
+
+
+def status_of(kind: ErrorKind) -> int:
+    return _STATUS[kind]
+
+
 def from_engine_error(exc: EngineError) -> APIError:
+    status = status_of(exc.kind)
     if isinstance(exc, QueueFull):
         retry = max(1, math.ceil(exc.retry_after_s))
-        return APIError(429, str(exc), type="rate_limit_error", code="queue_full", headers={"Retry-After": str(retry)})
-    if exc.status == 504:
-        return APIError(504, str(exc), type="timeout_error", code=exc.reason)
-    if exc.status == 499:
-        return APIError(499, str(exc), code=exc.reason)
+        return APIError(status, str(exc), type="rate_limit_error", code=exc.reason, headers={"Retry-After": str(retry)})
+    if exc.kind is ErrorKind.TIMEOUT:
+        return APIError(status, str(exc), type="timeout_error", code=exc.reason)
+    if exc.kind is ErrorKind.CANCELLED:
+        return APIError(status, str(exc), code=exc.reason)
     headers = {"Retry-After": "1"}
-    if exc.reason == "shutting_down":
+    if exc.kind is ErrorKind.SHUTTING_DOWN:
         # Tell keep-alive clients to reconnect, most likely to another replica.
         headers["Connection"] = "close"
-    return APIError(exc.status or 503, f"{exc} ({exc.reason})", type="server_error", code=exc.reason, headers=headers)
+    return APIError(status, f"{exc} ({exc.reason})", type="server_error", code=exc.reason, headers=headers)
 
 
 def _param_from_loc(loc: tuple[Any, ...]) -> str | None:

@@ -31,8 +31,8 @@ class StepExecutor:
         self.graphed = None  # a GraphedUNet once enable_fast_path ran
 
     def enable_fast_path(self, sizes: list[tuple[int, int]], max_rows: int, compile: bool = False) -> None:
-        """Capture CUDA graphs of the UNet for every row bucket up to max_rows (CUDA only)."""
-        from .fastpath import GraphedUNet, buckets_up_to
+        """Capture CUDA graphs of the UNet for every row size up to max_rows (CUDA only)."""
+        from .fastpath import GraphedUNet, row_sizes_up_to
 
         m = self.model
         if m.device.type != "cuda":
@@ -40,11 +40,11 @@ class StepExecutor:
         ctx = (m.tokenizer.model_max_length, int(m.unet.config.cross_attention_dim))
         g = GraphedUNet(m.unet, ctx_shape=ctx, dtype=self.dtype, device=self.device, compile=compile)
         f = m.vae_scale_factor
-        buckets = buckets_up_to(max_rows)
+        sizes = row_sizes_up_to(max_rows)
         if compile:
-            buckets = [b for b in buckets if b > 1] or [2]  # batch 1 would force a second compile
+            sizes = [b for b in sizes if b > 1] or [2]  # batch 1 would force a second compile
         for h, w in sizes:
-            g.capture((m.latent_channels, h // f, w // f), buckets)
+            g.capture((m.latent_channels, h // f, w // f), sizes)
         self.graphed = g
 
     @torch.inference_mode()

@@ -139,13 +139,13 @@ def uses_fast_path(executor: "StepExecutor") -> bool:
 
 
 def row_counts(max_rows: int, executor: "StepExecutor | None" = None) -> list[int]:
-    """Powers of two up to max_rows; with the fast path, a subset of its graph buckets: a step
-    replays the smallest bucket that fits, so only bucket sizes occur, and the buckets are
+    """Powers of two up to max_rows; with the fast path, a subset of its graphs' row sizes: a step
+    replays the smallest size that fits, so only those sizes occur, and they are
     fine enough that the cost model's linear interpolation between these stands for the rest."""
     if executor is not None and uses_fast_path(executor):
-        from .fastpath import PROFILE_ROWS, buckets_up_to
+        from .fastpath import PROFILE_ROWS, row_sizes_up_to
 
-        return [b for b in buckets_up_to(max_rows) if b in PROFILE_ROWS or b == max_rows]
+        return [b for b in row_sizes_up_to(max_rows) if b in PROFILE_ROWS or b == max_rows]
 
     rows, r = [], 1
     while r < max_rows:

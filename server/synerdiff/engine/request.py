@@ -1,26 +1,18 @@
-"""What a caller asks the engine for, and what it gets back."""
+"""What a caller asks the engine for, and what it gets back (torch-free: images are opaque here)."""
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from ..contract.config import LimitsConfig
-
 from ..contract.requests import SAMPLER_NAMES
+from .errors import RequestError
+
 CfgSkip = Literal["auto", "never"]
 
 _ids = itertools.count(1)
-
-
-class RequestError(ValueError):
-    """A request the engine refuses; `field` names the offending input."""
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field = field
-        self.message = message
 
 
 @dataclass
@@ -100,13 +92,14 @@ class Timings:
 class GenerationResult:
     request_id: str
     seed: int
-    images: list  # float32 tensors (3, H, W) in [0, 1], on the CPU
+    images: list[Any]  # float32 torch tensors (3, H, W) in [0, 1], on the CPU
     timings: Timings
     steps: int
     guided_steps_skipped: int = 0
     vae_tiled: bool = False  # decoded in spatial tiles (vae_tiling): pixels differ slightly from a whole decode
 
-    def to_pil(self):
+    def to_pil(self) -> list[Any]:
+        """The images as PIL images (8-bit RGB)."""
         from PIL import Image
 
         out = []
@@ -114,33 +107,3 @@ class GenerationResult:
             arr = (img.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype("uint8")
             out.append(Image.fromarray(arr))
         return out
-
-
-class EngineError(RuntimeError):
-    """The engine could not serve a request (fault in its batch, shutdown, timeout...)."""
-
-    def __init__(self, reason: str, message: str, status: int = 503):
-        super().__init__(message)
-        self.reason = reason
-        self.status = status
-
-
-class Cancelled(EngineError):
-    def __init__(self, message: str = "request cancelled"):
-        super().__init__("cancelled", message, status=499)
-
-
-class TimedOut(EngineError):
-    def __init__(self, message: str):
-        super().__init__("timeout", message, status=504)
-
-
-class QueueFull(EngineError):
-    def __init__(self, message: str, retry_after_s: float = 1.0):
-        super().__init__("queue_full", message, status=429)
-        self.retry_after_s = retry_after_s
-
-
-class ShuttingDown(EngineError):
-    def __init__(self, message: str = "engine is shutting down"):
-        super().__init__("shutting_down", message, status=503)

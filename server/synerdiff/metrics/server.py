@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from ..engine import Engine, IterationStats
+from ..engine import Engine, EngineObserver, IterationStats
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -116,6 +116,7 @@ class ServerMetrics:
         )
         for status, reason in _INITIAL_OUTCOMES:
             self.requests.labels(status, reason)
+        self._observer = EngineObserver(on_iteration=self.on_iteration)
 
     # Engine thread: keep it cheap, no locks beyond prometheus_client's own.
     def on_iteration(self, stats: IterationStats) -> None:
@@ -137,12 +138,12 @@ class ServerMetrics:
             self.queue_wait.observe(wait)
 
     def attach(self) -> None:
-        if self.on_iteration not in self.engine.hooks:
-            self.engine.hooks.append(self.on_iteration)
+        if self._observer not in self.engine.observers:
+            self.engine.observers.append(self._observer)
 
     def detach(self) -> None:
-        if self.on_iteration in self.engine.hooks:
-            self.engine.hooks.remove(self.on_iteration)
+        if self._observer in self.engine.observers:
+            self.engine.observers.remove(self._observer)
 
     def request_done(self, status: str, reason: str, latency_s: float | None = None, images: int = 0) -> None:
         self.requests.labels(status, reason).inc()

@@ -1,0 +1,180 @@
+"""The torch runner: a request's tensors, and the device work of an iteration on them.
+
+Admission encodes the prompts of the admitted requests in one batch and draws each request's
+initial noise from its own generator. A step stacks the latents of every request of one shape
+bucket, adds the unconditional rows of those guided this step, runs ONE UNet forward (graph
+replay when the fast path is on), combines each image's guidance, and applies every row's
+sampler update in one tensor expression (`samplers.apply_update`). The arithmetic follows
+diffusers' `StableDiffusionPipeline`, so a request's image does not depend on its batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..models.loader import ModelBundle
+from ..samplers import SamplerPlan, apply_update, make_plan
+from .core import DecodeReport, DecodeWork, StepReport
+from .decoder import Decoder, Tiling
+from .errors import is_out_of_memory
+from .executor import StepExecutor
+from .jobs import Denoising, JobSpec
+from .request import GenerationRequest
+
+
+@dataclass
+class DeviceRows:
+    """One admitted request's tensors."""
+
+    request: GenerationRequest
+    plan: SamplerPlan
+    gen: torch.Generator  # the request's own: initial noise, then ancestral samplers' noise
+    cond: torch.Tensor  # (1, L, D) prompt embedding
+    uncond: torch.Tensor | None  # negative-prompt embedding, if guided
+    latents: torch.Tensor  # (n, C, h, w) float32
+    history: torch.Tensor  # the sampler's previous x0 (multistep samplers)
+    # Plain lists, so the per-step gather touches no tensors.
+    coeff_rows: list[list[float]]
+    t_rows: list[float]
+    scale_rows: list[float]
+
+
+class TorchRunner:
+    def __init__(self, model: ModelBundle, executor: StepExecutor, tiling: Tiling):
+        self.model = model
+        self.executor = executor
+        self.decoder = Decoder(executor, tiling)
+        self._requests: dict[str, tuple[GenerationRequest, int]] = {}  # queued: the request and its seed
+        self._rows: dict[str, DeviceRows] = {}
+
+    def expect(self, job_id: str, request: GenerationRequest, seed: int) -> None:
+        """Hold a queued request's inputs until it is admitted."""
+        self._requests[job_id] = (request, seed)
+
+    def release(self, job_id: str) -> None:
+        self._requests.pop(job_id, None)
+        self._rows.pop(job_id, None)
+        self.decoder.forget(job_id)
+
+    def take_images(self, job_id: str) -> list[torch.Tensor]:
+        return self.decoder.take(job_id)
+
+    # ------------------------------------------------------------------ admission
+    def admit(self, jobs: Sequence[JobSpec]) -> None:
+        m = self.model
+        reqs = [self._requests[j.id] for j in jobs]
+        prompts = [r.prompt for r, _ in reqs] + [r.negative_prompt for r, _ in reqs if r.guided]
+        emb = self.executor.encode_prompts(prompts)
+        neg = iter(range(len(reqs), len(prompts)))
+        made: dict[str, DeviceRows] = {}
+        for i, (job, (req, seed)) in enumerate(zip(jobs, reqs, strict=True)):
+            plan = make_plan(req.sampler, m.scheduler_config, req.steps)
+            gen = torch.Generator("cpu").manual_seed(seed)
+            f = m.vae_scale_factor
+            shape = (req.n, m.latent_channels, req.height // f, req.width // f)
+            # diffusers' prepare_latents: one draw of all n images from the request's generator.
+            noise = randn_tensor(shape, generator=gen, device=m.device, dtype=m.dtype)
+            latents = noise.float() * plan.init_noise_sigma
+            made[job.id] = DeviceRows(
+                request=req,
+                plan=plan,
+                gen=gen,
+                cond=emb[i : i + 1],
+                uncond=emb[next(neg)][None] if req.guided else None,
+                latents=latents,
+                history=torch.zeros_like(latents),
+                coeff_rows=plan.coeffs.tolist(),
+                t_rows=plan.timesteps.tolist(),
+                scale_rows=plan.input_scale.tolist(),
+            )
+        self._rows.update(made)
+
+    # ------------------------------------------------------------------ one step
+    def step(self, jobs: Sequence[Denoising], guided: Sequence[bool]) -> StepReport:
+        try:
+            return self._step(jobs, guided)
+        except Exception as exc:
+            if is_out_of_memory(exc) and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise
+
+    def _step(self, jobs: Sequence[Denoising], guided: Sequence[bool]) -> StepReport:
+        ex, m = self.executor, self.model
+        rows = [self._rows[d.spec.id] for d in jobs]
+        t0 = time.perf_counter()
+        x = torch.cat([r.latents for r in rows]) if len(rows) > 1 else rows[0].latents
+        hist = torch.cat([r.history for r in rows]) if len(rows) > 1 else rows[0].history
+        per_image: list[list[float]] = []  # timestep, input scale, guidance, the sampler's coefficients
+        guided_idx: list[int] = []
+        uncond_ctx, cond_ctx = [], []
+        off = 0
+        for d, r, g in zip(jobs, rows, guided, strict=True):
+            n = r.request.n
+            row = [r.t_rows[d.step], r.scale_rows[d.step], r.request.guidance_scale if g else 1.0]
+            per_image += [row + r.coeff_rows[d.step]] * n
+            cond_ctx.append(r.cond.expand(n, -1, -1))
+            if g:
+                assert r.uncond is not None  # guided requests have a negative-prompt embedding
+                guided_idx += range(off, off + n)
+                uncond_ctx.append(r.uncond.expand(n, -1, -1))
+            off += n
+        table = torch.tensor(per_image, dtype=torch.float64).to(m.device, torch.float32, non_blocking=True)
+        tsteps, scale, gscale, coeffs = table[:, 0], table[:, 1], table[:, 2], table[:, 3:]
+        model_in = x * scale.view(-1, 1, 1, 1)
+        gi = torch.tensor(guided_idx, dtype=torch.long, device=m.device) if guided_idx else None
+        if gi is not None:
+            # The unconditional rows of the guided images go first, as in diffusers' pipeline.
+            model_in = torch.cat([model_in[gi], model_in])
+            tsteps_all = torch.cat([tsteps[gi], tsteps])
+            ctx = torch.cat(uncond_ctx + cond_ctx)
+        else:
+            tsteps_all, ctx = tsteps, torch.cat(cond_ctx)
+        out = ex.unet(model_in, tsteps_all, ctx)
+        ex.synchronize()  # without it unet_s would time only the (asynchronous) launches
+        t1 = time.perf_counter()
+        model_out = out
+        if gi is not None:
+            g_rows = len(guided_idx)
+            out_u, out_c = out[:g_rows], out[g_rows:]
+            uncond_full = out_c.clone()
+            uncond_full[gi] = out_u
+            model_out = uncond_full + gscale.view(-1, 1, 1, 1) * (out_c - uncond_full)
+        noise = None
+        if any(r.plan.ancestral for r in rows):
+            parts = []
+            for r in rows:
+                if r.plan.ancestral:  # the request's own generator, as diffusers' step draws it
+                    parts.append(randn_tensor(r.latents.shape, generator=r.gen, device=m.device, dtype=torch.float32))
+                else:
+                    parts.append(torch.zeros_like(r.latents))
+            noise = torch.cat(parts)
+        x_next, x0 = apply_update(x, model_out, hist, coeffs, noise)
+        ex.synchronize()
+        t2 = time.perf_counter()
+        off = 0
+        nonfinite = set()
+        for d, r in zip(jobs, rows, strict=True):
+            n = r.request.n
+            r.latents, r.history = x_next[off : off + n], x0[off : off + n]
+            off += n
+            if d.step + 1 == d.spec.steps and not bool(torch.isfinite(r.latents).all()):
+                nonfinite.add(d.spec.id)
+        return StepReport(unet_s=t1 - t0, sampler_s=t2 - t1, rows=len(guided_idx) + x.shape[0], nonfinite=frozenset(nonfinite))
+
+    # ------------------------------------------------------------------ decodes
+    def _chunks(self, work: DecodeWork) -> list[tuple[str, torch.Tensor]]:
+        return [(d.spec.id, self._rows[d.spec.id].latents[d.decoded : d.decoded + k]) for d, k in work]
+
+    def launch_beside(self, work: DecodeWork) -> DecodeReport:
+        return self.decoder.launch_beside(self._chunks(work))
+
+    def land_beside(self) -> DecodeReport:
+        return self.decoder.land_beside()
+
+    def decode(self, work: DecodeWork) -> DecodeReport:
+        return self.decoder.decode(self._chunks(work))
