@@ -4,7 +4,7 @@
 asks the policy for a plan on a snapshot of the request table (`EngineView`), and applies
 it: admissions, the decodes launched beside the step, one UNet step of one shape bucket,
 the decodes after it. Device work is a `Runner`'s: the torch runner on a GPU or CPU, or a
-cost model with a virtual clock in the simulator (`scheduling.simulate`), which therefore
+cost model with a virtual clock in the simulator (`engine.simulate`), which therefore
 runs this same loop. Who owns the thread, the queue of submissions and the callers'
 futures is the `Listener`'s business (the threaded `Engine`, or the simulator).
 """
