@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from synerdiff.bench.quality import psnr
+from synerdiff_bench.quality import psnr
 from synerdiff.engine import Cancelled, EngineError, GenerationRequest, QueueFull, RequestError, TimedOut
 
 from .conftest import make_engine

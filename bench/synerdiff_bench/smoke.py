@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from ..contract.config import EngineConfig
-from ..engine import Engine, GenerationRequest, IterationStats
-from ..models.loader import ModelBundle
-from ..samplers import DIFFUSERS_CLASSES
+from synerdiff.contract.config import EngineConfig
+from synerdiff.engine import Engine, GenerationRequest, IterationStats
+from synerdiff.models.loader import ModelBundle
+from synerdiff.samplers import DIFFUSERS_CLASSES
 from .baselines import make_pipeline
 from .workload import PROMPTS
 from .quality import psnr
