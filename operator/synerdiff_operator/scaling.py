@@ -1,7 +1,7 @@
 """Pure: the outer feedback loop's decisions. Replicas from a capacity model; scheduler floors.
 
 `decide(spec, history, now, state)` and `tune(spec, history, now, state)` do no I/O: the operator
-(`autoscaler.py`) and the pool simulator (`poolsim.py`) call the same functions.
+(`autoscaler.py`) and the pool simulator (`synerdiff_bench.poolsim`) call the same functions.
 
 Replicas (KPA-style, on a capacity model instead of a concurrency target):
 

@@ -1,6 +1,6 @@
 """Pure: engine `/metrics` text -> one pod's sample; two scrapes of every pod -> one pool reading.
 
-The autoscaler (`autoscaler.py`) scrapes, the pool simulator (`poolsim.py`) synthesises samples
+The autoscaler (`autoscaler.py`) scrapes, the pool simulator (`synerdiff_bench.poolsim`) synthesises samples
 from its model pods; both turn them into `PoolMetrics` here, so the controller sees the same
 signals in simulation as in a cluster.
 

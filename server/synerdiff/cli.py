@@ -253,9 +253,21 @@ def _generate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("bench", "profile"):
-        from .bench.__main__ import main as bench_main
+        # The benchmark tools are their own distribution (bench/), not part of the runtime install.
+        try:
+            from synerdiff_bench.__main__ import main as bench_main
+        except ModuleNotFoundError as exc:
+            if (exc.name or "").partition(".")[0] != "synerdiff_bench":
+                raise
+            print(
+                f"synerdiff {argv[0]}: the benchmark tools (synerdiff-bench) are not installed; from a checkout "
+                "of the repository run `pip install -e bench -e training` (scripts/setup-env.sh does it for "
+                "the dev extra)",
+                file=sys.stderr,
+            )
+            return 2
 
-        # `synerdiff bench ARGS` = `python -m synerdiff.bench run ARGS`; `bench plot|smoke|build-model` pass through.
+        # `synerdiff bench ARGS` = `python -m synerdiff_bench run ARGS`; `bench plot|smoke|build-model` pass through.
         rest = argv[1:]
         if argv[0] == "profile":
             rest = ["profile", *rest]

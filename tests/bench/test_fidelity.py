@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from synerdiff.bench import fidelity, quality
+from synerdiff_bench import fidelity, quality
 
 
 def test_fidelity_reports_exact_chunked_and_skip_variants(tmp_path):

@@ -6,9 +6,9 @@ import time
 
 import pytest
 
-from synerdiff.bench.__main__ import main
-from synerdiff.bench.load import run_rate
-from synerdiff.bench.workload import Arrival, BenchRequest, default_mix, mixed_mix, poisson_arrivals
+from synerdiff_bench.__main__ import main
+from synerdiff_bench.load import run_rate
+from synerdiff_bench.workload import Arrival, BenchRequest, default_mix, mixed_mix, poisson_arrivals
 
 from .conftest import TINY_RUN
 
@@ -51,7 +51,7 @@ def test_every_system_and_rate_is_complete_and_well_formed(sweep):
 
 
 def test_static_batching_batches_under_a_burst(tiny_model):
-    from synerdiff.bench.baselines import PipelineSystem
+    from synerdiff_bench.baselines import PipelineSystem
 
     system = PipelineSystem("static", tiny_model, batch=4, wait_s=2.0)
     system.start()
@@ -80,7 +80,7 @@ def test_plot_writes_a_png(sweep, tmp_path):
 
 
 def test_plot_draws_several_sweeps_of_one_load_together(sweep, tmp_path):
-    from synerdiff.bench.plot import merge
+    from synerdiff_bench.plot import merge
 
     other = tmp_path / "again.json"
     other.write_text(sweep.read_text())
@@ -195,7 +195,7 @@ def test_fast_system_statistics():
 
 
 def test_sweep_survives_a_broken_system_and_stops_an_overloaded_one():
-    from synerdiff.bench.sweep import SweepConfig, run_sweep
+    from synerdiff_bench.sweep import SweepConfig, run_sweep
 
     report: dict = {}
     cfg = SweepConfig(rates=[20.0, 40.0], duration_s=0.3, warmup_s=0.0, slo_s=0.1, cut_factor=2.0, lone_repeats=1)

@@ -6,7 +6,7 @@ import pytest
 
 
 def test_overlap_fraction_is_the_share_of_the_shorter_task_hidden():
-    from synerdiff.bench.overlap import overlap_fraction
+    from synerdiff_bench.overlap import overlap_fraction
 
     assert overlap_fraction(10.0, 20.0, 30.0) == 0.0  # back to back: nothing hidden
     assert overlap_fraction(10.0, 20.0, 20.0) == 1.0  # the step vanished behind the decode
@@ -15,7 +15,7 @@ def test_overlap_fraction_is_the_share_of_the_shorter_task_hidden():
 
 
 def test_overlap_command_refuses_a_cpu_with_a_clear_message():
-    from synerdiff.bench.__main__ import main
+    from synerdiff_bench.__main__ import main
 
     with pytest.raises(SystemExit, match="CUDA"):
         main(["overlap", "--model", "tiny", "--device", "cpu"])

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from synerdiff.engine import profiler
-from synerdiff.bench.__main__ import main
+from synerdiff_bench.__main__ import main
 from synerdiff.contract.config import EMBEDDED_MODEL_DIR, EngineConfig, SchedulerConfig
 from synerdiff.engine.executor import StepExecutor
 from synerdiff.scheduling.cost_model import CostModel, Profile

@@ -8,8 +8,8 @@ import socket
 
 import pytest
 
-from synerdiff.bench.__main__ import main as bench_main
-from synerdiff.bench.scaling import capacity, goal_met, server_command, server_env, summarise_scaling
+from synerdiff_bench.__main__ import main as bench_main
+from synerdiff_bench.scaling import capacity, goal_met, server_command, server_env, summarise_scaling
 
 
 def point(rate: float, thr: float, p99: float | None, cut: bool = False, attain: float = 1.0) -> dict:
@@ -104,8 +104,8 @@ def test_scale_command_starts_two_servers_and_compares_pools(tmp_path):
 
 def test_pools_replay_one_gpus_draw_faster():
     """Pool n at n x r sees one GPU's arrivals at r, n times faster: equal per-GPU load exactly."""
-    from synerdiff.bench.sweep import sped_up
-    from synerdiff.bench.workload import default_mix, poisson_arrivals
+    from synerdiff_bench.sweep import sped_up
+    from synerdiff_bench.workload import default_mix, poisson_arrivals
 
     mix = default_mix((64, 64), 3, 5.0)
     one = poisson_arrivals(1.5, 20.0, 2.0, mix, seed=3)

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from synerdiff.bench.__main__ import main
-from synerdiff.bench.baselines import bench_engine_config, build_system, engine_config, parse_spec, weights_key
+from synerdiff_bench.__main__ import main
+from synerdiff_bench.baselines import bench_engine_config, build_system, engine_config, parse_spec, weights_key
 
 from .conftest import TINY_RUN
 

@@ -7,7 +7,7 @@ import threading
 import pytest
 
 from synerdiff.engine import EngineObserver
-from synerdiff.bench.quality import psnr
+from synerdiff_bench.quality import psnr
 from synerdiff.engine import GenerationRequest
 from synerdiff.samplers import SAMPLERS
 

@@ -8,7 +8,7 @@ from dataclasses import replace
 import torch
 
 from synerdiff.engine import EngineObserver
-from synerdiff.bench.quality import psnr
+from synerdiff_bench.quality import psnr
 from synerdiff.contract.config import EngineConfig
 from synerdiff.engine import Engine, GenerationRequest
 from synerdiff.scheduling.planner import ContinuousPolicy, EngineView, IterationPlan

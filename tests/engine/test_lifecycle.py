@@ -9,7 +9,7 @@ import pytest
 
 from synerdiff.api.errors import status_of
 from synerdiff.engine import EngineObserver
-from synerdiff.bench.quality import psnr
+from synerdiff_bench.quality import psnr
 from synerdiff.engine import Cancelled, EngineError, GenerationRequest, QueueFull, RequestError, TimedOut
 
 from .conftest import make_engine

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from synerdiff.bench.quality import psnr
+from synerdiff_bench.quality import psnr
 from synerdiff.contract.config import EngineConfig, SchedulerConfig
 from synerdiff.engine import Engine, EngineError, GenerationRequest
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from synerdiff.models.shapes import dataset as D
-from synerdiff.models.shapes.scorer import parse_caption
+from synerdiff_training.shapes import dataset as D
+from synerdiff_training.shapes.scorer import parse_caption
 
 
 def test_same_seed_same_data():

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 
 
-from synerdiff.models.shapes.dataset import HELD_OUT_TRIPLES, VOCAB, caption  # noqa: E402
-from synerdiff.models.shapes.evaluate import EMBEDDED, generate  # noqa: E402
-from synerdiff.models.shapes.scorer import parse_caption, score  # noqa: E402
+from synerdiff_training.shapes.dataset import HELD_OUT_TRIPLES, VOCAB, caption  # noqa: E402
+from synerdiff_training.shapes.evaluate import EMBEDDED, generate  # noqa: E402
+from synerdiff_training.shapes.scorer import parse_caption, score  # noqa: E402
 
 MODEL = Path(os.environ.get("SYNERDIFF_SHAPES_MODEL", EMBEDDED))
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from synerdiff.models.shapes import dataset as D
-from synerdiff.models.shapes.scorer import analyze, parse_caption, score
+from synerdiff_training.shapes import dataset as D
+from synerdiff_training.shapes.scorer import analyze, parse_caption, score
 
 
 @pytest.fixture(scope="module")

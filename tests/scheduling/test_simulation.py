@@ -108,18 +108,3 @@ def test_capacity_is_the_highest_rate_before_the_first_miss_per_seed():
     rows = [dict(system="a", seed=0, rate=r, p99_s=p) for r, p in [(1, 1.0), (2, 2.0), (3, 9.0), (4, 1.0)]]
     rows += [dict(system="a", seed=1, rate=1, p99_s=9.0), dict(system="b", seed=0, rate=1, p99_s=0.5)]
     assert capacities(rows, slo_s=5.0) == {"a": {0: 2, 1: None}, "b": {0: 1}}
-
-
-def test_simulate_cli_reports_capacity_per_seed(tmp_path):
-    import json
-
-    from synerdiff.scheduling.cost_model import reference_h100_sd15
-    from synerdiff.engine.simulate import main
-
-    prof = tmp_path / "p.json"
-    reference_h100_sd15().save(prof)
-    out = tmp_path / "sim.json"
-    main(["--profile", str(prof), "--rates", "1,6", "--duration", "10", "--seeds", "0,1", "--slo", "5", "--out", str(out)])
-    res = json.loads(out.read_text())
-    assert {r["seed"] for r in res["rows"]} == {0, 1} and len(res["rows"]) == 2 * 2 * 4
-    assert res["capacity"]["synerdiff"] == {"0": 1.0, "1": 1.0}  # 6 req/s is far past one H100

@@ -75,6 +75,14 @@ def test_help_texts():
         assert flag in gen.stdout
 
 
+def test_bench_without_the_bench_distribution_says_how_to_install_it():
+    for command in ("bench", "profile"):
+        # A None entry in sys.modules makes `import synerdiff_bench` fail as if it were not installed.
+        code = f"import sys; sys.modules['synerdiff_bench'] = None; from synerdiff.cli import main; sys.exit(main([{command!r}, '--help']))"
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=_env())
+        assert out.returncode == 2 and "pip install -e bench" in out.stderr, out.stderr
+
+
 def test_settings_precedence_flags_over_env_over_file(tmp_path: Path):
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({"port": 1111, "engine": {"device": "cpu", "scheduler": {"max_rows": 5, "policy": "continuous"}}}))

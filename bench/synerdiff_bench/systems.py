@@ -17,9 +17,9 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
-from ..contract.config import EngineConfig
-from ..engine import Cancelled, Engine, EngineError, QueueFull, RequestError, TimedOut
-from ..models.loader import ModelBundle
+from synerdiff.contract.config import EngineConfig
+from synerdiff.engine import Cancelled, Engine, EngineError, QueueFull, RequestError, TimedOut
+from synerdiff.models.loader import ModelBundle
 from .workload import BenchRequest
 
 # status: "ok", "rejected" (refused for load), "error:<reason>", "unfinished" (abandoned by the harness)

@@ -1,4 +1,4 @@
-"""python -m synerdiff.bench {build-model,profile,run,smoke,plot} ...
+"""python -m synerdiff_bench {build-model,profile,run,smoke,plot} ...
 
   build-model  write the SD1.5-shaped random-weight model to a folder
   profile      offline profiler -> a cost_model.Profile JSON
@@ -39,7 +39,7 @@ def _system_args(p: argparse.ArgumentParser, default: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m synerdiff.bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(prog="python -m synerdiff_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     b = sub.add_parser("build-model", help="write the SD1.5-shaped random-weight model")
@@ -120,7 +120,7 @@ def _resolve(args: argparse.Namespace) -> str:
 
 
 def _load(args: argparse.Namespace):
-    from ..models.loader import load_model
+    from synerdiff.models.loader import load_model
 
     path = _resolve(args)
     return path, load_model(path, args.device, args.dtype)
@@ -135,7 +135,7 @@ class _ModelCopies:
         self._copies: dict[str, object] = {}
 
     def get(self, key: str | None):
-        from ..models.loader import load_model
+        from synerdiff.models.loader import load_model
 
         if key is None:
             return None
@@ -160,8 +160,8 @@ def cmd_build_model(args: argparse.Namespace) -> None:
 
 
 def cmd_profile(args: argparse.Namespace) -> None:
-    from ..engine.executor import StepExecutor
-    from ..engine.profiler import parse_sizes, profile_executor
+    from synerdiff.engine.executor import StepExecutor
+    from synerdiff.engine.profiler import parse_sizes, profile_executor
 
     path, model = _load(args)
     executor = StepExecutor(model)
@@ -186,7 +186,7 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     from .baselines import bench_engine_config, build_system, weights_key
-    from ..engine.profiler import parse_sizes
+    from synerdiff.engine.profiler import parse_sizes
     from .report import new_report, result_path, write_json
     from .sweep import SweepConfig, run_sweep
     from .workload import default_mix, mixed_mix
@@ -224,7 +224,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 def cmd_smoke(args: argparse.Namespace) -> None:
     from .baselines import bench_engine_config, engine_config
-    from ..engine.profiler import parse_sizes
+    from synerdiff.engine.profiler import parse_sizes
     from .report import new_report, result_path, write_json
     from .smoke import smoke_engine, smoke_requests
 
@@ -265,7 +265,7 @@ def cmd_scale(args: argparse.Namespace) -> None:
 
 
 def cmd_overlap(args: argparse.Namespace) -> None:
-    from ..engine.executor import StepExecutor
+    from synerdiff.engine.executor import StepExecutor
     from .overlap import measure_overlap
     from .report import new_report, result_path, write_json
 

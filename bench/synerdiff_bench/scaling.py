@@ -1,6 +1,6 @@
 """Does a pool's capacity grow with its GPUs? N engine servers, one per GPU, behind round-robin.
 
-    python -m synerdiff.bench scale --gpus 2 --model sd15 --device cuda --dtype float16 \\
+    python -m synerdiff_bench scale --gpus 2 --model sd15 --device cuda --dtype float16 \\
         --rates-per-gpu 1,2,3,4 --duration 20 --slo 5.4 --out $OUT
 
 starts `synerdiff serve` once per GPU (CUDA_VISIBLE_DEVICES=i, ports base..base+N-1), then
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ..scheduling.simulate import capacity as capacity_of
+from synerdiff.engine.simulate import capacity as capacity_of
 
 Log = Callable[[str], None]
 
@@ -188,7 +188,7 @@ def _f(x: float | None) -> str:
 
 
 def run_scaling(args, log: Log = print) -> dict[str, Any]:
-    from ..engine.profiler import parse_sizes
+    from synerdiff.engine.profiler import parse_sizes
     from .report import new_report, result_path, write_json
     from .sweep import SweepConfig, run_sweep
     from .systems import HttpSystem

@@ -1,6 +1,6 @@
 """Lone-request latency and fp16 agreement of the UNet fast path (GPU).
 
-    python -m synerdiff.bench.fastpath_check --model /tmp/synerdiff-sd15 --out results.json
+    python -m synerdiff_bench.fastpath_check --model /tmp/synerdiff-sd15 --out results.json
 
 For each executor mode (eager; CUDA graphs; torch.compile + CUDA graphs) it starts an
 engine, serves one guided 512x512 50-step request alone a few times, and records the
@@ -19,8 +19,8 @@ import time
 
 import torch
 
-from ..contract.config import EngineConfig, SchedulerConfig
-from ..engine import Engine, GenerationRequest
+from synerdiff.contract.config import EngineConfig, SchedulerConfig
+from synerdiff.engine import Engine, GenerationRequest
 from .quality import psnr
 
 MODES = {

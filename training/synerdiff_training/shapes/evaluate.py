@@ -4,7 +4,7 @@ Generates every held-out prompt (colour/shape/background triples never seen in t
 with a few seeds through diffusers' StableDiffusionPipeline, scores each image with
 `scorer.score`, and writes a JSON report with one row per configuration:
 
-    python -m synerdiff.models.shapes.evaluate [--model DIR] [--steps 20] [--guidance 7.5]
+    python -m synerdiff_training.shapes.evaluate [--model DIR] [--steps 20] [--guidance 7.5]
         [--seeds 2] [--json bench/results/adherence.json] [--grid out.png]
 """
 
@@ -16,12 +16,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+from synerdiff.contract.config import EMBEDDED_MODEL_DIR
 
 from .dataset import held_out_prompts, train_prompts
 from .scorer import ATTRIBUTES, score
 
-EMBEDDED = Path(__file__).resolve().parents[1] / "embedded" / "tiny-sd"
-REPO = Path(__file__).resolve().parents[4]
+EMBEDDED = EMBEDDED_MODEL_DIR.resolve()
+REPO = Path(__file__).resolve().parents[3]  # training/synerdiff_training/shapes/evaluate.py
 
 
 def load_pipeline(model_dir, device="cpu"):

@@ -50,7 +50,7 @@ def _git_commit() -> str | None:
 
 
 def command_line(argv: list[str] | None = None) -> str:
-    return shlex.join(["python", "-m", "synerdiff.bench", *(sys.argv[1:] if argv is None else argv)])
+    return shlex.join(["python", "-m", "synerdiff_bench", *(sys.argv[1:] if argv is None else argv)])
 
 
 def new_report(kind: str, name: str, argv: list[str] | None = None, **config: Any) -> dict[str, Any]:

@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from ..engine.executor import StepExecutor
-from ..engine.profiler import median_time, synchronizer
+from synerdiff.engine.executor import StepExecutor
+from synerdiff.engine.profiler import median_time, synchronizer
 
 
 def overlap_fraction(t_unet: float, t_vae: float, t_together: float) -> float:

@@ -1,6 +1,6 @@
 """Fidelity of the SynerDiff shortcuts against the exact output.
 
-    python -m synerdiff.bench.fidelity [--model DIR] [--device cpu] [--out bench/results/fidelity.json]
+    python -m synerdiff_bench.fidelity [--model DIR] [--device cpu] [--out bench/results/fidelity.json]
 
 For a set of prompts and seeds it generates the exact image (full guidance, whole-batch
 decode), then the same request with guidance skipped on the last `bound` of its steps
@@ -23,9 +23,9 @@ from dataclasses import replace
 
 import torch
 
-from ..contract.config import EMBEDDED_MODEL_DIR, EngineConfig, SchedulerConfig
-from ..engine import Engine, GenerationRequest
-from ..scheduling.planner import ContinuousPolicy, EngineView, IterationPlan
+from synerdiff.contract.config import EMBEDDED_MODEL_DIR, EngineConfig, SchedulerConfig
+from synerdiff.engine import Engine, GenerationRequest
+from synerdiff.scheduling.planner import ContinuousPolicy, EngineView, IterationPlan
 from .quality import psnr, ssim
 
 DEFAULT_PROMPTS = [
@@ -48,7 +48,7 @@ class ChunkedDecode(ContinuousPolicy):
 
 def _scorer():
     try:
-        from ..models.shapes import scorer  # present once the trained shapes model ships
+        from synerdiff_training.shapes import scorer  # from synerdiff-training (the shapes model's scorer)
     except ImportError:
         return None
     return scorer
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.time()
     res = run(args.model, args.device, DEFAULT_PROMPTS, [int(s) for s in args.seeds.split(",")], [float(b) for b in args.bounds.split(",")],
               args.steps, args.guidance, args.sampler, args.tiled_size)
-    res.update(command="python -m synerdiff.bench.fidelity " + " ".join(sys.argv[1:] if argv is None else argv),
+    res.update(command="python -m synerdiff_bench.fidelity " + " ".join(sys.argv[1:] if argv is None else argv),
                model=args.model, device=args.device, torch=torch.__version__, seconds=time.time() - t0)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)

@@ -1,7 +1,7 @@
 """GPU smoke run: many concurrent mixed requests through the engine, every iteration recorded.
 
 Checks what a benchmark cannot: that ≥ 32 requests with different steps, guidance and
-samplers share UNet forwards (rows per step from `engine.hooks`), all finish with finite
+samplers share UNet forwards (rows per step from an engine observer), all finish with finite
 images, and that the first few still match diffusers' own pipeline run alone (PSNR).
 """
 
@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from ..contract.config import EngineConfig
-from ..engine import Engine, GenerationRequest, IterationStats
-from ..models.loader import ModelBundle
-from ..samplers import DIFFUSERS_CLASSES
+from synerdiff.contract.config import EngineConfig
+from synerdiff.engine import Engine, EngineObserver, GenerationRequest, IterationStats
+from synerdiff.models.loader import ModelBundle
+from synerdiff.samplers import DIFFUSERS_CLASSES
 from .baselines import make_pipeline
 from .workload import PROMPTS
 from .quality import psnr
@@ -129,7 +129,7 @@ def smoke_engine(
 
     engine = Engine(config, model=model).start()
     try:
-        engine.hooks.append(record)
+        engine.observers.append(EngineObserver(on_iteration=record))
         t_start = time.perf_counter()
         half = len(requests) // 2
         handles = [engine.submit(r) for r in requests[:half]]

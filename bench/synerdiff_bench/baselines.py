@@ -20,13 +20,13 @@ from typing import Any
 
 import torch
 
-from ..contract.config import EngineConfig, LimitsConfig, SchedulerConfig
-from ..models.loader import ModelBundle
-from ..samplers import DIFFUSERS_CLASSES
+from synerdiff.contract.config import EngineConfig, LimitsConfig, SchedulerConfig
+from synerdiff.models.loader import ModelBundle
+from synerdiff.samplers import DIFFUSERS_CLASSES
 from .systems import DoneFn, EngineSystem, HttpSystem, System
 from .workload import BenchRequest
 
-log = logging.getLogger("synerdiff.bench")
+log = logging.getLogger("synerdiff_bench")
 
 BUILTINS: dict[str, dict[str, str]] = {
     "diffusers": {"kind": "diffusers"},
@@ -260,7 +260,7 @@ def build_system(name: str, opts: dict[str, str], base: EngineConfig, model: Mod
 def weights_key(opts: dict[str, str], base: EngineConfig) -> str | None:
     """Which copy of the weights a system runs on: None (remote), 'fast' (an engine whose
     CUDA-graph fast path rewrites the UNet's memory format) or 'eager' (everything else)."""
-    from ..models.loader import resolve_device
+    from synerdiff.models.loader import resolve_device
 
     kind = opts.get("kind", "engine")
     if kind == "http":

@@ -7,8 +7,8 @@ Two phases, each bounded by steps and/or minutes:
    SD1.5's DDPM schedule and 10% empty captions so classifier-free guidance works.
 EMA weights of phase 2 are what gets written, as a diffusers StableDiffusionPipeline directory.
 
-    python -m synerdiff.models.shapes.train --out DIR --vae-minutes 1.1 --unet-minutes 6.2 --p-position 0.85 [--tar model.tar --eval-seeds 4]
-    python -m synerdiff.models.shapes.train --out DIR --vae-steps 3 --unet-steps 3 --vae-batch 8 --batch 8   # CPU smoke run
+    python -m synerdiff_training.shapes.train --out DIR --vae-minutes 1.1 --unet-minutes 6.2 --p-position 0.85 [--tar model.tar --eval-seeds 4]
+    python -m synerdiff_training.shapes.train --out DIR --vae-steps 3 --unet-steps 3 --vae-batch 8 --batch 8   # CPU smoke run
 """
 
 from __future__ import annotations
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
     unet_stats, ema_unet, ema_text = train_unet(unet, text_encoder, vae, tokenizer, args, device, rng, log)
     save(out, ema_unet, vae, ema_text)
     report = dict(
-        command=" ".join(["python -m synerdiff.models.shapes.train"] + (argv if argv is not None else __import__("sys").argv[1:])),
+        command=" ".join(["python -m synerdiff_training.shapes.train"] + (argv if argv is not None else __import__("sys").argv[1:])),
         device=torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
         torch=torch.__version__,
         seed=args.seed,

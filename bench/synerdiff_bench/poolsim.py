@@ -1,6 +1,6 @@
 """Pool simulator: a DiffusionPool under a request trace, scaled by a policy, on a cost-model clock.
 
-    python -m synerdiff_operator.poolsim --out bench/results/poolsim.json --md bench/results/poolsim.md
+    python -m synerdiff_bench.poolsim --out bench/results/poolsim.json --md bench/results/poolsim.md
 
 A discrete-event simulation of one pool:
 
@@ -47,7 +47,7 @@ from synerdiff.scheduling.cost_model import CostModel, Profile, reference_h100_s
 from synerdiff_operator import scaling, signals
 from synerdiff_operator.spec import PoolSpec, parse_spec
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[2]  # bench/synerdiff_bench/poolsim.py
 H100_PROFILE = REPO_ROOT / "bench" / "results" / "h100-run2" / "profile.json"
 # The engine's request-latency histogram buckets (synerdiff.metrics.server.LATENCY_BUCKETS).
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, math.inf)
@@ -594,7 +594,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     result = experiment(quick=args.quick, startup_s=args.startup, log=lambda s: print(s, file=sys.stderr, flush=True))
     result["wall_s"] = round(time.monotonic() - t0, 1)
-    command = "python -m synerdiff_operator.poolsim" + (" --quick" if args.quick else "") + (f" --startup {args.startup:g}" if args.startup != 90.0 else "")
+    command = "python -m synerdiff_bench.poolsim" + (" --quick" if args.quick else "") + (f" --startup {args.startup:g}" if args.startup != 90.0 else "")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     args.md.write_text(markdown(result, command))

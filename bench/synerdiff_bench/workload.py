@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from ..engine.request import GenerationRequest
+from synerdiff.engine.request import GenerationRequest
 
 Size = tuple[int, int]  # (height, width)
 

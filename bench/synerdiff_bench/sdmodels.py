@@ -11,8 +11,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..contract.config import EMBEDDED_MODEL_DIR
-from ..models.make_tiny import SD15_SCHEDULER, write_char_tokenizer, write_model_index
+from synerdiff.contract.config import EMBEDDED_MODEL_DIR
+from synerdiff_training.make_tiny import SD15_SCHEDULER, write_char_tokenizer, write_model_index
 
 SD15_UNET = dict(
     sample_size=64,

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from synerdiff_operator import poolsim, scaling
-from synerdiff_operator.poolsim import KubeAI, Ours, Static, Trace, run
+from synerdiff_bench import poolsim
+from synerdiff_bench.poolsim import KubeAI, Ours, Static, Trace, run
+from synerdiff_operator import scaling
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +81,7 @@ def test_the_report_command_writes_json_and_a_markdown_table(tmp_path: Path) -> 
     assert {r["policy"] for r in result["table"]} == {"static-peak", "kubeai", "ours"}
     assert {r["trace"] for r in result["table"]} == {"steady", "step", "burst", "spike", "diurnal"}
     text = md.read_text()
-    assert "python -m synerdiff_operator.poolsim --quick" in text and text.count("\n| ") == 1 + 15  # the header and 5 traces x 3 policies
+    assert "python -m synerdiff_bench.poolsim --quick" in text and text.count("\n| ") == 1 + 15  # the header and 5 traces x 3 policies
 
 
 def test_headroom_within_the_budget_meets_the_burst_goal_with_fewer_gpu_seconds_than_static(service) -> None:

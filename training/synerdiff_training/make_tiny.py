@@ -5,7 +5,7 @@ and `merges.txt`), and SD1.5's noise schedule. `StableDiffusionPipeline.from_pre
 loads the result like any real model. The shapes model in `embedded/` (see
 docs/model.md) is trained from this layout. Run:
 
-    python -m synerdiff.models.make_tiny OUT_DIR [--seed 0]
+    python -m synerdiff_training.make_tiny OUT_DIR [--seed 0]
 """
 
 from __future__ import annotations
