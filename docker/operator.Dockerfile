@@ -1,4 +1,4 @@
-# SynerDiff operator (kopf). No torch: it only imports synerdiff.config (pydantic) from the engine.
+# SynerDiff operator (kopf). No torch: of the engine it imports only synerdiff.contract (pydantic models, names).
 #   docker build -f docker/operator.Dockerfile -t synerdiff-operator .
 FROM python:3.11-slim
 

@@ -34,7 +34,8 @@ def test_a_request_moves_through_the_phases_and_each_phase_holds_its_own_state()
     done = t.retire("a", now=2.0)
     assert t.phase("a") is Phase.DECODING and (done.finished_at, done.skipped, done.images_left) == (2.0, 1, 2)
     assert t.rows_active() == 0
-    assert t.remove("a") is done and t.remove("b") is not None and len(t) == 0
+    assert t.remove("a") == (Phase.DECODING, done.spec) and t.remove("b") == (Phase.WAITING, spec("b", guided=False))
+    assert t.remove("b") is None and len(t) == 0
 
 
 def test_a_fixed_cfg_cutoff_drops_the_unconditional_rows_after_it():

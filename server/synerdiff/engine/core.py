@@ -168,7 +168,7 @@ class EngineCore:
             self._decode(plan.decode, stats)
         stats.waiting = len(self.table.waiting)
         stats.running = len(self.table.denoising) + len(self.table.decoding)
-        if stats.rows and self.cost_model is not None:
+        if stats.rows and stats.bucket is not None and self.cost_model is not None:
             bare = self.cost_model.unet_step_s(stats.rows, stats.bucket)
             if bare > 0:
                 stats.step_inflation = (stats.encode_s + stats.unet_s + stats.sampler_s + stats.vae_s) / bare
@@ -361,11 +361,10 @@ class EngineCore:
         self._outcome(d.spec.id, None, now)
 
     def _fail(self, job_id: str, error: EngineError) -> None:
-        phase = self.table.phase(job_id)
-        if phase is None:
+        removed = self.table.remove(job_id)
+        if removed is None:
             return
-        record = self.table.remove(job_id)
-        spec = record if isinstance(record, JobSpec) else record.spec  # type: ignore[union-attr]
+        phase, spec = removed
         self._tiled.discard(job_id)
         self.rows_active = self.table.rows_active()
         self.runner.release(job_id)

@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 
 from ..models.loader import ModelBundle
+from .fastpath import GraphedUNet
 
 
 class PendingDecode(NamedTuple):
@@ -28,11 +29,11 @@ class StepExecutor:
         self._use_attention_mask = bool(getattr(te_cfg, "use_attention_mask", False))
         self._vae_scale = float(model.vae.config.scaling_factor)
         self._vae_shift = getattr(model.vae.config, "shift_factor", None) or 0.0
-        self.graphed = None  # a GraphedUNet once enable_fast_path ran
+        self.graphed: GraphedUNet | None = None  # set by enable_fast_path
 
     def enable_fast_path(self, sizes: list[tuple[int, int]], max_rows: int, compile: bool = False) -> None:
         """Capture CUDA graphs of the UNet for every row size up to max_rows (CUDA only)."""
-        from .fastpath import GraphedUNet, row_sizes_up_to
+        from .fastpath import row_sizes_up_to
 
         m = self.model
         if m.device.type != "cuda":
@@ -40,11 +41,11 @@ class StepExecutor:
         ctx = (m.tokenizer.model_max_length, int(m.unet.config.cross_attention_dim))
         g = GraphedUNet(m.unet, ctx_shape=ctx, dtype=self.dtype, device=self.device, compile=compile)
         f = m.vae_scale_factor
-        sizes = row_sizes_up_to(max_rows)
+        row_sizes = row_sizes_up_to(max_rows)
         if compile:
-            sizes = [b for b in sizes if b > 1] or [2]  # batch 1 would force a second compile
+            row_sizes = [b for b in row_sizes if b > 1] or [2]  # batch 1 would force a second compile
         for h, w in sizes:
-            g.capture((m.latent_channels, h // f, w // f), sizes)
+            g.capture((m.latent_channels, h // f, w // f), row_sizes)
         self.graphed = g
 
     @torch.inference_mode()

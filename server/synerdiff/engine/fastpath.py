@@ -93,11 +93,12 @@ class GraphedUNet:
 
     def covers(self, rows: int, shape: tuple[int, int, int]) -> bool:
         sizes = self._sizes.get(shape)
-        return bool(sizes) and rows <= sizes[-1]
+        return sizes is not None and bool(sizes) and rows <= sizes[-1]
 
     @torch.inference_mode()
     def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        rows, shape = sample.shape[0], tuple(sample.shape[1:])
+        rows = sample.shape[0]
+        shape = (sample.shape[1], sample.shape[2], sample.shape[3])
         sizes = self._sizes.get(shape)
         if not sizes or rows > sizes[-1]:
             self.eager_calls += 1
@@ -108,5 +109,6 @@ class GraphedUNet:
         g.c[:rows].copy_(context)
         g.graph.replay()
         self.replays += 1
+        assert g.out is not None  # set by capture
         # A copy: the next replay overwrites the graph's output buffer.
         return g.out[:rows].clone()

@@ -120,12 +120,15 @@ class RequestTable:
         self.decoding[job_id] = job
         return job
 
-    def remove(self, job_id: str) -> JobSpec | Denoising | Decoding | None:
+    def remove(self, job_id: str) -> tuple[Phase, JobSpec] | None:
+        """Take a request out of whichever phase it is in."""
         if job_id in self.waiting:
-            return self.waiting.pop(job_id)
+            return Phase.WAITING, self.waiting.pop(job_id)
         if job_id in self.denoising:
-            return self.denoising.pop(job_id)
-        return self.decoding.pop(job_id, None)
+            return Phase.DENOISING, self.denoising.pop(job_id).spec
+        if job_id in self.decoding:
+            return Phase.DECODING, self.decoding.pop(job_id).spec
+        return None
 
     def rows_active(self) -> int:
         """Rows the denoising requests hold at full guidance (what the controller and metrics count)."""

@@ -79,7 +79,7 @@ class SimOutcome:
 
 def poisson_arrivals(rate: float, duration: float, seed: int = 0, **kw: Any) -> list[SimRequest]:
     rng = random.Random(seed)
-    t, out = 0.0, []
+    t, out = 0.0, list[SimRequest]()
     while True:
         t += rng.expovariate(rate)
         if t > duration:
@@ -232,7 +232,7 @@ def capacity(p99_by_rate: Iterable[tuple[float, float | None]], slo_s: float) ->
     return best
 
 
-def capacities(rows: list[dict], slo_s: float) -> dict[str, dict[int, float | None]]:
+def capacities(rows: list[dict[str, Any]], slo_s: float) -> dict[str, dict[int, float | None]]:
     """Per system and seed of the simulator's rows: `capacity`."""
     out: dict[str, dict[int, float | None]] = {}
     for name, seed in sorted({(r["system"], r["seed"]) for r in rows}):
