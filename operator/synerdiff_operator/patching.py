@@ -41,7 +41,7 @@ def contains(live: Any, desired: Any, *, quantities: bool = False) -> bool:
         )
     if isinstance(desired, list):
         return isinstance(live, list) and len(live) == len(desired) and all(
-            contains(a, b, quantities=quantities) for a, b in zip(live, desired)
+            contains(a, b, quantities=quantities) for a, b in zip(live, desired, strict=True)
         )
     if live == desired:
         return True

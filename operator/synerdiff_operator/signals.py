@@ -109,7 +109,7 @@ def bucket_delta(new: Buckets, old: Buckets) -> Buckets | None:
     """new - old per bucket; None when the bucket layouts differ or a count went backwards."""
     if [b for b, _ in new] != [b for b, _ in old]:
         return None
-    out = tuple((b, n - o) for (b, n), (_, o) in zip(new, old))
+    out = tuple((b, n - o) for (b, n), (_, o) in zip(new, old, strict=True))
     return None if any(c < 0 for _, c in out) else out
 
 
@@ -120,7 +120,7 @@ def add_buckets(a: Buckets, b: Buckets) -> Buckets:
         return a
     if [x for x, _ in a] != [x for x, _ in b]:
         raise ValueError("bucket layouts differ")
-    return tuple((x, ca + cb) for (x, ca), (_, cb) in zip(a, b))
+    return tuple((x, ca + cb) for (x, ca), (_, cb) in zip(a, b, strict=True))
 
 
 def quantile(q: float, buckets: Buckets) -> float | None:

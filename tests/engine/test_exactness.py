@@ -81,6 +81,6 @@ def test_mixed_batch_joining_and_leaving(engine, reference):
     finally:
         engine.hooks.pop()
     assert max(shared_steps) >= 4, "requests never shared a forward"
-    for r, res in zip(first + later, results):
+    for r, res in zip(first + later, results, strict=True):
         check(res, reference(r), label=f"{r.sampler}/{r.steps} steps/{r.height}x{r.width}")
 

@@ -97,9 +97,9 @@ def test_concurrent_mixed_requests_equal_their_solo_results(client: OpenAI, live
         live.engine.hooks.remove(hook)
     # Requests really shared forwards: more rows than the largest single request (4).
     assert max_batch["rows"] > 4
-    for kw, alone, batched in zip(MIX, solo, together):
+    for kw, alone, batched in zip(MIX, solo, together, strict=True):
         assert len(alone) == len(batched) == kw["n"]
-        for a, b in zip(alone, batched):
+        for a, b in zip(alone, batched, strict=True):
             assert a.size == b.size
             assert psnr(a, b) >= 40, f"{kw['prompt']}: batched result differs from solo"
 

@@ -7,10 +7,10 @@ import logging
 from fastapi import APIRouter, Depends, Request
 from pydantic import ValidationError
 
+from ..contract.admin import SchedulerPatch
 from ..contract.config import SchedulerConfig
 from .auth import require_admin_token
 from .errors import validation_error
-from ..contract.admin import SchedulerPatch
 from .schemas import ErrorResponse
 
 log = logging.getLogger("synerdiff.api")

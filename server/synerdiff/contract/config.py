@@ -43,7 +43,7 @@ class LimitsConfig(_Strict):
     request_timeout_s: float = Field(300.0, gt=0, description="Deadline from arrival, queue wait included.")
 
     @model_validator(mode="after")
-    def _ordered(self) -> "LimitsConfig":
+    def _ordered(self) -> LimitsConfig:
         if self.min_side > self.max_side:
             raise ValueError("min_side must be <= max_side")
         if self.min_guidance > self.max_guidance:
@@ -77,7 +77,7 @@ class SchedulerConfig(_Strict):
     )
 
     @model_validator(mode="after")
-    def _bounds(self) -> "SchedulerConfig":
+    def _bounds(self) -> SchedulerConfig:
         if not self.threshold_min <= self.threshold_max:
             raise ValueError("threshold_min must be <= threshold_max")
         if not self.threshold_min <= self.threshold <= self.threshold_max:

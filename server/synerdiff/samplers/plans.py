@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 
-from .base import NCOEF, SamplerPlan, A, B, C, D, E, P, Q, x0_from_sigma
+from .base import NCOEF, A, B, C, D, E, P, Q, SamplerPlan, x0_from_sigma
 
 DIFFUSERS_CLASSES = {
     "ddim": DDIMScheduler,

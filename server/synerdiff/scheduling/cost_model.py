@@ -48,7 +48,7 @@ class Profile:
         Path(path).write_text(json.dumps(asdict(self), indent=1))
 
     @classmethod
-    def load(cls, path: str | Path) -> "Profile":
+    def load(cls, path: str | Path) -> Profile:
         raw = json.loads(Path(path).read_text())
         if raw.get("version") not in (1, PROFILE_VERSION):
             raise ValueError(f"{path}: profile version {raw.get('version')} is not {PROFILE_VERSION}; re-run `synerdiff profile`")
