@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from synerdiff.contract.admin import ADMIN_SCHEDULER_PATH
 from synerdiff_operator import engine_client, manifests, prometheus, scaling, signals
 from synerdiff_operator.kube import KIND_REFS, ApiException, Kube
 from synerdiff_operator.reconciler import POOL_REF, utc_now
@@ -301,7 +302,7 @@ class Autoscaler:
             else:
                 failures.append(f"{pod['metadata']['name']}: {error}")
         if failures:
-            return _failed(decision, "PUT /v1/admin/scheduler failed on " + "; ".join(failures))
+            return _failed(decision, f"PUT {ADMIN_SCHEDULER_PATH} failed on " + "; ".join(failures))
         return decision
 
     # ---------------------------------------------------------------------------------- status

@@ -20,14 +20,17 @@ from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
-WAITING = "synerdiff_requests_waiting"
-RUNNING = "synerdiff_requests_running"
-THRESHOLD = "synerdiff_scheduler_threshold"
-SKIP_BOUND = "synerdiff_skip_cfg_bound"
-IMAGES = "synerdiff_images_generated_total"
-REQUESTS = "synerdiff_requests_total"
-LATENCY = "synerdiff_request_latency_seconds"
-QUEUE_WAIT = "synerdiff_queue_wait_seconds"
+from synerdiff.contract import metrics as names
+
+# Series names as exposed: counters carry the `_total` suffix prometheus_client adds.
+WAITING = names.WAITING
+RUNNING = names.RUNNING
+THRESHOLD = names.THRESHOLD
+SKIP_BOUND = names.SKIP_CFG_BOUND
+IMAGES = names.total(names.IMAGES)
+REQUESTS = names.total(names.REQUESTS)
+LATENCY = names.LATENCY
+QUEUE_WAIT = names.QUEUE_WAIT
 
 # Every series `from_samples` reads (histograms through their _bucket series).
 SERIES = (WAITING, RUNNING, THRESHOLD, SKIP_BOUND, IMAGES, REQUESTS, LATENCY + "_bucket", QUEUE_WAIT + "_bucket")

@@ -7,7 +7,7 @@ import logging
 from fastapi import APIRouter, Depends, Request
 from pydantic import ValidationError
 
-from ..contract.admin import SchedulerPatch
+from ..contract.admin import ADMIN_SCHEDULER_PATH, SchedulerPatch
 from ..contract.config import SchedulerConfig
 from .auth import require_admin_token
 from .errors import validation_error
@@ -15,7 +15,7 @@ from .schemas import ErrorResponse
 
 log = logging.getLogger("synerdiff.api")
 
-router = APIRouter(prefix="/v1/admin", dependencies=[Depends(require_admin_token)], tags=["admin"])
+router = APIRouter(dependencies=[Depends(require_admin_token)], tags=["admin"])
 
 _ERRORS = {
     401: {"model": ErrorResponse, "description": "Missing or wrong admin bearer token."},
@@ -24,13 +24,13 @@ _ERRORS = {
 }
 
 
-@router.get("/scheduler", response_model=SchedulerConfig, responses=_ERRORS, summary="Current scheduler configuration")
+@router.get(ADMIN_SCHEDULER_PATH, response_model=SchedulerConfig, responses=_ERRORS, summary="Current scheduler configuration")
 async def get_scheduler(request: Request) -> SchedulerConfig:
     return request.app.state.synerdiff.engine.config.scheduler
 
 
-@router.put("/scheduler", response_model=SchedulerConfig, responses=_ERRORS, summary="Update some scheduler knobs")
-async def put_scheduler(patch: SchedulerPatch, request: Request) -> SchedulerConfig:  # type: ignore[valid-type]
+@router.put(ADMIN_SCHEDULER_PATH, response_model=SchedulerConfig, responses=_ERRORS, summary="Update some scheduler knobs")
+async def put_scheduler(patch: SchedulerPatch, request: Request) -> SchedulerConfig:  # type: ignore[valid-type]  # a model built by create_model
     engine = request.app.state.synerdiff.engine
     changes = patch.model_dump(exclude_none=True)
     merged = {**engine.config.scheduler.model_dump(), **changes}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..contract.config import SchedulerConfig
+from ..contract.requests import rows_per_image
 from .cost_model import CostModel, reference_h100_sd15
 from .planner import ContinuousPolicy, EngineView, IterationPlan, Policy, admit_fifo, pick_bucket
 
@@ -55,7 +56,7 @@ class SynerDiffPolicy:
                 for a in active:
                     if a.guided and a.may_skip_cfg(view.skip_fraction):
                         skip.add(a.request_id)
-                        rows -= a.images
+                        rows -= a.images * (rows_per_image(True) - rows_per_image(False))
             # Admission counts skipped requests at their full rows: skipping can stop on the next
             # step (the queue drains, the controller lowers the bound), and max_rows must hold then too.
             admit = admit_fifo(view, bucket, sum(a.rows for a in active), view.max_rows)
