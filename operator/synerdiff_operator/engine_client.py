@@ -48,7 +48,8 @@ def gauge_values(text: str, name: str) -> list[float]:
 def fetch_metrics(base_url: str, timeout: float) -> str | None:
     try:
         with urllib.request.urlopen(f"{base_url}/metrics", timeout=timeout) as resp:  # noqa: S310 - pod IPs only
-            return resp.read().decode("utf-8", "replace")
+            body: bytes = resp.read()
+            return body.decode("utf-8", "replace")
     except (urllib.error.URLError, OSError, ValueError):
         return None
 

@@ -156,7 +156,8 @@ def _serve(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------- generate
 def _sse_events(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
     """(event, data) pairs from a text/event-stream; comments (pings) are skipped."""
-    event, data = "message", []
+    event = "message"
+    data: list[str] = []
     for line in lines:
         if not line:
             if data:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import ValidationError
@@ -17,7 +18,7 @@ log = logging.getLogger("synerdiff.api")
 
 router = APIRouter(dependencies=[Depends(require_admin_token)], tags=["admin"])
 
-_ERRORS = {
+_ERRORS: dict[int | str, dict[str, Any]] = {
     401: {"model": ErrorResponse, "description": "Missing or wrong admin bearer token."},
     403: {"model": ErrorResponse, "description": "Admin API disabled (no admin or API token configured)."},
     422: {"model": ErrorResponse, "description": "A value is out of range or inconsistent (`error.param` names the field)."},
@@ -30,7 +31,7 @@ async def get_scheduler(request: Request) -> SchedulerConfig:
 
 
 @router.put(ADMIN_SCHEDULER_PATH, response_model=SchedulerConfig, responses=_ERRORS, summary="Update some scheduler knobs")
-async def put_scheduler(patch: SchedulerPatch, request: Request) -> SchedulerConfig:  # type: ignore[valid-type]  # a model built by create_model
+async def put_scheduler(patch: SchedulerPatch, request: Request) -> SchedulerConfig:
     engine = request.app.state.synerdiff.engine
     changes = patch.model_dump(exclude_none=True)
     merged = {**engine.config.scheduler.model_dump(), **changes}
@@ -38,7 +39,7 @@ async def put_scheduler(patch: SchedulerPatch, request: Request) -> SchedulerCon
         new = SchedulerConfig.model_validate(merged)
     except ValidationError as exc:
         # Cross-field rules (threshold within [min, max]...) only fail once merged.
-        raise validation_error(list(exc.errors()), known_fields=set(SchedulerConfig.model_fields)) from None
+        raise validation_error([dict(e) for e in exc.errors()], known_fields=set(SchedulerConfig.model_fields)) from None
     engine.apply_scheduler_config(new)
     log.info("scheduler updated: %s", changes)
     return new

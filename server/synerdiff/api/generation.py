@@ -157,9 +157,9 @@ async def generate(body: ImageGenerationRequest, request: Request) -> Response:
         record(state, 499, "cancelled")
         return Response(status_code=499)
     except EngineError as exc:
-        err = from_engine_error(exc)
-        record(state, err.status, err.code)
-        return err.response()
+        failure = from_engine_error(exc)
+        record(state, failure.status, failure.code)
+        return failure.response()
     images = await asyncio.to_thread(encode_png, result)
     record(state, 200, None, started, len(images))
     payload = {

@@ -123,8 +123,12 @@ class _ConfigFileSource(PydanticBaseSettingsSource):
         if path.endswith((".yaml", ".yml")):
             import yaml
 
-            return yaml.safe_load(text) or {}
-        return json.loads(text)
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: the config file must hold a mapping of settings, not {type(data).__name__}")
+        return data
 
 
 class ServerSettings(BaseSettings):
@@ -141,7 +145,14 @@ class ServerSettings(BaseSettings):
     engine: EngineConfig = Field(default_factory=EngineConfig)
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, _ConfigFileSource(settings_cls), file_secret_settings)
 
     def resolved_api_token(self) -> str | None:
