@@ -185,8 +185,9 @@ def cmd_profile(args: argparse.Namespace) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from .baselines import bench_engine_config, build_system, weights_key
     from synerdiff.engine.profiler import parse_sizes
+
+    from .baselines import bench_engine_config, build_system, weights_key
     from .report import new_report, result_path, write_json
     from .sweep import SweepConfig, run_sweep
     from .workload import default_mix, mixed_mix
@@ -223,8 +224,9 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_smoke(args: argparse.Namespace) -> None:
-    from .baselines import bench_engine_config, engine_config
     from synerdiff.engine.profiler import parse_sizes
+
+    from .baselines import bench_engine_config, engine_config
     from .report import new_report, result_path, write_json
     from .smoke import smoke_engine, smoke_requests
 
@@ -266,6 +268,7 @@ def cmd_scale(args: argparse.Namespace) -> None:
 
 def cmd_overlap(args: argparse.Namespace) -> None:
     from synerdiff.engine.executor import StepExecutor
+
     from .overlap import measure_overlap
     from .report import new_report, result_path, write_json
 

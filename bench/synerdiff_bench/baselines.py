@@ -23,6 +23,7 @@ import torch
 from synerdiff.contract.config import EngineConfig, LimitsConfig, SchedulerConfig
 from synerdiff.models.loader import ModelBundle
 from synerdiff.samplers import DIFFUSERS_CLASSES
+
 from .systems import DoneFn, EngineSystem, HttpSystem, System
 from .workload import BenchRequest
 

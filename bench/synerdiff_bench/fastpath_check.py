@@ -21,6 +21,7 @@ import torch
 
 from synerdiff.contract.config import EngineConfig, SchedulerConfig
 from synerdiff.engine import Engine, GenerationRequest
+
 from .quality import psnr
 
 MODES = {

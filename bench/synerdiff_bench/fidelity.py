@@ -26,6 +26,7 @@ import torch
 from synerdiff.contract.config import EMBEDDED_MODEL_DIR, EngineConfig, SchedulerConfig
 from synerdiff.engine import Engine, GenerationRequest
 from synerdiff.scheduling.planner import ContinuousPolicy, EngineView, IterationPlan
+
 from .quality import psnr, ssim
 
 DEFAULT_PROMPTS = [

@@ -41,7 +41,7 @@ def merge(paths: list[str | Path]) -> dict[str, Any]:
     header, every file's systems; a name seen before gets its file's stem appended."""
     docs = [json.loads(Path(p).read_text()) for p in paths]
     data = {**docs[0], "systems": {}}
-    for p, d in zip(paths, docs):
+    for p, d in zip(paths, docs, strict=False):
         for name, sysdata in d["systems"].items():
             data["systems"][name if name not in data["systems"] else f"{name} ({Path(p).stem})"] = sysdata
     if len(docs) > 1:
@@ -66,7 +66,7 @@ def plot(json_path: str | Path | list[str | Path], out: str | Path | None = None
     ]
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
     rates = sorted({p["rate"] for s in data["systems"].values() for p in s["points"]})
-    for ax, (title, get, log_y) in zip(axes.flat, panels):
+    for ax, (title, get, log_y) in zip(axes.flat, panels, strict=False):
         for i, (name, sysdata) in enumerate(data["systems"].items()):
             color = f"C{i}"
             xs, ys, cx, cy = _series(sysdata["points"], get)

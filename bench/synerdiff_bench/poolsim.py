@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any
 
 from synerdiff.scheduling.cost_model import CostModel, Profile, reference_h100_sd15
-
 from synerdiff_operator import scaling, signals
 from synerdiff_operator.spec import PoolSpec, parse_spec
 
@@ -184,7 +183,7 @@ class Pod:
         return len(self.active) + len(self.queue)
 
     def sample(self) -> signals.EngineSample:
-        cumulative = lambda counts: tuple(zip(LATENCY_BUCKETS, _cumsum(counts)))  # noqa: E731
+        cumulative = lambda counts: tuple(zip(LATENCY_BUCKETS, _cumsum(counts), strict=False))  # noqa: E731
         return signals.EngineSample(
             waiting=float(len(self.queue)), running=float(len(self.active)), images=self.images, ok=self.finished,
             finished=self.finished, latency=cumulative(self.latency), queue_wait=cumulative(self.queue_wait),
@@ -440,7 +439,7 @@ def run(trace: Trace, policy: Policy, service: ServiceModel, *, slo_factor: floa
             timeline.append((round(now, 1), len(pool.live()), sum(p.ready(now) for p in pool.pods)))
             pool.push(now + policy.period, "tick", None)
     slo = slo_factor * service.lone_latency
-    lat = sorted(d - a for a, d in zip(pool.arrival, pool.done))
+    lat = sorted(d - a for a, d in zip(pool.arrival, pool.done, strict=False))
     n = len(lat)
     gpu = sum(min(p.gone_at if p.gone_at is not None else trace.duration, trace.duration) - p.created for p in pool.pods if p.created < trace.duration)
     pods_ever = [(p.created, p.gone_at if p.gone_at is not None else math.inf) for p in pool.pods]

@@ -57,7 +57,7 @@ def new_report(kind: str, name: str, argv: list[str] | None = None, **config: An
     return {
         "kind": kind,
         "name": name,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": command_line(argv),
         "environment": environment(),
         "config": config,

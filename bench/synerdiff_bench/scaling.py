@@ -20,9 +20,10 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from synerdiff.engine.simulate import capacity as capacity_of
 
@@ -189,6 +190,7 @@ def _f(x: float | None) -> str:
 
 def run_scaling(args, log: Log = print) -> dict[str, Any]:
     from synerdiff.engine.profiler import parse_sizes
+
     from .report import new_report, result_path, write_json
     from .sweep import SweepConfig, run_sweep
     from .systems import HttpSystem

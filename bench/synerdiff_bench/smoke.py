@@ -11,6 +11,7 @@ import dataclasses
 import random
 import statistics
 import time
+from itertools import pairwise
 from collections.abc import Callable
 from typing import Any
 
@@ -20,9 +21,10 @@ from synerdiff.contract.config import EngineConfig
 from synerdiff.engine import Engine, EngineObserver, GenerationRequest, IterationStats
 from synerdiff.models.loader import ModelBundle
 from synerdiff.samplers import DIFFUSERS_CLASSES
+
 from .baselines import make_pipeline
-from .workload import PROMPTS
 from .quality import psnr
+from .workload import PROMPTS
 
 Size = tuple[int, int]
 
@@ -65,7 +67,7 @@ def saturation(iters: list[dict[str, Any]], max_rows: int, peak_rows_per_s: floa
     An iteration's wall time is the gap since the previous hook call, so decodes, admissions and
     Python overhead count against it: this is the engine's delivered rate, not the bare UNet's.
     """
-    full = [(it, it["t"] - prev["t"]) for prev, it in zip(iters, iters[1:]) if it["rows"] >= 0.9 * max_rows]
+    full = [(it, it["t"] - prev["t"]) for prev, it in pairwise(iters) if it["rows"] >= 0.9 * max_rows]
     if len(full) < 5:
         return None
     seconds = sum(dt for _, dt in full)
@@ -137,7 +139,7 @@ def smoke_engine(
         handles += [engine.submit(r) for r in requests[half:]]
         outcomes: list[dict[str, Any]] = []
         kept: dict[int, torch.Tensor] = {}
-        for i, (r, h) in enumerate(zip(requests, handles)):
+        for i, (r, h) in enumerate(zip(requests, handles, strict=False)):
             row = {"steps": r.steps, "guidance": r.guidance_scale, "sampler": r.sampler, "seed": r.seed}
             try:
                 res = h.wait(max(1.0, timeout_s - (time.perf_counter() - t_start)))

@@ -40,7 +40,7 @@ class SweepConfig:
     speedup: float = 1.0
 
     @classmethod
-    def from_args(cls, args: Any, **fields: Any) -> "SweepConfig":
+    def from_args(cls, args: Any, **fields: Any) -> SweepConfig:
         """The options `run` and `scale` share, from their parsed arguments; `fields` sets the rest."""
         return cls(
             duration_s=args.duration,

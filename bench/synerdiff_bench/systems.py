@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from synerdiff.contract.config import EngineConfig
 from synerdiff.engine import Cancelled, Engine, EngineError, QueueFull, RequestError, TimedOut
 from synerdiff.models.loader import ModelBundle
+
 from .workload import BenchRequest
 
 # status: "ok", "rejected" (refused for load), "error:<reason>", "unfinished" (abandoned by the harness)

@@ -29,6 +29,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from synerdiff.contract.admin import ADMIN_SCHEDULER_PATH
 from synerdiff_operator import engine_client, manifests, prometheus, scaling, signals
 from synerdiff_operator.kube import KIND_REFS, ApiException, Kube
 from synerdiff_operator.reconciler import POOL_REF, utc_now
@@ -221,7 +222,7 @@ class Autoscaler:
             namespace = ready[0]["metadata"].get("namespace", "") if ready else ""
             got = prometheus.read_pods(a.prometheus_url, namespace, list(names), selector=a.prometheus_selector,
                                        max_age_s=stale, timeout=max(self.scrape_timeout, 2.0))
-            return {uid: ((got[n].sample, now - got[n].age_s) if got.get(n) else (None, now)) for n, uid in names.items()}
+            return {uid: ((ps.sample, now - ps.age_s) if (ps := got.get(n)) else (None, now)) for n, uid in names.items()}
         urls = {self._uid(p): engine_client.pod_base_url(p) for p in ready}
         futures = {uid: self._pool.submit(self._scrape, url) for uid, url in urls.items() if url}
         return {uid: (f.result(), now) for uid, f in futures.items()}
@@ -238,7 +239,8 @@ class Autoscaler:
     @staticmethod
     def _uid(pod: dict[str, Any]) -> str:
         meta = pod.get("metadata") or {}
-        return meta.get("uid") or meta["name"]
+        uid: str = meta.get("uid") or meta["name"]
+        return uid
 
     def _mark_for_removal(self, namespace: str, pods: list[dict[str, Any]], running: dict[str, float], remove: int) -> None:
         chosen = set(scale_down_candidates(pods, running, remove))
@@ -301,7 +303,7 @@ class Autoscaler:
             else:
                 failures.append(f"{pod['metadata']['name']}: {error}")
         if failures:
-            return _failed(decision, "PUT /v1/admin/scheduler failed on " + "; ".join(failures))
+            return _failed(decision, f"PUT {ADMIN_SCHEDULER_PATH} failed on " + "; ".join(failures))
         return decision
 
     # ---------------------------------------------------------------------------------- status

@@ -186,7 +186,8 @@ def _without_defaults(node: Any) -> Any:
 
 def status_schema() -> dict[str, Any]:
     # Only the operator writes status; a default there would invent a reading nobody took.
-    return _without_defaults(structural(PoolStatus.model_json_schema(by_alias=True, mode="serialization")))
+    schema: dict[str, Any] = _without_defaults(structural(PoolStatus.model_json_schema(by_alias=True, mode="serialization")))
+    return schema
 
 
 def build_crd() -> dict[str, Any]:

@@ -14,9 +14,9 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from synerdiff.contract import metrics
+from synerdiff.contract.admin import ADMIN_SCHEDULER_PATH
 from synerdiff_operator.manifests import ENGINE_CONTAINER
-
-THRESHOLD_METRIC = "synerdiff_scheduler_threshold"
 
 
 def pod_base_url(pod: dict[str, Any]) -> str | None:
@@ -48,7 +48,8 @@ def gauge_values(text: str, name: str) -> list[float]:
 def fetch_metrics(base_url: str, timeout: float) -> str | None:
     try:
         with urllib.request.urlopen(f"{base_url}/metrics", timeout=timeout) as resp:  # noqa: S310 - pod IPs only
-            return resp.read().decode("utf-8", "replace")
+            body: bytes = resp.read()
+            return body.decode("utf-8", "replace")
     except (urllib.error.URLError, OSError, ValueError):
         return None
 
@@ -62,7 +63,7 @@ def live_threshold(pods: list[dict[str, Any]], *, timeout: float = 1.0, sample: 
         if text is None:
             continue
         try:
-            readings.extend(gauge_values(text, THRESHOLD_METRIC))
+            readings.extend(gauge_values(text, metrics.THRESHOLD))
         except ValueError:
             continue
     return statistics.fmean(readings) if readings else None
@@ -71,7 +72,7 @@ def live_threshold(pods: list[dict[str, Any]], *, timeout: float = 1.0, sample: 
 def put_scheduler(base_url: str, body: dict[str, Any], token: str, timeout: float) -> str | None:
     """PUT /v1/admin/scheduler; None on success, else why it failed (for the pool's status)."""
     request = urllib.request.Request(
-        f"{base_url}/v1/admin/scheduler",
+        f"{base_url}{ADMIN_SCHEDULER_PATH}",
         data=json.dumps(body).encode(),
         method="PUT",
         headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},

@@ -20,8 +20,9 @@ import asyncio
 import contextvars
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import kopf
 import urllib3.exceptions
@@ -100,15 +101,20 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
         state.reconciler.kube.close()
 
 
+def _event(obj: dict[str, Any], type_: str, reason: str, message: str) -> None:
+    """kopf.event for an object read with our own client: the API's JSON, wrapped in kopf's view of it."""
+    kopf.event(kopf.Body(cast(kopf.RawBody, obj)), type=type_, reason=reason, message=message)
+
+
 def _post(outcome: Outcome) -> None:
     for action in outcome.actions:
         verb, _, what = action.partition(" ")
-        kopf.event(outcome.pool, type="Normal", reason=verb.capitalize(), message=f"{verb.capitalize()} {what}")
+        _event(outcome.pool, "Normal", verb.capitalize(), f"{verb.capitalize()} {what}")
     for type_, reason, message in outcome.events:
-        kopf.event(outcome.pool, type=type_, reason=reason, message=message[:1024])
+        _event(outcome.pool, type_, reason, message[:1024])
 
 
-def run_reconcile(state: State, namespace: str, name: str, logger: logging.Logger) -> Outcome | None:
+def run_reconcile(state: State, namespace: str, name: str, logger: kopf.Logger) -> Outcome | None:
     """Reconcile and post events; API trouble becomes kopf.TemporaryError (kopf retries it)."""
     try:
         outcome = state.get_reconciler().reconcile(namespace, name)
@@ -130,7 +136,8 @@ def run_reconcile(state: State, namespace: str, name: str, logger: logging.Logge
 @kopf.on.resume(*POOLS)
 @kopf.on.create(*POOLS)
 @kopf.on.update(*POOLS)
-def reconcile_pool(namespace: str, name: str, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+def reconcile_pool(namespace: str | None, name: str, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    assert namespace is not None, "DiffusionPool is a namespaced resource"
     state: State = memo.state
     with state.lock:
         state.pools.add((namespace, name))
@@ -154,8 +161,9 @@ def _start_tasks(state: State) -> None:
 
 
 @kopf.on.event(*POOLS)
-async def track_pool(event: dict[str, Any], namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+async def track_pool(event: kopf.RawEvent, namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
     """Keeps the resync's list of pools in step with what kopf watches (its namespaces only)."""
+    assert namespace is not None, "DiffusionPool is a namespaced resource"
     state: State = memo.state
     _start_tasks(state)
     with state.lock:
@@ -170,8 +178,9 @@ async def track_pool(event: dict[str, Any], namespace: str, name: str, memo: kop
 
 
 @kopf.on.event("apps", "v1", "deployments", labels={manifests.LABEL_MANAGED_BY: manifests.MANAGER})
-def deployment_changed(body: kopf.Body, namespace: str, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+def deployment_changed(body: kopf.Body, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     """Readiness and rollout progress arrive here; a deleted Deployment is recreated."""
+    assert namespace is not None, "the engine Deployments are namespaced"
     pool = (body.metadata.labels or {}).get(manifests.LABEL_POOL)
     if not pool:
         return
@@ -181,7 +190,8 @@ def deployment_changed(body: kopf.Body, namespace: str, memo: kopf.Memo, logger:
         logger.warning(f"pool {namespace}/{pool}: {exc}; the periodic resync retries")
 
 
-async def _every_pool_forever(state: State, period_s: float, work, what: str, logger: logging.Logger) -> None:
+async def _every_pool_forever(state: State, period_s: float, work: Callable[[State, str, str, kopf.Logger], object], what: str,
+                              logger: logging.Logger) -> None:
     """Every `period_s`, run `work(state, namespace, name, logger)` for each known pool in a thread."""
     loop = asyncio.get_running_loop()
     while True:
@@ -203,7 +213,7 @@ async def _resync_forever(state: State, logger: logging.Logger) -> None:
     await _every_pool_forever(state, state.options.resync_seconds, run_reconcile, "resync", logger)
 
 
-def run_autoscale(state: State, namespace: str, name: str, logger: logging.Logger) -> None:
+def run_autoscale(state: State, namespace: str, name: str, logger: kopf.Logger) -> None:
     autoscaler = state.get_autoscaler()
     if not autoscaler.due(namespace, name):
         return
@@ -215,7 +225,7 @@ def run_autoscale(state: State, namespace: str, name: str, logger: logging.Logge
     if report is None:
         return
     for type_, reason, message in report.events:
-        kopf.event(report.pool, type=type_, reason=reason, message=message[:1024])
+        _event(report.pool, type_, reason, message[:1024])
         logger.info(f"{namespace}/{name}: {reason}: {message}")
 
 

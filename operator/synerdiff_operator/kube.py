@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import kubernetes.client
 import kubernetes.config
 from kubernetes.client.exceptions import ApiException
+
+if TYPE_CHECKING:
+    import kopf
 
 __all__ = ["ApiException", "Kube", "Ref", "connection_info", "load_configuration"]
 
@@ -52,13 +55,13 @@ def load_configuration() -> kubernetes.client.Configuration:
     """In-cluster service account, else $KUBECONFIG (read now, not at import) or ~/.kube/config."""
     config = kubernetes.client.Configuration()
     try:
-        kubernetes.config.load_incluster_config(client_configuration=config)
+        kubernetes.config.load_incluster_config(client_configuration=config)  # type: ignore[no-untyped-call]  # unannotated in the kubernetes client
     except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None, client_configuration=config)
+        kubernetes.config.load_kube_config(config_file=os.environ.get("KUBECONFIG") or None, client_configuration=config)  # type: ignore[no-untyped-call]  # unannotated in the kubernetes client
     return config
 
 
-def connection_info(config: kubernetes.client.Configuration) -> Any:
+def connection_info(config: kubernetes.client.Configuration) -> kopf.ConnectionInfo:
     """kopf's view of the same credentials, so kopf and our client act as one identity."""
     import kopf
 
@@ -84,7 +87,7 @@ class Kube:
         self._timeout = timeout
 
     def close(self) -> None:
-        self._api.close()
+        self._api.close()  # type: ignore[no-untyped-call]  # unannotated in the kubernetes client
 
     def _call(self, method: str, path: str, body: Any = None, query: list[tuple[str, str]] | None = None,
               content_type: str = "application/json") -> Any:
@@ -100,7 +103,7 @@ class Kube:
             auth_settings=["BearerToken"],
         )
         response = self._api.call_api(*request, _request_timeout=self._timeout)
-        data = response.read()
+        data = response.read()  # type: ignore[no-untyped-call]  # unannotated in the kubernetes client
         text = data.decode("utf-8") if data else ""
         if not 200 <= response.status <= 299:
             raise ApiException.from_response(http_resp=response, body=text, data=None)
@@ -108,25 +111,28 @@ class Kube:
 
     def get(self, path: str) -> dict[str, Any] | None:
         try:
-            return self._call("GET", path)
+            found: dict[str, Any] | None = self._call("GET", path)
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
+        return found
 
     def list(self, path: str, labels: dict[str, str] | None = None) -> list[dict[str, Any]]:
         query = [("labelSelector", ",".join(f"{k}={v}" for k, v in sorted(labels.items())))] if labels else None
-        items = (self._call("GET", path, query=query) or {}).get("items") or []
+        items: list[dict[str, Any]] = (self._call("GET", path, query=query) or {}).get("items") or []
         if labels:
             # Filter again locally: cheap, and correct even where the server ignores the selector.
             items = [i for i in items if all(((i.get("metadata") or {}).get("labels") or {}).get(k) == v for k, v in labels.items())]
         return items
 
     def create(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        return self._call("POST", path, body)
+        created: dict[str, Any] = self._call("POST", path, body)
+        return created
 
     def patch(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
-        return self._call("PATCH", path, body, content_type="application/merge-patch+json")
+        patched: dict[str, Any] = self._call("PATCH", path, body, content_type="application/merge-patch+json")
+        return patched
 
     def delete(self, path: str) -> None:
         try:

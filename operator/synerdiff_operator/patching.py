@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+from decimal import Decimal
 from typing import Any
 
 from kubernetes.utils.quantity import parse_quantity
@@ -29,6 +30,11 @@ def merge_patch(last: dict[str, Any] | None, desired: dict[str, Any]) -> dict[st
     return patch
 
 
+def _quantity(value: object) -> Decimal:
+    parsed: Decimal = parse_quantity(value)  # type: ignore[no-untyped-call]  # unannotated in the kubernetes client
+    return parsed
+
+
 def contains(live: Any, desired: Any, *, quantities: bool = False) -> bool:
     """Whether `live` already has every field of `desired` (server-added fields are allowed).
 
@@ -41,13 +47,13 @@ def contains(live: Any, desired: Any, *, quantities: bool = False) -> bool:
         )
     if isinstance(desired, list):
         return isinstance(live, list) and len(live) == len(desired) and all(
-            contains(a, b, quantities=quantities) for a, b in zip(live, desired)
+            contains(a, b, quantities=quantities) for a, b in zip(live, desired, strict=True)
         )
     if live == desired:
         return True
     if quantities and not isinstance(live, (dict, list, bool)) and not isinstance(desired, bool):
         try:
-            return parse_quantity(live) == parse_quantity(desired)
+            return _quantity(live) == _quantity(desired)
         except (ValueError, TypeError, ArithmeticError):
             return False
     return False
@@ -91,5 +97,6 @@ def plan(live: dict[str, Any] | None, desired: dict[str, Any]) -> dict[str, Any]
 def controller_uid(obj: dict[str, Any]) -> str | None:
     for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
         if ref.get("controller"):
-            return ref.get("uid")
+            uid: str | None = ref.get("uid")
+            return uid
     return None

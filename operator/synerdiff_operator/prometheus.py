@@ -20,7 +20,7 @@ import re
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,7 +67,7 @@ def _value(raw: Any) -> float:
     return float(raw[1])  # [unix time, "value"]; Prometheus writes NaN and ±Inf as strings float() reads
 
 
-def samples_by_pod(series: list[Mapping[str, Any]], stamps: list[Mapping[str, Any]], eval_time: float, max_age_s: float,
+def samples_by_pod(series: Sequence[Mapping[str, Any]], stamps: Sequence[Mapping[str, Any]], eval_time: float, max_age_s: float,
                    pods: Iterable[str]) -> dict[str, PodSample | None]:
     """Pure: two instant-vector results -> each pod's engine sample, or None when it is unknown."""
     grouped: dict[str, list[tuple[str, dict[str, str], float]]] = {}

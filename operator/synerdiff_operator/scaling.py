@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from synerdiff_operator.signals import PoolMetrics
 from synerdiff_operator.spec import PoolSpec
@@ -108,7 +109,7 @@ def decide(spec: PoolSpec, history: Sequence[PoolMetrics], now: float, state: Sc
     # No activator buffers requests while a pool has no pod, so the loop never scales to zero.
     lo, hi = max(spec.min_replicas, 1), max(spec.max_replicas, 1)
 
-    def hold(reason: str, message: str, st: ScalerState = state, **kw) -> Decision:
+    def hold(reason: str, message: str, st: ScalerState = state, **kw: Any) -> Decision:
         return Decision(current, current, reason, message, st, **kw)
 
     if not a.enabled:
@@ -205,7 +206,7 @@ def decide(spec: PoolSpec, history: Sequence[PoolMetrics], now: float, state: Sc
     return hold("Steady", load, st, **detail)
 
 
-def _done(spec: PoolSpec, desired: int, current: int, reason: str, message: str, st: ScalerState, now: float, **detail) -> Decision:
+def _done(spec: PoolSpec, desired: int, current: int, reason: str, message: str, st: ScalerState, now: float, **detail: Any) -> Decision:
     return Decision(desired, current, reason, f"{current} -> {desired}: {message}", replace(st, last_scale_time=now), **detail)
 
 

@@ -16,18 +16,21 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from prometheus_client.parser import text_string_to_metric_families
 
-WAITING = "synerdiff_requests_waiting"
-RUNNING = "synerdiff_requests_running"
-THRESHOLD = "synerdiff_scheduler_threshold"
-SKIP_BOUND = "synerdiff_skip_cfg_bound"
-IMAGES = "synerdiff_images_generated_total"
-REQUESTS = "synerdiff_requests_total"
-LATENCY = "synerdiff_request_latency_seconds"
-QUEUE_WAIT = "synerdiff_queue_wait_seconds"
+from synerdiff.contract import metrics as names
+
+# Series names as exposed: counters carry the `_total` suffix prometheus_client adds.
+WAITING = names.WAITING
+RUNNING = names.RUNNING
+THRESHOLD = names.THRESHOLD
+SKIP_BOUND = names.SKIP_CFG_BOUND
+IMAGES = names.total(names.IMAGES)
+REQUESTS = names.total(names.REQUESTS)
+LATENCY = names.LATENCY
+QUEUE_WAIT = names.QUEUE_WAIT
 
 # Every series `from_samples` reads (histograms through their _bucket series).
 SERIES = (WAITING, RUNNING, THRESHOLD, SKIP_BOUND, IMAGES, REQUESTS, LATENCY + "_bucket", QUEUE_WAIT + "_bucket")
@@ -109,7 +112,7 @@ def bucket_delta(new: Buckets, old: Buckets) -> Buckets | None:
     """new - old per bucket; None when the bucket layouts differ or a count went backwards."""
     if [b for b, _ in new] != [b for b, _ in old]:
         return None
-    out = tuple((b, n - o) for (b, n), (_, o) in zip(new, old))
+    out = tuple((b, n - o) for (b, n), (_, o) in zip(new, old, strict=True))
     return None if any(c < 0 for _, c in out) else out
 
 
@@ -120,7 +123,7 @@ def add_buckets(a: Buckets, b: Buckets) -> Buckets:
         return a
     if [x for x, _ in a] != [x for x, _ in b]:
         raise ValueError("bucket layouts differ")
-    return tuple((x, ca + cb) for (x, ca), (_, cb) in zip(a, b))
+    return tuple((x, ca + cb) for (x, ca), (_, cb) in zip(a, b, strict=True))
 
 
 def quantile(q: float, buckets: Buckets) -> float | None:
@@ -212,12 +215,15 @@ def aggregate(time: float, readings: Sequence[PodReading], *, pending: int = 0, 
     out = PoolMetrics(time=time, ready=len(readings), pending=pending, scraped=len(scraped), rated=len(rated))
     if not scraped:
         return out
-    waiting = sum(r.sample.waiting for r in scraped)  # type: ignore[union-attr]
-    running = sum(r.sample.running for r in scraped)  # type: ignore[union-attr]
-    thresholds = [r.sample.threshold for r in scraped if r.sample.threshold is not None]  # type: ignore[union-attr]
-    bounds = [r.sample.skip_cfg_bound for r in scraped if r.sample.skip_cfg_bound is not None]  # type: ignore[union-attr]
-    fields: dict[str, float | None] = dict(
-        waiting=waiting, running=running, threshold=mean(thresholds), skip_cfg_bound=mean(bounds),
+    samples = [r.sample for r in scraped if r.sample is not None]
+    thresholds = [s.threshold for s in samples if s.threshold is not None]
+    bounds = [s.skip_cfg_bound for s in samples if s.skip_cfg_bound is not None]
+    out = replace(
+        out,
+        waiting=sum(s.waiting for s in samples),
+        running=sum(s.running for s in samples),
+        threshold=mean(thresholds),
+        skip_cfg_bound=mean(bounds),
     )
     if rated:
         arrivals = throughput = d_ok = d_images = 0.0
@@ -242,14 +248,14 @@ def aggregate(time: float, readings: Sequence[PodReading], *, pending: int = 0, 
                 qw = add_buckets(qw, dq)
         images_per_request = d_images / d_ok if d_ok > 0 else 1.0
         total = lat[-1][1] if lat else 0.0
-        fields.update(
+        out = replace(
+            out,
             arrival_rate=arrivals * images_per_request,
             throughput=throughput,
             latency_p99=quantile(0.99, lat),
             queue_wait_p99=quantile(0.99, qw),
             saturated_rate=mean(saturated),
+            slo_good=count_below(slo_seconds, lat) if slo_seconds is not None and total > 0 else 0.0,
+            slo_total=total if slo_seconds is not None else 0.0,
         )
-        out_good = count_below(slo_seconds, lat) if slo_seconds is not None and total > 0 else 0.0
-        return PoolMetrics(time=time, ready=len(readings), pending=pending, scraped=len(scraped), rated=len(rated),
-                           slo_good=out_good, slo_total=total if slo_seconds is not None else 0.0, **fields)  # type: ignore[arg-type]
-    return PoolMetrics(time=time, ready=len(readings), pending=pending, scraped=len(scraped), rated=0, **fields)  # type: ignore[arg-type]
+    return out

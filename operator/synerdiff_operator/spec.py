@@ -13,7 +13,7 @@ or a test emulator): tests evaluate both on the same examples.
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
@@ -153,7 +153,7 @@ class Rollout(_Spec):
 
 def _engine_spec_model() -> type[BaseModel]:
     """EngineConfig's own fields (with their bounds, defaults and nested validators), minus the derived ones."""
-    fields = {name: (info.annotation, info) for name, info in EngineConfig.model_fields.items() if name not in ENGINE_OWNED_FIELDS}
+    fields: dict[str, Any] = {name: (info.annotation, info) for name, info in EngineConfig.model_fields.items() if name not in ENGINE_OWNED_FIELDS}
     return create_model(
         "EngineSpec",
         __config__=ConfigDict(extra="forbid", frozen=True, title="EngineSpec"),
@@ -162,7 +162,12 @@ def _engine_spec_model() -> type[BaseModel]:
     )
 
 
-EngineSpec = _engine_spec_model()
+if TYPE_CHECKING:
+    # A model built at run time is no type to a checker; EngineConfig has the same fields plus
+    # the owned ones, which the operator never reads from a spec.
+    EngineSpec = EngineConfig
+else:
+    EngineSpec = _engine_spec_model()
 
 _DRAIN = ServerSettings.model_fields["drain_timeout_s"]
 
@@ -185,7 +190,7 @@ class PoolSpec(_Spec):
     max_replicas: int = Field(4, alias="maxReplicas", ge=1, le=1000)
     gpu: GPU = Field(default_factory=GPU)
     resources: Quantities = Field(default_factory=Quantities)
-    engine: EngineSpec = Field(default_factory=EngineSpec)  # type: ignore[valid-type]
+    engine: EngineSpec = Field(default_factory=EngineSpec)
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     service: ServiceSpec = Field(default_factory=ServiceSpec)
     auth: Auth = Field(default_factory=Auth)

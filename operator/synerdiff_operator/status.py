@@ -245,6 +245,8 @@ def compute(obs: Observation, gpu_resource: str = "nvidia.com/gpu") -> dict[str,
             cond["observedGeneration"] = observed_generation
         conditions.append(cond)
 
+    threshold: float | None
+    source: str | None
     if obs.live_threshold is not None:
         threshold, source = obs.live_threshold, "engines"
     elif obs.configured_threshold is not None:

@@ -41,6 +41,8 @@ SERVE_FLAGS: dict[str, tuple[str, ...]] = {
 
 
 def _build_parser() -> argparse.ArgumentParser:
+    from .contract.requests import SAMPLER_NAMES
+
     parser = argparse.ArgumentParser(
         prog="synerdiff",
         description="SynerDiff: text-to-image diffusion serving with step-level continuous batching.",
@@ -92,7 +94,7 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n", type=int, default=1, help="number of images")
     g.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the server's)")
     g.add_argument("--negative", default=None, help="negative prompt")
-    g.add_argument("--sampler", choices=["ddim", "euler", "euler_a", "dpmpp_2m"], default=None, help="sampler (default: the server's)")
+    g.add_argument("--sampler", choices=SAMPLER_NAMES, default=None, help="sampler (default: the server's)")
     g.add_argument("--token", default=os.environ.get("SYNERDIFF_API_TOKEN"), help="bearer token (env SYNERDIFF_API_TOKEN)")
     g.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
@@ -154,7 +156,8 @@ def _serve(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------- generate
 def _sse_events(lines: Iterator[str]) -> Iterator[tuple[str, str]]:
     """(event, data) pairs from a text/event-stream; comments (pings) are skipped."""
-    event, data = "message", []
+    event = "message"
+    data: list[str] = []
     for line in lines:
         if not line:
             if data:

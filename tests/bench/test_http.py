@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from synerdiff.engine import EngineObserver
 from synerdiff.api import create_app
+from synerdiff.contract.config import EngineConfig, LimitsConfig, SchedulerConfig, ServerSettings
+from synerdiff.engine import Engine, EngineObserver
 from synerdiff_bench.load import run_rate
 from synerdiff_bench.systems import HttpSystem
 from synerdiff_bench.workload import default_mix, poisson_arrivals
-from synerdiff.contract.config import EngineConfig, LimitsConfig, SchedulerConfig, ServerSettings
-from synerdiff.engine import Engine
 from tests.server.httpkit import serve_app
 
 

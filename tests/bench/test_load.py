@@ -109,7 +109,7 @@ def test_shared_draw_replays_one_sequence_compressed_by_rate():
     slow = poisson_arrivals(2.0, 40.0, 2.0, mix, seed=3)
     fast = poisson_arrivals(4.0, 20.0, 1.0, mix, seed=3)
     assert len(slow) == len(fast) > 40
-    assert all(abs(f.t - s.t / 2) < 1e-9 and f.request == s.request and f.warmup == s.warmup for s, f in zip(slow, fast))
+    assert all(abs(f.t - s.t / 2) < 1e-9 and f.request == s.request and f.warmup == s.warmup for s, f in zip(slow, fast, strict=True))
     # per-rate: each rate its own draw (the earlier behaviour, kept to reproduce the *-run1 to *-run4 results)
     a = poisson_arrivals(2.0, 40.0, 2.0, mix, seed=3, draw="per-rate")
     b = poisson_arrivals(4.0, 20.0, 1.0, mix, seed=3, draw="per-rate")

@@ -1,12 +1,14 @@
 from __future__ import annotations
 
+from itertools import pairwise
+
 import pytest
 
-from synerdiff.engine import profiler
-from synerdiff_bench.__main__ import main
 from synerdiff.contract.config import EMBEDDED_MODEL_DIR, EngineConfig, SchedulerConfig
+from synerdiff.engine import profiler
 from synerdiff.engine.executor import StepExecutor
 from synerdiff.scheduling.cost_model import CostModel, Profile
+from synerdiff_bench.__main__ import main
 
 from .conftest import TINY_RUN
 
@@ -20,9 +22,9 @@ def test_profile_cli_writes_a_loadable_profile_the_cost_model_uses(tmp_path, cap
     assert {"torch", "diffusers"} <= set(prof.versions)
     cm = CostModel(prof)
     times = [cm.unet_step_s(r, (64, 64)) for r in range(1, 17)]  # 9..16 extrapolate
-    assert all(t > 0 for t in times) and all(a <= b for a, b in zip(times, times[1:]))
+    assert all(t > 0 for t in times) and all(a <= b for a, b in pairwise(times))
     vae = [cm.vae_decode_s(n, (64, 64)) for n in range(1, 6)]
-    assert all(a <= b for a, b in zip(vae, vae[1:])) and vae[0] > 0
+    assert all(a <= b for a, b in pairwise(vae)) and vae[0] > 0
     assert cm.encode_s(2) > 0 and cm.peak_rows_per_s((64, 64)) > 0
     assert 1 <= cm.rows_for_throughput(0.8, (64, 64), 8) <= 8
     assert "profile unet 64x64 rows=8" in capsys.readouterr().out

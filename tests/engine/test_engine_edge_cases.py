@@ -7,9 +7,8 @@ from dataclasses import replace
 
 import pytest
 
-from synerdiff.engine import EngineObserver
 from synerdiff.contract.config import EngineConfig, LimitsConfig, SchedulerConfig
-from synerdiff.engine import Engine, EngineError, GenerationRequest, RequestError
+from synerdiff.engine import Engine, EngineError, EngineObserver, GenerationRequest, RequestError
 from synerdiff.scheduling.planner import ContinuousPolicy, EngineView, IterationPlan
 
 

@@ -6,10 +6,9 @@ import threading
 
 import pytest
 
-from synerdiff.engine import EngineObserver
-from synerdiff_bench.quality import psnr
-from synerdiff.engine import GenerationRequest
+from synerdiff.engine import EngineObserver, GenerationRequest
 from synerdiff.samplers import SAMPLERS
+from synerdiff_bench.quality import psnr
 
 MIN_PSNR = 40.0
 MARGIN_DB = 15.0
@@ -82,6 +81,6 @@ def test_mixed_batch_joining_and_leaving(engine, reference):
     finally:
         engine.observers.pop()
     assert max(shared_steps) >= 4, "requests never shared a forward"
-    for r, res in zip(first + later, results):
+    for r, res in zip(first + later, results, strict=True):
         check(res, reference(r), label=f"{r.sampler}/{r.steps} steps/{r.height}x{r.width}")
 

@@ -7,11 +7,10 @@ from dataclasses import replace
 
 import torch
 
-from synerdiff.engine import EngineObserver
-from synerdiff_bench.quality import psnr
 from synerdiff.contract.config import EngineConfig
-from synerdiff.engine import Engine, GenerationRequest
+from synerdiff.engine import Engine, EngineObserver, GenerationRequest
 from synerdiff.scheduling.planner import ContinuousPolicy, EngineView, IterationPlan
+from synerdiff_bench.quality import psnr
 
 
 class OneImagePerIteration(ContinuousPolicy):

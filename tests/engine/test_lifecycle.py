@@ -8,9 +8,8 @@ import time
 import pytest
 
 from synerdiff.api.errors import status_of
-from synerdiff.engine import EngineObserver
+from synerdiff.engine import Cancelled, EngineError, EngineObserver, GenerationRequest, QueueFull, RequestError, TimedOut
 from synerdiff_bench.quality import psnr
-from synerdiff.engine import Cancelled, EngineError, GenerationRequest, QueueFull, RequestError, TimedOut
 
 from .conftest import make_engine
 

@@ -45,7 +45,7 @@ def test_mixed_rows_share_one_update():
     steps_now = [3, 0, 14, 4]
     g = torch.Generator().manual_seed(0)
     x, out, hist, noise = (torch.randn(4, 4, 8, 8, generator=g) for _ in range(4))
-    k = torch.stack([p.coeffs[i].float() for p, i in zip(plans, steps_now)])
+    k = torch.stack([p.coeffs[i].float() for p, i in zip(plans, steps_now, strict=True)])
     batched, _ = apply_update(x, out, hist, k, noise)
     for r in range(4):
         solo, _ = apply_update(x[r : r + 1], out[r : r + 1], hist[r : r + 1], k[r : r + 1], noise[r : r + 1])

@@ -12,9 +12,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from synerdiff_bench.quality import psnr
 from synerdiff.contract.config import EngineConfig, SchedulerConfig
 from synerdiff.engine import Engine, EngineError, GenerationRequest
+from synerdiff_bench.quality import psnr
 
 
 def req(**kw) -> GenerationRequest:

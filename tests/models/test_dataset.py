@@ -54,7 +54,7 @@ def test_shapes_stay_inside_the_image():
 
 def test_held_out_triples_never_in_training_data():
     batch = D.sample_scenes(5000, 11)
-    seen = {(D.COLOR_NAMES[c], D.SHAPES[s], D.COLOR_NAMES[b]) for c, s, b in zip(batch.color, batch.shape, batch.background)}
+    seen = {(D.COLOR_NAMES[c], D.SHAPES[s], D.COLOR_NAMES[b]) for c, s, b in zip(batch.color, batch.shape, batch.background, strict=True)}
     assert seen == set(D.TRAIN_TRIPLES)
     assert not seen & set(D.HELD_OUT_TRIPLES)
     # Every pair of a held-out triple still occurs in training, so the split tests composition.

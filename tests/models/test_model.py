@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-
 from synerdiff_training.shapes.dataset import HELD_OUT_TRIPLES, VOCAB, caption  # noqa: E402
 from synerdiff_training.shapes.evaluate import EMBEDDED, generate  # noqa: E402
 from synerdiff_training.shapes.scorer import parse_caption, score  # noqa: E402
@@ -56,13 +55,13 @@ def test_held_out_prompts_are_drawn_correctly(pipe):
     prompts = [p for p in prompts for _ in range(2)]
     images = generate(pipe, prompts, seeds=[0, 1] * 2, steps=20, guidance=7.5)
     assert images.shape == (4, 64, 64, 3)
-    results = [score(img, p) for img, p in zip(images, prompts)]
-    assert sum(r.correct for r in results) >= 3, [(p, r.detected) for p, r in zip(prompts, results)]
+    results = [score(img, p) for img, p in zip(images, prompts, strict=True)]
+    assert sum(r.correct for r in results) >= 3, [(p, r.detected) for p, r in zip(prompts, results, strict=True)]
 
 
 def test_prompt_changes_the_picture(pipe):
     prompts = ["a red circle on a blue background", "a yellow square on a black background"]
     images = generate(pipe, prompts, seeds=[0, 0], steps=10, guidance=7.5)
     assert np.abs(images[0].astype(int) - images[1].astype(int)).mean() > 30
-    for img, p in zip(images, prompts):
+    for img, p in zip(images, prompts, strict=True):
         assert score(img, p).detected["background"] == parse_caption(p)["background"]

@@ -59,7 +59,7 @@ class Emulator(kmock.KubernetesEmulator):
                     meta["name"] = f"{meta['generateName']}{next(_names):05d}"
                 meta.setdefault("uid", str(uuid.uuid4()))
                 meta.setdefault("generation", 1)
-                meta.setdefault("creationTimestamp", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+                meta.setdefault("creationTimestamp", datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
             elif request.action == kmock.action.UPDATE and request.subresource is None and "spec" in data:
                 key = (request.resource, request.namespace, request.name)
                 if key in self.objects and not self.objects[key].deleted:
@@ -109,7 +109,7 @@ class Cluster:
         """What Kubernetes' GC does: delete objects whose controller owner no longer exists."""
         live_uids = {o["metadata"].get("uid") for (_, _, _), o in self._items() if o.get("metadata")}
         doomed = []
-        for (res, ns, name), obj in self._items():
+        for (res, _ns, name), obj in self._items():
             for ref in obj.get("metadata", {}).get("ownerReferences") or []:
                 if ref.get("controller") and ref["uid"] not in live_uids:
                     doomed.append((f"{res.group}/{res.version}/{res.plural}".lstrip("/"), name))

@@ -25,12 +25,13 @@ import pytest
 import uvicorn
 import yaml
 
-from .harness import POOLS, REPO_ROOT, Cluster
-from .tools import tool
 from synerdiff.api import create_app
 from synerdiff.contract.config import EngineConfig, SchedulerConfig, ServerSettings
 from synerdiff.engine import Engine
 from synerdiff_operator import autoscaler, manifests
+
+from .harness import POOLS, REPO_ROOT, Cluster
+from .tools import tool
 
 DEPLOYMENTS = "apps/v1/deployments"
 PODS = "v1/pods"

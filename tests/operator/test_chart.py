@@ -11,8 +11,9 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from .crdcheck import CRD_FILE, REPO_ROOT
 from synerdiff_operator.__main__ import build_parser
+
+from .crdcheck import CRD_FILE, REPO_ROOT
 from .tools import tool
 
 K8S_VERSION = "1.33.0"

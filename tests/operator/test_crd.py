@@ -10,10 +10,11 @@ from typing import Any
 import pytest
 import yaml
 
-from .crdcheck import REPO_ROOT, admit, apply_defaults, iter_rules, load_crd, root_schema, schema_errors
 from synerdiff.contract.config import EngineConfig, LimitsConfig, SchedulerConfig
 from synerdiff_operator import crd as crdgen
 from synerdiff_operator.spec import ENGINE_OWNED_FIELDS, EngineSpec, InvalidSpec, parse_spec
+
+from .crdcheck import REPO_ROOT, admit, apply_defaults, iter_rules, load_crd, root_schema, schema_errors
 
 EXAMPLES = sorted((REPO_ROOT / "examples").glob("*.yaml")) + sorted((REPO_ROOT / "charts/synerdiff-operator/examples").glob("*.yaml"))
 

@@ -22,10 +22,11 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
-from .harness import POOLS, REPO_ROOT, Cluster, OperatorThread
-from .tools import tool
 from synerdiff.contract.config import ServerSettings
 from synerdiff_operator import manifests
+
+from .harness import POOLS, REPO_ROOT, Cluster, OperatorThread
+from .tools import tool
 
 DEPLOYMENTS = "apps/v1/deployments"
 SERVICES = "v1/services"

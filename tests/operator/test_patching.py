@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 
-from .harness import merge
 from synerdiff_operator import patching
 from synerdiff_operator.manifests import ANN_LAST_APPLIED
+
+from .harness import merge
 
 DESIRED = {
     "apiVersion": "apps/v1",

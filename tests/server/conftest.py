@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from .httpkit import Live, make_engine, serve_app
 
 from synerdiff.api import create_app
 from synerdiff.contract.config import ServerSettings
 from synerdiff.engine import Engine
+
+from .httpkit import Live, make_engine, serve_app
 
 
 @pytest.fixture(scope="module")

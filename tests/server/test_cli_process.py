@@ -14,8 +14,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from .httpkit import decode_png, metric_value, wait_until
 from PIL import Image
+
+from .httpkit import decode_png, metric_value, wait_until
 
 _SCRIPT = Path(sys.executable).parent / "synerdiff"
 # The console script the README uses; `python -m` when the package is not installed with scripts.

@@ -7,6 +7,7 @@ import threading
 
 import httpx
 import pytest
+
 from synerdiff.engine import EngineObserver
 
 from .httpkit import SLOW, Live, engine_limits, metric_value, raw_post, scheduler, wait_until

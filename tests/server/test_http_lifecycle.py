@@ -21,7 +21,7 @@ class GatedEngine(Engine):
         super().__init__(config)
         self.gate = gate
 
-    def start(self) -> "GatedEngine":
+    def start(self) -> GatedEngine:
         assert self.gate.wait(60), "gate never opened"
         super().start()
         return self

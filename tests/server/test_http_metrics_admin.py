@@ -7,11 +7,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from .httpkit import Live, metric_value, serve_app
 
-from synerdiff.engine import EngineObserver
 from synerdiff.api import create_app
 from synerdiff.contract.config import ServerSettings
+from synerdiff.engine import EngineObserver
+
+from .httpkit import Live, metric_value, serve_app
 
 GEN = "/v1/images/generations"
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "api.md"

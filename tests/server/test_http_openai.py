@@ -9,6 +9,8 @@ import openai
 import pytest
 from openai import OpenAI
 
+from synerdiff.engine import EngineObserver
+
 from .httpkit import Live, decode_png, psnr
 
 
@@ -97,9 +99,9 @@ def test_concurrent_mixed_requests_equal_their_solo_results(client: OpenAI, live
         live.engine.observers.remove(hook)
     # Requests really shared forwards: more rows than the largest single request (4).
     assert max_batch["rows"] > 4
-    for kw, alone, batched in zip(MIX, solo, together):
+    for kw, alone, batched in zip(MIX, solo, together, strict=True):
         assert len(alone) == len(batched) == kw["n"]
-        for a, b in zip(alone, batched):
+        for a, b in zip(alone, batched, strict=True):
             assert a.size == b.size
             assert psnr(a, b) >= 40, f"{kw['prompt']}: batched result differs from solo"
 

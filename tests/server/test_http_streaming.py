@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from itertools import islice
 
 import httpx
-from .httpkit import SLOW, Live, decode_png, metric_value, wait_until
 
-from synerdiff.engine import EngineObserver
 from synerdiff.cli import _sse_events
+from synerdiff.engine import EngineObserver
+
+from .httpkit import SLOW, Live, decode_png, metric_value, wait_until
 
 GEN = "/v1/images/generations"
 
@@ -66,7 +68,7 @@ def test_hanging_up_a_stream_cancels_the_request(live: Live):
     before = metric_value(live.metrics(), "synerdiff_requests_total", status="cancelled", reason="cancelled")
     with httpx.stream("POST", live.url + GEN, json={**SLOW, "stream": True}, timeout=60) as r:
         lines = r.iter_lines()
-        got = [e for _, e in zip(range(2), _sse_events(lines))]
+        got = list(islice(_sse_events(lines), 2))
         assert [ev for ev, _ in got] == ["progress", "progress"]
         assert eng.running == 1
     wait_until(lambda: eng.running == 0 and eng.rows_active == 0, timeout=10, what="rows freed")

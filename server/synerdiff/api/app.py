@@ -121,7 +121,7 @@ def _ops_router() -> APIRouter:
 
 def _models_router() -> APIRouter:
     router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_token)], tags=["models"])
-    errors = {401: {"model": ErrorResponse, "description": "Missing or wrong bearer token."}}
+    errors: dict[int | str, dict[str, Any]] = {401: {"model": ErrorResponse, "description": "Missing or wrong bearer token."}}
 
     def card(state: AppState) -> ModelCard:
         return ModelCard(id=state.settings.served_model_name, created=state.created)

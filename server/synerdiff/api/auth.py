@@ -36,7 +36,7 @@ def _resolve(fn, what: str) -> str | None:
         return fn()
     except OSError as exc:  # a missing or unreadable token file is misconfiguration, not a bug
         log.error("cannot read the %s token file: %s", what, exc)
-        raise APIError(503, f"server misconfigured: the {what} token file cannot be read", type="server_error", code="auth_unavailable")
+        raise APIError(503, f"server misconfigured: the {what} token file cannot be read", type="server_error", code="auth_unavailable") from exc
 
 
 async def require_api_token(request: Request, creds: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import time
 from typing import Any
 
@@ -12,11 +10,12 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
 from ..engine import EngineError, GenerationRequest, GenerationResult, RequestError, RequestHandle
-from ..metrics import outcome
 from .auth import require_api_token
 from .errors import APIError, from_engine_error, from_request_error
+from .outputs import encode_png, record, synerdiff_info
 from .schemas import ErrorResponse, ImageGenerationRequest, ImagesResponse
 from .state import AppState
+from .streaming import stream_response
 
 GENERATIONS_PATH = "/v1/images/generations"
 
@@ -99,34 +98,6 @@ def submit(state: AppState, greq: GenerationRequest) -> RequestHandle:
         raise from_engine_error(exc) from None
 
 
-def encode_png(result: GenerationResult) -> list[str]:
-    out = []
-    for img in result.to_pil():
-        buf = io.BytesIO()
-        img.save(buf, format="PNG")
-        out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
-    return out
-
-
-def synerdiff_info(greq: GenerationRequest, result: GenerationResult) -> dict[str, Any]:
-    t = result.timings
-    return {
-        "request_id": result.request_id,
-        "seed": result.seed,
-        "steps": result.steps,
-        "sampler": greq.sampler,
-        "guidance_scale": greq.guidance_scale,
-        "guided_steps_skipped": result.guided_steps_skipped,
-        "vae_tiled": result.vae_tiled,
-        "timings": {
-            "queue_wait_s": t.queue_wait_s,
-            "inference_s": t.inference_s,
-            "decode_s": t.decode_s,
-            "total_s": t.total_s,
-        },
-    }
-
-
 async def _wait_disconnect(request: Request) -> None:
     # The body is already read, so the next ASGI message is the disconnect (or nothing).
     while True:
@@ -154,12 +125,6 @@ async def await_result(request: Request, handle: RequestHandle) -> GenerationRes
     raise ClientGone()
 
 
-def record(state: AppState, status: int, code: str | None, started: float | None = None, images: int = 0) -> None:
-    label, reason = outcome(status, code)
-    latency = time.monotonic() - started if started is not None else None
-    state.metrics.request_done(label, reason, latency, images)
-
-
 @router.post(
     GENERATIONS_PATH,
     response_model=ImagesResponse,
@@ -185,8 +150,6 @@ async def generate(body: ImageGenerationRequest, request: Request) -> Response:
         record(state, err.status, err.code)
         raise
     if body.stream:
-        from .streaming import stream_response  # deferred: streaming imports this module
-
         return stream_response(request, state, greq, handle, started)
     try:
         result = await await_result(request, handle)
@@ -194,9 +157,9 @@ async def generate(body: ImageGenerationRequest, request: Request) -> Response:
         record(state, 499, "cancelled")
         return Response(status_code=499)
     except EngineError as exc:
-        err = from_engine_error(exc)
-        record(state, err.status, err.code)
-        return err.response()
+        failure = from_engine_error(exc)
+        record(state, failure.status, failure.code)
+        return failure.response()
     images = await asyncio.to_thread(encode_png, result)
     record(state, 200, None, started, len(images))
     payload = {

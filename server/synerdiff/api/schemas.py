@@ -7,7 +7,7 @@ here we only pin down types and the bounds no configuration can change.
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -31,42 +31,42 @@ class ImageGenerationRequest(BaseModel):
 
     prompt: str = Field(..., description="What to draw. Length limit: `limits.max_prompt_chars`.")
     n: int = Field(1, ge=1, description="Images to generate (limit: `limits.max_n`). All share one seed and one batch.")
-    size: Optional[str] = Field(
+    size: str | None = Field(
         None,
         pattern=SIZE_PATTERN,
         description="`WIDTHxHEIGHT` in pixels, or `auto`/omitted for the model's native size. "
         "Both sides must be multiples of `limits.size_multiple` within `[limits.min_side, limits.max_side]`.",
         examples=["64x64"],
     )
-    response_format: Optional[Literal["b64_json", "url"]] = Field(
+    response_format: Literal["b64_json", "url"] | None = Field(
         "b64_json", description="Only `b64_json` is supported; `url` is refused with a 400."
     )
-    model: Optional[str] = Field(None, description="Must be the served model name (see `GET /v1/models`) when given.")
-    user: Optional[str] = Field(None, description="Accepted for compatibility; ignored.")
-    quality: Optional[str] = Field(None, description="Accepted for compatibility; ignored.")
-    style: Optional[str] = Field(None, description="Accepted for compatibility; ignored.")
-    moderation: Optional[str] = Field(None, description="Accepted for compatibility; ignored.")
-    safety_identifier: Optional[str] = Field(None, description="Accepted for compatibility; ignored.")
-    output_format: Optional[Literal["png", "webp", "jpeg", "gif", "svg"]] = Field(
+    model: str | None = Field(None, description="Must be the served model name (see `GET /v1/models`) when given.")
+    user: str | None = Field(None, description="Accepted for compatibility; ignored.")
+    quality: str | None = Field(None, description="Accepted for compatibility; ignored.")
+    style: str | None = Field(None, description="Accepted for compatibility; ignored.")
+    moderation: str | None = Field(None, description="Accepted for compatibility; ignored.")
+    safety_identifier: str | None = Field(None, description="Accepted for compatibility; ignored.")
+    output_format: Literal["png", "webp", "jpeg", "gif", "svg"] | None = Field(
         None, description="Only `png` is produced; other formats are refused with a 400."
     )
-    background: Optional[Literal["auto", "opaque", "transparent"]] = Field(
+    background: Literal["auto", "opaque", "transparent"] | None = Field(
         None, description="`auto`/`opaque` accepted; `transparent` is refused with a 400."
     )
     stream: bool = Field(False, description="Server-sent events: `progress` per step, then `image` per image, then `done`.")
     # SynerDiff extensions (send them with the openai client's `extra_body`).
-    negative_prompt: Optional[str] = Field(None, description="Extension: the prompt guidance steers away from.")
-    num_inference_steps: Optional[int] = Field(
+    negative_prompt: str | None = Field(None, description="Extension: the prompt guidance steers away from.")
+    num_inference_steps: int | None = Field(
         None, ge=1, description="Extension: denoising steps (limit: `limits.max_steps`); default: `engine.default_steps`."
     )
-    guidance_scale: Optional[float] = Field(
+    guidance_scale: float | None = Field(
         None,
         ge=0.0,
         allow_inf_nan=False,
         description="Extension: classifier-free guidance scale; <= 1 disables guidance. Default: `engine.default_guidance`.",
     )
-    seed: Optional[int] = Field(None, ge=0, lt=2**63, description="Extension: seed for reproducible images; random when omitted.")
-    sampler: Optional[SamplerName] = Field(
+    seed: int | None = Field(None, ge=0, lt=2**63, description="Extension: seed for reproducible images; random when omitted.")
+    sampler: SamplerName | None = Field(
         None, description="Extension: sampler; default: `engine.default_sampler`."
     )
     cfg_skip: Literal["auto", "never"] = Field(
@@ -78,7 +78,7 @@ class ImageGenerationRequest(BaseModel):
 
 class ImageData(BaseModel):
     b64_json: str = Field(..., description="The PNG, base64-encoded.")
-    revised_prompt: Optional[str] = None
+    revised_prompt: str | None = None
 
 
 class TimingsOut(BaseModel):
@@ -110,8 +110,8 @@ class ImagesResponse(BaseModel):
 class ErrorDetail(BaseModel):
     message: str
     type: str
-    param: Optional[str] = None
-    code: Optional[str] = None
+    param: str | None = None
+    code: str | None = None
 
 
 class ErrorResponse(BaseModel):

@@ -94,7 +94,7 @@ class AppState:
         try:
             await asyncio.wait_for(self._idle.wait(), timeout=timeout_s)
             clean = True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("drain timeout (%.1fs) reached with %d request(s) in flight; failing them", timeout_s, self.inflight)
             clean = False
         if self.owns_engine:

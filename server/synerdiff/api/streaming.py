@@ -23,7 +23,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from ..engine import EngineError, GenerationRequest, RequestHandle
 from .errors import from_engine_error
-from .generation import encode_png, record, synerdiff_info
+from .outputs import encode_png, record, synerdiff_info
 from .state import AppState
 
 _EMPTY_USAGE = {"input_tokens": 0, "input_tokens_details": {"image_tokens": 0, "text_tokens": 0}, "output_tokens": 0, "total_tokens": 0}

@@ -43,7 +43,7 @@ class LimitsConfig(_Strict):
     request_timeout_s: float = Field(300.0, gt=0, description="Deadline from arrival, queue wait included.")
 
     @model_validator(mode="after")
-    def _ordered(self) -> "LimitsConfig":
+    def _ordered(self) -> LimitsConfig:
         if self.min_side > self.max_side:
             raise ValueError("min_side must be <= max_side")
         if self.min_guidance > self.max_guidance:
@@ -77,7 +77,7 @@ class SchedulerConfig(_Strict):
     )
 
     @model_validator(mode="after")
-    def _bounds(self) -> "SchedulerConfig":
+    def _bounds(self) -> SchedulerConfig:
         if not self.threshold_min <= self.threshold_max:
             raise ValueError("threshold_min must be <= threshold_max")
         if not self.threshold_min <= self.threshold <= self.threshold_max:
@@ -123,8 +123,12 @@ class _ConfigFileSource(PydanticBaseSettingsSource):
         if path.endswith((".yaml", ".yml")):
             import yaml
 
-            return yaml.safe_load(text) or {}
-        return json.loads(text)
+            data = yaml.safe_load(text) or {}
+        else:
+            data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: the config file must hold a mapping of settings, not {type(data).__name__}")
+        return data
 
 
 class ServerSettings(BaseSettings):
@@ -141,7 +145,14 @@ class ServerSettings(BaseSettings):
     engine: EngineConfig = Field(default_factory=EngineConfig)
 
     @classmethod
-    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, _ConfigFileSource(settings_cls), file_secret_settings)
 
     def resolved_api_token(self) -> str | None:

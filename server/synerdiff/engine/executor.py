@@ -17,7 +17,7 @@ from .fastpath import GraphedUNet
 
 class PendingDecode(NamedTuple):
     images: torch.Tensor  # on the device, being written by `stream`
-    stream: "torch.cuda.Stream | None"
+    stream: torch.cuda.Stream | None
 
 
 class StepExecutor:
@@ -83,7 +83,7 @@ class StepExecutor:
         return edge is not None and (latents.shape[-1] > edge or latents.shape[-2] > edge)
 
     @torch.inference_mode()
-    def decode_launch(self, latents: torch.Tensor, stream: "torch.cuda.Stream | None" = None) -> PendingDecode:
+    def decode_launch(self, latents: torch.Tensor, stream: torch.cuda.Stream | None = None) -> PendingDecode:
         """Queue a decode, on `stream` if given (CUDA), and return without waiting for it.
 
         On a side stream the decode runs beside whatever the current stream does next (the

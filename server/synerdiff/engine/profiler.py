@@ -59,7 +59,7 @@ ENCODE_PROMPTS = (1, 2, 4, 8, 16, 32)
 
 
 @torch.inference_mode()
-def beside_step_s(executor: "StepExecutor", rows: int, lat: tuple[int, int, int], warmup: int = 2, repeats: int = 5) -> float:
+def beside_step_s(executor: StepExecutor, rows: int, lat: tuple[int, int, int], warmup: int = 2, repeats: int = 5) -> float:
     """Median time of a UNet step of `rows` with a one-image decode launched beside it on a
     second CUDA stream: what the engine does with `vae_beside_step`."""
     m = executor.model
@@ -134,11 +134,11 @@ def versions() -> dict[str, str]:
     return out
 
 
-def uses_fast_path(executor: "StepExecutor") -> bool:
+def uses_fast_path(executor: StepExecutor) -> bool:
     return getattr(executor, "graphed", None) is not None
 
 
-def row_counts(max_rows: int, executor: "StepExecutor | None" = None) -> list[int]:
+def row_counts(max_rows: int, executor: StepExecutor | None = None) -> list[int]:
     """Powers of two up to max_rows; with the fast path, a subset of its graphs' row sizes: a step
     replays the smallest size that fits, so only those sizes occur, and they are
     fine enough that the cost model's linear interpolation between these stands for the rest."""
@@ -179,7 +179,7 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def profile_executor(
-    executor: "StepExecutor",
+    executor: StepExecutor,
     model_path: str | Path,
     sizes: list[Size] | None = None,
     max_rows: int = 64,
@@ -202,13 +202,13 @@ def profile_executor(
     for h, w in sizes:
         lat = (m.latent_channels, h // f, w // f)
 
-        def time_unet(rows: int) -> float:
+        def time_unet(rows: int, lat: tuple[int, int, int] = lat) -> float:
             x = torch.randn(rows, *lat, device=dev, dtype=torch.float32)
             t = torch.full((rows,), 500.0, device=dev)
             c = torch.randn(rows, ctx_len, hidden, device=dev, dtype=dt)
             return median_time(partial(executor.unet, x, t, c), sync, warmup, repeats)
 
-        def time_vae(n: int) -> float:
+        def time_vae(n: int, lat: tuple[int, int, int] = lat) -> float:
             z = torch.randn(n, *lat, device=dev, dtype=torch.float32)
             return median_time(partial(executor.decode, z), sync, max(1, warmup - 1), max(2, repeats - 2))
 
@@ -238,7 +238,7 @@ def profile_executor(
     )
 
 
-def default_profile_path(executor: "StepExecutor", model_path: str | Path) -> Path:
+def default_profile_path(executor: StepExecutor, model_path: str | Path) -> Path:
     import hashlib
 
     digest = hashlib.sha1(model_id(model_path).encode()).hexdigest()[:10]
@@ -246,7 +246,7 @@ def default_profile_path(executor: "StepExecutor", model_path: str | Path) -> Pa
     return Path.home() / ".cache" / "synerdiff" / "profiles" / f"{gpu}-{dtype_name(executor.model.dtype)}-{digest}.json"
 
 
-def ensure_profile(config: "EngineConfig", executor: "StepExecutor", path: str | Path | None = None) -> Profile:
+def ensure_profile(config: EngineConfig, executor: StepExecutor, path: str | Path | None = None) -> Profile:
     """The profile at `path` (else config.profile_path, else a per-GPU cache file) if it
     matches this GPU, model, dtype and fast path; otherwise a quick profile, saved there.
 

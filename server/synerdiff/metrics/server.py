@@ -10,11 +10,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from ..contract import metrics as names
+from ..contract.metrics import INFLATION_BUCKETS, LATENCY_BUCKETS, ROW_BUCKETS, STEP_BUCKETS
 from ..engine import Engine, EngineObserver, IterationStats
-
-LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
-STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 # Series that exist from the first scrape so that rate() and alerts see zeros, not gaps.
 _INITIAL_OUTCOMES = (
@@ -53,66 +51,66 @@ class ServerMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
 
-        Gauge("synerdiff_requests_waiting", "Requests queued, not yet admitted to the running batch.", registry=r).set_function(
+        Gauge(names.WAITING, "Requests queued, not yet admitted to the running batch.", registry=r).set_function(
             lambda: engine.waiting
         )
-        Gauge("synerdiff_requests_running", "Requests admitted and not finished (denoising or decoding).", registry=r).set_function(
+        Gauge(names.RUNNING, "Requests admitted and not finished (denoising or decoding).", registry=r).set_function(
             lambda: engine.running
         )
-        Gauge("synerdiff_unet_rows_active", "UNet rows held by running requests (a guided image is 2 rows).", registry=r).set_function(
+        Gauge(names.ROWS_ACTIVE, "UNet rows held by running requests (a guided image is 2 rows).", registry=r).set_function(
             lambda: engine.rows_active
         )
-        Gauge("synerdiff_ready", "1 when the model is loaded, warmed up and the server is not draining.", registry=r).set_function(
+        Gauge(names.READY, "1 when the model is loaded, warmed up and the server is not draining.", registry=r).set_function(
             lambda: 1.0 if ready() else 0.0
         )
-        Gauge("synerdiff_scheduler_threshold", "Scheduler throughput threshold in force (moved by the adaptive controller).", registry=r).set_function(
+        Gauge(names.THRESHOLD, "Scheduler throughput threshold in force (moved by the adaptive controller).", registry=r).set_function(
             lambda: current_threshold(engine)
         )
-        Gauge("synerdiff_skip_cfg_bound", "Configured largest fraction of a guided request's steps that may skip CFG.", registry=r).set_function(
+        Gauge(names.SKIP_CFG_BOUND, "Configured largest fraction of a guided request's steps that may skip CFG.", registry=r).set_function(
             lambda: engine.config.scheduler.skip_cfg_bound
         )
-        Gauge("synerdiff_skip_cfg_fraction", "Fraction of late steps that may skip CFG now (grows with the threshold).", registry=r).set_function(
+        Gauge(names.SKIP_CFG_FRACTION, "Fraction of late steps that may skip CFG now (grows with the threshold).", registry=r).set_function(
             lambda: current_skip_fraction(engine)
         )
-        Gauge("synerdiff_scheduler_max_rows", "Most UNet rows in one forward.", registry=r).set_function(
+        Gauge(names.MAX_ROWS, "Most UNet rows in one forward.", registry=r).set_function(
             lambda: engine.config.scheduler.max_rows
         )
 
-        self.step_rows = Histogram("synerdiff_step_rows", "UNet rows per denoising step.", buckets=ROW_BUCKETS, registry=r)
+        self.step_rows = Histogram(names.STEP_ROWS, "UNet rows per denoising step.", buckets=ROW_BUCKETS, registry=r)
         self.unet_step = Histogram(
-            "synerdiff_unet_step_seconds", "One batched denoising step: UNet forward plus sampler update.", buckets=STEP_BUCKETS, registry=r
+            names.UNET_STEP, "One batched denoising step: UNet forward plus sampler update.", buckets=STEP_BUCKETS, registry=r
         )
         self.vae_decode = Histogram(
-            "synerdiff_vae_decode_seconds", "One VAE decode call (one or more chunks of images).", buckets=STEP_BUCKETS, registry=r
+            names.VAE_DECODE, "One VAE decode call (one or more chunks of images).", buckets=STEP_BUCKETS, registry=r
         )
         self.queue_wait = Histogram(
-            "synerdiff_queue_wait_seconds", "Arrival to admission, per admitted request.", buckets=LATENCY_BUCKETS, registry=r
+            names.QUEUE_WAIT, "Arrival to admission, per admitted request.", buckets=LATENCY_BUCKETS, registry=r
         )
         self.latency = Histogram(
-            "synerdiff_request_latency_seconds",
+            names.LATENCY,
             "End-to-end latency of successful generation requests, HTTP arrival to response ready.",
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.images = Counter("synerdiff_images_generated", "Images returned to clients.", registry=r)
+        self.images = Counter(names.IMAGES, "Images returned to clients.", registry=r)
         self.requests = Counter(
-            "synerdiff_requests", "Generation requests by outcome.", ["status", "reason"], registry=r
+            names.REQUESTS, "Generation requests by outcome.", ["status", "reason"], registry=r
         )
         self.cfg_skipped = Counter(
-            "synerdiff_cfg_skipped_steps", "Request-steps of guided requests that ran without CFG.", registry=r
+            names.CFG_SKIPPED, "Request-steps of guided requests that ran without CFG.", registry=r
         )
         self.step_inflation = Histogram(
-            "synerdiff_step_inflation_ratio",
+            names.STEP_INFLATION,
             "Iteration time over the profiled bare UNet step time for the same rows (VAE and admission contention).",
-            buckets=(1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0),
+            buckets=INFLATION_BUCKETS,
             registry=r,
         )
-        self.vae_chunks = Counter("synerdiff_vae_chunks", "VAE decode chunks (one per request per decode call).", registry=r)
+        self.vae_chunks = Counter(names.VAE_CHUNKS, "VAE decode chunks (one per request per decode call).", registry=r)
         self.vae_beside = Counter(
-            "synerdiff_vae_beside_images", "Images decoded one per chunk on a second CUDA stream during a UNet step.", registry=r
+            names.VAE_BESIDE, "Images decoded one per chunk on a second CUDA stream during a UNet step.", registry=r
         )
         self.vae_fallbacks = Counter(
-            "synerdiff_vae_oom_fallbacks", "Decodes that ran out of GPU memory and were redone one image at a time (then in tiles).", registry=r
+            names.VAE_FALLBACKS, "Decodes that ran out of GPU memory and were redone one image at a time (then in tiles).", registry=r
         )
         for status, reason in _INITIAL_OUTCOMES:
             self.requests.labels(status, reason)

@@ -88,6 +88,7 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> M
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load {root}: {exc}") from exc
     sched_cfg: dict[str, Any] = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
-    for m in (unet, vae, text_encoder):
+    modules: tuple[torch.nn.Module, ...] = (unet, vae, text_encoder)
+    for m in modules:
         m.to(dev).eval().requires_grad_(False)
     return ModelBundle(root, unet, vae, text_encoder, tokenizer, sched_cfg, dev, dt)

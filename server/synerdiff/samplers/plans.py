@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
 
-from .base import NCOEF, SamplerPlan, A, B, C, D, E, P, Q, x0_from_sigma
+from .base import NCOEF, A, B, C, D, E, P, Q, SamplerPlan, x0_from_sigma
 
 DIFFUSERS_CLASSES = {
     "ddim": DDIMScheduler,
@@ -66,7 +66,7 @@ def _ddim(cfg: Mapping[str, Any], steps: int) -> SamplerPlan:
     )
 
 
-def _euler_like(cls, name: str, ancestral: bool) -> Callable[[Mapping[str, Any], int], SamplerPlan]:
+def _euler_like(cls: type[EulerDiscreteScheduler | EulerAncestralDiscreteScheduler], name: str, ancestral: bool) -> Callable[[Mapping[str, Any], int], SamplerPlan]:
     def build(cfg: Mapping[str, Any], steps: int) -> SamplerPlan:
         s = cls.from_config(cfg)
         s.set_timesteps(steps)
@@ -110,7 +110,7 @@ def _dpmpp_2m(cfg: Mapping[str, Any], steps: int) -> SamplerPlan:
     n = len(s.timesteps)
 
     def alpha(v: float) -> float:
-        return 1 / (v**2 + 1) ** 0.5
+        return float(1 / (v**2 + 1) ** 0.5)  # float ** float is typed Any: a negative base gives a complex
 
     k = torch.zeros(n, NCOEF, dtype=torch.float64)
     lower_order_nums = 0
@@ -157,12 +157,12 @@ BUILDERS: dict[str, Callable[[Mapping[str, Any], int], SamplerPlan]] = {
 }
 
 
-def _freeze(cfg: Mapping[str, Any]) -> tuple:
+def _freeze(cfg: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in cfg.items()))
 
 
 @lru_cache(maxsize=256)
-def _cached(name: str, frozen_cfg: tuple, steps: int) -> SamplerPlan:
+def _cached(name: str, frozen_cfg: tuple[tuple[str, Any], ...], steps: int) -> SamplerPlan:
     return BUILDERS[name](dict(frozen_cfg), steps)
 
 

@@ -26,7 +26,7 @@ class ControllerState:
     last_tick: float = float("-inf")
 
     @classmethod
-    def initial(cls, cfg: SchedulerConfig) -> "ControllerState":
+    def initial(cls, cfg: SchedulerConfig) -> ControllerState:
         return cls(threshold=cfg.threshold)
 
 

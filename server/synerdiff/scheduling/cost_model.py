@@ -12,6 +12,7 @@ import bisect
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 PROFILE_VERSION = 2  # 2: vae_beside; version-1 files still load (the simulator), engines re-profile
 
@@ -48,11 +49,14 @@ class Profile:
         Path(path).write_text(json.dumps(asdict(self), indent=1))
 
     @classmethod
-    def load(cls, path: str | Path) -> "Profile":
+    def load(cls, path: str | Path) -> Profile:
         raw = json.loads(Path(path).read_text())
         if raw.get("version") not in (1, PROFILE_VERSION):
             raise ValueError(f"{path}: profile version {raw.get('version')} is not {PROFILE_VERSION}; re-run `synerdiff profile`")
-        conv = lambda d: {k: [tuple(p) for p in v] for k, v in d.items()}  # noqa: E731
+
+        def conv(d: dict[str, list[list[Any]]]) -> dict[str, list[tuple[Any, ...]]]:
+            return {k: [tuple(p) for p in v] for k, v in d.items()}
+
         raw["unet"], raw["vae"] = conv(raw["unet"]), conv(raw["vae"])
         raw["vae_beside"] = conv(raw.get("vae_beside", {}))  # absent in profiles written before decodes beside a step were measured
         raw["encode"] = [tuple(p) for p in raw.get("encode", [])]
@@ -82,7 +86,7 @@ class CostModel:
         self._vae = {parse_bucket(k): sorted(v) for k, v in profile.vae.items()}
         self._beside = {parse_bucket(k): sorted(v) for k, v in profile.vae_beside.items()}
 
-    def _nearest(self, table: dict[Bucket, list], bucket: Bucket) -> tuple[list, float]:
+    def _nearest(self, table: dict[Bucket, list[tuple[int, float]]], bucket: Bucket) -> tuple[list[tuple[int, float]], float]:
         """Points for `bucket`, or the closest measured shape and a pixel-count scale factor."""
         if bucket in table:
             return table[bucket], 1.0

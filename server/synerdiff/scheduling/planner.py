@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ..contract.requests import rows_per_image
+
 Bucket = tuple[int, int]  # (height, width): requests of one latent shape share a forward
 
 
@@ -25,7 +27,7 @@ class Waiting:
 
     @property
     def rows(self) -> int:
-        return self.images * (2 if self.guided else 1)
+        return self.images * rows_per_image(self.guided)
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class Active:
 
     @property
     def rows(self) -> int:
-        return self.images * (2 if self.guided and not self.forced_unguided else 1)
+        return self.images * rows_per_image(self.guided and not self.forced_unguided)
 
 
 @dataclass(frozen=True)

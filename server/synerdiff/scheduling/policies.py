@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from ..contract.config import SchedulerConfig
+from ..contract.requests import rows_per_image
 from .cost_model import CostModel, reference_h100_sd15
-from .planner import ContinuousPolicy, EngineView, IterationPlan, Policy, admit_fifo, pick_bucket
+from .planner import Bucket, ContinuousPolicy, EngineView, IterationPlan, Policy, admit_fifo, pick_bucket
 
 
 class SynerDiffPolicy:
@@ -55,7 +56,7 @@ class SynerDiffPolicy:
                 for a in active:
                     if a.guided and a.may_skip_cfg(view.skip_fraction):
                         skip.add(a.request_id)
-                        rows -= a.images
+                        rows -= a.images * (rows_per_image(True) - rows_per_image(False))
             # Admission counts skipped requests at their full rows: skipping can stop on the next
             # step (the queue drains, the controller lowers the bound), and max_rows must hold then too.
             admit = admit_fifo(view, bucket, sum(a.rows for a in active), view.max_rows)
@@ -63,7 +64,7 @@ class SynerDiffPolicy:
         beside, after = self._decodes(view, bucket, rows)
         return IterationPlan(admit=admit, step_bucket=bucket, skip_cfg=frozenset(skip), decode=after, decode_beside=beside)
 
-    def _decodes(self, view: EngineView, bucket, rows: int) -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, int], ...]]:
+    def _decodes(self, view: EngineView, bucket: Bucket | None, rows: int) -> tuple[tuple[tuple[str, int], ...], tuple[tuple[str, int], ...]]:
         """(beside the step, after it): every pending image, the oldest ones beside when that is cheaper."""
         pending = sorted(view.decodes, key=lambda d: d.ready_at)
         slots = self.cfg.vae_beside_step if bucket is not None and rows > 0 else 0

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from synerdiff.contract.config import EMBEDDED_MODEL_DIR
 
 from .dataset import held_out_prompts, train_prompts
@@ -49,7 +50,7 @@ def generate(pipe, prompts: list[str], seeds: list[int], steps=20, guidance=7.5,
 
 
 def adherence(images: np.ndarray, prompts: list[str]) -> dict:
-    scores = [score(img, p) for img, p in zip(images, prompts)]
+    scores = [score(img, p) for img, p in zip(images, prompts, strict=False)]
     per_attr = {}
     for a in ATTRIBUTES:
         hits = [s.matches[a] for s in scores if a in s.matches]
@@ -62,7 +63,7 @@ def adherence(images: np.ndarray, prompts: list[str]) -> dict:
         per_attribute=per_attr,
         failures=[
             dict(prompt=p, detected={k: v for k, v in s.detected.items() if k != "features"})
-            for p, s in zip(prompts, scores)
+            for p, s in zip(prompts, scores, strict=False)
             if not s.correct
         ],
     )

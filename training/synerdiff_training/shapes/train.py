@@ -166,7 +166,7 @@ def train_vae(vae, args, device, rng, log) -> dict:
         budget.step += 1
         if budget.step % 25 == 1 or budget.done():
             cur = (rec_loss.item(), kl.item())
-            ema_loss = cur if ema_loss is None else tuple(0.8 * a + 0.2 * b for a, b in zip(ema_loss, cur))
+            ema_loss = cur if ema_loss is None else tuple(0.8 * a + 0.2 * b for a, b in zip(ema_loss, cur, strict=False))
             if budget.elapsed() - last_print > args.print_every or budget.done():
                 last_print = budget.elapsed()
                 log(f"vae step {budget.step} t={budget.elapsed():.0f}s rec_mse={ema_loss[0]:.5f} kl={ema_loss[1]:.3f}")
@@ -185,7 +185,7 @@ def train_vae(vae, args, device, rng, log) -> dict:
         val = F.mse_loss(rec, x).item()
     vae.register_to_config(scaling_factor=1.0 / std)
     rec_u8 = ((rec + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    recon_acc = float(np.mean([score(im, c).correct for im, c in zip(rec_u8, val_batch.captions)]))
+    recon_acc = float(np.mean([score(im, c).correct for im, c in zip(rec_u8, val_batch.captions, strict=False)]))
     stats = dict(
         steps=budget.step,
         seconds=round(budget.elapsed(), 1),
@@ -218,7 +218,7 @@ def train_unet(unet, text_encoder, vae, tokenizer, args, device, rng, log) -> tu
         miss = [c for c in set(captions) if c not in ids_cache]
         if miss:
             enc = tokenizer(miss, padding="max_length", max_length=tokenizer.model_max_length, truncation=True)
-            ids_cache.update(zip(miss, np.asarray(enc.input_ids, dtype=np.int64)))
+            ids_cache.update(zip(miss, np.asarray(enc.input_ids, dtype=np.int64), strict=False))
         return torch.from_numpy(np.stack([ids_cache[c] for c in captions])).to(device, non_blocking=True)
 
     unet.train()
@@ -233,7 +233,7 @@ def train_unet(unet, text_encoder, vae, tokenizer, args, device, rng, log) -> tu
     ema_loss, last_print, losses = None, 0.0, []
     while not budget.done():
         x, batch = images(rng, args.batch, device, p_position=args.p_position)
-        caps = ["" if d else c for c, d in zip(batch.captions, rng.random(len(batch)) < args.drop)]
+        caps = ["" if d else c for c, d in zip(batch.captions, rng.random(len(batch)) < args.drop, strict=False)]
         ids = ids_of(caps)
         with torch.no_grad(), _autocast(device):
             z = vae.encode(x).latent_dist.sample().float() * sf
