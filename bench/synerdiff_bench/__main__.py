@@ -1,11 +1,11 @@
 """python -m synerdiff_bench {build-model,profile,run,smoke,plot} ...
 
-  build-model  write the SD1.5-shaped random-weight model to a folder
-  profile      offline profiler -> a cost_model.Profile JSON
-  run          open-loop load sweep over --rates for --systems -> OUT/NAME.json
-  smoke        ≥ 32 concurrent mixed requests through the engine -> OUT/NAME.json
-  scale        N servers, one per GPU, behind round-robin, against one GPU -> OUT/NAME.json
-  plot         a sweep JSON -> PNG (needs matplotlib; run it off the GPU machine)
+build-model  write the SD1.5-shaped random-weight model to a folder
+profile      offline profiler -> a cost_model.Profile JSON
+run          open-loop load sweep over --rates for --systems -> OUT/NAME.json
+smoke        ≥ 32 concurrent mixed requests through the engine -> OUT/NAME.json
+scale        N servers, one per GPU, behind round-robin, against one GPU -> OUT/NAME.json
+plot         a sweep JSON -> PNG (needs matplotlib; run it off the GPU machine)
 """
 
 from __future__ import annotations
@@ -34,7 +34,13 @@ def _out_args(p: argparse.ArgumentParser, name: str) -> None:
 
 def _system_args(p: argparse.ArgumentParser, default: str) -> None:
     p.add_argument("--systems", default=default, help="comma-separated builtins (diffusers, static, continuous, synerdiff) or names defined by --system")
-    p.add_argument("--system", action="append", default=[], metavar="NAME:k=v,...", help="define a system, e.g. cont-b32:policy=continuous,max_rows=32 or st16:kind=static,batch=16,wait=2 or srv:kind=http,url=http://host:8000")
+    p.add_argument(
+        "--system",
+        action="append",
+        default=[],
+        metavar="NAME:k=v,...",
+        help="define a system, e.g. cont-b32:policy=continuous,max_rows=32 or st16:kind=static,batch=16,wait=2 or srv:kind=http,url=http://host:8000",
+    )
     p.add_argument("--profile-path", default=None, help="profile JSON given to every engine system (EngineConfig.profile_path)")
 
 
@@ -55,7 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--encode-prompts", default="1,2,4,8,16,32")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--fast-path", default="auto", choices=["auto", "on", "off"], help="time the CUDA-graph UNet the engine uses by default (auto: on with CUDA)")
+    p.add_argument(
+        "--fast-path", default="auto", choices=["auto", "on", "off"], help="time the CUDA-graph UNet the engine uses by default (auto: on with CUDA)"
+    )
     p.add_argument("-o", "--output", default="profile.json")
 
     r = sub.add_parser("run", help="open-loop load sweep")
@@ -77,8 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cut-factor", type=float, default=4.0, help="give up on a point once a request waits this many SLOs")
     r.add_argument("--budget-s", type=float, default=None, help="wall-time budget for the sweep; later points are skipped")
     r.add_argument("--seed", type=int, default=0)
-    r.add_argument("--arrival-draw", default="shared", choices=["shared", "per-rate"],
-                   help="shared: every rate replays one draw of --seed, compressed (common random numbers); per-rate: an independent draw per rate (how the committed *-run1 to *-run4 results were drawn)")
+    r.add_argument(
+        "--arrival-draw",
+        default="shared",
+        choices=["shared", "per-rate"],
+        help="shared: every rate replays one draw of --seed, compressed (common random numbers); per-rate: an independent draw per rate (how the committed *-run1 to *-run4 results were drawn)",
+    )
     r.add_argument("--lone-repeats", type=int, default=2, help="lone-request runs per size; the fastest counts")
     r.add_argument("--progress-s", type=float, default=10.0)
     r.add_argument("--no-raw", action="store_true", help="leave per-request rows out of the JSON")
@@ -211,8 +223,15 @@ def cmd_run(args: argparse.Namespace) -> None:
         arrival_draw=args.arrival_draw,
     )
     report = new_report(
-        "sweep", args.name, args.argv, model=path, device=args.device, dtype=args.dtype, mix=mix.describe(),
-        systems=[{"name": n, **o} for n, o in specs], **{k: v for k, v in vars(cfg).items()},
+        "sweep",
+        args.name,
+        args.argv,
+        model=path,
+        device=args.device,
+        dtype=args.dtype,
+        mix=mix.describe(),
+        systems=[{"name": n, **o} for n, o in specs],
+        **{k: v for k, v in vars(cfg).items()},
     )
     out = result_path(args.out, args.name)
     try:
@@ -295,7 +314,9 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # stamped into the result files
-    {"build-model": cmd_build_model, "profile": cmd_profile, "run": cmd_run, "smoke": cmd_smoke, "scale": cmd_scale, "overlap": cmd_overlap, "plot": cmd_plot}[args.cmd](args)
+    {"build-model": cmd_build_model, "profile": cmd_profile, "run": cmd_run, "smoke": cmd_smoke, "scale": cmd_scale, "overlap": cmd_overlap, "plot": cmd_plot}[
+        args.cmd
+    ](args)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 """The systems compared, all on the same weights and device, built from short specs.
 
-  diffusers   one `StableDiffusionPipeline` call per request, FIFO (baseline a)
-  static      gather up to `batch` compatible requests or wait `wait` s, then one pipeline
-              call over the batch (baseline b)
-  continuous  our engine, plain step-level continuous batching, inline VAE (baseline c)
-  synerdiff   our engine with policy=synerdiff
-  NAME:k=v,.. any further engine config (`kind=engine`, the default), keys from
-              SchedulerConfig, EngineConfig or LimitsConfig; or `kind=static|diffusers|http`.
+diffusers   one `StableDiffusionPipeline` call per request, FIFO (baseline a)
+static      gather up to `batch` compatible requests or wait `wait` s, then one pipeline
+            call over the batch (baseline b)
+continuous  our engine, plain step-level continuous batching, inline VAE (baseline c)
+synerdiff   our engine with policy=synerdiff
+NAME:k=v,.. any further engine config (`kind=engine`, the default), keys from
+            SchedulerConfig, EngineConfig or LimitsConfig; or `kind=static|diffusers|http`.
 """
 
 from __future__ import annotations

@@ -81,8 +81,11 @@ def main(argv: list[str] | None = None) -> None:
         else:
             entry["psnr_vs_first_mode_db"] = psnr(image, ref_image)
         results["modes"][mode] = entry
-        print(f"{mode:>15}: lone e2e {entry['lone_e2e_s_median']:.3f} s, step {entry['step_ms_median']:.1f} ms, start-up {startup:.0f} s"
-              + (f", PSNR vs eager {entry['psnr_vs_first_mode_db']:.1f} dB" if "psnr_vs_first_mode_db" in entry else ""), flush=True)
+        print(
+            f"{mode:>15}: lone e2e {entry['lone_e2e_s_median']:.3f} s, step {entry['step_ms_median']:.1f} ms, start-up {startup:.0f} s"
+            + (f", PSNR vs eager {entry['psnr_vs_first_mode_db']:.1f} dB" if "psnr_vs_first_mode_db" in entry else ""),
+            flush=True,
+        )
         torch.cuda.empty_cache()
     with open(args.out, "w") as f:
         json.dump(results, f, indent=1)

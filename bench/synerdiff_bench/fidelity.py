@@ -56,7 +56,14 @@ def _scorer():
 
 
 def run(
-    model: str, device: str, prompts: list[str], seeds: list[int], bounds: list[float], steps: int, guidance: float, sampler: str,
+    model: str,
+    device: str,
+    prompts: list[str],
+    seeds: list[int],
+    bounds: list[float],
+    steps: int,
+    guidance: float,
+    sampler: str,
     tiled_size: int | None = None,
 ) -> dict:
     cfg = EngineConfig(model=model, device=device, warmup=False, scheduler=SchedulerConfig(policy="continuous"))
@@ -119,10 +126,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", default="bench/results/fidelity.json")
     args = ap.parse_args(argv)
     t0 = time.time()
-    res = run(args.model, args.device, DEFAULT_PROMPTS, [int(s) for s in args.seeds.split(",")], [float(b) for b in args.bounds.split(",")],
-              args.steps, args.guidance, args.sampler, args.tiled_size)
-    res.update(command="python -m synerdiff_bench.fidelity " + " ".join(sys.argv[1:] if argv is None else argv),
-               model=args.model, device=args.device, torch=torch.__version__, seconds=time.time() - t0)
+    res = run(
+        args.model,
+        args.device,
+        DEFAULT_PROMPTS,
+        [int(s) for s in args.seeds.split(",")],
+        [float(b) for b in args.bounds.split(",")],
+        args.steps,
+        args.guidance,
+        args.sampler,
+        args.tiled_size,
+    )
+    res.update(
+        command="python -m synerdiff_bench.fidelity " + " ".join(sys.argv[1:] if argv is None else argv),
+        model=args.model,
+        device=args.device,
+        torch=torch.__version__,
+        seconds=time.time() - t0,
+    )
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)
     print(f"{'variant':>14} {'images':>6} {'PSNR mean':>9} {'PSNR min':>8} {'SSIM mean':>9} {'adherence':>9}")

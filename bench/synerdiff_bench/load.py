@@ -168,7 +168,8 @@ def run_rate(
         f" | {point['throughput_ips']:.2f} img/s | mean {_f(lat['mean'])} p50 {_f(lat['p50'])} p99 {_f(lat['p99'])}"
         f" | SLO {100 * point['slo_attainment']:.0f}% | step x{_f(point['step_inflation'], 2)}"
         + (f" | cfg skipped {point['cfg_skipped_mean']:.1f}/req" if point.get("cfg_skipped_mean") else "")
-        + f" | wall {point['wall_s']:.0f}s" + (f" | CUT: {cut_reason}" if cut_reason else "")
+        + f" | wall {point['wall_s']:.0f}s"
+        + (f" | CUT: {cut_reason}" if cut_reason else "")
     )
     return point
 

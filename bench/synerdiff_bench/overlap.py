@@ -76,9 +76,13 @@ def measure_overlap(executor: StepExecutor, rows_list: list[int], images_list: l
             t_u, t_v = median_time(unet, sync, 2, repeats), median_time(vae, sync, 2, repeats)
             t_s, t_t = median_time(serial, sync, 2, repeats), median_time(together, sync, 2, repeats)
             t_1 = median_time(singles, sync, 2, repeats)
-            out.append(dict(rows=rows, images=k, unet_s=t_u, vae_s=t_v, serial_s=t_s, together_s=t_t,
-                            overlap=overlap_fraction(t_u, t_v, t_t), singles_beside_s=t_1))
-            print(f"rows {rows:3d} + decode {k}: unet {t_u*1e3:6.1f} ms, vae {t_v*1e3:6.1f} ms, "
-                  f"serial {t_s*1e3:6.1f} ms, two streams {t_t*1e3:6.1f} ms, overlap {out[-1]['overlap']:.0%}, "
-                  f"{k} one-image chunks beside {t_1*1e3:6.1f} ms", flush=True)
+            out.append(
+                dict(rows=rows, images=k, unet_s=t_u, vae_s=t_v, serial_s=t_s, together_s=t_t, overlap=overlap_fraction(t_u, t_v, t_t), singles_beside_s=t_1)
+            )
+            print(
+                f"rows {rows:3d} + decode {k}: unet {t_u * 1e3:6.1f} ms, vae {t_v * 1e3:6.1f} ms, "
+                f"serial {t_s * 1e3:6.1f} ms, two streams {t_t * 1e3:6.1f} ms, overlap {out[-1]['overlap']:.0%}, "
+                f"{k} one-image chunks beside {t_1 * 1e3:6.1f} ms",
+                flush=True,
+            )
     return out

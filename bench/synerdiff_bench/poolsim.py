@@ -138,6 +138,7 @@ def _burst_rate(base: float, high: float, starts: Sequence[float], hold: float, 
             elif s + ramp + hold <= t < s + 2 * ramp + hold:
                 level = max(level, 1 - (t - s - ramp - hold) / ramp)
         return base + (high - base) * level
+
     return rate
 
 
@@ -146,14 +147,28 @@ def standard_traces(seed: int = 7) -> list[Trace]:
     bursts = (10 * m, 25 * m, 40 * m)
     return [
         trace("steady", "Poisson 16 req/s for 30 min", 30 * m, lambda t: 16.0, seed),
-        trace("step", "Poisson 8 req/s, 20 req/s from 10 to 30 min (instant steps); 40 min", 40 * m,
-              lambda t: 20.0 if 10 * m <= t < 30 * m else 8.0, seed + 1),
-        trace("burst", "Poisson 8 req/s with three bursts to 20 req/s at 10, 25, 40 min: 2-min rise, 5-min hold, 2-min fall; 55 min", 55 * m,
-              _burst_rate(8.0, 20.0, bursts, 5 * m, 2 * m), seed + 2),
-        trace("spike", "as burst, but 10-s rise and fall (flash crowds): no pod can start in time; 55 min", 55 * m,
-              _burst_rate(8.0, 20.0, bursts, 5 * m, 10.0), seed + 4),
-        trace("diurnal", "Poisson, sinusoid 3-24 req/s, period 30 min (a compressed day), 2 periods", 60 * m,
-              lambda t: 3.0 + 21.0 * (1 - math.cos(2 * math.pi * t / (30 * m))) / 2, seed + 3),
+        trace("step", "Poisson 8 req/s, 20 req/s from 10 to 30 min (instant steps); 40 min", 40 * m, lambda t: 20.0 if 10 * m <= t < 30 * m else 8.0, seed + 1),
+        trace(
+            "burst",
+            "Poisson 8 req/s with three bursts to 20 req/s at 10, 25, 40 min: 2-min rise, 5-min hold, 2-min fall; 55 min",
+            55 * m,
+            _burst_rate(8.0, 20.0, bursts, 5 * m, 2 * m),
+            seed + 2,
+        ),
+        trace(
+            "spike",
+            "as burst, but 10-s rise and fall (flash crowds): no pod can start in time; 55 min",
+            55 * m,
+            _burst_rate(8.0, 20.0, bursts, 5 * m, 10.0),
+            seed + 4,
+        ),
+        trace(
+            "diurnal",
+            "Poisson, sinusoid 3-24 req/s, period 30 min (a compressed day), 2 periods",
+            60 * m,
+            lambda t: 3.0 + 21.0 * (1 - math.cos(2 * math.pi * t / (30 * m))) / 2,
+            seed + 3,
+        ),
     ]
 
 
@@ -185,8 +200,13 @@ class Pod:
     def sample(self) -> signals.EngineSample:
         cumulative = lambda counts: tuple(zip(LATENCY_BUCKETS, _cumsum(counts), strict=False))  # noqa: E731
         return signals.EngineSample(
-            waiting=float(len(self.queue)), running=float(len(self.active)), images=self.images, ok=self.finished,
-            finished=self.finished, latency=cumulative(self.latency), queue_wait=cumulative(self.queue_wait),
+            waiting=float(len(self.queue)),
+            running=float(len(self.active)),
+            images=self.images,
+            ok=self.finished,
+            finished=self.finished,
+            latency=cumulative(self.latency),
+            queue_wait=cumulative(self.queue_wait),
         )
 
 
@@ -340,11 +360,16 @@ class Static(Policy):
 
 def autoscaling_spec(min_replicas: int = 1, max_replicas: int = 64, **autoscaling: Any) -> PoolSpec:
     """A pool spec as a user would write it, through the operator's own parser."""
-    return parse_spec({
-        "image": "sim", "model": {"path": "/sim"}, "replicas": min_replicas,
-        "minReplicas": min_replicas, "maxReplicas": max_replicas,
-        "autoscaling": {"enabled": True, **autoscaling},
-    })
+    return parse_spec(
+        {
+            "image": "sim",
+            "model": {"path": "/sim"},
+            "replicas": min_replicas,
+            "minReplicas": min_replicas,
+            "maxReplicas": max_replicas,
+            "autoscaling": {"enabled": True, **autoscaling},
+        }
+    )
 
 
 class Ours(Policy):
@@ -388,8 +413,9 @@ class Ours(Policy):
 class KubeAI(Policy):
     """KubeAI's model autoscaler: ceil(moving average of active requests / targetRequests)."""
 
-    def __init__(self, target: float, window_s: float = 600.0, interval_s: float = 10.0, scale_down_delay_s: float = 30.0,
-                 min_replicas: int = 1, max_replicas: int = 64) -> None:
+    def __init__(
+        self, target: float, window_s: float = 600.0, interval_s: float = 10.0, scale_down_delay_s: float = 30.0, min_replicas: int = 1, max_replicas: int = 64
+    ) -> None:
         self.target, self.window, self.period = target, window_s, interval_s
         self.delay, self.lo, self.hi = scale_down_delay_s, min_replicas, max_replicas
         self.samples: deque[float] = deque(maxlen=max(1, int(window_s / interval_s)))
@@ -413,8 +439,7 @@ class KubeAI(Policy):
 
 
 # -------------------------------------------------------------------------------------------- run
-def run(trace: Trace, policy: Policy, service: ServiceModel, *, slo_factor: float = 3.0, startup_s: float = 90.0,
-        initial: int | None = None) -> Result:
+def run(trace: Trace, policy: Policy, service: ServiceModel, *, slo_factor: float = 3.0, startup_s: float = 90.0, initial: int | None = None) -> Result:
     pool = Pool(service, startup_s)
     n0 = initial if initial is not None else policy.initial(trace)
     for _ in range(max(1, n0)):
@@ -445,11 +470,18 @@ def run(trace: Trace, policy: Policy, service: ServiceModel, *, slo_factor: floa
     pods_ever = [(p.created, p.gone_at if p.gone_at is not None else math.inf) for p in pool.pods]
     max_pods = max(sum(1 for c, g in pods_ever if c <= t < g) for t in [c for c, _ in pods_ever] or [0.0])
     return Result(
-        trace=trace.name, policy=policy.name, requests=n, slo_s=round(slo, 3),
+        trace=trace.name,
+        policy=policy.name,
+        requests=n,
+        slo_s=round(slo, 3),
         slo_attainment=sum(1 for x in lat if x <= slo) / n if n else 1.0,
-        p50_s=round(lat[n // 2], 3) if n else 0.0, p99_s=round(lat[min(n - 1, int(0.99 * n))], 3) if n else 0.0,
-        gpu_seconds=round(gpu, 1), mean_pods=round(gpu / trace.duration, 2), max_pods=max_pods,
-        scale_events=pool.scale_events, timeline=timeline,
+        p50_s=round(lat[n // 2], 3) if n else 0.0,
+        p99_s=round(lat[min(n - 1, int(0.99 * n))], 3) if n else 0.0,
+        gpu_seconds=round(gpu, 1),
+        mean_pods=round(gpu / trace.duration, 2),
+        max_pods=max_pods,
+        scale_events=pool.scale_events,
+        timeline=timeline,
     )
 
 
@@ -481,9 +513,15 @@ def ours_spec(service: ServiceModel, utilization: float, slo_factor: float = 3.0
     slo = slo_factor * service.lone_latency
     return autoscaling_spec(
         max_replicas=extra.pop("maxReplicas", 64),
-        capacityPerReplica=round(service.capacity(slo), 4), targetUtilization=utilization,
-        periodSeconds=5, scaleUpWindowSeconds=30, panicWindowSeconds=10, panicThreshold=2.0,
-        scaleDownDelaySeconds=extra.pop("scaleDownDelaySeconds", 300), latencySLOSeconds=round(slo, 3), **extra,
+        capacityPerReplica=round(service.capacity(slo), 4),
+        targetUtilization=utilization,
+        periodSeconds=5,
+        scaleUpWindowSeconds=30,
+        panicWindowSeconds=10,
+        panicThreshold=2.0,
+        scaleDownDelaySeconds=extra.pop("scaleDownDelaySeconds", 300),
+        latencySLOSeconds=round(slo, 3),
+        **extra,
     )
 
 
@@ -499,12 +537,22 @@ def experiment(*, quick: bool = False, startup_s: float = 90.0, log: Callable[[s
         ours_grid, kubeai_grid = [(0.7, 120, 90, 0.0, False), (0.8, 120, 90, 9.0, True)], [(2, 600.0, False)]
 
     out: dict[str, Any] = {
-        "service": {"profile": service.cost.profile.gpu + " / " + service.cost.profile.model, "steps": service.steps,
-                    "guided": service.guided, "size": "512x512", "max_rows": service.max_rows,
-                    "lone_latency_s": round(service.lone_latency, 4), "slo_s": round(slo, 4),
-                    "capacity_within_slo_img_s": round(service.capacity(slo), 3), "capacity_max_img_s": round(service.capacity(), 3)},
-        "startup_s": startup_s, "goal": GOAL,
-        "traces": {t.name: {"description": t.description, "requests": len(t.arrivals), "duration_s": t.duration, "peak_rate": round(t.peak_rate, 2)} for t in traces},
+        "service": {
+            "profile": service.cost.profile.gpu + " / " + service.cost.profile.model,
+            "steps": service.steps,
+            "guided": service.guided,
+            "size": "512x512",
+            "max_rows": service.max_rows,
+            "lone_latency_s": round(service.lone_latency, 4),
+            "slo_s": round(slo, 4),
+            "capacity_within_slo_img_s": round(service.capacity(slo), 3),
+            "capacity_max_img_s": round(service.capacity(), 3),
+        },
+        "startup_s": startup_s,
+        "goal": GOAL,
+        "traces": {
+            t.name: {"description": t.description, "requests": len(t.arrivals), "duration_s": t.duration, "peak_rate": round(t.peak_rate, 2)} for t in traces
+        },
         "runs": [],
     }
     kw = dict(startup_s=startup_s)
@@ -515,18 +563,29 @@ def experiment(*, quick: bool = False, startup_s: float = 90.0, log: Callable[[s
         out["runs"].append({"family": "static", "config": {"pods": int(r.policy[7:-1])}, **r.summary()})
         log(f"{t.name:8s} {r.policy:32s} slo={r.slo_attainment:.4f} gpu_s={r.gpu_seconds:.0f}")
     configs: dict[tuple[str, str], dict[str, Any]] = {}
+
     def budget(t: Trace, bounded: bool) -> int:
         return statics[t.name].max_pods if bounded else 64
 
     for u, delay, predict, headroom, bounded in ours_grid:
         label = f"ours(util={u:g}, delay={delay}s, predict={predict}s, headroom={headroom:g}, max={'static' if bounded else 64})"
         for t in traces:
-            spec = ours_spec(service, u, scaleDownDelaySeconds=delay, predictSeconds=predict, headroomImagesPerSecond=headroom,
-                             maxReplicas=budget(t, bounded))
+            spec = ours_spec(service, u, scaleDownDelaySeconds=delay, predictSeconds=predict, headroomImagesPerSecond=headroom, maxReplicas=budget(t, bounded))
             r = run(t, Ours(spec, label), service, **kw)
             configs.setdefault(("ours", label), {})[t.name] = r
-            out["runs"].append({"family": "ours", "config": {"targetUtilization": u, "scaleDownDelaySeconds": delay, "predictSeconds": predict,
-                                                             "headroomImagesPerSecond": headroom, "maxReplicas": budget(t, bounded)}, **r.summary()})
+            out["runs"].append(
+                {
+                    "family": "ours",
+                    "config": {
+                        "targetUtilization": u,
+                        "scaleDownDelaySeconds": delay,
+                        "predictSeconds": predict,
+                        "headroomImagesPerSecond": headroom,
+                        "maxReplicas": budget(t, bounded),
+                    },
+                    **r.summary(),
+                }
+            )
             log(f"{t.name:8s} {label:32s} slo={r.slo_attainment:.4f} gpu_s={r.gpu_seconds:.0f}")
     for target, window, bounded in kubeai_grid:
         label = f"kubeai(target={target}, window={window:g}s, max={'static' if bounded else 64})"
@@ -535,7 +594,9 @@ def experiment(*, quick: bool = False, startup_s: float = 90.0, log: Callable[[s
             r = run(t, KubeAI(target, window, max_replicas=budget(t, bounded)), service, initial=n0, **kw)
             r.policy = label
             configs.setdefault(("kubeai", label), {})[t.name] = r
-            out["runs"].append({"family": "kubeai", "config": {"targetRequests": target, "windowSeconds": window, "maxReplicas": budget(t, bounded)}, **r.summary()})
+            out["runs"].append(
+                {"family": "kubeai", "config": {"targetRequests": target, "windowSeconds": window, "maxReplicas": budget(t, bounded)}, **r.summary()}
+            )
             log(f"{t.name:8s} {label:32s} slo={r.slo_attainment:.4f} gpu_s={r.gpu_seconds:.0f}")
 
     def score(results: dict[str, Result]) -> tuple[int, float]:
@@ -548,8 +609,17 @@ def experiment(*, quick: bool = False, startup_s: float = 90.0, log: Callable[[s
         chosen[family] = (label, results)
     out["chosen"] = {f: label for f, (label, _) in chosen.items()}
     out["table"] = [
-        {"trace": t.name, "policy": name, "label": res.policy, "slo_attainment": round(res.slo_attainment, 4), "p99_s": res.p99_s,
-         "gpu_seconds": res.gpu_seconds, "mean_pods": res.mean_pods, "max_pods": res.max_pods, "scale_events": res.scale_events}
+        {
+            "trace": t.name,
+            "policy": name,
+            "label": res.policy,
+            "slo_attainment": round(res.slo_attainment, 4),
+            "p99_s": res.p99_s,
+            "gpu_seconds": res.gpu_seconds,
+            "mean_pods": res.mean_pods,
+            "max_pods": res.max_pods,
+            "scale_events": res.scale_events,
+        }
         for t in traces
         for name, res in (("static-peak", statics[t.name]), ("kubeai", chosen["kubeai"][1][t.name]), ("ours", chosen["ours"][1][t.name]))
     ]
@@ -575,7 +645,9 @@ def markdown(result: dict[str, Any], command: str) -> str:
     ]
     for row in result["table"]:
         mark = "" if row["slo_attainment"] >= result["goal"] else " ✗"
-        lines.append(f"| {row['trace']} | {row['label']} | {row['slo_attainment']:.2%}{mark} | {row['p99_s']} | {row['gpu_seconds']:.0f} | {row['mean_pods']} | {row['max_pods']} | {row['scale_events']} |")
+        lines.append(
+            f"| {row['trace']} | {row['label']} | {row['slo_attainment']:.2%}{mark} | {row['p99_s']} | {row['gpu_seconds']:.0f} | {row['mean_pods']} | {row['max_pods']} | {row['scale_events']} |"
+        )
     lines += ["", "Traces:", ""]
     for name, t in result["traces"].items():
         lines.append(f"- **{name}**: {t['description']} ({t['requests']} requests, peak {t['peak_rate']} req/s)")

@@ -214,8 +214,19 @@ def run_scaling(args, log: Log = print) -> dict[str, Any]:
     mix = default_mix(parse_sizes(args.size)[0], args.steps, args.guidance)
     rates_per_gpu = [float(x) for x in args.rates_per_gpu.split(",")]
     report = new_report(
-        "scale", args.name, args.argv, model=model, device=args.device, dtype=args.dtype, policy=args.policy, mix=mix.describe(),
-        servers=[s.url for s in servers], pools=pools, rates_per_gpu=rates_per_gpu, duration_s=args.duration, slo_s=args.slo,
+        "scale",
+        args.name,
+        args.argv,
+        model=model,
+        device=args.device,
+        dtype=args.dtype,
+        policy=args.policy,
+        mix=mix.describe(),
+        servers=[s.url for s in servers],
+        pools=pools,
+        rates_per_gpu=rates_per_gpu,
+        duration_s=args.duration,
+        slo_s=args.slo,
     )
     report["pools"] = {}
     out = result_path(args.out, args.name)
@@ -249,7 +260,9 @@ def run_scaling(args, log: Log = print) -> dict[str, Any]:
         write_json(report, out)
         for k, p in report["summary"]["pools"].items():
             cap = "-" if p["capacity_rps"] is None else f"{p['capacity_rps']:g}/s"
-            log(f"[scale] {k} GPU(s): peak {p['peak_throughput_ips']:.2f} img/s (x{_f(p['peak_efficiency'])} of linear), capacity {cap} (x{_f(p['capacity_efficiency'])})")
+            log(
+                f"[scale] {k} GPU(s): peak {p['peak_throughput_ips']:.2f} img/s (x{_f(p['peak_efficiency'])} of linear), capacity {cap} (x{_f(p['capacity_efficiency'])})"
+            )
     finally:
         if servers and servers[0].proc is not None:
             stop(servers)

@@ -65,9 +65,7 @@ def build_sd15(out: str | Path, seed: int = 0, device: str = "auto") -> Path:
     torch.manual_seed(seed)
     if dev.type == "cuda":
         torch.cuda.manual_seed_all(seed)
-    text_cfg = CLIPTextConfig(
-        vocab_size=vocab_size, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, **SD15_CLIP
-    )
+    text_cfg = CLIPTextConfig(vocab_size=vocab_size, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, **SD15_CLIP)
     try:
         with torch.device(dev):
             unet = UNet2DConditionModel(**SD15_UNET)

@@ -48,19 +48,37 @@ def main(argv: list[str] | None = None) -> None:
             for name, cfg in systems.items():
                 reqs = poisson_arrivals(rate, args.duration, seed=seed, bucket=(h, w))
                 out = simulate_static(reqs, cost, args.static_batch, args.static_wait) if cfg is None else simulate(reqs, cfg, cost)
-                rows.append(dict(system=name, seed=seed, rate=rate, throughput=out.throughput, mean_s=out.mean_latency, p50_s=out.percentile(0.5),
-                                 p99_s=out.percentile(0.99), skipped_per_request=sum(r.skipped for r in reqs) / max(1, len(reqs))))
+                rows.append(
+                    dict(
+                        system=name,
+                        seed=seed,
+                        rate=rate,
+                        throughput=out.throughput,
+                        mean_s=out.mean_latency,
+                        p50_s=out.percentile(0.5),
+                        p99_s=out.percentile(0.99),
+                        skipped_per_request=sum(r.skipped for r in reqs) / max(1, len(reqs)),
+                    )
+                )
                 r = rows[-1]
-                print(f"{name:>13} @ {rate:>4}/s seed {seed}: {r['throughput']:.2f} img/s, mean {r['mean_s']:.2f} s, p99 {r['p99_s']:.2f} s, skipped {r['skipped_per_request']:.1f}/req")
+                print(
+                    f"{name:>13} @ {rate:>4}/s seed {seed}: {r['throughput']:.2f} img/s, mean {r['mean_s']:.2f} s, p99 {r['p99_s']:.2f} s, skipped {r['skipped_per_request']:.1f}/req"
+                )
     caps = capacities(rows, args.slo) if args.slo else {}
     for name, per_seed in caps.items():
         print(f"capacity at P99 <= {args.slo:g} s, {name:>13}: " + ", ".join(f"seed {k}: {v if v is not None else '-'}" for k, v in per_seed.items()))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"command": "python -m synerdiff_bench.simulate " + " ".join(sys.argv[1:] if argv is None else argv),
-                       "profile": args.profile, "rows": rows, "capacity": caps}, f, indent=1)
-
-
+            json.dump(
+                {
+                    "command": "python -m synerdiff_bench.simulate " + " ".join(sys.argv[1:] if argv is None else argv),
+                    "profile": args.profile,
+                    "rows": rows,
+                    "capacity": caps,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":

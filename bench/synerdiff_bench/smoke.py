@@ -11,8 +11,8 @@ import dataclasses
 import random
 import statistics
 import time
-from itertools import pairwise
 from collections.abc import Callable
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -199,4 +199,3 @@ def smoke_engine(
         f"{summary['images_per_s']:.2f} img/s" + "".join(f", PSNR vs diffusers {e['psnr_db']:.1f} dB" for e in exact)
     )
     return {"config": config.model_dump(mode="json"), "summary": summary, "requests": outcomes, "iterations": iters}
-

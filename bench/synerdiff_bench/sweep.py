@@ -127,7 +127,10 @@ def run_sweep(
     log(f"SLO for a {size_key(mix.sizes[0])} {mix.steps[1]}-step request: {report['slo']['default_request_slo_s']:.2f}s")
     save()
     for rate in cfg.rates:
-        arrivals = sped_up(poisson_arrivals(rate / cfg.speedup, cfg.duration_s * cfg.speedup, cfg.warmup_s * cfg.speedup, mix, cfg.seed, cfg.max_requests, cfg.arrival_draw), cfg.speedup)
+        arrivals = sped_up(
+            poisson_arrivals(rate / cfg.speedup, cfg.duration_s * cfg.speedup, cfg.warmup_s * cfg.speedup, mix, cfg.seed, cfg.max_requests, cfg.arrival_draw),
+            cfg.speedup,
+        )
         end_s = window_end(arrivals, cfg.warmup_s, cfg.duration_s, cfg.max_requests)
         for s in systems:
             entry = results[s.name]

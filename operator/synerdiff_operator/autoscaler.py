@@ -101,8 +101,9 @@ def scale_down_candidates(pods: list[dict[str, Any]], running: dict[str, float],
 
 
 class Autoscaler:
-    def __init__(self, kube: Kube, *, scrape_timeout: float = 1.0, clock: Callable[[], float] = time.monotonic,
-                 wall: Callable[[], str] = utc_now, workers: int = 8) -> None:
+    def __init__(
+        self, kube: Kube, *, scrape_timeout: float = 1.0, clock: Callable[[], float] = time.monotonic, wall: Callable[[], str] = utc_now, workers: int = 8
+    ) -> None:
         self.kube = kube
         self.scrape_timeout = scrape_timeout
         self.clock = clock
@@ -146,7 +147,7 @@ class Autoscaler:
         now = self.clock()
         loop.next_due = now + a.period_seconds
         if loop.events is None:
-            previous = (pool.get("status") or {})
+            previous = pool.get("status") or {}
             loop.events = list(((previous.get("autoscaler") or {}).get("history")) or [])[-HISTORY_LEN:]
             loop.last_scale_time = previous.get("lastScaleTime")
 
@@ -176,8 +177,9 @@ class Autoscaler:
         self._write_status(namespace, name, pool, spec, loop, report)
         return report
 
-    def _observe(self, loop: PoolLoop, spec: PoolSpec, ready: list[dict[str, Any]], *, pending: int, now: float
-                 ) -> tuple[signals.PoolMetrics, dict[str, float]]:
+    def _observe(
+        self, loop: PoolLoop, spec: PoolSpec, ready: list[dict[str, Any]], *, pending: int, now: float
+    ) -> tuple[signals.PoolMetrics, dict[str, float]]:
         stale = scaling.stale_after(spec)
         taken = self._read(spec, ready, now, stale)
         readings, running = [], {}
@@ -203,8 +205,10 @@ class Autoscaler:
                 if sample.threshold is not None:
                     pushed = loop.pushed.get(uid)
                     # A restarted engine (or one edited by hand) no longer runs what we sent it.
-                    if pushed is not None and (sample.threshold < pushed["threshold_min"] - 1e-6
-                                               or (sample.skip_cfg_bound is not None and abs(sample.skip_cfg_bound - pushed["skip_cfg_bound"]) > 1e-6)):
+                    if pushed is not None and (
+                        sample.threshold < pushed["threshold_min"] - 1e-6
+                        or (sample.skip_cfg_bound is not None and abs(sample.skip_cfg_bound - pushed["skip_cfg_bound"]) > 1e-6)
+                    ):
                         loop.pushed.pop(uid, None)
         alive = {self._uid(p) for p in ready}
         for uid in [u for u in loop.pods if u not in alive]:
@@ -212,16 +216,16 @@ class Autoscaler:
             loop.pushed.pop(uid, None)
         return signals.aggregate(now, readings, pending=pending, slo_seconds=spec.autoscaling.latency_slo_seconds), running
 
-    def _read(self, spec: PoolSpec, ready: list[dict[str, Any]], now: float, stale: float
-              ) -> dict[str, tuple[signals.EngineSample | None, float]]:
+    def _read(self, spec: PoolSpec, ready: list[dict[str, Any]], now: float, stale: float) -> dict[str, tuple[signals.EngineSample | None, float]]:
         """Each ready pod's newest sample and when it was taken (the loop's clock): from its own
         /metrics, or from Prometheus when the pool names one."""
         a = spec.autoscaling
         if a.prometheus_url:
             names = {p["metadata"]["name"]: self._uid(p) for p in ready}
             namespace = ready[0]["metadata"].get("namespace", "") if ready else ""
-            got = prometheus.read_pods(a.prometheus_url, namespace, list(names), selector=a.prometheus_selector,
-                                       max_age_s=stale, timeout=max(self.scrape_timeout, 2.0))
+            got = prometheus.read_pods(
+                a.prometheus_url, namespace, list(names), selector=a.prometheus_selector, max_age_s=stale, timeout=max(self.scrape_timeout, 2.0)
+            )
             return {uid: ((ps.sample, now - ps.age_s) if (ps := got.get(n)) else (None, now)) for n, uid in names.items()}
         urls = {self._uid(p): engine_client.pod_base_url(p) for p in ready}
         futures = {uid: self._pool.submit(self._scrape, url) for uid, url in urls.items() if url}
@@ -274,8 +278,7 @@ class Autoscaler:
         except (ValueError, UnicodeDecodeError):
             return None
 
-    def _tune(self, loop: PoolLoop, pool: dict[str, Any], spec: PoolSpec, ready: list[dict[str, Any]], now: float,
-              report: StepReport) -> scaling.TuneDecision:
+    def _tune(self, loop: PoolLoop, pool: dict[str, Any], spec: PoolSpec, ready: list[dict[str, Any]], now: float, report: StepReport) -> scaling.TuneDecision:
         namespace = pool["metadata"]["namespace"]
         decision = scaling.tune(spec, list(loop.history), now, loop.tuner)
         loop.tuner = decision.state
@@ -313,11 +316,20 @@ class Autoscaler:
         def num(x: float | None, digits: int = 3) -> float | None:
             return None if x is None else round(float(x), digits)
 
-        attained, counted = scaling.slo_attainment(list(loop.history), m.time, max(float(spec.autoscaling.scale_up_window_seconds), spec.autoscaling.period_seconds))
+        attained, counted = scaling.slo_attainment(
+            list(loop.history), m.time, max(float(spec.autoscaling.scale_up_window_seconds), spec.autoscaling.period_seconds)
+        )
         body: dict[str, Any] = {
-            "readyPods": m.ready, "pendingPods": m.pending, "scrapedPods": m.scraped, "unknownPods": m.unknown,
-            "waiting": num(m.waiting), "running": num(m.running), "arrivalRate": num(m.arrival_rate), "throughput": num(m.throughput),
-            "queueWaitP99Seconds": num(m.queue_wait_p99), "latencyP99Seconds": num(m.latency_p99),
+            "readyPods": m.ready,
+            "pendingPods": m.pending,
+            "scrapedPods": m.scraped,
+            "unknownPods": m.unknown,
+            "waiting": num(m.waiting),
+            "running": num(m.running),
+            "arrivalRate": num(m.arrival_rate),
+            "throughput": num(m.throughput),
+            "queueWaitP99Seconds": num(m.queue_wait_p99),
+            "latencyP99Seconds": num(m.latency_p99),
             "sloAttainment": num(attained, 4) if counted else None,
             "history": loop.events or None,
         }
@@ -334,7 +346,7 @@ class Autoscaler:
         status["autoscaler"] = {k: v for k, v in body.items() if v is not None}
         previous = pool.get("status") or {}
         # Clear fields that became unknown: a stale number would be read as a fact.
-        for key in (previous.get("autoscaler") or {}):
+        for key in previous.get("autoscaler") or {}:
             if key not in status["autoscaler"]:
                 status["autoscaler"][key] = None
         self.kube.patch(POOL_REF.path(namespace, name, "status"), {"status": status})

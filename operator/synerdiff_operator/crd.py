@@ -136,6 +136,7 @@ _LAST = ("properties", "required", "items", "additionalProperties")
 
 def _ordered(node: dict[str, Any]) -> dict[str, Any]:
     """Reading order for humans: type and description first, nested schemas and CEL rules last."""
+
     def rank(key: str) -> tuple[int, int]:
         if key in _FIRST:
             return (0, _FIRST.index(key))

@@ -190,8 +190,7 @@ def deployment_changed(body: kopf.Body, namespace: str | None, memo: kopf.Memo, 
         logger.warning(f"pool {namespace}/{pool}: {exc}; the periodic resync retries")
 
 
-async def _every_pool_forever(state: State, period_s: float, work: Callable[[State, str, str, kopf.Logger], object], what: str,
-                              logger: logging.Logger) -> None:
+async def _every_pool_forever(state: State, period_s: float, work: Callable[[State, str, str, kopf.Logger], object], what: str, logger: logging.Logger) -> None:
     """Every `period_s`, run `work(state, namespace, name, logger)` for each known pool in a thread."""
     loop = asyncio.get_running_loop()
     while True:

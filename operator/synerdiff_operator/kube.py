@@ -89,8 +89,7 @@ class Kube:
     def close(self) -> None:
         self._api.close()  # type: ignore[no-untyped-call]  # unannotated in the kubernetes client
 
-    def _call(self, method: str, path: str, body: Any = None, query: list[tuple[str, str]] | None = None,
-              content_type: str = "application/json") -> Any:
+    def _call(self, method: str, path: str, body: Any = None, query: list[tuple[str, str]] | None = None, content_type: str = "application/json") -> Any:
         headers = {"Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = content_type

@@ -42,13 +42,9 @@ def contains(live: Any, desired: Any, *, quantities: bool = False) -> bool:
     as "500m" and `nvidia.com/gpu: 1` as "1", and neither is drift.
     """
     if isinstance(desired, dict):
-        return isinstance(live, dict) and all(
-            k in live and contains(live[k], v, quantities=quantities or k == "resources") for k, v in desired.items()
-        )
+        return isinstance(live, dict) and all(k in live and contains(live[k], v, quantities=quantities or k == "resources") for k, v in desired.items())
     if isinstance(desired, list):
-        return isinstance(live, list) and len(live) == len(desired) and all(
-            contains(a, b, quantities=quantities) for a, b in zip(live, desired, strict=True)
-        )
+        return isinstance(live, list) and len(live) == len(desired) and all(contains(a, b, quantities=quantities) for a, b in zip(live, desired, strict=True))
     if live == desired:
         return True
     if quantities and not isinstance(live, (dict, list, bool)) and not isinstance(desired, bool):

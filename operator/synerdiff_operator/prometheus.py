@@ -67,8 +67,9 @@ def _value(raw: Any) -> float:
     return float(raw[1])  # [unix time, "value"]; Prometheus writes NaN and ±Inf as strings float() reads
 
 
-def samples_by_pod(series: Sequence[Mapping[str, Any]], stamps: Sequence[Mapping[str, Any]], eval_time: float, max_age_s: float,
-                   pods: Iterable[str]) -> dict[str, PodSample | None]:
+def samples_by_pod(
+    series: Sequence[Mapping[str, Any]], stamps: Sequence[Mapping[str, Any]], eval_time: float, max_age_s: float, pods: Iterable[str]
+) -> dict[str, PodSample | None]:
     """Pure: two instant-vector results -> each pod's engine sample, or None when it is unknown."""
     grouped: dict[str, list[tuple[str, dict[str, str], float]]] = {}
     for s in series:
@@ -111,8 +112,9 @@ def instant(url: str, query: str, timeout: float, headers: Mapping[str, str] | N
     return result, eval_time
 
 
-def read_pods(url: str, namespace: str, pods: list[str], *, selector: str = "", max_age_s: float, timeout: float = 2.0,
-              headers: Mapping[str, str] | None = None) -> dict[str, PodSample | None]:
+def read_pods(
+    url: str, namespace: str, pods: list[str], *, selector: str = "", max_age_s: float, timeout: float = 2.0, headers: Mapping[str, str] | None = None
+) -> dict[str, PodSample | None]:
     """Each pod's newest engine sample from Prometheus; None for every pod when Prometheus fails."""
     if not pods:
         return {}

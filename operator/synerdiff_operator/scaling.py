@@ -262,6 +262,7 @@ def tune(spec: PoolSpec, history: Sequence[PoolMetrics], now: float, state: Tune
     the skip-CFG bound at the spec's (pods restarted or edited by hand get it back).
     """
     a = spec.autoscaling
+
     def out(reason: str, message: str, st: TuneState = state, changed: bool = False) -> TuneDecision:
         return TuneDecision(tuning_for(spec, st.level), reason, message, st, changed)
 
@@ -290,7 +291,9 @@ def tune(spec: PoolSpec, history: Sequence[PoolMetrics], now: float, state: Tune
         slo = f"SLO attainment {attained:.1%} of {counted:.0f} (target {a.slo_target:.1%})"
     if saturated and missing and state.level < 1.0:
         st = TuneState(level=min(1.0, state.level + TUNE_STEP), last_change=now)
-        return out("Saturated", f"{past[-1].waiting:.0f} waiting on {past[-1].scraped} pod(s); {slo}: floor up to {tuning_for(spec, st.level).threshold_min}", st, True)
+        return out(
+            "Saturated", f"{past[-1].waiting:.0f} waiting on {past[-1].scraped} pod(s); {slo}: floor up to {tuning_for(spec, st.level).threshold_min}", st, True
+        )
     if idle and meeting and past[-1].complete and state.level > 0.0:
         st = TuneState(level=max(0.0, state.level - TUNE_STEP), last_change=now)
         return out("Headroom", f"no queue; {slo}: floor down to {tuning_for(spec, st.level).threshold_min}", st, True)

@@ -58,12 +58,29 @@ MODEL_RULES = (
 class ModelSource(_Spec):
     model_config = ConfigDict(json_schema_extra=rules(*MODEL_RULES))
 
-    path: str | None = Field(None, min_length=1, max_length=1024, description="Directory of a diffusers Stable-Diffusion pipeline: inside the claim when `pvc` is set, else an absolute path inside the image.")
-    uri: str | None = Field(None, pattern=HF_URI, max_length=512, description="`hf://org/name`: downloaded by an init container before the engine starts (into `pvc` when set, else an emptyDir).")
+    path: str | None = Field(
+        None,
+        min_length=1,
+        max_length=1024,
+        description="Directory of a diffusers Stable-Diffusion pipeline: inside the claim when `pvc` is set, else an absolute path inside the image.",
+    )
+    uri: str | None = Field(
+        None,
+        pattern=HF_URI,
+        max_length=512,
+        description="`hf://org/name`: downloaded by an init container before the engine starts (into `pvc` when set, else an emptyDir).",
+    )
     revision: str = Field("main", min_length=1, max_length=128, description="Hugging Face revision (branch, tag or commit) for `uri`.")
-    pvc: str | None = Field(None, pattern=DNS_SUBDOMAIN, max_length=253, description="PersistentVolumeClaim holding the model (path) or caching the download (uri); mounted at /models.")
+    pvc: str | None = Field(
+        None,
+        pattern=DNS_SUBDOMAIN,
+        max_length=253,
+        description="PersistentVolumeClaim holding the model (path) or caching the download (uri); mounted at /models.",
+    )
     dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="Weights and activations dtype.")
-    token_secret: SecretKeyRef | None = Field(None, alias="tokenSecret", description="Hugging Face token for gated models (exposed to the download init container only).")
+    token_secret: SecretKeyRef | None = Field(
+        None, alias="tokenSecret", description="Hugging Face token for gated models (exposed to the download init container only)."
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSource:
@@ -85,7 +102,9 @@ class Toleration(_Spec):
 class GPU(_Spec):
     count: int = Field(1, ge=0, le=8, description="GPUs per engine pod; 0 runs the engine on CPU (testing only).")
     resource_name: str = Field("nvidia.com/gpu", alias="resourceName", min_length=1, description="Extended resource that counts GPUs.")
-    node_selector: dict[str, str] = Field(default_factory=dict, alias="nodeSelector", description="Node labels the engine pods require (e.g. a GPU product label).")
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, alias="nodeSelector", description="Node labels the engine pods require (e.g. a GPU product label)."
+    )
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32, description="Tolerations for tainted GPU nodes.")
     runtime_class_name: str | None = Field(None, alias="runtimeClassName", pattern=DNS_LABEL, description="RuntimeClass for GPU containers, e.g. `nvidia`.")
 
@@ -98,24 +117,93 @@ class Quantities(_Spec):
 class Autoscaling(_Spec):
     """The operator's own control loop (`autoscaler.py`, algorithm in `scaling.py`, see docs/operator.md)."""
 
-    enabled: bool = Field(False, description="Let the operator's autoscaler own spec.replicas within [minReplicas, maxReplicas]. Leave false to drive /scale with an HPA, KEDA or kubectl.")
-    tune_thresholds: bool = Field(False, alias="tuneThresholds", description="Push scheduler threshold floors and the skip-CFG bound to the pods from pool-wide metrics (PUT /v1/admin/scheduler; needs an admin or API token Secret). Works with or without `enabled`.")
+    enabled: bool = Field(
+        False,
+        description="Let the operator's autoscaler own spec.replicas within [minReplicas, maxReplicas]. Leave false to drive /scale with an HPA, KEDA or kubectl.",
+    )
+    tune_thresholds: bool = Field(
+        False,
+        alias="tuneThresholds",
+        description="Push scheduler threshold floors and the skip-CFG bound to the pods from pool-wide metrics (PUT /v1/admin/scheduler; needs an admin or API token Secret). Works with or without `enabled`.",
+    )
     period_seconds: float = Field(5.0, alias="periodSeconds", ge=0.2, le=300, description="How often the pods' /metrics are read and a decision is taken.")
-    capacity_per_replica: float | None = Field(None, alias="capacityPerReplica", gt=0, le=100000, description="Images/s one ready pod sustains within the latency SLO (e.g. from `synerdiff profile` and the pool simulator). Unset: learned from pods observed saturated.")
-    target_utilization: float = Field(0.7, alias="targetUtilization", gt=0, le=1, description="Fraction of capacityPerReplica each pod is planned to carry; the rest absorbs bursts while new pods start.")
-    target_queue_per_replica: float = Field(4.0, alias="targetQueuePerReplica", gt=0, le=10000, description="Waiting requests per ready replica tolerated; a backlog beyond it adds the capacity to drain it within the stable window, and marks the pool saturated for threshold tuning.")
-    scale_up_window_seconds: int = Field(30, alias="scaleUpWindowSeconds", ge=0, le=3600, description="The stable window: the arrival rate is averaged over it for the normal decision.")
-    predict_seconds: float = Field(0.0, alias="predictSeconds", ge=0, le=3600, description="Lead time: while the arrival rate rises, plan for where its trend (regressed over four stable windows) will be this much later. Set it near the pods' start-up time (image pull + model load); 0 disables.")
-    headroom_images_per_second: float = Field(0.0, alias="headroomImagesPerSecond", ge=0, le=100000, description="Spare capacity (images/s) kept above the planned load, within maxReplicas: the rise a burst can make while a new pod starts (its ramp x start-up time). No reactive signal sees a burst before it comes; this is the buffer that absorbs it.")
-    panic_window_seconds: float = Field(6.0, alias="panicWindowSeconds", ge=0, le=3600, description="The panic window (shorter than the stable window): a burst seen here that needs panicThreshold x the ready pods scales up at once, and nothing scales down until a stable window passes without one.")
-    panic_threshold: float = Field(2.0, alias="panicThreshold", ge=1, le=100, description="Panic when the panic window's desired pods reach this multiple of the ready pods.")
-    scale_down_delay_seconds: int = Field(300, alias="scaleDownDelaySeconds", ge=0, le=86400, description="A scale-down takes the highest recommendation of this window, so load must stay low this long.")
+    capacity_per_replica: float | None = Field(
+        None,
+        alias="capacityPerReplica",
+        gt=0,
+        le=100000,
+        description="Images/s one ready pod sustains within the latency SLO (e.g. from `synerdiff profile` and the pool simulator). Unset: learned from pods observed saturated.",
+    )
+    target_utilization: float = Field(
+        0.7,
+        alias="targetUtilization",
+        gt=0,
+        le=1,
+        description="Fraction of capacityPerReplica each pod is planned to carry; the rest absorbs bursts while new pods start.",
+    )
+    target_queue_per_replica: float = Field(
+        4.0,
+        alias="targetQueuePerReplica",
+        gt=0,
+        le=10000,
+        description="Waiting requests per ready replica tolerated; a backlog beyond it adds the capacity to drain it within the stable window, and marks the pool saturated for threshold tuning.",
+    )
+    scale_up_window_seconds: int = Field(
+        30, alias="scaleUpWindowSeconds", ge=0, le=3600, description="The stable window: the arrival rate is averaged over it for the normal decision."
+    )
+    predict_seconds: float = Field(
+        0.0,
+        alias="predictSeconds",
+        ge=0,
+        le=3600,
+        description="Lead time: while the arrival rate rises, plan for where its trend (regressed over four stable windows) will be this much later. Set it near the pods' start-up time (image pull + model load); 0 disables.",
+    )
+    headroom_images_per_second: float = Field(
+        0.0,
+        alias="headroomImagesPerSecond",
+        ge=0,
+        le=100000,
+        description="Spare capacity (images/s) kept above the planned load, within maxReplicas: the rise a burst can make while a new pod starts (its ramp x start-up time). No reactive signal sees a burst before it comes; this is the buffer that absorbs it.",
+    )
+    panic_window_seconds: float = Field(
+        6.0,
+        alias="panicWindowSeconds",
+        ge=0,
+        le=3600,
+        description="The panic window (shorter than the stable window): a burst seen here that needs panicThreshold x the ready pods scales up at once, and nothing scales down until a stable window passes without one.",
+    )
+    panic_threshold: float = Field(
+        2.0, alias="panicThreshold", ge=1, le=100, description="Panic when the panic window's desired pods reach this multiple of the ready pods."
+    )
+    scale_down_delay_seconds: int = Field(
+        300,
+        alias="scaleDownDelaySeconds",
+        ge=0,
+        le=86400,
+        description="A scale-down takes the highest recommendation of this window, so load must stay low this long.",
+    )
     max_scale_up_rate: float = Field(2.0, alias="maxScaleUpRate", ge=1, le=1000, description="One decision sets at most max(ready+1, ceil(ready x this)) pods.")
-    max_scale_down_rate: float = Field(2.0, alias="maxScaleDownRate", ge=1, le=1000, description="One decision removes at most half (for 2) of the pods, and at least one.")
-    latency_slo_seconds: float | None = Field(None, alias="latencySLOSeconds", gt=0, le=3600, description="End-to-end latency objective; threshold tuning raises the floor while SLO attainment is below sloTarget.")
+    max_scale_down_rate: float = Field(
+        2.0, alias="maxScaleDownRate", ge=1, le=1000, description="One decision removes at most half (for 2) of the pods, and at least one."
+    )
+    latency_slo_seconds: float | None = Field(
+        None,
+        alias="latencySLOSeconds",
+        gt=0,
+        le=3600,
+        description="End-to-end latency objective; threshold tuning raises the floor while SLO attainment is below sloTarget.",
+    )
     slo_target: float = Field(0.99, alias="sloTarget", gt=0, le=1, description="Fraction of requests that should meet latencySLOSeconds.")
-    prometheus_url: str | None = Field(None, alias="prometheusURL", pattern=r"^https?://[^\s]+$", max_length=2048, description="Read the pods' engine metrics from this Prometheus server's query API instead of scraping each pod; its series must carry `namespace` and `pod` labels (a PodMonitor or the usual kubernetes_sd relabelling). Scrape at least every periodSeconds.")
-    prometheus_selector: str = Field("", alias="prometheusSelector", max_length=1024, description='Extra label matchers for the Prometheus queries, as inside {...}: e.g. job="synerdiff".')
+    prometheus_url: str | None = Field(
+        None,
+        alias="prometheusURL",
+        pattern=r"^https?://[^\s]+$",
+        max_length=2048,
+        description="Read the pods' engine metrics from this Prometheus server's query API instead of scraping each pod; its series must carry `namespace` and `pod` labels (a PodMonitor or the usual kubernetes_sd relabelling). Scrape at least every periodSeconds.",
+    )
+    prometheus_selector: str = Field(
+        "", alias="prometheusSelector", max_length=1024, description='Extra label matchers for the Prometheus queries, as inside {...}: e.g. job="synerdiff".'
+    )
 
     @field_validator("prometheus_selector")
     @classmethod
@@ -139,10 +227,14 @@ class Auth(_Spec):
 
 
 class Rollout(_Spec):
-    model_config = ConfigDict(json_schema_extra=rules(("self.maxSurge + self.maxUnavailable > 0", "rollout.maxSurge and rollout.maxUnavailable cannot both be 0")))
+    model_config = ConfigDict(
+        json_schema_extra=rules(("self.maxSurge + self.maxUnavailable > 0", "rollout.maxSurge and rollout.maxUnavailable cannot both be 0"))
+    )
 
     max_surge: int = Field(1, alias="maxSurge", ge=0, le=100, description="Extra pods during a rollout; each needs free GPUs.")
-    max_unavailable: int = Field(0, alias="maxUnavailable", ge=0, le=100, description="Pods that may be down during a rollout; >0 lets a rollout proceed without spare GPUs.")
+    max_unavailable: int = Field(
+        0, alias="maxUnavailable", ge=0, le=100, description="Pods that may be down during a rollout; >0 lets a rollout proceed without spare GPUs."
+    )
 
     @model_validator(mode="after")
     def _progress(self) -> Rollout:
@@ -173,8 +265,10 @@ _DRAIN = ServerSettings.model_fields["drain_timeout_s"]
 
 SPEC_RULES = (
     ("self.minReplicas <= self.maxReplicas", "minReplicas must be <= maxReplicas"),
-    ("self.autoscaling.enabled || (self.replicas >= self.minReplicas && self.replicas <= self.maxReplicas)",
-     "replicas must lie within [minReplicas, maxReplicas] while autoscaling is disabled"),
+    (
+        "self.autoscaling.enabled || (self.replicas >= self.minReplicas && self.replicas <= self.maxReplicas)",
+        "replicas must lie within [minReplicas, maxReplicas] while autoscaling is disabled",
+    ),
     ("self.gpu.count > 0 || self.model.dtype != 'float16'", "model.dtype float16 needs gpu.count >= 1"),
 )
 
@@ -195,9 +289,15 @@ class PoolSpec(_Spec):
     service: ServiceSpec = Field(default_factory=ServiceSpec)
     auth: Auth = Field(default_factory=Auth)
     rollout: Rollout = Field(default_factory=Rollout)
-    served_model_name: str | None = Field(None, alias="servedModelName", min_length=1, max_length=256, description="Model name in the OpenAI API; defaults to the pool's name.")
-    drain_timeout_seconds: float = Field(_DRAIN.default, alias="drainTimeoutSeconds", ge=0, le=3600, description="On shutdown, how long in-flight requests may take to finish.")
-    startup_timeout_seconds: int = Field(1800, alias="startupTimeoutSeconds", ge=60, le=86400, description="Longest model download + load + warm-up before a pod is restarted.")
+    served_model_name: str | None = Field(
+        None, alias="servedModelName", min_length=1, max_length=256, description="Model name in the OpenAI API; defaults to the pool's name."
+    )
+    drain_timeout_seconds: float = Field(
+        _DRAIN.default, alias="drainTimeoutSeconds", ge=0, le=3600, description="On shutdown, how long in-flight requests may take to finish."
+    )
+    startup_timeout_seconds: int = Field(
+        1800, alias="startupTimeoutSeconds", ge=60, le=86400, description="Longest model download + load + warm-up before a pod is restarted."
+    )
 
     @model_validator(mode="after")
     def _consistent(self) -> PoolSpec:

@@ -47,13 +47,19 @@ class AutoscalerStatus(BaseModel):
 
     model_config = ConfigDict(populate_by_name=True)
 
-    reason: str | None = Field(None, max_length=64, description="Last replica decision: ScaleUp, PanicScaleUp, ScaleDown, Steady, ScaleDownDelayed, MetricsIncomplete, MetricsUnknown, MetricsStale, CapacityUnknown, AtMaxReplicas, AtMinReplicas, ScaleUpLimited, OutOfBounds.")
+    reason: str | None = Field(
+        None,
+        max_length=64,
+        description="Last replica decision: ScaleUp, PanicScaleUp, ScaleDown, Steady, ScaleDownDelayed, MetricsIncomplete, MetricsUnknown, MetricsStale, CapacityUnknown, AtMaxReplicas, AtMinReplicas, ScaleUpLimited, OutOfBounds.",
+    )
     message: str | None = Field(None, max_length=1024)
     mode: Literal["stable", "panic"] | None = None
     ready_pods: int | None = Field(None, alias="readyPods", ge=0)
     pending_pods: int | None = Field(None, alias="pendingPods", ge=0, description="Pods that exist but are not ready: never counted as capacity.")
     scraped_pods: int | None = Field(None, alias="scrapedPods", ge=0, description="Ready pods whose /metrics answered in the last round.")
-    unknown_pods: int | None = Field(None, alias="unknownPods", ge=0, description="Ready pods without metrics: excluded from the sums (never read as zero); no scale-down while any.")
+    unknown_pods: int | None = Field(
+        None, alias="unknownPods", ge=0, description="Ready pods without metrics: excluded from the sums (never read as zero); no scale-down while any."
+    )
     waiting: float | None = Field(None, description="Requests waiting, summed over the scraped pods.")
     running: float | None = None
     arrival_rate: float | None = Field(None, alias="arrivalRate", description="Images/s arriving (served + queue growth) at pods with rates.")
@@ -82,7 +88,9 @@ class PoolStatus(BaseModel):
     threshold: float | None = Field(None, description="Scheduler threshold: the engines' live mean when readable, else the configured one.")
     threshold_source: Literal["engines", "spec"] | None = Field(None, alias="thresholdSource")
     desired_replicas: int | None = Field(None, alias="desiredReplicas", ge=0, description="What the operator's autoscaler wants spec.replicas to be.")
-    last_scale_time: str | None = Field(None, alias="lastScaleTime", json_schema_extra={"format": "date-time"}, description="When the autoscaler last changed spec.replicas.")
+    last_scale_time: str | None = Field(
+        None, alias="lastScaleTime", json_schema_extra={"format": "date-time"}, description="When the autoscaler last changed spec.replicas."
+    )
     autoscaler: AutoscalerStatus | None = None
     conditions: list[Condition] | None = Field(
         None,

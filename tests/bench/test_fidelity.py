@@ -29,4 +29,3 @@ def test_ssim_is_one_for_identical_and_lower_for_noise():
     a = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
     assert abs(quality.ssim(a, a) - 1.0) < 1e-9
     assert quality.ssim(a, torch.rand(3, 32, 32)) < 0.2
-

@@ -19,9 +19,32 @@ SYSTEMS = ["diffusers", "static", "continuous", "synerdiff"]
 def sweep(tmp_path_factory):
     out = tmp_path_factory.mktemp("results")
     argv = [
-        "run", *TINY_RUN, "--mix", "mixed", "--mixed-sizes", "64x64,48x80", "--mixed-steps", "2-4",
-        "--rates", "2,4", "--duration", "1.5", "--warmup-s", "0.3", "--slo", "30", "--lone-repeats", "1",
-        "--systems", ",".join(SYSTEMS), "--system", "static:batch=4,wait=0.2", "--out", str(out), "--name", "t",
+        "run",
+        *TINY_RUN,
+        "--mix",
+        "mixed",
+        "--mixed-sizes",
+        "64x64,48x80",
+        "--mixed-steps",
+        "2-4",
+        "--rates",
+        "2,4",
+        "--duration",
+        "1.5",
+        "--warmup-s",
+        "0.3",
+        "--slo",
+        "30",
+        "--lone-repeats",
+        "1",
+        "--systems",
+        ",".join(SYSTEMS),
+        "--system",
+        "static:batch=4,wait=0.2",
+        "--out",
+        str(out),
+        "--name",
+        "t",
     ]
     main(argv)
     return out / "t.json"
@@ -136,7 +159,6 @@ class _Stuck:
 
     def idle(self):
         return not self.pending
-
 
     def start(self):
         pass

@@ -69,7 +69,7 @@ def test_ours_respects_max_replicas_and_kubeai_follows_active_requests(service: 
 def test_static_peak_is_the_fewest_pods_meeting_the_goal(service: poolsim.ServiceModel) -> None:
     trace = steady(8.0, 300.0)
     best = poolsim.smallest_static(trace, service, 0.99)
-    n = int(best.policy[len("static("):-1])
+    n = int(best.policy[len("static(") : -1])
     assert best.slo_attainment >= 0.99
     assert run(trace, Static(n - 1), service).slo_attainment < 0.99
 

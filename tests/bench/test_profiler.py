@@ -15,7 +15,26 @@ from .conftest import TINY_RUN
 
 def test_profile_cli_writes_a_loadable_profile_the_cost_model_uses(tmp_path, capsys):
     out = tmp_path / "p.json"
-    main(["profile", *TINY_RUN, "--sizes", "64x64,48x80", "--max-rows", "8", "--vae-chunks", "1,2,4", "--encode-prompts", "1,4", "--warmup", "1", "--repeats", "2", "-o", str(out)])
+    main(
+        [
+            "profile",
+            *TINY_RUN,
+            "--sizes",
+            "64x64,48x80",
+            "--max-rows",
+            "8",
+            "--vae-chunks",
+            "1,2,4",
+            "--encode-prompts",
+            "1,4",
+            "--warmup",
+            "1",
+            "--repeats",
+            "2",
+            "-o",
+            str(out),
+        ]
+    )
     prof = Profile.load(out)
     assert prof.gpu == "cpu" and prof.dtype == "float32" and prof.model == profiler.model_id(EMBEDDED_MODEL_DIR)
     assert set(prof.unet) == {"64x64", "48x80"} and [r for r, _ in prof.unet["64x64"]] == [1, 2, 4, 8]

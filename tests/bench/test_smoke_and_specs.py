@@ -11,8 +11,26 @@ from .conftest import TINY_RUN
 
 
 def test_smoke_writes_rows_per_step_and_all_requests(tmp_path):
-    main(["smoke", *TINY_RUN, "--size", "64x64", "--requests", "32", "--steps-choices", "2,3,4", "--stagger-s", "0.02",
-          "--check-exact", "1", "--out", str(tmp_path), "--name", "s"])
+    main(
+        [
+            "smoke",
+            *TINY_RUN,
+            "--size",
+            "64x64",
+            "--requests",
+            "32",
+            "--steps-choices",
+            "2,3,4",
+            "--stagger-s",
+            "0.02",
+            "--check-exact",
+            "1",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "s",
+        ]
+    )
     data = json.loads((tmp_path / "s.json").read_text())
     s = data["systems"]["continuous"]
     assert s["summary"]["all_ok"] and s["summary"]["all_finite"] and len(s["requests"]) == 32
@@ -46,9 +64,32 @@ def test_specs_become_systems():
 
 def test_smoke_reports_saturated_throughput_against_the_profile(tmp_path):
     # A small row cap that many identical requests keep full: the saturated block must appear.
-    main(["smoke", *TINY_RUN, "--system", "sat:policy=synerdiff,max_rows=4", "--size", "64x64", "--requests", "16",
-          "--steps-choices", "6", "--guidance-choices", "7.5", "--samplers", "euler", "--stagger-s", "0.0",
-          "--check-exact", "0", "--out", str(tmp_path), "--name", "sat"])
+    main(
+        [
+            "smoke",
+            *TINY_RUN,
+            "--system",
+            "sat:policy=synerdiff,max_rows=4",
+            "--size",
+            "64x64",
+            "--requests",
+            "16",
+            "--steps-choices",
+            "6",
+            "--guidance-choices",
+            "7.5",
+            "--samplers",
+            "euler",
+            "--stagger-s",
+            "0.0",
+            "--check-exact",
+            "0",
+            "--out",
+            str(tmp_path),
+            "--name",
+            "sat",
+        ]
+    )
     sat = json.loads((tmp_path / "sat.json").read_text())["systems"]["sat"]["summary"]["saturated"]
     assert sat is not None and sat["iterations"] >= 5 and sat["rows_per_s"] > 0
     assert 0 < sat["fraction_of_peak"] < 5  # measured against the engine's own profile of this CPU

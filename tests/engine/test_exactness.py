@@ -83,4 +83,3 @@ def test_mixed_batch_joining_and_leaving(engine, reference):
     assert max(shared_steps) >= 4, "requests never shared a forward"
     for r, res in zip(first + later, results, strict=True):
         check(res, reference(r), label=f"{r.sampler}/{r.steps} steps/{r.height}x{r.width}")
-

@@ -100,8 +100,14 @@ def test_decodes_beside_the_step_give_the_same_images_and_are_counted(reference)
     from synerdiff.scheduling.cost_model import CostModel, Profile
     from synerdiff.scheduling.policies import SynerDiffPolicy
 
-    prof = Profile(gpu="cpu", model="tiny", dtype="float32", unet={"64x64": [(1, 0.01), (64, 0.2)]},
-                   vae={"64x64": [(1, 0.004), (4, 0.012)]}, vae_beside={"64x64": [(1, 0.001), (64, 0.001)]})
+    prof = Profile(
+        gpu="cpu",
+        model="tiny",
+        dtype="float32",
+        unet={"64x64": [(1, 0.01), (64, 0.2)]},
+        vae={"64x64": [(1, 0.004), (4, 0.012)]},
+        vae_beside={"64x64": [(1, 0.001), (64, 0.001)]},
+    )
     policy = SynerDiffPolicy(SchedulerConfig(skip_cfg_bound=0.0), CostModel(prof))
     cfg = EngineConfig(device="cpu", dtype="float32", warmup=False, scheduler=SchedulerConfig(policy="continuous"))
     eng = Engine(cfg, policy=policy).start()

@@ -66,9 +66,14 @@ def test_fault_fails_the_batch_and_the_engine_keeps_serving(engine):
 
 
 def test_bad_input_is_refused_before_queueing(engine):
-    for bad, field in [(dict(n=0), "n"), (dict(height=50), "height"), (dict(sampler="lms"), "sampler"),
-                       (dict(steps=0), "num_inference_steps"), (dict(prompt=" "), "prompt"),
-                       (dict(guidance_scale=99.0), "guidance_scale")]:
+    for bad, field in [
+        (dict(n=0), "n"),
+        (dict(height=50), "height"),
+        (dict(sampler="lms"), "sampler"),
+        (dict(steps=0), "num_inference_steps"),
+        (dict(prompt=" "), "prompt"),
+        (dict(guidance_scale=99.0), "guidance_scale"),
+    ]:
         with pytest.raises(RequestError) as err:
             engine.submit(req(**bad))
         assert err.value.field == field

@@ -20,6 +20,7 @@ def test_same_seed_same_data():
 
 def test_numpy_and_torch_renderers_agree():
     import torch
+
     batch = D.sample_scenes(32, 3)
     ref = D.render(batch).astype(np.float32) / 255
     got = D.render(batch, device="cpu").permute(0, 2, 3, 1).numpy()

@@ -193,5 +193,3 @@ class OperatorThread:
         await asyncio.to_thread(self.thread.join, 20)
         assert not self.thread.is_alive(), "the operator did not stop"
         assert self.error is None, f"the operator failed: {self.error!r}"
-
-

@@ -119,8 +119,15 @@ def auto(cluster: Cluster) -> dict[str, Any]:
 
 async def test_load_scales_up_and_tunes_then_idle_scales_down_but_never_on_unknown_metrics(operator: Cluster, free_port) -> None:
     with engine_server("127.0.0.2") as a, engine_server("127.0.0.3") as b:
-        await operator.create(SECRETS, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "sd-admin", "namespace": "default"},
-                                        "data": {"token": base64.b64encode(ADMIN.encode()).decode()}})
+        await operator.create(
+            SECRETS,
+            {
+                "apiVersion": "v1",
+                "kind": "Secret",
+                "metadata": {"name": "sd-admin", "namespace": "default"},
+                "data": {"token": base64.b64encode(ADMIN.encode()).decode()},
+            },
+        )
         await operator.create_pool("sd", SPEC)
         await operator.eventually(lambda: operator.exists(DEPLOYMENTS, "sd"), what="Deployment")
         await operator.create(PODS, pod("sd-a", *a))
@@ -133,6 +140,7 @@ async def test_load_scales_up_and_tunes_then_idle_scales_down_but_never_on_unkno
         stop = asyncio.Event()
         statuses: list[int] = []
         async with aiohttp.ClientSession() as http:
+
             async def client(addr: tuple[str, int]) -> None:
                 while not stop.is_set():
                     async with http.post(f"http://{addr[0]}:{addr[1]}/v1/images/generations", json=REQUEST) as resp:
@@ -167,27 +175,36 @@ async def test_load_scales_up_and_tunes_then_idle_scales_down_but_never_on_unkno
         # --- the broken pod goes (as a failing pod would be replaced): now idle means scale down
         await operator.delete(PODS, "sd-c")
         await operator.eventually(lambda: replicas(operator) == 2, timeout=15, what="scale-down after the delay")
-        marked = [n for n in ("sd-a", "sd-b")
-                  if (operator.obj(PODS, n)["metadata"].get("annotations") or {}).get(autoscaler.ANN_DELETION_COST) == autoscaler.DELETION_COST]
+        marked = [
+            n
+            for n in ("sd-a", "sd-b")
+            if (operator.obj(PODS, n)["metadata"].get("annotations") or {}).get(autoscaler.ANN_DELETION_COST) == autoscaler.DELETION_COST
+        ]
         assert len(marked) == 1  # the idle engine the ReplicaSet should remove first
-        await operator.eventually(lambda: admin_get(a)["threshold_min"] == 0.5 and admin_get(b)["threshold_min"] == 0.5,
-                                  timeout=15, what="the floor back at the spec's with headroom")
+        await operator.eventually(
+            lambda: admin_get(a)["threshold_min"] == 0.5 and admin_get(b)["threshold_min"] == 0.5, timeout=15, what="the floor back at the spec's with headroom"
+        )
         reasons = [h["reason"] for h in auto(operator)["history"]]
         assert "ScaleDown" in reasons and "TunedSaturated" in reasons and "TunedHeadroom" in reasons
         assert any(e["reason"] == "Scaled" for e in operator.events("sd"))
 
     # Every call the operator made is allowed by the chart's ClusterRole, and it used the
     # rules that exist for the autoscaler only.
-    rendered = subprocess.run([str(tool("helm")), "template", "t", "charts/synerdiff-operator", "--show-only", "templates/clusterrole.yaml",
-                               "--set", "rbac.readTokenSecrets=true"],
-                              cwd=REPO_ROOT, check=True, capture_output=True, text=True).stdout
+    rendered = subprocess.run(
+        [str(tool("helm")), "template", "t", "charts/synerdiff-operator", "--show-only", "templates/clusterrole.yaml", "--set", "rbac.readTokenSecrets=true"],
+        cwd=REPO_ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     allowed = {(g, r, v) for rule in yaml.safe_load(rendered)["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
     used = set()
     for request in operator.requests():
         if request.resource is None or request.headers.get("Authorization") != "Bearer test-token" or not request.resource.plural:
             continue
         verb = {"POST": "create", "PATCH": "patch", "PUT": "update", "DELETE": "delete"}.get(request.method) or (
-            "watch" if request.params.get("watch") == "true" else "get" if request.name else "list")
+            "watch" if request.params.get("watch") == "true" else "get" if request.name else "list"
+        )
         used.add((request.resource.group, request.resource.plural + (f"/{request.subresource}" if request.subresource else ""), verb))
     assert used - allowed == set()
     assert {("", "secrets", "get"), ("", "pods", "patch")} <= used

@@ -22,9 +22,15 @@ MONITORING = ["--set", "serviceMonitor.enabled=true", "--set", "dashboard.enable
 # Kinds whose schemas ship with Kubernetes; others (CRD-defined kinds) are checked by hand below.
 CUSTOM_KINDS = {"ServiceMonitor"}
 ENGINE_METRICS = {
-    "synerdiff_requests_waiting", "synerdiff_requests_running", "synerdiff_unet_rows_active",
-    "synerdiff_queue_wait_seconds", "synerdiff_request_latency_seconds", "synerdiff_images_generated_total",
-    "synerdiff_requests_total", "synerdiff_scheduler_threshold", "synerdiff_skip_cfg_bound",
+    "synerdiff_requests_waiting",
+    "synerdiff_requests_running",
+    "synerdiff_unet_rows_active",
+    "synerdiff_queue_wait_seconds",
+    "synerdiff_request_latency_seconds",
+    "synerdiff_images_generated_total",
+    "synerdiff_requests_total",
+    "synerdiff_scheduler_threshold",
+    "synerdiff_skip_cfg_bound",
 }
 
 
@@ -126,8 +132,9 @@ def test_dashboard_covers_the_engine_metrics() -> None:
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
 
 
-@pytest.mark.parametrize("bad", [["--set", "serviceMonitor.enabled=maybe"], ["--set", "replicas=2"],
-                                 ["--set", "watchNamespaces={Bad_NS}"], ["--set", "image.pullPolicy=Sometimes"]])
+@pytest.mark.parametrize(
+    "bad", [["--set", "serviceMonitor.enabled=maybe"], ["--set", "replicas=2"], ["--set", "watchNamespaces={Bad_NS}"], ["--set", "image.pullPolicy=Sometimes"]]
+)
 def test_values_schema_rejects_bad_values(bad: list[str]) -> None:
     result = helm("template", "rel", str(CHART), *bad, check=False)
     assert result.returncode != 0 and "values don't meet the specifications of the schema" in result.stderr, result.stderr

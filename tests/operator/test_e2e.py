@@ -64,13 +64,15 @@ def pod(pool: str, name: str, *, ready: bool = False, status: dict[str, Any] | N
 async def test_create_makes_owned_children_and_initial_status(operator: Cluster) -> None:
     body = await operator.create_pool("sd", SPEC)
     uid = body["metadata"]["uid"]
-    await operator.eventually(lambda: all(operator.exists(r, n) for r, n in [
-        (DEPLOYMENTS, "sd"), (SERVICES, "sd"), (PDBS, "sd"), (CONFIGMAPS, "sd-engine")]), what="children")
+    await operator.eventually(
+        lambda: all(operator.exists(r, n) for r, n in [(DEPLOYMENTS, "sd"), (SERVICES, "sd"), (PDBS, "sd"), (CONFIGMAPS, "sd-engine")]), what="children"
+    )
 
     for resource, name in [(DEPLOYMENTS, "sd"), (SERVICES, "sd"), (PDBS, "sd"), (CONFIGMAPS, "sd-engine")]:
         refs = operator.obj(resource, name)["metadata"]["ownerReferences"]
-        assert refs == [{"apiVersion": "synerdiff.io/v1alpha1", "kind": "DiffusionPool", "name": "sd", "uid": uid,
-                         "controller": True, "blockOwnerDeletion": True}]
+        assert refs == [
+            {"apiVersion": "synerdiff.io/v1alpha1", "kind": "DiffusionPool", "name": "sd", "uid": uid, "controller": True, "blockOwnerDeletion": True}
+        ]
 
     settings = ServerSettings(**config_of(operator, "sd"))
     assert settings.engine.model == "/models/hf/stabilityai/sd-turbo" and settings.engine.device == "cuda"
@@ -123,15 +125,23 @@ async def test_pods_pending_for_gpus_degrade_the_pool(operator: Cluster) -> None
     await operator.eventually(lambda: operator.exists(DEPLOYMENTS, "sd"))
     message = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu. preemption: 0/3 nodes are available."
     await operator.create(PODS, pod("sd", "sd-1", ready=True))
-    await operator.create(PODS, pod("sd", "sd-2", status={
-        "phase": "Pending",
-        "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}],
-    }))
+    await operator.create(
+        PODS,
+        pod(
+            "sd",
+            "sd-2",
+            status={
+                "phase": "Pending",
+                "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}],
+            },
+        ),
+    )
     await operator.patch(DEPLOYMENTS, "sd", {"status": {"replicas": 2, "readyReplicas": 1, "updatedReplicas": 2}}, "status")
 
     degraded = await operator.eventually(
-        lambda: (c := operator.condition("sd", "Degraded")) and c["status"] == "True"
-        and operator.obj(POOLS, "sd")["status"]["readyReplicas"] == 1 and c, what="Degraded with one replica ready")
+        lambda: (c := operator.condition("sd", "Degraded")) and c["status"] == "True" and operator.obj(POOLS, "sd")["status"]["readyReplicas"] == 1 and c,
+        what="Degraded with one replica ready",
+    )
     assert degraded["reason"] == "InsufficientGPU"
     assert "Insufficient nvidia.com/gpu" in degraded["message"]
     assert operator.condition("sd", "Ready")["status"] == "True"  # one replica still serves
@@ -141,21 +151,32 @@ async def test_pods_pending_for_gpus_degrade_the_pool(operator: Cluster) -> None
 async def test_a_crash_looping_model_load_is_reported(operator: Cluster) -> None:
     await operator.create_pool("sd", SPEC)
     await operator.eventually(lambda: operator.exists(DEPLOYMENTS, "sd"))
-    await operator.create(PODS, pod("sd", "sd-1", status={
-        "phase": "Running",
-        "podIP": "127.0.0.1",
-        "conditions": [{"type": "Ready", "status": "False"}],
-        "containerStatuses": [{
-            "name": "engine", "ready": False, "restartCount": 4,
-            "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 2m40s restarting failed container"}},
-            "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "message": "torch.OutOfMemoryError: CUDA out of memory"}},
-        }],
-    }))
+    await operator.create(
+        PODS,
+        pod(
+            "sd",
+            "sd-1",
+            status={
+                "phase": "Running",
+                "podIP": "127.0.0.1",
+                "conditions": [{"type": "Ready", "status": "False"}],
+                "containerStatuses": [
+                    {
+                        "name": "engine",
+                        "ready": False,
+                        "restartCount": 4,
+                        "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 2m40s restarting failed container"}},
+                        "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "message": "torch.OutOfMemoryError: CUDA out of memory"}},
+                    }
+                ],
+            },
+        ),
+    )
     await operator.patch(DEPLOYMENTS, "sd", {"status": {"replicas": 1, "readyReplicas": 0, "updatedReplicas": 1}}, "status")
 
     loaded = await operator.eventually(
-        lambda: (c := operator.condition("sd", "ModelLoaded")) and c["status"] == "False" and c["reason"] == "ModelLoadFailed" and c,
-        what="ModelLoaded=False")
+        lambda: (c := operator.condition("sd", "ModelLoaded")) and c["status"] == "False" and c["reason"] == "ModelLoadFailed" and c, what="ModelLoaded=False"
+    )
     assert "CUDA out of memory" in loaded["message"]
     ready = operator.condition("sd", "Ready")
     assert ready["status"] == "False" and ready["reason"] == "ModelLoadFailed"
@@ -167,12 +188,15 @@ async def test_a_spec_update_rolls_the_children(operator: Cluster) -> None:
     old_hash = operator.obj(DEPLOYMENTS, "sd")["spec"]["template"]["metadata"]["annotations"][manifests.ANN_CONFIG_HASH]
     assert operator.obj(DEPLOYMENTS, "sd")["spec"]["template"]["spec"]["nodeSelector"] == {"gpu": "l4"}
 
-    generation = await operator.update_spec("sd", {
-        "replicas": 3,
-        "gpu": {"count": 1, "nodeSelector": None},  # a dropped key must disappear from the child too
-        "engine": {"scheduler": {"threshold": 0.7}},
-        "service": {"port": 8080},
-    })
+    generation = await operator.update_spec(
+        "sd",
+        {
+            "replicas": 3,
+            "gpu": {"count": 1, "nodeSelector": None},  # a dropped key must disappear from the child too
+            "engine": {"scheduler": {"threshold": 0.7}},
+            "service": {"port": 8080},
+        },
+    )
 
     await operator.eventually(lambda: operator.obj(DEPLOYMENTS, "sd")["spec"]["replicas"] == 3, what="replicas")
     dep = operator.obj(DEPLOYMENTS, "sd")
@@ -201,12 +225,15 @@ async def test_an_invalid_spec_gives_a_condition_and_an_event_not_a_crash(operat
 
 
 async def test_an_object_it_does_not_own_is_left_alone(operator: Cluster) -> None:
-    foreign = {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "sd", "namespace": "default", "labels": {"team": "web"}},
-               "spec": {"ports": [{"port": 443}]}}
+    foreign = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "sd", "namespace": "default", "labels": {"team": "web"}},
+        "spec": {"ports": [{"port": 443}]},
+    }
     await operator.create(SERVICES, foreign)
     await operator.create_pool("sd", SPEC)
-    degraded = await operator.eventually(
-        lambda: (c := operator.condition("sd", "Degraded")) and c["reason"] == "ChildConflict" and c, what="ChildConflict")
+    degraded = await operator.eventually(lambda: (c := operator.condition("sd", "Degraded")) and c["reason"] == "ChildConflict" and c, what="ChildConflict")
     assert "Service sd" in degraded["message"]
     assert operator.obj(SERVICES, "sd")["metadata"]["labels"] == {"team": "web"}  # untouched
     assert operator.obj(SERVICES, "sd")["spec"]["ports"] == [{"port": 443}]
@@ -243,8 +270,11 @@ async def test_a_restarted_operator_changes_nothing(cluster: Cluster, operator: 
         await asyncio.sleep(1.0)
     finally:
         await second.stop()
-    after = [r for r in cluster.requests()[before:] if r.resource is not None
-             and r.resource.plural in ("deployments", "services", "configmaps", "poddisruptionbudgets")]
+    after = [
+        r
+        for r in cluster.requests()[before:]
+        if r.resource is not None and r.resource.plural in ("deployments", "services", "configmaps", "poddisruptionbudgets")
+    ]
     assert [r for r in after if r.method in ("POST", "PATCH", "PUT", "DELETE")] == []
     assert any(r.method == "GET" and r.name == "sd" and r.resource.plural == "services" for r in after)  # it did look
 
@@ -268,8 +298,13 @@ async def test_every_api_call_is_allowed_by_the_charts_clusterrole(operator: Clu
     await operator.eventually(lambda: operator.exists(DEPLOYMENTS, "sd"))
     await asyncio.sleep(0.5)
 
-    rendered = subprocess.run([str(tool("helm")), "template", "t", "charts/synerdiff-operator", "--show-only", "templates/clusterrole.yaml"],
-                              cwd=REPO_ROOT, check=True, capture_output=True, text=True).stdout
+    rendered = subprocess.run(
+        [str(tool("helm")), "template", "t", "charts/synerdiff-operator", "--show-only", "templates/clusterrole.yaml"],
+        cwd=REPO_ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     rules = yaml.safe_load(rendered)["rules"]
     allowed = {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
 
@@ -292,8 +327,8 @@ async def test_the_container_entrypoint_runs_the_operator(cluster: Cluster, free
     env = {**os.environ, "SYNERDIFF_OPERATOR_RESYNC_SECONDS": "0.5", "PYTHONPATH": path}
     log = open(tmp_path / "operator.log", "wb")  # a file, not a pipe nobody drains
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "synerdiff_operator", f"--liveness=http://127.0.0.1:{port}/healthz",
-        env=env, stdout=log, stderr=asyncio.subprocess.STDOUT)
+        sys.executable, "-m", "synerdiff_operator", f"--liveness=http://127.0.0.1:{port}/healthz", env=env, stdout=log, stderr=asyncio.subprocess.STDOUT
+    )
     try:
         await cluster.create_pool("sd", SPEC)
         await cluster.eventually(lambda: cluster.exists(DEPLOYMENTS, "sd") and cluster.condition("sd", "Ready"), timeout=30, what="reconciled")

@@ -27,9 +27,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "path-on-pvc": {"image": "engine:1", "model": {"path": "sd15/", "pvc": "models"}},
     "everything": {
         **BASE,
-        "replicas": 3, "maxReplicas": 5,
-        "gpu": {"count": 2, "resourceName": "amd.com/gpu", "nodeSelector": {"pool": "gpu"},
-                "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}], "runtimeClassName": "nvidia"},
+        "replicas": 3,
+        "maxReplicas": 5,
+        "gpu": {
+            "count": 2,
+            "resourceName": "amd.com/gpu",
+            "nodeSelector": {"pool": "gpu"},
+            "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "runtimeClassName": "nvidia",
+        },
         "resources": {"requests": {"cpu": 4, "memory": "16Gi"}, "limits": {"memory": "20Gi"}},
         "auth": {"apiTokenSecret": {"name": "api", "key": "t"}, "adminTokenSecret": {"name": "adm"}},
         "service": {"type": "LoadBalancer", "port": 8080, "annotations": {"lb": "internal"}},
@@ -58,9 +64,9 @@ def test_children_are_valid_kubernetes_objects(spec: dict[str, Any]) -> None:
     assert [c["kind"] for c in children] == ["ConfigMap", "Service", "PodDisruptionBudget", "Deployment"]
     for child in children:
         kubernetes_validate.validate(child, K8S_VERSION, strict=True)
-        assert child["metadata"]["ownerReferences"] == [{
-            "apiVersion": "synerdiff.io/v1alpha1", "kind": "DiffusionPool", "name": "sd", "uid": "0b5d-uid",
-            "controller": True, "blockOwnerDeletion": True}]
+        assert child["metadata"]["ownerReferences"] == [
+            {"apiVersion": "synerdiff.io/v1alpha1", "kind": "DiffusionPool", "name": "sd", "uid": "0b5d-uid", "controller": True, "blockOwnerDeletion": True}
+        ]
         assert child["metadata"]["namespace"] == "ml"
         assert child["metadata"]["labels"][manifests.LABEL_POOL] == "sd"
 
@@ -134,12 +140,15 @@ def test_gpu_requests_and_placement() -> None:
     assert json.loads(cpu["ConfigMap"]["data"]["config.json"])["engine"]["device"] == "cpu"
 
 
-@pytest.mark.parametrize(("variant", "model_dir", "volume", "fetch"), [
-    ("hf-uri", "/models/hf/org/model", {"name": "models", "emptyDir": {}}, True),
-    ("hf-uri-pvc-cache", "/models/hf/org/model", {"name": "models", "persistentVolumeClaim": {"claimName": "cache", "readOnly": False}}, True),
-    ("path-on-pvc", "/models/sd15", {"name": "models", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}, False),
-    ("path-in-image-cpu", "/opt/m", None, False),
-])
+@pytest.mark.parametrize(
+    ("variant", "model_dir", "volume", "fetch"),
+    [
+        ("hf-uri", "/models/hf/org/model", {"name": "models", "emptyDir": {}}, True),
+        ("hf-uri-pvc-cache", "/models/hf/org/model", {"name": "models", "persistentVolumeClaim": {"claimName": "cache", "readOnly": False}}, True),
+        ("path-on-pvc", "/models/sd15", {"name": "models", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}}, False),
+        ("path-in-image-cpu", "/opt/m", None, False),
+    ],
+)
 def test_model_sources(variant: str, model_dir: str, volume: dict[str, Any] | None, fetch: bool) -> None:
     kids = build(VARIANTS[variant])
     pod = kids["Deployment"]["spec"]["template"]["spec"]

@@ -18,8 +18,7 @@ def test_the_operator_imports_no_engine_dependencies() -> None:
         f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({sorted(HEAVY)!r})))"
     )
     path = os.pathsep.join([str(REPO_ROOT / "operator"), str(REPO_ROOT / "server")])
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60,
-                         env={**os.environ, "PYTHONPATH": path}).stdout
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60, env={**os.environ, "PYTHONPATH": path}).stdout
     assert out.strip() == "[]"
 
 

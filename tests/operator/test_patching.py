@@ -13,8 +13,10 @@ DESIRED = {
     "apiVersion": "apps/v1",
     "kind": "Deployment",
     "metadata": {"name": "sd", "namespace": "ml", "labels": {"a": "1"}},
-    "spec": {"replicas": 2, "template": {"spec": {"nodeSelector": {"gpu": "l4"}, "containers": [{"name": "engine", "image": "x",
-             "resources": {"limits": {"nvidia.com/gpu": 1}}}]}}},
+    "spec": {
+        "replicas": 2,
+        "template": {"spec": {"nodeSelector": {"gpu": "l4"}, "containers": [{"name": "engine", "image": "x", "resources": {"limits": {"nvidia.com/gpu": 1}}}]}},
+    },
 }
 
 

@@ -110,20 +110,26 @@ def test_real_prometheus_reads_what_the_pods_serve(tmp_path, prometheus_binary, 
             urls.append(one.enter_context(serve_app(create_app(ServerSettings(engine=cfg), engine=eng))))
             servers.append(one)
         # One image on pod p0, so its counters differ from p1's.
-        req = urllib.request.Request(urls[0] + "/v1/images/generations", data=json.dumps({"prompt": "a red circle", "size": "64x64", "num_inference_steps": 3}).encode(),
-                                     headers={"Content-Type": "application/json"})
-        assert json.loads(_get_req(req))["data"]
-        targets = "\n".join(
-            f"      - targets: ['{u.removeprefix('http://')}']\n        labels: {{namespace: ns, pod: p{i}}}" for i, u in enumerate(urls)
+        req = urllib.request.Request(
+            urls[0] + "/v1/images/generations",
+            data=json.dumps({"prompt": "a red circle", "size": "64x64", "num_inference_steps": 3}).encode(),
+            headers={"Content-Type": "application/json"},
         )
+        assert json.loads(_get_req(req))["data"]
+        targets = "\n".join(f"      - targets: ['{u.removeprefix('http://')}']\n        labels: {{namespace: ns, pod: p{i}}}" for i, u in enumerate(urls))
         (tmp_path / "prometheus.yml").write_text(
             f"global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\nscrape_configs:\n  - job_name: synerdiff\n    static_configs:\n{targets}\n"
         )
         port = free_port()
         proc = subprocess.Popen(
-            [str(prometheus_binary), f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'data'}",
-             f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=subprocess.DEVNULL, stderr=open(tmp_path / "prometheus.log", "wb"),
+            [
+                str(prometheus_binary),
+                f"--config.file={tmp_path / 'prometheus.yml'}",
+                f"--storage.tsdb.path={tmp_path / 'data'}",
+                f"--web.listen-address=127.0.0.1:{port}",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(tmp_path / "prometheus.log", "wb"),
         )
         stack.callback(proc.wait, 30)
         stack.callback(proc.terminate)
@@ -143,8 +149,9 @@ def test_real_prometheus_reads_what_the_pods_serve(tmp_path, prometheus_binary, 
         assert got["p0"].sample.images == 1 and got["p1"].sample.images == 0
 
         # The autoscaler's reader through the pool spec: samples keyed by pod uid, dated by their scrape.
-        spec = parse_spec({"image": "x", "model": {"path": "/m"},
-                           "autoscaling": {"enabled": True, "prometheusURL": prom, "prometheusSelector": 'job="synerdiff"'}})
+        spec = parse_spec(
+            {"image": "x", "model": {"path": "/m"}, "autoscaling": {"enabled": True, "prometheusURL": prom, "prometheusSelector": 'job="synerdiff"'}}
+        )
         pods = [{"metadata": {"name": f"p{i}", "namespace": "ns", "uid": f"u{i}"}} for i in range(2)]
         read = Autoscaler(kube=None)._read(spec, pods, now=1000.0, stale=15.0)  # type: ignore[arg-type]
         assert set(read) == {"u0", "u1"} and all(s is not None and 985.0 <= t <= 1000.0 for s, t in read.values())

@@ -12,21 +12,48 @@ from synerdiff_operator.scaling import ScalerState, TuneState, decide, tune
 from synerdiff_operator.signals import PoolMetrics
 from synerdiff_operator.spec import PoolSpec, parse_spec
 
-AUTO = {"enabled": True, "periodSeconds": 5, "capacityPerReplica": 2.0, "targetUtilization": 0.5, "targetQueuePerReplica": 4,
-        "scaleUpWindowSeconds": 30, "panicWindowSeconds": 10, "scaleDownDelaySeconds": 60}
+AUTO = {
+    "enabled": True,
+    "periodSeconds": 5,
+    "capacityPerReplica": 2.0,
+    "targetUtilization": 0.5,
+    "targetQueuePerReplica": 4,
+    "scaleUpWindowSeconds": 30,
+    "panicWindowSeconds": 10,
+    "scaleDownDelaySeconds": 60,
+}
 
 
 def spec(replicas: int = 2, *, min_r: int = 1, max_r: int = 20, scheduler: dict[str, Any] | None = None, **auto: Any) -> PoolSpec:
-    return parse_spec({"image": "x", "model": {"path": "/m"}, "replicas": replicas, "minReplicas": min_r, "maxReplicas": max_r,
-                       "engine": {"scheduler": scheduler or {}}, "autoscaling": {**AUTO, **auto}})
+    return parse_spec(
+        {
+            "image": "x",
+            "model": {"path": "/m"},
+            "replicas": replicas,
+            "minReplicas": min_r,
+            "maxReplicas": max_r,
+            "engine": {"scheduler": scheduler or {}},
+            "autoscaling": {**AUTO, **auto},
+        }
+    )
 
 
-def reading(t: float, rate: float | None, *, ready: int = 2, waiting: float = 0.0, scraped: int | None = None, rated: int | None = None,
-            pending: int = 0, **kw: Any) -> PoolMetrics:
+def reading(
+    t: float, rate: float | None, *, ready: int = 2, waiting: float = 0.0, scraped: int | None = None, rated: int | None = None, pending: int = 0, **kw: Any
+) -> PoolMetrics:
     scraped = ready if scraped is None else scraped
     rated = scraped if rated is None else rated
-    return PoolMetrics(time=t, ready=ready, pending=pending, scraped=scraped, rated=rated, waiting=waiting if scraped else None,
-                       running=0.0 if scraped else None, arrival_rate=rate if rated else None, **kw)
+    return PoolMetrics(
+        time=t,
+        ready=ready,
+        pending=pending,
+        scraped=scraped,
+        rated=rated,
+        waiting=waiting if scraped else None,
+        running=0.0 if scraped else None,
+        arrival_rate=rate if rated else None,
+        **kw,
+    )
 
 
 def steady(rate: float, *, until: float, ready: int = 2, every: float = 5.0, start: float = 0.0, **kw: Any) -> list[PoolMetrics]:
@@ -65,12 +92,15 @@ def test_a_burst_panics_and_panic_never_scales_down() -> None:
     assert not d3.panic and d3.reason == "ScaleDown"
 
 
-@pytest.mark.parametrize("case,reason", [
-    ("nothing", "MetricsUnknown"),
-    ("stale", "MetricsStale"),
-    ("nobody answered", "MetricsUnknown"),
-    ("first scrapes", "MetricsIncomplete"),
-])
+@pytest.mark.parametrize(
+    "case,reason",
+    [
+        ("nothing", "MetricsUnknown"),
+        ("stale", "MetricsStale"),
+        ("nobody answered", "MetricsUnknown"),
+        ("first scrapes", "MetricsIncomplete"),
+    ],
+)
 def test_never_scales_on_unknown_or_stale_metrics(case: str, reason: str) -> None:
     hist = {
         "nothing": [],
@@ -222,9 +252,11 @@ def _pod(name: str, *, ready: bool = True, created: str = "2025-01-01T00:00:00Z"
     meta: dict[str, Any] = {"name": name, "uid": name, "creationTimestamp": created}
     if terminating:
         meta["deletionTimestamp"] = "2025-01-01T01:00:00Z"
-    return {"metadata": meta,
-            "spec": {"containers": [{"name": "engine", "ports": [{"name": "http", "containerPort": 8000}]}]},
-            "status": {"podIP": "10.0.0.1", "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}
+    return {
+        "metadata": meta,
+        "spec": {"containers": [{"name": "engine", "ports": [{"name": "http", "containerPort": 8000}]}]},
+        "status": {"podIP": "10.0.0.1", "conditions": [{"type": "Ready", "status": "True" if ready else "False"}]},
+    }
 
 
 def test_scale_down_marks_the_idlest_ready_pods_after_the_unready_ones() -> None:

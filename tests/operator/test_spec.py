@@ -38,8 +38,9 @@ def test_engine_fields_the_operator_derives_are_refused(field: str) -> None:
 
 
 def test_every_other_engine_field_is_accepted() -> None:
-    spec = parse_spec({**BASE, "engine": {"default_sampler": "ddim", "default_steps": 25, "warmup": False,
-                                          "scheduler": {"policy": "continuous", "controller": "fixed"}}})
+    spec = parse_spec(
+        {**BASE, "engine": {"default_sampler": "ddim", "default_steps": 25, "warmup": False, "scheduler": {"policy": "continuous", "controller": "fixed"}}}
+    )
     assert spec.engine.default_sampler == "ddim" and spec.engine.scheduler.policy == "continuous"
 
 

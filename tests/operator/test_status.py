@@ -15,24 +15,35 @@ T0, T1 = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"
 STATUS_SCHEMA = root_schema(load_crd())["properties"]["status"]
 
 
-def deployment(replicas: int = 2, ready: int = 0, updated: int | None = None, total: int | None = None, generation: int = 3,
-               conditions: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def deployment(
+    replicas: int = 2, ready: int = 0, updated: int | None = None, total: int | None = None, generation: int = 3, conditions: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
     return {
         "metadata": {"annotations": {manifests.ANN_GENERATION: str(generation)}},
         "spec": {"replicas": replicas},
-        "status": {"replicas": replicas if total is None else total, "readyReplicas": ready,
-                   "updatedReplicas": replicas if updated is None else updated, "conditions": conditions or []},
+        "status": {
+            "replicas": replicas if total is None else total,
+            "readyReplicas": ready,
+            "updatedReplicas": replicas if updated is None else updated,
+            "conditions": conditions or [],
+        },
     }
 
 
 def pending(msg: str) -> dict[str, Any]:
-    return {"metadata": {"name": "p-pending"}, "status": {"phase": "Pending", "conditions": [
-        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": msg}]}}
+    return {
+        "metadata": {"name": "p-pending"},
+        "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": msg}]},
+    }
 
 
 def crashing(container: str = "engine", init: bool = False, message: str = "RuntimeError: boom") -> dict[str, Any]:
-    cs = {"name": container, "restartCount": 3, "state": {"waiting": {"reason": "CrashLoopBackOff"}},
-          "lastState": {"terminated": {"exitCode": 1, "message": message}}}
+    cs = {
+        "name": container,
+        "restartCount": 3,
+        "state": {"waiting": {"reason": "CrashLoopBackOff"}},
+        "lastState": {"terminated": {"exitCode": 1, "message": message}},
+    }
     key = "initContainerStatuses" if init else "containerStatuses"
     return {"metadata": {"name": "p-crash"}, "status": {"phase": "Pending" if init else "Running", key: [cs]}}
 
@@ -80,10 +91,13 @@ def test_rollout_and_loading() -> None:
     assert cond(s, "Progressing") == ("True", "Loading")
 
 
-@pytest.mark.parametrize(("message", "reason"), [
-    ("0/4 nodes are available: 4 Insufficient nvidia.com/gpu.", "InsufficientGPU"),
-    ("0/4 nodes are available: 4 node(s) didn't match Pod's node affinity/selector.", "Unschedulable"),
-])
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        ("0/4 nodes are available: 4 Insufficient nvidia.com/gpu.", "InsufficientGPU"),
+        ("0/4 nodes are available: 4 node(s) didn't match Pod's node affinity/selector.", "Unschedulable"),
+    ],
+)
 def test_pending_pods(message: str, reason: str) -> None:
     s = observe(deployment=deployment(ready=0), pods=[pending(message)])
     assert cond(s, "Degraded") == ("True", reason)
@@ -101,9 +115,17 @@ def test_failed_model_load_and_download() -> None:
 
 
 def test_image_and_config_errors_and_stalled_rollouts() -> None:
-    pull = {"metadata": {"name": "p"}, "status": {"containerStatuses": [{"name": "engine", "state": {"waiting": {"reason": "ImagePullBackOff", "message": "not found"}}}]}}
+    pull = {
+        "metadata": {"name": "p"},
+        "status": {"containerStatuses": [{"name": "engine", "state": {"waiting": {"reason": "ImagePullBackOff", "message": "not found"}}}]},
+    }
     assert cond(observe(deployment=deployment(), pods=[pull]), "Degraded") == ("True", "ImagePullFailed")
-    secret = {"metadata": {"name": "p"}, "status": {"containerStatuses": [{"name": "engine", "state": {"waiting": {"reason": "CreateContainerConfigError", "message": 'secret "adm" not found'}}}]}}
+    secret = {
+        "metadata": {"name": "p"},
+        "status": {
+            "containerStatuses": [{"name": "engine", "state": {"waiting": {"reason": "CreateContainerConfigError", "message": 'secret "adm" not found'}}}]
+        },
+    }
     assert cond(observe(deployment=deployment(), pods=[secret]), "Degraded") == ("True", "ConfigError")
     stalled = deployment(ready=0, conditions=[{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded", "message": "timed out"}])
     s = observe(deployment=stalled)
@@ -113,14 +135,20 @@ def test_image_and_config_errors_and_stalled_rollouts() -> None:
 def test_diagnosis_orders_actionable_causes_first() -> None:
     problems = diagnose_pods([pending("Insufficient nvidia.com/gpu"), crashing()])
     assert [p.reason for p in problems] == ["ModelLoadFailed", "InsufficientGPU"]
-    healthy_restart = {"metadata": {"name": "p"}, "status": {"containerStatuses": [
-        {"name": "engine", "restartCount": 1, "state": {"running": {}}, "lastState": {"terminated": {"exitCode": 0}}}]}}
+    healthy_restart = {
+        "metadata": {"name": "p"},
+        "status": {"containerStatuses": [{"name": "engine", "restartCount": 1, "state": {"running": {}}, "lastState": {"terminated": {"exitCode": 0}}}]},
+    }
     assert diagnose_pods([healthy_restart]) == []
 
 
 def test_invalid_spec_keeps_the_last_good_children_running() -> None:
-    s = observe(spec_error="spec.minReplicas: ...", deployment=deployment(ready=2, generation=2), configured_threshold=None,
-                previous={"threshold": 0.75, "thresholdSource": "engines"})
+    s = observe(
+        spec_error="spec.minReplicas: ...",
+        deployment=deployment(ready=2, generation=2),
+        configured_threshold=None,
+        previous={"threshold": 0.75, "thresholdSource": "engines"},
+    )
     assert cond(s, "Ready") == ("False", "InvalidSpec") and cond(s, "Degraded") == ("True", "InvalidSpec")
     assert "2/2 replicas ready" in next(c for c in s["conditions"] if c["type"] == "Ready")["message"]
     assert s["observedGeneration"] == 3  # we did observe the bad generation

@@ -54,9 +54,7 @@ def _direction_changes(series):
 def test_no_oscillation_under_a_load_step_in_simulation():
     """Steady light load, then a step to overload: the threshold climbs and stays."""
     cost = CostModel(reference_h100_sd15())
-    reqs = poisson_arrivals(0.5, 30, seed=1) + [
-        SimRequest(f"s{i}", r.arrival + 30) for i, r in enumerate(poisson_arrivals(4.5, 30, seed=2))
-    ]
+    reqs = poisson_arrivals(0.5, 30, seed=1) + [SimRequest(f"s{i}", r.arrival + 30) for i, r in enumerate(poisson_arrivals(4.5, 30, seed=2))]
     out = simulate(reqs, CFG, cost)
     series = [th for t, th in out.thresholds if 35 <= t <= 60]
     assert max(series) == CFG.threshold_max

@@ -80,9 +80,7 @@ def test_synerdiff_decodes_every_pending_image_oldest_first():
     active = tuple(running(i) for i in range(30))  # 60 rows: saturated
     decodes = (Decode("new", B, 4, 9.0), Decode("old", B, 3, 8.0))
     for threshold in (0.5, 0.95):
-        plan = SynerDiffPolicy(SchedulerConfig(threshold=threshold, threshold_min=0.5), COST).plan(
-            view(active=active, decodes=decodes, threshold=threshold)
-        )
+        plan = SynerDiffPolicy(SchedulerConfig(threshold=threshold, threshold_min=0.5), COST).plan(view(active=active, decodes=decodes, threshold=threshold))
         taken = dict(plan.decode)
         for rid, k in plan.decode_beside:
             taken[rid] = taken.get(rid, 0) + k
@@ -110,9 +108,7 @@ def test_the_oldest_image_goes_beside_the_step_where_the_profile_says_it_overlap
 def test_a_big_pending_batch_stays_inline_when_batching_is_cheaper_than_overlap():
     # In a 16-image batch one more image costs ~14 ms (reference: 233 ms for 16, 67 for 4);
     # beside a step it would add 20 ms, so it stays in the batch.
-    plan = SynerDiffPolicy(SchedulerConfig(), _with_beside(0.020)).plan(
-        view(active=(running(0),), decodes=(Decode("d", B, 16, 8.0),))
-    )
+    plan = SynerDiffPolicy(SchedulerConfig(), _with_beside(0.020)).plan(view(active=(running(0),), decodes=(Decode("d", B, 16, 8.0),)))
     assert plan.decode_beside == () and plan.decode == (("d", 16),)
     small = SynerDiffPolicy(SchedulerConfig(), _with_beside(0.020)).plan(view(active=(running(0),), decodes=(Decode("d", B, 1, 8.0),)))
     assert small.decode_beside == (("d", 1),) and small.decode == ()

@@ -35,6 +35,7 @@ def test_synerdiff_beats_plain_continuous_batching_at_overload():
 def test_synerdiff_is_no_worse_than_continuous_where_the_vae_is_a_large_share(images, steps, rate):
     """Few-step or many-image loads: decodes are a third or more of the GPU's work. An earlier
     policy held them to a threshold budget and its P99 ran 1.5-2.2x continuous batching's."""
+
     def run(cfg):
         reqs = [SimRequest(r.request_id, r.arrival, images=images, steps=steps) for r in poisson_arrivals(rate, 60, seed=0)]
         return simulate(reqs, cfg, COST)

@@ -61,9 +61,7 @@ def serve_app(app) -> Iterator[str]:
 
 
 # Explicit, so the tests do not move when the library's defaults do.
-TEST_LIMITS = dict(
-    max_prompt_chars=2000, max_n=8, min_side=32, max_side=1024, max_pixels=1024 * 1024, size_multiple=8, max_steps=100, max_guidance=20.0
-)
+TEST_LIMITS = dict(max_prompt_chars=2000, max_n=8, min_side=32, max_side=1024, max_pixels=1024 * 1024, size_multiple=8, max_steps=100, max_guidance=20.0)
 
 
 def make_engine(**limits) -> Engine:
@@ -136,9 +134,6 @@ def raw_post(url: str, path: str, body: bytes):
 
     u = urlsplit(url)
     sock = socket.create_connection((u.hostname, u.port))
-    head = (
-        f"POST {path} HTTP/1.1\r\nHost: {u.hostname}\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    ).encode()
+    head = (f"POST {path} HTTP/1.1\r\nHost: {u.hostname}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
     sock.sendall(head + body)
     return sock

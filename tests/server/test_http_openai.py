@@ -78,7 +78,12 @@ MIX = [
     {"prompt": "a cat", "size": "64x64", "n": 1, "extra_body": {"num_inference_steps": 12, "sampler": "euler", "guidance_scale": 7.5, "seed": 1}},
     {"prompt": "a dog", "size": "64x128", "n": 2, "extra_body": {"num_inference_steps": 16, "sampler": "ddim", "guidance_scale": 5.0, "seed": 2}},
     {"prompt": "a fox", "size": "64x64", "n": 1, "extra_body": {"num_inference_steps": 10, "sampler": "euler_a", "guidance_scale": 1.0, "seed": 3}},
-    {"prompt": "an owl", "size": "64x64", "n": 2, "extra_body": {"num_inference_steps": 20, "sampler": "dpmpp_2m", "guidance_scale": 3.0, "seed": 4, "negative_prompt": "blur"}},
+    {
+        "prompt": "an owl",
+        "size": "64x64",
+        "n": 2,
+        "extra_body": {"num_inference_steps": 20, "sampler": "dpmpp_2m", "guidance_scale": 3.0, "seed": 4, "negative_prompt": "blur"},
+    },
     {"prompt": "a cow", "size": "128x64", "n": 1, "extra_body": {"num_inference_steps": 14, "sampler": "euler", "guidance_scale": 9.0, "seed": 5}},
 ]
 

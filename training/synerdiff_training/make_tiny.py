@@ -145,9 +145,7 @@ def build(out: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**TINY_UNET)
     vae = AutoencoderKL(**TINY_VAE)
-    text_cfg = CLIPTextConfig(
-        vocab_size=vocab_size, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, **TINY_CLIP
-    )
+    text_cfg = CLIPTextConfig(vocab_size=vocab_size, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, **TINY_CLIP)
     text_encoder = CLIPTextModel(text_cfg)
     # Random init leaves the decoder's output nearly constant; a louder conv_out gives
     # images whose pixels depend visibly on the latents, which makes tests sharper.

@@ -70,8 +70,7 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
     app = FastAPI(
         title="SynerDiff",
         version=_version(),
-        description="Text-to-image diffusion with step-level continuous batching. "
-        "OpenAI-compatible images API plus SynerDiff extensions; see docs/api.md.",
+        description="Text-to-image diffusion with step-level continuous batching. OpenAI-compatible images API plus SynerDiff extensions; see docs/api.md.",
         lifespan=lifespan,
     )
     app.state.synerdiff = state

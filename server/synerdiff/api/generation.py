@@ -53,9 +53,7 @@ def parse_size(size: str | None, native: int) -> tuple[int, int]:
 
 def check_available(state: AppState) -> None:
     if state.draining:
-        raise APIError(
-            503, "server is shutting down", type="server_error", code="shutting_down", headers={"Retry-After": "1", "Connection": "close"}
-        )
+        raise APIError(503, "server is shutting down", type="server_error", code="shutting_down", headers={"Retry-After": "1", "Connection": "close"})
     if state.load_error is not None:
         raise APIError(503, f"model failed to load: {state.load_error}", type="server_error", code="model_load_failed")
     if not state.engine.ready:
@@ -131,8 +129,7 @@ async def await_result(request: Request, handle: RequestHandle) -> GenerationRes
     response_model_exclude_none=True,
     responses={
         200: {
-            "description": "The images (JSON), or with `stream: true` a `text/event-stream` of "
-            "`progress`, `image`, `done` and `error` events.",
+            "description": "The images (JSON), or with `stream: true` a `text/event-stream` of `progress`, `image`, `done` and `error` events.",
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
         },
         **_ERRORS,

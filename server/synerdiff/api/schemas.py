@@ -38,9 +38,7 @@ class ImageGenerationRequest(BaseModel):
         "Both sides must be multiples of `limits.size_multiple` within `[limits.min_side, limits.max_side]`.",
         examples=["64x64"],
     )
-    response_format: Literal["b64_json", "url"] | None = Field(
-        "b64_json", description="Only `b64_json` is supported; `url` is refused with a 400."
-    )
+    response_format: Literal["b64_json", "url"] | None = Field("b64_json", description="Only `b64_json` is supported; `url` is refused with a 400.")
     model: str | None = Field(None, description="Must be the served model name (see `GET /v1/models`) when given.")
     user: str | None = Field(None, description="Accepted for compatibility; ignored.")
     quality: str | None = Field(None, description="Accepted for compatibility; ignored.")
@@ -50,15 +48,11 @@ class ImageGenerationRequest(BaseModel):
     output_format: Literal["png", "webp", "jpeg", "gif", "svg"] | None = Field(
         None, description="Only `png` is produced; other formats are refused with a 400."
     )
-    background: Literal["auto", "opaque", "transparent"] | None = Field(
-        None, description="`auto`/`opaque` accepted; `transparent` is refused with a 400."
-    )
+    background: Literal["auto", "opaque", "transparent"] | None = Field(None, description="`auto`/`opaque` accepted; `transparent` is refused with a 400.")
     stream: bool = Field(False, description="Server-sent events: `progress` per step, then `image` per image, then `done`.")
     # SynerDiff extensions (send them with the openai client's `extra_body`).
     negative_prompt: str | None = Field(None, description="Extension: the prompt guidance steers away from.")
-    num_inference_steps: int | None = Field(
-        None, ge=1, description="Extension: denoising steps (limit: `limits.max_steps`); default: `engine.default_steps`."
-    )
+    num_inference_steps: int | None = Field(None, ge=1, description="Extension: denoising steps (limit: `limits.max_steps`); default: `engine.default_steps`.")
     guidance_scale: float | None = Field(
         None,
         ge=0.0,
@@ -66,9 +60,7 @@ class ImageGenerationRequest(BaseModel):
         description="Extension: classifier-free guidance scale; <= 1 disables guidance. Default: `engine.default_guidance`.",
     )
     seed: int | None = Field(None, ge=0, lt=2**63, description="Extension: seed for reproducible images; random when omitted.")
-    sampler: SamplerName | None = Field(
-        None, description="Extension: sampler; default: `engine.default_sampler`."
-    )
+    sampler: SamplerName | None = Field(None, description="Extension: sampler; default: `engine.default_sampler`.")
     cfg_skip: Literal["auto", "never"] = Field(
         "auto",
         description="Extension: `auto` lets the scheduler run up to `scheduler.skip_cfg_bound` of the late steps "
@@ -95,7 +87,10 @@ class SynerDiffInfo(BaseModel):
     sampler: str
     guidance_scale: float
     guided_steps_skipped: int = Field(..., description="Steps that ran without CFG under `cfg_skip=auto`.")
-    vae_tiled: bool = Field(False, description="Decoded in spatial tiles (engine `vae_tiling`, or the fallback after running out of GPU memory); pixels differ slightly from a whole decode.")
+    vae_tiled: bool = Field(
+        False,
+        description="Decoded in spatial tiles (engine `vae_tiling`, or the fallback after running out of GPU memory); pixels differ slightly from a whole decode.",
+    )
     timings: TimingsOut
 
 
@@ -128,5 +123,3 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-

@@ -50,9 +50,7 @@ def stream_response(request: Request, state: AppState, greq: GenerationRequest, 
     return EventSourceResponse(_events(state, greq, handle, inbox, started), ping=10, headers={"Cache-Control": "no-store"})
 
 
-async def _events(
-    state: AppState, greq: GenerationRequest, handle: RequestHandle, inbox: asyncio.Queue, started: float
-) -> AsyncIterator[ServerSentEvent]:
+async def _events(state: AppState, greq: GenerationRequest, handle: RequestHandle, inbox: asyncio.Queue, started: float) -> AsyncIterator[ServerSentEvent]:
     finished = False
     last = 0
     try:

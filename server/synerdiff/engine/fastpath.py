@@ -28,12 +28,7 @@ log = logging.getLogger("synerdiff.fastpath")
 # requests in flight, still more rows. At ~2.5 req/s on one H100, P99 fell from 6.1–6.9 s to
 # 4.9–5.1 s with these sizes (bench/results/h100x2-run3 against h100x2-run4). Capturing a graph costs about three
 # forwards of its size: the 36 sizes up to 64 rows added ~25 s to start-up there.
-DEFAULT_ROW_SIZES = (
-    tuple(range(1, 8))
-    + tuple(range(8, 64, 2))
-    + tuple(range(64, 128, 8))
-    + tuple(range(128, 257, 16))
-)
+DEFAULT_ROW_SIZES = tuple(range(1, 8)) + tuple(range(8, 64, 2)) + tuple(range(64, 128, 8)) + tuple(range(128, 257, 16))
 # What the profiler times: step cost is near-linear in rows, and the cost model interpolates.
 PROFILE_ROWS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 128, 160, 192, 256)
 

@@ -217,10 +217,7 @@ def profile_executor(
         vae[key] = _until_oom(f"vae {h}x{w} chunk", vae_chunks, time_vae, dev, progress)
         if dev.type == "cuda":
             measured = dict(unet[key])
-            beside[key] = [
-                (r, max(0.0, beside_step_s(executor, r, lat, warmup, repeats) - measured[r]))
-                for r in BESIDE_ROWS if r in measured
-            ]
+            beside[key] = [(r, max(0.0, beside_step_s(executor, r, lat, warmup, repeats) - measured[r])) for r in BESIDE_ROWS if r in measured]
     enc: list[tuple[int, float]] = []
     for n in encode_prompts:
         prompts = [f"a photograph of object number {i}" for i in range(n)]

@@ -59,9 +59,7 @@ class GenerationRequest:
         if not 1 <= self.steps <= limits.max_steps:
             raise RequestError("num_inference_steps", f"must be between 1 and {limits.max_steps}, got {self.steps}")
         if not limits.min_guidance <= self.guidance_scale <= limits.max_guidance:
-            raise RequestError(
-                "guidance_scale", f"must be between {limits.min_guidance} and {limits.max_guidance}, got {self.guidance_scale}"
-            )
+            raise RequestError("guidance_scale", f"must be between {limits.min_guidance} and {limits.max_guidance}, got {self.guidance_scale}")
         if self.sampler not in SAMPLER_NAMES:
             raise RequestError("sampler", f"must be one of {', '.join(SAMPLER_NAMES)}, got {self.sampler!r}")
         if self.cfg_skip not in ("auto", "never"):

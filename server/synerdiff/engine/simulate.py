@@ -239,4 +239,3 @@ def capacities(rows: list[dict[str, Any]], slo_s: float) -> dict[str, dict[int, 
         points = ((r["rate"], r["p99_s"]) for r in rows if r["system"] == name and r["seed"] == seed)
         out.setdefault(name, {})[seed] = capacity(points, slo_s)
     return out
-

@@ -51,18 +51,10 @@ class ServerMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
 
-        Gauge(names.WAITING, "Requests queued, not yet admitted to the running batch.", registry=r).set_function(
-            lambda: engine.waiting
-        )
-        Gauge(names.RUNNING, "Requests admitted and not finished (denoising or decoding).", registry=r).set_function(
-            lambda: engine.running
-        )
-        Gauge(names.ROWS_ACTIVE, "UNet rows held by running requests (a guided image is 2 rows).", registry=r).set_function(
-            lambda: engine.rows_active
-        )
-        Gauge(names.READY, "1 when the model is loaded, warmed up and the server is not draining.", registry=r).set_function(
-            lambda: 1.0 if ready() else 0.0
-        )
+        Gauge(names.WAITING, "Requests queued, not yet admitted to the running batch.", registry=r).set_function(lambda: engine.waiting)
+        Gauge(names.RUNNING, "Requests admitted and not finished (denoising or decoding).", registry=r).set_function(lambda: engine.running)
+        Gauge(names.ROWS_ACTIVE, "UNet rows held by running requests (a guided image is 2 rows).", registry=r).set_function(lambda: engine.rows_active)
+        Gauge(names.READY, "1 when the model is loaded, warmed up and the server is not draining.", registry=r).set_function(lambda: 1.0 if ready() else 0.0)
         Gauge(names.THRESHOLD, "Scheduler throughput threshold in force (moved by the adaptive controller).", registry=r).set_function(
             lambda: current_threshold(engine)
         )
@@ -72,20 +64,12 @@ class ServerMetrics:
         Gauge(names.SKIP_CFG_FRACTION, "Fraction of late steps that may skip CFG now (grows with the threshold).", registry=r).set_function(
             lambda: current_skip_fraction(engine)
         )
-        Gauge(names.MAX_ROWS, "Most UNet rows in one forward.", registry=r).set_function(
-            lambda: engine.config.scheduler.max_rows
-        )
+        Gauge(names.MAX_ROWS, "Most UNet rows in one forward.", registry=r).set_function(lambda: engine.config.scheduler.max_rows)
 
         self.step_rows = Histogram(names.STEP_ROWS, "UNet rows per denoising step.", buckets=ROW_BUCKETS, registry=r)
-        self.unet_step = Histogram(
-            names.UNET_STEP, "One batched denoising step: UNet forward plus sampler update.", buckets=STEP_BUCKETS, registry=r
-        )
-        self.vae_decode = Histogram(
-            names.VAE_DECODE, "One VAE decode call (one or more chunks of images).", buckets=STEP_BUCKETS, registry=r
-        )
-        self.queue_wait = Histogram(
-            names.QUEUE_WAIT, "Arrival to admission, per admitted request.", buckets=LATENCY_BUCKETS, registry=r
-        )
+        self.unet_step = Histogram(names.UNET_STEP, "One batched denoising step: UNet forward plus sampler update.", buckets=STEP_BUCKETS, registry=r)
+        self.vae_decode = Histogram(names.VAE_DECODE, "One VAE decode call (one or more chunks of images).", buckets=STEP_BUCKETS, registry=r)
+        self.queue_wait = Histogram(names.QUEUE_WAIT, "Arrival to admission, per admitted request.", buckets=LATENCY_BUCKETS, registry=r)
         self.latency = Histogram(
             names.LATENCY,
             "End-to-end latency of successful generation requests, HTTP arrival to response ready.",
@@ -93,12 +77,8 @@ class ServerMetrics:
             registry=r,
         )
         self.images = Counter(names.IMAGES, "Images returned to clients.", registry=r)
-        self.requests = Counter(
-            names.REQUESTS, "Generation requests by outcome.", ["status", "reason"], registry=r
-        )
-        self.cfg_skipped = Counter(
-            names.CFG_SKIPPED, "Request-steps of guided requests that ran without CFG.", registry=r
-        )
+        self.requests = Counter(names.REQUESTS, "Generation requests by outcome.", ["status", "reason"], registry=r)
+        self.cfg_skipped = Counter(names.CFG_SKIPPED, "Request-steps of guided requests that ran without CFG.", registry=r)
         self.step_inflation = Histogram(
             names.STEP_INFLATION,
             "Iteration time over the profiled bare UNet step time for the same rows (VAE and admission contention).",
@@ -106,12 +86,8 @@ class ServerMetrics:
             registry=r,
         )
         self.vae_chunks = Counter(names.VAE_CHUNKS, "VAE decode chunks (one per request per decode call).", registry=r)
-        self.vae_beside = Counter(
-            names.VAE_BESIDE, "Images decoded one per chunk on a second CUDA stream during a UNet step.", registry=r
-        )
-        self.vae_fallbacks = Counter(
-            names.VAE_FALLBACKS, "Decodes that ran out of GPU memory and were redone one image at a time (then in tiles).", registry=r
-        )
+        self.vae_beside = Counter(names.VAE_BESIDE, "Images decoded one per chunk on a second CUDA stream during a UNet step.", registry=r)
+        self.vae_fallbacks = Counter(names.VAE_FALLBACKS, "Decodes that ran out of GPU memory and were redone one image at a time (then in tiles).", registry=r)
         for status, reason in _INITIAL_OUTCOMES:
             self.requests.labels(status, reason)
         self._observer = EngineObserver(on_iteration=self.on_iteration)
@@ -167,4 +143,3 @@ def outcome(http_status: int, code: str | None) -> tuple[str, str]:
     if http_status in (400, 404, 422):
         return "rejected", "invalid_request"
     return "rejected", code or str(http_status)
-

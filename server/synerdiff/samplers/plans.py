@@ -66,7 +66,9 @@ def _ddim(cfg: Mapping[str, Any], steps: int) -> SamplerPlan:
     )
 
 
-def _euler_like(cls: type[EulerDiscreteScheduler | EulerAncestralDiscreteScheduler], name: str, ancestral: bool) -> Callable[[Mapping[str, Any], int], SamplerPlan]:
+def _euler_like(
+    cls: type[EulerDiscreteScheduler | EulerAncestralDiscreteScheduler], name: str, ancestral: bool
+) -> Callable[[Mapping[str, Any], int], SamplerPlan]:
     def build(cfg: Mapping[str, Any], steps: int) -> SamplerPlan:
         s = cls.from_config(cfg)
         s.set_timesteps(steps)
@@ -116,9 +118,7 @@ def _dpmpp_2m(cfg: Mapping[str, Any], steps: int) -> SamplerPlan:
     lower_order_nums = 0
     for i in range(n):
         k[i, P], k[i, Q] = x0_from_sigma(sig[i], c.prediction_type, vp_scaled_input=True)
-        lower_order_final = (i == n - 1) and (
-            c.euler_at_final or (c.lower_order_final and n < 15) or c.final_sigmas_type == "zero"
-        )
+        lower_order_final = (i == n - 1) and (c.euler_at_final or (c.lower_order_final and n < 15) or c.final_sigmas_type == "zero")
         s0, t = sig[i], sig[i + 1]
         a_t = alpha(t)
         # In VP terms sigma_t/sigma_s0 = (t*alpha_t)/(s0*alpha_s0) and exp(-h) = t/s0.

@@ -136,4 +136,6 @@ def reference_h100_sd15() -> Profile:
     """
     unet = [(1, 0.0246), (2, 0.0272), (4, 0.0271), (8, 0.0330), (16, 0.0526), (32, 0.101), (64, 0.196), (128, 0.384)]
     vae = [(1, 0.022), (4, 0.067), (16, 0.233)]
-    return Profile(gpu="NVIDIA H100 80GB HBM3", model="sd15-shaped", dtype="float16", unet={"512x512": unet}, vae={"512x512": vae}, encode=[(1, 0.003), (16, 0.006)])
+    return Profile(
+        gpu="NVIDIA H100 80GB HBM3", model="sd15-shaped", dtype="float16", unet={"512x512": unet}, vae={"512x512": vae}, encode=[(1, 0.003), (16, 0.006)]
+    )

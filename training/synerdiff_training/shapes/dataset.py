@@ -45,9 +45,7 @@ CENTER_JITTER = 3.0
 CORNER_MARGIN = 2.0
 CORNER_JITTER = 3.0
 
-ALL_TRIPLES: tuple[tuple[str, str, str], ...] = tuple(
-    (c, s, b) for c, s, b in itertools.product(COLOR_NAMES, SHAPES, COLOR_NAMES) if c != b
-)
+ALL_TRIPLES: tuple[tuple[str, str, str], ...] = tuple((c, s, b) for c, s, b in itertools.product(COLOR_NAMES, SHAPES, COLOR_NAMES) if c != b)
 # Each colour is held out twice as a shape colour and each shape four times, spread so
 # every (colour, shape), (colour, background) and (shape, background) pair still occurs
 # in training. "a red circle on a blue background" (the demo prompt) stays in training.
@@ -68,12 +66,7 @@ HELD_OUT_TRIPLES: tuple[tuple[str, str, str], ...] = (
 TRAIN_TRIPLES: tuple[tuple[str, str, str], ...] = tuple(t for t in ALL_TRIPLES if t not in set(HELD_OUT_TRIPLES))
 
 # Every word the grammar can produce; the tokenizer makes each of them one token.
-VOCAB: tuple[str, ...] = (
-    ("a", "at", "the", "in", "on", "background", "top", "bottom", "left", "right", "center")
-    + SIZES
-    + COLOR_NAMES
-    + SHAPES
-)
+VOCAB: tuple[str, ...] = ("a", "at", "the", "in", "on", "background", "top", "bottom", "left", "right", "center") + SIZES + COLOR_NAMES + SHAPES
 
 
 @dataclass

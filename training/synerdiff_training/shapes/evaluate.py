@@ -62,9 +62,7 @@ def adherence(images: np.ndarray, prompts: list[str]) -> dict:
         mean_score=round(float(np.mean([s.score for s in scores])), 4),
         per_attribute=per_attr,
         failures=[
-            dict(prompt=p, detected={k: v for k, v in s.detected.items() if k != "features"})
-            for p, s in zip(prompts, scores, strict=False)
-            if not s.correct
+            dict(prompt=p, detected={k: v for k, v in s.detected.items() if k != "features"}) for p, s in zip(prompts, scores, strict=False) if not s.correct
         ],
     )
 
@@ -155,9 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     torch.set_num_threads(args.threads)
-    report = evaluate_model(
-        args.model, args.seeds, args.steps, args.guidance, args.device, include_train=args.with_train, grid=args.grid
-    )
+    report = evaluate_model(args.model, args.seeds, args.steps, args.guidance, args.device, include_train=args.with_train, grid=args.grid)
     report.update(torch=torch.__version__, threads=args.threads)
     if args.note:
         report["note"] = args.note

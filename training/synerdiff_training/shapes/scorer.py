@@ -167,4 +167,3 @@ def score(image, caption: str) -> Score:
     stated = parse_caption(caption)
     detected = analyze(image)
     return Score(stated, detected, {k: detected.get(k) == v for k, v in stated.items()})
-

@@ -56,6 +56,8 @@ TEXT = dict(
     max_position_embeddings=77,
     projection_dim=64,
 )
+
+
 def write_tokenizer(out: Path) -> int:
     """write_char_tokenizer with the grammar's words, plus merges that make each word one token.
 
@@ -99,9 +101,7 @@ def build_models(vocab_size: int, arch: str = "small"):
 
     unet = UNet2DConditionModel(**UNETS[arch])
     vae = AutoencoderKL(**VAE)
-    text_cfg = CLIPTextConfig(
-        vocab_size=vocab_size, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, **TEXT
-    )
+    text_cfg = CLIPTextConfig(vocab_size=vocab_size, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, **TEXT)
     return unet, vae, CLIPTextModel(text_cfg)
 
 
