@@ -95,7 +95,7 @@ def _param_from_loc(loc: tuple[Any, ...]) -> str | None:
 
 def validation_error(exc_errors: list[dict[str, Any]], known_fields: set[str] | None = None) -> APIError:
     """Turn pydantic errors into one 422 naming the first offending field."""
-    first = exc_errors[0] if exc_errors else {"loc": (), "msg": "invalid request"}
+    first: dict[str, Any] = exc_errors[0] if exc_errors else {"loc": (), "msg": "invalid request"}
     param = _param_from_loc(tuple(first.get("loc", ())))
     msg = str(first.get("msg", "invalid value"))
     if param is None and known_fields:
@@ -105,7 +105,8 @@ def validation_error(exc_errors: list[dict[str, Any]], known_fields: set[str] | 
     if first.get("type") == "extra_forbidden":
         msg = "unknown field"
     elif first.get("type") == "json_invalid":
-        param, msg = "body", f"invalid JSON: {first.get('ctx', {}).get('error', msg)}"
+        ctx: dict[str, Any] = first.get("ctx") or {}
+        param, msg = "body", f"invalid JSON: {ctx.get('error', msg)}"
     text = f"{param}: {msg}" if param else msg
     if len(exc_errors) > 1:
         text += f" (and {len(exc_errors) - 1} more error(s))"
@@ -125,7 +126,7 @@ def install_handlers(app: FastAPI, on_rejected) -> None:
         on_rejected(request, err)
         body = err.body()
         # FastAPI clients look for `detail`; keep it next to the OpenAI-shaped error.
-        body["detail"] = _jsonable(exc.errors())
+        body["detail"] = _jsonable(list(exc.errors()))
         return JSONResponse(body, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)

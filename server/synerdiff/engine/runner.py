@@ -148,8 +148,10 @@ class TorchRunner:
         if any(r.plan.ancestral for r in rows):
             parts = []
             for r in rows:
-                if r.plan.ancestral:  # the request's own generator, as diffusers' step draws it
-                    parts.append(randn_tensor(r.latents.shape, generator=r.gen, device=m.device, dtype=torch.float32))
+                if r.plan.ancestral:
+                    # The request's own generator, drawn as diffusers' step draws it: in the model's
+                    # dtype (a CPU generator yields other numbers for fp16 than for fp32).
+                    parts.append(randn_tensor(r.latents.shape, generator=r.gen, device=m.device, dtype=m.dtype).float())
                 else:
                     parts.append(torch.zeros_like(r.latents))
             noise = torch.cat(parts)
