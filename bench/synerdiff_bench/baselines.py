@@ -16,16 +16,19 @@ import threading
 import time
 import typing
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
-from synerdiff.contract.config import EngineConfig, LimitsConfig, SchedulerConfig
+from synerdiff.contract.config import DType, EngineConfig, LimitsConfig, SchedulerConfig
 from synerdiff.models.loader import ModelBundle
 from synerdiff.samplers import DIFFUSERS_CLASSES
 
 from .systems import DoneFn, EngineSystem, HttpSystem, System
 from .workload import BenchRequest
+
+if TYPE_CHECKING:
+    from diffusers import StableDiffusionPipeline
 
 log = logging.getLogger("synerdiff_bench")
 
@@ -39,7 +42,7 @@ STATIC_BATCH = 8
 STATIC_WAIT_S = 1.0
 
 
-def make_pipeline(model: ModelBundle):
+def make_pipeline(model: ModelBundle) -> StableDiffusionPipeline:
     """A diffusers pipeline over the very modules the engines use (no second copy of the weights)."""
     from diffusers import StableDiffusionPipeline
 
@@ -77,7 +80,7 @@ class PipelineSystem:
         self._busy = False
         self._stop = False
         self._thread: threading.Thread | None = None
-        self._pipe = None
+        self._pipe: StableDiffusionPipeline | None = None
         self._schedulers: dict[str, Any] = {}
 
     def start(self) -> None:
@@ -139,6 +142,7 @@ class PipelineSystem:
     def _serve(self, batch: list[tuple[BenchRequest, DoneFn, float]]) -> None:
         r0 = batch[0][0]
         pipe = self._pipe
+        assert pipe is not None, "start() builds the pipeline before the worker serves"
         pipe.scheduler = self._scheduler(r0.sampler)
         marks: list[float] = []
 
@@ -273,7 +277,7 @@ def weights_key(opts: dict[str, str], base: EngineConfig) -> str | None:
     return "eager"
 
 
-def bench_engine_config(model_path: str, device: str, dtype: str, profile_path: str | None = None) -> EngineConfig:
+def bench_engine_config(model_path: str, device: str, dtype: DType | Literal["auto"], profile_path: str | None = None) -> EngineConfig:
     """Engine defaults for benchmarking: no load shedding, deadlines far away, so the
     open-loop comparison with the (unbounded-queue) pipeline baselines is like for like."""
     return EngineConfig(

@@ -16,6 +16,7 @@ import json
 import statistics
 import sys
 import time
+from typing import TypedDict
 
 import torch
 
@@ -24,7 +25,15 @@ from synerdiff.engine import Engine, GenerationRequest
 
 from .quality import psnr
 
-MODES = {
+
+class FastPathOptions(TypedDict, total=False):
+    """The EngineConfig fields an executor mode sets."""
+
+    fast_path: bool
+    fast_path_compile: bool
+
+
+MODES: dict[str, FastPathOptions] = {
     "eager": dict(fast_path=False),
     "graphs": dict(fast_path=True),
     "compile+graphs": dict(fast_path=True, fast_path_compile=True),
@@ -76,6 +85,7 @@ def main(argv: list[str] | None = None) -> None:
             "step_ms_median": 1e3 * statistics.median(steps_s),
             "max_rows_captured": rows if cfg.fast_path else 0,
         }
+        assert image is not None, "the median above needs at least one timed repeat"
         if ref_image is None:
             ref_image = image
         else:

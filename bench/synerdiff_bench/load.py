@@ -205,7 +205,9 @@ def summarise(records: list[Record], *, unsent_measured: int, window: tuple[floa
     span = max(window[1] - window[0], 1e-9)
     in_window = sum(r.request.n for r in records if r.status == "ok" and r.done is not None and window[0] <= r.done <= window[1])
     good_in_window = sum(
-        r.request.n for r in records if r.status == "ok" and r.done is not None and window[0] <= r.done <= window[1] and r.latency_s <= r.slo_s
+        r.request.n
+        for r in records
+        if r.status == "ok" and r.done is not None and window[0] <= r.done <= window[1] and r.latency_s is not None and r.latency_s <= r.slo_s
     )
     n_measured = len(measured) + unsent_measured
     first = min((r.submitted for r in measured), default=0.0)

@@ -8,12 +8,16 @@ harness gave up (cut) is drawn as an x, its P99 as the lower bound it is known t
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 
-def _series(points: list[dict[str, Any]], get) -> tuple[list[float], list[float], list[float], list[float]]:
-    xs, ys, cx, cy = [], [], [], []
+def _series(points: list[dict[str, Any]], get: Callable[[dict[str, Any]], float | None]) -> tuple[list[float], list[float], list[float], list[float]]:
+    xs: list[float] = []
+    ys: list[float] = []
+    cx: list[float] = []
+    cy: list[float] = []
     for p in points:
         if p.get("skipped"):
             continue

@@ -40,7 +40,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from synerdiff.scheduling.cost_model import CostModel, Profile, reference_h100_sd15
 from synerdiff_operator import scaling, signals
@@ -113,7 +113,8 @@ class Trace:
 def poisson(rate: Callable[[float], float], duration: float, peak: float, seed: int) -> tuple[float, ...]:
     """Non-homogeneous Poisson arrivals by thinning."""
     rng = random.Random(seed)
-    out, t = [], 0.0
+    out: list[float] = []
+    t = 0.0
     while True:
         t += rng.expovariate(peak)
         if t >= duration:
@@ -439,6 +440,13 @@ class KubeAI(Policy):
 
 
 # -------------------------------------------------------------------------------------------- run
+class RunOptions(TypedDict, total=False):
+    """Keyword options of `run` that an experiment passes to every run alike."""
+
+    slo_factor: float
+    startup_s: float
+
+
 def run(trace: Trace, policy: Policy, service: ServiceModel, *, slo_factor: float = 3.0, startup_s: float = 90.0, initial: int | None = None) -> Result:
     pool = Pool(service, startup_s)
     n0 = initial if initial is not None else policy.initial(trace)
@@ -555,7 +563,7 @@ def experiment(*, quick: bool = False, startup_s: float = 90.0, log: Callable[[s
         },
         "runs": [],
     }
-    kw = dict(startup_s=startup_s)
+    kw: RunOptions = {"startup_s": startup_s}
     statics = {}
     for t in traces:
         r = smallest_static(t, service, GOAL, **kw)

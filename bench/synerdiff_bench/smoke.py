@@ -48,6 +48,7 @@ def smoke_requests(
 
 
 def _pipeline_image(pipe, model: ModelBundle, r: GenerationRequest) -> torch.Tensor:
+    assert r.seed is not None, "smoke_requests seeds every request: an unseeded one has no reference image"
     pipe.scheduler = DIFFUSERS_CLASSES[r.sampler].from_config(model.scheduler_config)
     out = pipe(
         r.prompt,

@@ -92,7 +92,7 @@ def run_sweep(
     mix: Mix,
     cfg: SweepConfig,
     report: dict[str, Any],
-    save: Callable[[], None],
+    save: Callable[[], object],
     log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
     began = time.monotonic()

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TypedDict
 
 TINY_UNET = dict(
     sample_size=16,
@@ -45,8 +47,24 @@ TINY_CLIP = dict(
     max_position_embeddings=77,
     projection_dim=32,
 )
+
+
+class SchedulerKwargs(TypedDict):
+    """Keyword arguments of diffusers' DDIMScheduler, as far as SD15_SCHEDULER sets them."""
+
+    num_train_timesteps: int
+    beta_start: float
+    beta_end: float
+    beta_schedule: str
+    clip_sample: bool
+    set_alpha_to_one: bool
+    steps_offset: int
+    prediction_type: str
+    timestep_spacing: str
+
+
 # SD1.5's schedule; DDIM is the pipeline default, the engine picks its sampler per request.
-SD15_SCHEDULER = dict(
+SD15_SCHEDULER = SchedulerKwargs(
     num_train_timesteps=1000,
     beta_start=0.00085,
     beta_end=0.012,
@@ -91,7 +109,7 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs), strict=False))
 
 
-def write_char_tokenizer(out: Path, words: list[str] = ()) -> int:
+def write_char_tokenizer(out: Path, words: Sequence[str] = ()) -> int:
     """A CLIP BPE tokenizer whose merges spell out `words` (others fall back to characters)."""
     chars = list(bytes_to_unicode().values())
     vocab_list = chars + [c + "</w>" for c in chars]

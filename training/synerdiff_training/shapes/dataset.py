@@ -17,7 +17,10 @@ rendering is a vectorised comparison against a pixel grid (NumPy or torch, any d
 from __future__ import annotations
 
 import itertools
+import types
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -163,6 +166,9 @@ def sample_scenes(
 def render(batch: SceneBatch, device=None):
     """Images of the scenes: a uint8 (N, 64, 64, 3) NumPy array when device is None,
     else a float32 (N, 3, 64, 64) torch tensor in [0, 1] on `device`."""
+    # The array module (NumPy or torch) and a converter into it: one code path for both.
+    xp: types.ModuleType
+    arr: Callable[..., Any]
     if device is None:
         xp = np
         arr = lambda a, dt=np.float32: np.asarray(a, dtype=dt)  # noqa: E731

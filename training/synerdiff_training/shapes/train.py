@@ -148,7 +148,8 @@ def train_vae(vae, args, device, rng, log) -> dict:
     vae.train()
     opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0, **_fused(device))
     budget = Budget(args.vae_steps, args.vae_minutes)
-    ema_loss, last_print = None, 0.0
+    ema_loss: tuple[float, ...] | None = None
+    last_print = 0.0
     while not budget.done():
         x, _ = images(rng, args.vae_batch, device)
         for g in opt.param_groups:
@@ -170,6 +171,7 @@ def train_vae(vae, args, device, rng, log) -> dict:
             if budget.elapsed() - last_print > args.print_every or budget.done():
                 last_print = budget.elapsed()
                 log(f"vae step {budget.step} t={budget.elapsed():.0f}s rec_mse={ema_loss[0]:.5f} kl={ema_loss[1]:.3f}")
+    assert ema_loss is not None, "the VAE budget ran out before its first step"
     vae.eval()
     # Captions state every attribute so the reconstructions can be scored in full: the
     # decoder bounds what any UNet can do, so the scorer must still read what it draws.
