@@ -29,7 +29,7 @@ RUN (userdel -r ubuntu 2>/dev/null || true) \
  && groupadd --gid 1000 synerdiff && useradd --uid 1000 --gid 1000 --no-create-home --home-dir /tmp synerdiff
 USER 1000:1000
 WORKDIR /tmp
-ENV HOME=/tmp HF_HOME=/tmp/hf SYNERDIFF_HOST=0.0.0.0 SYNERDIFF_PORT=8000
+ENV HOME=/tmp HF_HOME=/tmp/hf SYNERDIFF_HOST=0.0.0.0 SYNERDIFF_PORT=8000 OMP_WAIT_POLICY=PASSIVE
 EXPOSE 8000
 ENTRYPOINT []
 CMD ["synerdiff", "serve"]

@@ -3,10 +3,15 @@ each folder's conftest.py."""
 
 from __future__ import annotations
 
+import os
 import socket
 from collections.abc import Callable
 
 import pytest
+
+# As `synerdiff serve` does, before torch loads: idle OpenMP threads sleep rather than spin,
+# so engines in this process and the servers it starts share 2 cores without starving.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _free_port() -> int:

@@ -37,7 +37,7 @@ CRD_PATHS = (
 # rule against the pydantic validator it mirrors, so a change on either side is caught.
 ENGINE_RULES: dict[str, tuple[tuple[str, str], ...]] = {
     "LimitsConfig": (
-        ("self.min_side <= self.max_side", "min_side must be <= max_side"),
+        ("self.max_side == 0 || self.min_side <= self.max_side", "min_side must be <= max_side"),
         ("self.min_guidance <= self.max_guidance", "min_guidance must be <= max_guidance"),
     ),
     "SchedulerConfig": (

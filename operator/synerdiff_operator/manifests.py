@@ -228,6 +228,10 @@ def _engine_container(spec: PoolSpec) -> dict[str, Any]:
         {"name": "HF_HOME", "value": "/tmp/hf"},
         {"name": "HF_HUB_OFFLINE", "value": "1"},  # the model is local; the engine never downloads
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        # torch's OpenMP threads sleep when idle instead of spinning on the pod's CPU quota, and
+        # the engine sizes its threads to the container's CPU limit (rounded up to whole CPUs).
+        {"name": "OMP_WAIT_POLICY", "value": "PASSIVE"},
+        {"name": "SYNERDIFF_CPU_LIMIT", "valueFrom": {"resourceFieldRef": {"containerName": ENGINE_CONTAINER, "resource": "limits.cpu", "divisor": "1"}}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},

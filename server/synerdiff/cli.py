@@ -254,6 +254,9 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before anything loads torch: its OpenMP threads then sleep while idle instead of spinning,
+    # which on shared or quota-limited CPUs slowed a lone request tenfold (engine/cpus.py).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in ("bench", "profile"):
         # The benchmark tools are their own distribution (bench/), not part of the runtime install.

@@ -172,3 +172,27 @@ def test_retry_after_follows_the_completion_rate():
         eng.shutdown()
     # 4 quick completions give a rate; the hint is whole seconds within [1, 60].
     assert 1.0 <= full.value.retry_after_s <= 60.0 and full.value.retry_after_s == int(full.value.retry_after_s)
+
+
+def test_retry_after_is_the_drain_time_of_the_work_held_not_diluted_by_idle_time():
+    """An average over recent completions counts the idle gaps between bursts: after idle
+    minutes it said 21-60 s for a burst that cleared in 1.4 s. The hint now divides the work
+    held (row-steps queued and running) by the recent busy throughput."""
+    eng = make_engine(max_rows=2)
+    eng.config.limits.max_queue = 2
+    try:
+        eng.generate_sync(req(steps=2, seed=1), timeout=30)
+        time.sleep(6.0)  # idle, between two bursts
+        eng.generate_sync(req(steps=2, seed=9), timeout=30)
+        t0 = time.monotonic()
+        handles = []
+        with pytest.raises(QueueFull) as full:
+            for i in range(10):
+                handles.append(eng.submit(req(steps=30, seed=10 + i)))
+        for h in handles:
+            h.wait(120)
+        drained = time.monotonic() - t0
+    finally:
+        eng.shutdown()
+    hint = full.value.retry_after_s
+    assert drained / 2 <= hint <= max(1.0, 2 * drained), (hint, drained)

@@ -109,6 +109,9 @@ def test_engine_container_probes_and_shutdown() -> None:
     env = {e["name"]: e.get("value") for e in engine["env"]}
     assert env["SYNERDIFF_HOST"] == "0.0.0.0" and env["SYNERDIFF_PORT"] == "8000"
     assert env["SYNERDIFF_CONFIG_FILE"] == "/etc/synerdiff/config.json"
+    assert env["OMP_WAIT_POLICY"] == "PASSIVE"
+    cpu_limit = next(e for e in engine["env"] if e["name"] == "SYNERDIFF_CPU_LIMIT")
+    assert cpu_limit["valueFrom"]["resourceFieldRef"] == {"containerName": "engine", "resource": "limits.cpu", "divisor": "1"}
 
 
 def test_pods_run_non_root_with_a_read_only_root() -> None:

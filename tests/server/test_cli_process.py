@@ -34,14 +34,14 @@ def _run(*args: str, env: dict[str, str] | None = None, timeout: float = 120) ->
 
 
 class Served:
-    def __init__(self, port: int, log: Path):
+    def __init__(self, port: int, log: Path, drain_timeout: float = 60, env: dict[str, str] | None = None):
         self.url = f"http://127.0.0.1:{port}"
         self.log = log
         self.proc = subprocess.Popen(
-            [*SYNERDIFF, "serve", "--port", str(port), "--device", "cpu", "--drain-timeout", "60", "--default-steps", "4"],
+            [*SYNERDIFF, "serve", "--port", str(port), "--device", "cpu", "--drain-timeout", str(drain_timeout), "--default-steps", "4"],
             stdout=log.open("w"),
             stderr=subprocess.STDOUT,
-            env=_env(),
+            env=env or _env(),
         )
 
     def ready(self) -> bool:

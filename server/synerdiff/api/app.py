@@ -17,6 +17,7 @@ from ..engine import Engine
 from . import admin, generation
 from .auth import require_api_token
 from .errors import APIError, install_handlers
+from .guard import RequestGuard
 from .schemas import ErrorResponse, ModelCard, ModelList
 from .state import AppState
 
@@ -58,6 +59,7 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        log.info("authentication: %s", settings.auth_mode())
         if not state.engine.ready:
             state.start_loading()
         try:
@@ -72,9 +74,14 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
         version=_version(),
         description="Text-to-image diffusion with step-level continuous batching. OpenAI-compatible images API plus SynerDiff extensions; see docs/api.md.",
         lifespan=lifespan,
+        docs_url="/docs" if settings.api_docs else None,
+        redoc_url="/redoc" if settings.api_docs else None,
+        openapi_url="/openapi.json" if settings.api_docs else None,
     )
     app.state.synerdiff = state
     app.add_middleware(_TrackInflight, state=state)
+    # Added last, so it runs first: nothing reads a body before the token and the size are checked.
+    app.add_middleware(RequestGuard, settings=settings, on_rejected=lambda path, err: _count_guard_rejection(state, path, err))
     install_handlers(app, on_rejected=lambda request, err: _count_rejection(state, request, err))
 
     app.include_router(_ops_router())
@@ -82,6 +89,11 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
     app.include_router(generation.router)
     app.include_router(admin.router)
     return app
+
+
+def _count_guard_rejection(state: AppState, path: str, err: APIError) -> None:
+    if path == generation.GENERATIONS_PATH:
+        generation.record(state, err.status, err.code)
 
 
 def _count_rejection(state: AppState, request: Request, err: APIError) -> None:
@@ -92,12 +104,13 @@ def _count_rejection(state: AppState, request: Request, err: APIError) -> None:
 def _ops_router() -> APIRouter:
     router = APIRouter(tags=["operations"])
 
-    @router.get("/healthz", summary="Liveness: the process serves HTTP")
+    @router.api_route("/healthz", methods=["GET", "HEAD"], summary="Liveness: the process serves HTTP")
     async def healthz() -> dict[str, Any]:
         return {"status": "ok"}
 
-    @router.get(
+    @router.api_route(
         "/readyz",
+        methods=["GET", "HEAD"],
         summary="Readiness: model loaded and warmed up, not draining",
         responses={503: {"description": "Loading, draining, or the model failed to load."}},
     )

@@ -51,8 +51,10 @@ class APIError(Exception):
 
 def from_request_error(exc: RequestError) -> APIError:
     # The engine speaks in height/width; the API takes them as one `size` field.
-    param = "size" if exc.field in ("height", "width") else exc.field
+    param: str | None = "size" if exc.field in ("height", "width") else exc.field
     message = f"{exc.field} {exc.message}" if param == exc.field else f"size: {exc.field} {exc.message}"
+    if exc.field == "work":  # several fields together; the message names them
+        param, message = None, f"request too large: {exc.message}"
     return APIError(400, message, param=param, code="invalid_value")
 
 
@@ -131,8 +133,17 @@ def install_handlers(app: FastAPI, on_rejected) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and request.method in ("POST", "PUT", "PATCH"):
+            # FastAPI's "error parsing the body": bytes that are not UTF-8 JSON, or nested too deeply.
+            err = APIError(422, "body: could not be parsed as JSON (invalid UTF-8, or nested too deeply)", param="body", code="invalid_value")
+            on_rejected(request, err)
+            return err.response()
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        err = APIError(exc.status_code, str(exc.detail), code=code, headers=dict(exc.headers or {}))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # Starlette names only the first route that matched the path; a path can have several.
+            headers["Allow"] = ", ".join(sorted(_allowed_methods(request)))
+        err = APIError(exc.status_code, str(exc.detail), code=code, headers=headers)
         return err.response()
 
     @app.exception_handler(Exception)
@@ -140,6 +151,18 @@ def install_handlers(app: FastAPI, on_rejected) -> None:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
         err = APIError(500, "internal server error (a bug in SynerDiff; see the server log)", type="server_error", code="internal_error")
         return err.response()
+
+
+def _allowed_methods(request: Request) -> set[str]:
+    """Every method some route serves on this path (asked of the router, method by method)."""
+    from starlette.routing import Match
+
+    allowed: set[str] = set()
+    for method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"):
+        scope: dict[str, Any] = {"type": "http", "path": request.url.path, "method": method, "root_path": "", "headers": []}
+        if any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes):
+            allowed.add(method)
+    return allowed
 
 
 def _jsonable(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:

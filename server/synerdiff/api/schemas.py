@@ -19,8 +19,11 @@ SIZE_PATTERN = r"^(auto|[0-9]{1,5}x[0-9]{1,5})$"
 class ImageGenerationRequest(BaseModel):
     # Unknown fields are refused (422 naming them) so that a misspelt extension such as
     # `num_inference_step` fails loudly instead of silently using the default.
+    # Strict types: `"n": "2"` or `"seed": true` are mistakes to name, not values to coerce.
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
+        allow_inf_nan=False,
         json_schema_extra={
             "examples": [
                 {"prompt": "a red circle on a blue background", "size": "64x64", "num_inference_steps": 2, "seed": 1},

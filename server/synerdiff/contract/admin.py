@@ -23,7 +23,7 @@ def _optional_fields(model: type[BaseModel]) -> dict[str, Any]:
 # Built from SchedulerConfig so that knobs added there appear here without edits.
 SchedulerPatch: type[BaseModel] = create_model(
     "SchedulerPatch",
-    __config__=ConfigDict(extra="forbid"),
+    __config__=ConfigDict(extra="forbid", allow_inf_nan=False),
     __doc__="Partial update of the scheduler configuration: omitted or null fields keep their value.",
     **_optional_fields(SchedulerConfig),
 )

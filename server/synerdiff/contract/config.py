@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from .requests import SamplerName
@@ -24,17 +24,27 @@ DType = Literal["float32", "float16", "bfloat16"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No NaN or infinity: a knob set to Infinity through the admin API would read back as null.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class LimitsConfig(_Strict):
-    """Admission limits. Every request outside them is refused with a 4xx naming the field."""
+    """Admission limits. Every request outside them is refused with a 4xx naming the field.
+
+    The size and work limits default relative to the model's native size (0 = derived), so
+    a 64-pixel model does not accept 1024-pixel requests that would hold it for minutes."""
 
     max_prompt_chars: int = Field(2000, ge=1, description="Longest prompt or negative prompt, in characters.")
     max_n: int = Field(8, ge=1, le=64, description="Most images per request.")
     min_side: int = Field(32, ge=8, description="Smallest height or width in pixels.")
-    max_side: int = Field(1024, ge=8, description="Largest height or width in pixels.")
-    max_pixels: int = Field(1024 * 1024, ge=64, description="Largest height*width.")
+    max_side: int = Field(0, ge=0, description="Largest height or width in pixels; 0 = twice the model's native size.")
+    max_pixels: int = Field(0, ge=0, description="Largest height*width; 0 = max_side squared.")
+    max_work: int = Field(
+        0,
+        ge=0,
+        description="Most work one request may ask for: images x UNet rows per image (2 when guided) x pixels x steps; "
+        "0 = max_n guided images at the native size and max_steps.",
+    )
     size_multiple: int = Field(8, ge=1, description="Height and width must be multiples of this.")
     max_steps: int = Field(100, ge=1, le=1000, description="Most denoising steps per request.")
     min_guidance: float = Field(0.0, ge=0.0)
@@ -44,11 +54,22 @@ class LimitsConfig(_Strict):
 
     @model_validator(mode="after")
     def _ordered(self) -> LimitsConfig:
-        if self.min_side > self.max_side:
+        if self.max_side and self.min_side > self.max_side:
             raise ValueError("min_side must be <= max_side")
         if self.min_guidance > self.max_guidance:
             raise ValueError("min_guidance must be <= max_guidance")
         return self
+
+    def resolved(self, native_size: int) -> LimitsConfig:
+        """These limits with the derived ones (0) worked out for a model of `native_size` pixels a side."""
+        max_side = self.max_side or max(self.min_side, 2 * native_size)
+        return self.model_copy(
+            update={
+                "max_side": max_side,
+                "max_pixels": self.max_pixels or max_side * max_side,
+                "max_work": self.max_work or self.max_n * 2 * native_size * native_size * self.max_steps,
+            }
+        )
 
 
 class SchedulerConfig(_Strict):
@@ -105,6 +126,12 @@ class EngineConfig(_Strict):
         "always: every such image is decoded in tiles (for GPUs short of memory); never: out of memory fails the request.",
     )
     warmup: bool = Field(True, description="Run one generation before reporting ready.")
+    threads: int = Field(
+        0,
+        ge=0,
+        le=1024,
+        description="torch intra-op CPU threads; 0 = the least of the CPU affinity, the cgroup CPU quota and SYNERDIFF_CPU_LIMIT.",
+    )
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
 
@@ -140,6 +167,12 @@ class ServerSettings(BaseSettings):
     api_token_file: str | None = Field(None, description="File holding the bearer token (a mounted Secret).")
     admin_token: str | None = Field(None, description="Token for /v1/admin/*; defaults to api_token. Admin endpoints are off when neither is set.")
     drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight requests may take to finish.")
+    max_body_bytes: int = Field(
+        1024 * 1024,
+        ge=1024,
+        description="Largest request body accepted, in bytes; larger ones get 413 before they are read into memory.",
+    )
+    api_docs: bool = Field(True, description="Serve /docs, /redoc and /openapi.json (behind the API token when one is set).")
     served_model_name: str = "synerdiff-default"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     engine: EngineConfig = Field(default_factory=EngineConfig)
@@ -155,11 +188,32 @@ class ServerSettings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, _ConfigFileSource(settings_cls), file_secret_settings)
 
+    @field_validator("api_token", "admin_token")
+    @classmethod
+    def _not_blank(cls, v: str | None) -> str | None:
+        # An empty token must not read as "no token": that would open the API.
+        if v is not None and not v.strip():
+            raise ValueError("is set but empty; unset it to run without a token")
+        return v
+
+    def auth_mode(self) -> str:
+        """How /v1 is protected, for the start-up log."""
+        if self.api_token:
+            return "bearer token (SYNERDIFF_API_TOKEN)"
+        if self.api_token_file:
+            return f"bearer token from {self.api_token_file} (re-read on every request)"
+        return "none: /v1 is open to anyone who can reach the port"
+
     def resolved_api_token(self) -> str | None:
+        """The API token, or None when none is configured. A configured token file that is
+        missing, unreadable or blank raises (OSError, ValueError): the API then fails closed."""
         if self.api_token:
             return self.api_token
         if self.api_token_file:
-            return Path(self.api_token_file).read_text().strip() or None
+            token = Path(self.api_token_file).read_text().strip()
+            if not token:
+                raise ValueError(f"the token file {self.api_token_file} is empty")
+            return token
         return None
 
     def resolved_admin_token(self) -> str | None:

@@ -21,17 +21,21 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ..contract.config import EngineConfig, SchedulerConfig
+import torch
+
+from ..contract.config import EngineConfig, LimitsConfig, SchedulerConfig
+from ..contract.requests import rows_per_image
 from ..models.loader import ModelBundle, load_model
 from ..samplers import make_plan
 from ..scheduling.cost_model import CostModel
 from ..scheduling.planner import ContinuousPolicy, Policy
 from ..scheduling.policies import policy_for
 from .core import EngineCore
+from .cpus import cpu_budget
 from .errors import Cancelled, EngineError, QueueFull, RequestError, ShuttingDown
 from .executor import StepExecutor
 from .jobs import Decoding, Denoising, JobSpec, Phase
-from .observer import EngineObserver
+from .observer import EngineObserver, IterationStats
 from .request import GenerationRequest, GenerationResult, Timings
 from .runner import TorchRunner
 
@@ -82,7 +86,12 @@ class Engine:
         self._core: EngineCore | None = None
         self._runner: TorchRunner | None = None
         self._handles: dict[str, RequestHandle] = {}  # worker thread only, once taken in
-        self._completions: collections.deque[float] = collections.deque(maxlen=64)  # finish times, for Retry-After
+        # For Retry-After: UNet rows and the busy seconds they took, over the last iterations,
+        # and the row-steps of work queued (under _lock) and running (published by the worker).
+        self._recent_rows: collections.deque[tuple[int, float]] = collections.deque(maxlen=64)
+        self._queued_work = 0
+        self._running_work = 0
+        self.observers.append(EngineObserver(on_iteration=self._note_iteration))
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._lock = threading.Lock()
@@ -103,6 +112,10 @@ class Engine:
 
     def start(self) -> Engine:
         """Load the model (unless given), start the worker and (optionally) warm up."""
+        threads = self.config.threads or cpu_budget()
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+        log.info("torch intra-op threads: %d%s", threads, "" if self.config.threads else " (from the CPU affinity, quota and limit)")
         if self._model is None:
             self._model = load_model(self.config.model, self.config.device, self.config.dtype)
         self.executor = StepExecutor(self._model)
@@ -163,6 +176,11 @@ class Engine:
         self.shutdown()
 
     # ------------------------------------------------------------------ public API
+    @property
+    def limits(self) -> LimitsConfig:
+        """The admission limits in force, the ones derived from the model's size worked out."""
+        return self.config.limits.resolved(self.model.default_size)
+
     def default_steps(self) -> int:
         if self.config.default_steps:
             return self.config.default_steps
@@ -172,7 +190,7 @@ class Engine:
         """Queue a request; raises RequestError for bad input, QueueFull, ShuttingDown."""
         if not self._accepting:
             raise ShuttingDown()
-        request.validate(self.config.limits)
+        request.validate(self.limits)
         lat = self.model.vae_scale_factor
         if request.height % lat or request.width % lat:
             raise RequestError("size", f"height and width must be multiples of {lat} for this model")
@@ -195,6 +213,7 @@ class Engine:
             self._ids.add(request.request_id)
             self._queued += 1
             self._in_flight += 1
+            self._queued_work += _row_steps(request)
             now = self.clock()
             self._inbox.put(("submit", (handle, _spec(request, now, timeout))))
         self._wake.set()
@@ -245,12 +264,21 @@ class Engine:
             self._core.configure(cfg, None if self._policy_override else policy_for(cfg, self.cost_model))
 
     def _retry_after(self) -> float:
-        """Seconds until the queue has room again, from the recent completion rate (1-60 s)."""
-        done = list(self._completions)
-        if len(done) < 2 or done[-1] <= done[0]:
+        """Seconds until the work in the engine now is done, at the recent busy throughput (1-60 s).
+
+        Work is counted in UNet row-steps (a guided image's step is 2), so a queue of long or
+        large requests says so, and idle time between bursts does not dilute the rate."""
+        recent = list(self._recent_rows)
+        busy = sum(t for _, t in recent)
+        if not recent or busy <= 0:
             return 1.0
-        rate = (len(done) - 1) / (done[-1] - done[0])
-        return float(min(60.0, max(1.0, math.ceil(self._queued / rate))))
+        rate = sum(r for r, _ in recent) / busy
+        return float(min(60.0, max(1.0, math.ceil((self._queued_work + self._running_work) / rate))))
+
+    def _note_iteration(self, stats: IterationStats) -> None:
+        if stats.rows:
+            self._recent_rows.append((stats.rows, stats.encode_s + stats.unet_s + stats.sampler_s + stats.vae_s))
+        self._running_work = stats.running_row_steps
 
     # ------------------------------------------------------------------ worker
     def _run(self) -> None:
@@ -291,6 +319,7 @@ class Engine:
     def admitted(self, job: Denoising) -> None:
         with self._lock:
             self._queued -= 1
+            self._queued_work -= job.spec.rows * job.spec.steps
 
     def progressed(self, job: Denoising) -> None:
         handle = self._handles.get(job.spec.id)
@@ -304,7 +333,6 @@ class Engine:
         pass
 
     def served(self, job: Decoding, timings: Timings, images: list[Any], tiled: bool) -> None:
-        self._completions.append(self.clock())
         handle = self._release(job.spec.id, was_waiting=False)
         result = GenerationResult(job.spec.id, handle.seed, images, timings, job.spec.steps, guided_steps_skipped=job.skipped, vae_tiled=tiled)
         _resolve(handle.future, result)
@@ -316,9 +344,14 @@ class Engine:
         with self._lock:
             if was_waiting:
                 self._queued -= 1
+                self._queued_work -= _row_steps(self._handles[job_id].request)
             self._in_flight -= 1
             self._ids.discard(job_id)
         return self._handles.pop(job_id)
+
+
+def _row_steps(request: GenerationRequest) -> int:
+    return request.n * rows_per_image(request.guided) * request.steps
 
 
 def _spec(request: GenerationRequest, now: float, timeout_s: float) -> JobSpec:

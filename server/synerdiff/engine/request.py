@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..contract.config import LimitsConfig
-from ..contract.requests import SAMPLER_NAMES
+from ..contract.requests import SAMPLER_NAMES, rows_per_image
 from .errors import RequestError
 
 CfgSkip = Literal["auto", "never"]
@@ -34,7 +34,7 @@ class GenerationRequest:
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
 
     def validate(self, limits: LimitsConfig) -> None:
-        """Raise RequestError naming the first field outside `limits`."""
+        """Raise RequestError naming the first field outside `limits` (resolved: no derived zeros)."""
         if not isinstance(self.prompt, str) or not self.prompt.strip():
             raise RequestError("prompt", "must be a non-empty string")
         if len(self.prompt) > limits.max_prompt_chars:
@@ -58,6 +58,13 @@ class GenerationRequest:
             raise RequestError("size", f"{self.width}x{self.height} exceeds {limits.max_pixels} pixels")
         if not 1 <= self.steps <= limits.max_steps:
             raise RequestError("num_inference_steps", f"must be between 1 and {limits.max_steps}, got {self.steps}")
+        work = self.n * rows_per_image(self.guided) * self.height * self.width * self.steps
+        if limits.max_work and work > limits.max_work:
+            raise RequestError(
+                "work",
+                f"{self.n} image(s) x {rows_per_image(self.guided)} row(s) x {self.width}x{self.height} pixels x {self.steps} steps = {work} "
+                f"exceeds limits.max_work ({limits.max_work}); ask for fewer images, steps or pixels",
+            )
         if not limits.min_guidance <= self.guidance_scale <= limits.max_guidance:
             raise RequestError("guidance_scale", f"must be between {limits.min_guidance} and {limits.max_guidance}, got {self.guidance_scale}")
         if self.sampler not in SAMPLER_NAMES:

@@ -1,0 +1,106 @@
+"""A lone request's latency on a CPU, quiet and beside a busy process, by OpenMP wait policy.
+
+    python -m synerdiff_bench.contention --policies ACTIVE,PASSIVE --repeats 3 --out bench/results/cpu-contention.json
+
+For each policy it starts `synerdiff serve` on the CPU (the embedded model) with that
+`OMP_WAIT_POLICY`, times a lone default request (20 steps, 64x64, guided) `--repeats` times
+quiet, then again while one other process spins on a core. ACTIVE is how torch's OpenMP
+threads behaved before the engine made them sleep while idle (PASSIVE, its default now).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _lone(url: str, repeats: int, steps: int) -> list[float]:
+    out = []
+    for i in range(repeats):
+        t0 = time.perf_counter()
+        r = httpx.post(url + "/v1/images/generations", json={"prompt": "a red circle", "size": "64x64", "num_inference_steps": steps, "seed": i}, timeout=600)
+        r.raise_for_status()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def measure(policy: str, repeats: int, steps: int) -> dict[str, Any]:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNERDIFF_")} | {"OMP_WAIT_POLICY": policy}
+    with tempfile.TemporaryFile() as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "synerdiff.cli", "serve", "--port", str(port), "--device", "cpu"], stdout=log, stderr=subprocess.STDOUT, env=env
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 180
+            while True:
+                try:
+                    if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"synerdiff serve did not become ready (policy {policy})")
+                time.sleep(0.2)
+            quiet = _lone(url, repeats, steps)
+            busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            try:
+                time.sleep(0.5)
+                contended = _lone(url, repeats, steps)
+            finally:
+                busy.kill()
+                busy.wait()
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
+    q, c = statistics.median(quiet), statistics.median(contended)
+    return {"omp_wait_policy": policy, "quiet_s": quiet, "busy_neighbour_s": contended, "median_quiet_s": q, "median_busy_s": c, "ratio": c / q}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--policies", default="ACTIVE,PASSIVE")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    rows = [measure(p.strip(), args.repeats, args.steps) for p in args.policies.split(",")]
+    for r in rows:
+        print(
+            f"OMP_WAIT_POLICY={r['omp_wait_policy']:>7}: quiet {r['median_quiet_s']:.2f} s, beside a busy process {r['median_busy_s']:.2f} s (x{r['ratio']:.1f})"
+        )
+    if args.out:
+        doc = {
+            "command": "python -m synerdiff_bench.contention " + " ".join(sys.argv[1:] if argv is None else argv),
+            "cpus": len(os.sched_getaffinity(0)),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": importlib.metadata.version("torch"),
+            "date": time.strftime("%Y-%m-%d"),
+            "rows": rows,
+        }
+        Path(args.out).write_text(json.dumps(doc, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

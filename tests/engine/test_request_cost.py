@@ -1,0 +1,42 @@
+"""A request's cost is bounded by the model's native size, and small requests flow beside a large one."""
+
+from __future__ import annotations
+
+import pytest
+
+from synerdiff.contract.config import LimitsConfig
+from synerdiff.engine import GenerationRequest, RequestError
+
+from .conftest import make_engine
+
+
+def test_derived_limits_follow_the_native_size() -> None:
+    small, sd = LimitsConfig().resolved(64), LimitsConfig().resolved(512)
+    assert (small.max_side, small.max_pixels, small.max_work) == (128, 128 * 128, 8 * 2 * 64 * 64 * 100)
+    assert (sd.max_side, sd.max_pixels) == (1024, 1024 * 1024)  # what an SD1.5-sized model always allowed
+    explicit = LimitsConfig(max_side=256, max_pixels=5000, max_work=7).resolved(64)
+    assert (explicit.max_side, explicit.max_pixels, explicit.max_work) == (256, 5000, 7)
+
+
+def test_the_embedded_model_refuses_requests_that_would_hold_it_for_minutes(engine) -> None:
+    assert engine.model.default_size == 64
+    with pytest.raises(RequestError) as err:
+        engine.submit(GenerationRequest(prompt="x", height=1024, width=1024))
+    assert err.value.field == "height" and "128" in err.value.message
+    with pytest.raises(RequestError) as err:
+        engine.submit(GenerationRequest(prompt="x", n=4, height=128, width=128, steps=100))
+    assert err.value.field == "work" and "max_work" in err.value.message
+    # Unguided requests cost one row per image: the same shape fits (4 x 128² = 8 x 2 x 64²).
+    engine.submit(GenerationRequest(prompt="x", n=4, height=128, width=128, steps=100, guidance_scale=1.0)).cancel()
+
+
+def test_a_small_request_finishes_while_the_largest_allowed_one_runs() -> None:
+    eng = make_engine(max_rows=64)
+    try:
+        large = eng.submit(GenerationRequest(prompt="a big scene", n=2, height=128, width=128, steps=100, seed=1))
+        small = eng.submit(GenerationRequest(prompt="a red circle", height=64, width=64, steps=10, seed=2))
+        small.wait(120)
+        assert not large.future.done()  # shapes take turns: the small one did not queue behind all 100 steps
+        large.wait(300)
+    finally:
+        eng.shutdown()
