@@ -1,9 +1,9 @@
 """A lone request's latency on a CPU, quiet and beside a busy process, by OpenMP wait policy.
 
-    python -m synerdiff_bench.contention --policies ACTIVE,PASSIVE --repeats 3 --out bench/results/cpu-contention.json
+    python -m synerdiff_bench.contention --configs ACTIVE:0,PASSIVE:0,ACTIVE:1 --repeats 5 --out bench/results/cpu-contention.json
 
-For each policy it starts `synerdiff serve` on the CPU (the embedded model) with that
-`OMP_WAIT_POLICY`, times a lone default request (20 steps, 64x64, guided) `--repeats` times
+For each configuration POLICY:THREADS it starts `synerdiff serve` on the CPU (the embedded
+model) with that `OMP_WAIT_POLICY` and `engine.threads` (0 = sized by the engine), times a lone default request (20 steps, 64x64, guided) `--repeats` times
 quiet, then again while one other process spins on a core. ACTIVE is how torch's OpenMP
 threads behaved before the engine made them sleep while idle (PASSIVE, its default now).
 """
@@ -43,9 +43,9 @@ def _lone(url: str, repeats: int, steps: int) -> list[float]:
     return out
 
 
-def measure(policy: str, repeats: int, steps: int) -> dict[str, Any]:
+def measure(policy: str, threads: int, repeats: int, steps: int) -> dict[str, Any]:
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNERDIFF_")} | {"OMP_WAIT_POLICY": policy}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SYNERDIFF_")} | {"OMP_WAIT_POLICY": policy, "SYNERDIFF_ENGINE__THREADS": str(threads)}
     with tempfile.TemporaryFile() as log:
         server = subprocess.Popen(
             [sys.executable, "-m", "synerdiff.cli", "serve", "--port", str(port), "--device", "cpu"], stdout=log, stderr=subprocess.STDOUT, env=env
@@ -74,20 +74,29 @@ def measure(policy: str, repeats: int, steps: int) -> dict[str, Any]:
             server.terminate()
             server.wait(timeout=60)
     q, c = statistics.median(quiet), statistics.median(contended)
-    return {"omp_wait_policy": policy, "quiet_s": quiet, "busy_neighbour_s": contended, "median_quiet_s": q, "median_busy_s": c, "ratio": c / q}
+    return {
+        "omp_wait_policy": policy,
+        "threads": threads,
+        "quiet_s": quiet,
+        "busy_neighbour_s": contended,
+        "median_quiet_s": q,
+        "median_busy_s": c,
+        "ratio": c / q,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--policies", default="ACTIVE,PASSIVE")
+    ap.add_argument("--configs", default="ACTIVE:0,PASSIVE:0,ACTIVE:1", help="POLICY:THREADS, comma-separated (threads 0 = sized by the engine)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    rows = [measure(p.strip(), args.repeats, args.steps) for p in args.policies.split(",")]
+    configs = [c.strip().split(":") for c in args.configs.split(",")]
+    rows = [measure(policy, int(threads), args.repeats, args.steps) for policy, threads in configs]
     for r in rows:
         print(
-            f"OMP_WAIT_POLICY={r['omp_wait_policy']:>7}: quiet {r['median_quiet_s']:.2f} s, beside a busy process {r['median_busy_s']:.2f} s (x{r['ratio']:.1f})"
+            f"OMP_WAIT_POLICY={r['omp_wait_policy']:>7} threads={r['threads'] or 'auto'}: quiet {r['median_quiet_s']:.2f} s, beside a busy process {r['median_busy_s']:.2f} s (x{r['ratio']:.1f})"
         )
     if args.out:
         doc = {

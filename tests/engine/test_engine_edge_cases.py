@@ -43,6 +43,30 @@ def test_decodes_of_different_shapes_in_one_iteration_all_succeed():
     assert max(groups) >= 2  # several requests' chunks really were decoded in one iteration
 
 
+def test_a_failing_decode_of_one_shape_fails_only_its_requests_and_is_logged(caplog):
+    eng = Engine(EngineConfig(device="cpu", dtype="float32", warmup=False), policy=DecodeTwoShapesAtOnce()).start()
+    real = eng.executor.decode
+
+    def decode(latents, tiled=False):  # fault injection: decodes of the 48x80 shape break
+        if latents.shape[-1] > latents.shape[-2]:
+            raise RuntimeError("vae exploded")
+        return real(latents, tiled=tiled)
+
+    eng.executor.decode = decode
+    try:
+        handles = [eng.submit(req(seed=i, height=64 if i % 2 else 48, width=64 if i % 2 else 80)) for i in range(4)]
+        outcomes = []
+        for h in handles:
+            try:
+                outcomes.append(h.wait(60).images[0].shape[1:])
+            except EngineError as exc:
+                outcomes.append(exc.reason)
+    finally:
+        eng.shutdown()
+    assert outcomes == ["engine_fault", (64, 64), "engine_fault", (64, 64)]
+    assert sum("engine fault in vae" in r.getMessage() for r in caplog.records) == 2
+
+
 def test_one_failing_request_does_not_fail_its_batch_mates():
     eng = Engine(EngineConfig(device="cpu", dtype="float32", warmup=False)).start()
     real = eng.executor.encode_prompts

@@ -130,7 +130,7 @@ class EngineConfig(_Strict):
         0,
         ge=0,
         le=1024,
-        description="torch intra-op CPU threads; 0 = the least of the CPU affinity, the cgroup CPU quota and SYNERDIFF_CPU_LIMIT.",
+        description="torch intra-op CPU threads; 0 = one less than the least of the CPU affinity, the cgroup CPU quota and SYNERDIFF_CPU_LIMIT (at least 1).",
     )
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)

@@ -104,6 +104,7 @@ class EngineCore:
         listener: Listener,
         *,
         clock: Callable[[], float],
+        timer: Callable[[], float] | None = None,
         cost_model: CostModel | None = None,
         observers: list[EngineObserver] | None = None,
     ):
@@ -112,6 +113,7 @@ class EngineCore:
         self.runner = runner
         self.listener = listener
         self.clock = clock
+        self.timer = timer or clock  # stage durations (perf_counter on a device, the clock in simulation)
         self.cost_model = cost_model
         self.observers = observers if observers is not None else []
         self.table = RequestTable()
@@ -231,7 +233,7 @@ class EngineCore:
         specs = [self.table.waiting[i] for i in ids if i in self.table.waiting]
         if not specs or not self._guard(Stage.ENCODE, specs):
             return
-        t0 = self.clock()
+        t0 = self.timer()
         try:
             self.runner.admit(specs)
             ready = specs
@@ -255,7 +257,7 @@ class EngineCore:
             self.listener.admitted(job)
         self.rows_active = self.table.rows_active()
         stats.admitted = len(ready)
-        stats.encode_s = now - t0
+        stats.encode_s = self.timer() - t0
 
     def _step(self, bucket: Bucket, skip: frozenset[str], stats: IterationStats) -> None:
         jobs = [d for d in self.table.denoising.values() if d.spec.bucket == bucket]
@@ -294,8 +296,7 @@ class EngineCore:
             return False
         now = self.clock()
         report, _ = self._device(Stage.VAE, [d.spec for d, _ in work], lambda: self.runner.launch_beside(work))
-        for job_id, error in report.failed.items():
-            self._fail(job_id, error)
+        self._fail_reported(report)
         for d, _ in work:
             if d.spec.id in report.decoded and d.decode_started is None:
                 d.decode_started = now  # it starts now, beside the step
@@ -315,18 +316,17 @@ class EngineCore:
         """A decode call with the stage's fault guard, and its duration; a raise fails `specs`."""
         if specs and not self._guard(stage, specs):
             return DecodeReport(), 0.0
-        t0 = self.clock()
+        t0 = self.timer()
         try:
             report = call()
         except Exception as exc:
             self._fault(stage, specs, exc)
             report = DecodeReport()
-        return report, self.clock() - t0
+        return report, self.timer() - t0
 
     def _decoded(self, report: DecodeReport, seconds: float, stats: IterationStats, beside: bool = False) -> None:
         stats.vae_s += seconds
-        for job_id, error in report.failed.items():
-            self._fail(job_id, error)
+        self._fail_reported(report)
         self._tiled |= report.tiled
         n = sum(report.decoded.values())
         stats.decoded_images += n
@@ -336,7 +336,8 @@ class EngineCore:
             stats.vae_beside += n
         for job_id, k in report.decoded.items():
             d = self.table.decoding.get(job_id)
-            if d is None:  # failed meanwhile
+            if d is None:  # it left the engine meanwhile: drop what was decoded for it
+                self.runner.release(job_id)
                 continue
             d.decoded += k
             if d.images_left <= 0:
@@ -379,9 +380,14 @@ class EngineCore:
 
     def _fault(self, stage: Stage, specs: Sequence[JobSpec], exc: BaseException) -> None:
         log.error("engine fault in %s for %d request(s): %s", stage.value, len(specs), exc)
-        error = fault(stage.value, exc)
         for spec in specs:
-            self._fail(spec.id, error)
+            self._fail(spec.id, fault(stage.value, exc))  # one error object per waiter
+
+    def _fail_reported(self, report: DecodeReport) -> None:
+        """Fail the requests a decode call reported as failed (its other requests went on)."""
+        for job_id, error in report.failed.items():
+            log.error("engine fault in vae for request %s: %s", job_id, error)
+            self._fail(job_id, error)
 
     def _guard(self, stage: Stage, specs: Sequence[JobSpec]) -> bool:
         """Observers' `before_stage`; a raise there fails `specs` as a fault of that stage would."""

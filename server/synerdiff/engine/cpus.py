@@ -5,8 +5,9 @@ while they wait. In a container limited to fewer CPUs than the node has (a CFS q
 beside another busy process, spinning threads steal each other's time slices: on 2 shared
 cores a lone 50-step request took 25-27 s instead of 1.7-1.9 s. So the count comes from the
 CPU affinity mask, the cgroup's CPU quota and the pod's CPU limit (`SYNERDIFF_CPU_LIMIT`,
-which the operator sets from the container's limit), whichever is least; the OpenMP wait
-policy is made passive where the process starts (`synerdiff serve`, the engine image).
+which the operator sets from the container's limit), whichever is least; the engine runs one
+thread fewer than that (the server's own thread needs a CPU too), and the OpenMP wait policy
+is made passive where the process starts (`synerdiff serve`, the engine image).
 """
 
 from __future__ import annotations

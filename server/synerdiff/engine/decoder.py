@@ -69,6 +69,7 @@ class Decoder:
             try:
                 images = [self.executor.decode_finish(p) for p in pending]
             except Exception as exc:
+                free_cache_after(exc)
                 report.failed[job_id] = fault("vae", exc)
                 continue
             for img in images:
@@ -85,8 +86,8 @@ class Decoder:
             groups.setdefault(tuple(chunk[1].shape[-2:]), []).append(chunk)
         tiled = self.tiling == "always"
         for group in groups.values():
-            batch = torch.cat([lat for _, lat in group])
             try:
+                batch = torch.cat([lat for _, lat in group])
                 try:
                     images = self.executor.decode(batch, tiled=tiled)
                     was_tiled = [tiled and self.executor.tiles(batch)] * batch.shape[0]
@@ -96,8 +97,7 @@ class Decoder:
                     report.fallbacks += 1
                     images, was_tiled = self._decode_smaller(batch)
             except Exception as exc:
-                if is_out_of_memory(exc) and torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+                free_cache_after(exc)
                 for job_id, _ in group:
                     report.failed[job_id] = fault("vae", exc)
                 continue
@@ -132,3 +132,9 @@ class Decoder:
                 out.append(self.executor.decode(one, tiled=True))
                 tiled[-1] = True
         return torch.cat(out), tiled
+
+
+def free_cache_after(exc: BaseException) -> None:
+    """After running out of memory, hand the allocator's cached blocks back before the next try."""
+    if is_out_of_memory(exc) and torch.cuda.is_available():
+        torch.cuda.empty_cache()

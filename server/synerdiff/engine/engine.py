@@ -27,8 +27,9 @@ from ..contract.config import EngineConfig, LimitsConfig, SchedulerConfig
 from ..contract.requests import rows_per_image
 from ..models.loader import ModelBundle, load_model
 from ..samplers import make_plan
+from ..scheduling.controller import ControllerState
 from ..scheduling.cost_model import CostModel
-from ..scheduling.planner import ContinuousPolicy, Policy
+from ..scheduling.planner import Policy
 from ..scheduling.policies import policy_for
 from .core import EngineCore
 from .cpus import cpu_budget
@@ -95,6 +96,7 @@ class Engine:
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._lock = threading.Lock()
+        self._cfg_lock = threading.Lock()
         self._accepting = False
         self._closed = False  # set by the worker, under _lock, just before its last intake
         self._stop = False
@@ -112,10 +114,13 @@ class Engine:
 
     def start(self) -> Engine:
         """Load the model (unless given), start the worker and (optionally) warm up."""
-        threads = self.config.threads or cpu_budget()
+        # One CPU of the budget is left to the server's event loop, PNG encoding and neighbours:
+        # on 2 shared cores a second intra-op thread cost more in wake-ups than it gained
+        # (bench/results/cpu-contention.json).
+        threads = self.config.threads or max(1, cpu_budget() - 1)
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
-        log.info("torch intra-op threads: %d%s", threads, "" if self.config.threads else " (from the CPU affinity, quota and limit)")
+        log.info("torch intra-op threads: %d%s", threads, "" if self.config.threads else " (one less than the CPU affinity, quota or limit allows)")
         if self._model is None:
             self._model = load_model(self.config.model, self.config.device, self.config.dtype)
         self.executor = StepExecutor(self._model)
@@ -126,7 +131,9 @@ class Engine:
         self._runner = TorchRunner(self._model, self.executor, self.config.vae_tiling)
         cfg = self.config.scheduler
         policy = self._policy_override or policy_for(cfg, self.cost_model)
-        self._core = EngineCore(cfg, policy, self._runner, self, clock=self.clock, cost_model=self.cost_model, observers=self.observers)
+        self._core = EngineCore(
+            cfg, policy, self._runner, self, clock=self.clock, timer=time.perf_counter, cost_model=self.cost_model, observers=self.observers
+        )
         self._accepting = True
         self._thread = threading.Thread(target=self._run, name="synerdiff-engine", daemon=True)
         self._thread.start()
@@ -249,19 +256,22 @@ class Engine:
         return self._core.rows_active if self._core is not None else 0
 
     @property
-    def controller(self) -> Any:
+    def controller(self) -> ControllerState:
         """The feedback controller's state (its `threshold` is the one in force)."""
-        return self._core.controller if self._core is not None else None
+        return self._core.controller if self._core is not None else ControllerState.initial(self.config.scheduler)
 
     @property
     def policy(self) -> Policy:
-        return self._core.policy if self._core is not None else (self._policy_override or ContinuousPolicy())
+        if self._core is not None:
+            return self._core.policy
+        return self._policy_override or policy_for(self.config.scheduler, self.cost_model)
 
     def apply_scheduler_config(self, cfg: SchedulerConfig) -> None:
         """Swap scheduler knobs at run time (the admin API and the operator call this)."""
-        self.config.scheduler = cfg
-        if self._core is not None:
-            self._core.configure(cfg, None if self._policy_override else policy_for(cfg, self.cost_model))
+        with self._cfg_lock:  # the config that admin GETs and metrics read is the one the core runs
+            self.config.scheduler = cfg
+            if self._core is not None:
+                self._core.configure(cfg, None if self._policy_override else policy_for(cfg, self.cost_model))
 
     def _retry_after(self) -> float:
         """Seconds until the work in the engine now is done, at the recent busy throughput (1-60 s).

@@ -20,8 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..models.loader import ModelBundle
 from ..samplers import SamplerPlan, apply_update, make_plan
 from .core import DecodeReport, DecodeWork, StepReport
-from .decoder import Decoder, Tiling
-from .errors import is_out_of_memory
+from .decoder import Decoder, Tiling, free_cache_after
 from .executor import StepExecutor
 from .jobs import Denoising, JobSpec
 from .request import GenerationRequest
@@ -66,6 +65,13 @@ class TorchRunner:
 
     # ------------------------------------------------------------------ admission
     def admit(self, jobs: Sequence[JobSpec]) -> None:
+        try:
+            self._admit(jobs)
+        except Exception as exc:
+            free_cache_after(exc)
+            raise
+
+    def _admit(self, jobs: Sequence[JobSpec]) -> None:
         m = self.model
         reqs = [self._requests[j.id] for j in jobs]
         prompts = [r.prompt for r, _ in reqs] + [r.negative_prompt for r, _ in reqs if r.guided]
@@ -99,8 +105,7 @@ class TorchRunner:
         try:
             return self._step(jobs, guided)
         except Exception as exc:
-            if is_out_of_memory(exc) and torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            free_cache_after(exc)
             raise
 
     def _step(self, jobs: Sequence[Denoising], guided: Sequence[bool]) -> StepReport:
