@@ -40,3 +40,20 @@ def test_a_small_request_finishes_while_the_largest_allowed_one_runs() -> None:
         large.wait(300)
     finally:
         eng.shutdown()
+
+
+def test_steps_of_a_larger_shape_hold_fewer_rows() -> None:
+    """On the 64-pixel model a 128² step holds at most max_rows / 4 rows: no step costs much more
+    than a full step at the native size, whatever the shapes asked for."""
+    from synerdiff.engine import EngineObserver
+
+    eng = make_engine(max_rows=16)
+    rows: dict[tuple[int, int], int] = {}
+    eng.observers.append(EngineObserver(on_iteration=lambda st: rows.__setitem__(st.bucket, max(rows.get(st.bucket, 0), st.rows)) if st.rows else None))
+    try:
+        handles = [eng.submit(GenerationRequest(prompt="x", n=1, height=side, width=side, steps=4, seed=i)) for i, side in enumerate([128] * 6 + [64] * 6)]
+        for h in handles:
+            h.wait(120)
+    finally:
+        eng.shutdown()
+    assert rows[(128, 128)] == 4 and rows[(64, 64)] > 4  # 16 rows x 64² pixels = 4 rows at 128²

@@ -120,3 +120,14 @@ def test_rows_freed_by_skipping_are_not_handed_to_new_requests():
     v = view(active=active, waiting=(Waiting("w", B, 1, True, 50, 9.0),))
     plan = SynerDiffPolicy(SchedulerConfig(), COST).plan(v)
     assert len(plan.skip_cfg) == 32 and plan.admit == ()
+
+
+def test_a_step_holds_fewer_rows_of_a_larger_shape():
+    """max_step_pixels bounds rows x pixels: at twice the side a step holds a quarter of the rows."""
+    big = (1024, 1024)
+    v = view(max_step_pixels=64 * 512 * 512, waiting=tuple(Waiting(f"w{i}", big, 1, True, 50, float(i)) for i in range(20)))
+    assert v.row_cap(B) == 64 and v.row_cap(big) == 16 and v.row_cap((4096, 4096)) == 1
+    for policy in (ContinuousPolicy(), SynerDiffPolicy(SchedulerConfig(), COST)):
+        plan = policy.plan(v)
+        assert plan.step_bucket == big and len(plan.admit) == 8  # 8 guided images = 16 rows
+    assert view().row_cap(big) == 64  # no pixel bound: max_rows alone

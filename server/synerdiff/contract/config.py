@@ -81,6 +81,12 @@ class SchedulerConfig(_Strict):
         "continuous: plain step-level continuous batching with inline VAE decode (the baseline).",
     )
     max_rows: int = Field(64, ge=1, le=4096, description="Most UNet rows in one forward (a guided image is 2 rows).")
+    max_step_pixels: int = Field(
+        0,
+        ge=0,
+        description="Most UNet rows x pixels in one forward; 0 = max_rows at the model's native size. A larger shape steps "
+        "with fewer rows, so no step costs much more than a full one at the native size (a request larger than that runs alone).",
+    )
     threshold: float = Field(0.8, ge=0.0, le=1.0, description="Floor on UNet throughput relative to its peak while work waits.")
     threshold_min: float = Field(0.5, ge=0.0, le=1.0)
     threshold_max: float = Field(0.95, ge=0.0, le=1.0)

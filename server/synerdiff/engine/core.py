@@ -106,6 +106,7 @@ class EngineCore:
         clock: Callable[[], float],
         timer: Callable[[], float] | None = None,
         cost_model: CostModel | None = None,
+        native_size: int | None = None,
         observers: list[EngineObserver] | None = None,
     ):
         self.scheduler = scheduler
@@ -115,6 +116,7 @@ class EngineCore:
         self.clock = clock
         self.timer = timer or clock  # stage durations (perf_counter on a device, the clock in simulation)
         self.cost_model = cost_model
+        self.native_size = native_size  # the model's side in pixels: derives the step's pixel bound
         self.observers = observers if observers is not None else []
         self.table = RequestTable()
         self.controller = ctl.ControllerState.initial(scheduler)
@@ -201,6 +203,7 @@ class EngineCore:
             ),
             decodes=tuple(Decode(d.spec.id, d.spec.bucket, d.images_left, d.finished_at) for d in t.decoding.values()),
             max_rows=cfg.max_rows,
+            max_step_pixels=cfg.max_step_pixels or (cfg.max_rows * self.native_size**2 if self.native_size else 0),
             last_served=dict(self._last_served),
             threshold=self.controller.threshold,
             skip_fraction=ctl.skip_fraction(cfg, self.controller.threshold),

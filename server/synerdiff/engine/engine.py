@@ -132,7 +132,15 @@ class Engine:
         cfg = self.config.scheduler
         policy = self._policy_override or policy_for(cfg, self.cost_model)
         self._core = EngineCore(
-            cfg, policy, self._runner, self, clock=self.clock, timer=time.perf_counter, cost_model=self.cost_model, observers=self.observers
+            cfg,
+            policy,
+            self._runner,
+            self,
+            clock=self.clock,
+            timer=time.perf_counter,
+            cost_model=self.cost_model,
+            native_size=self._model.default_size,
+            observers=self.observers,
         )
         self._accepting = True
         self._thread = threading.Thread(target=self._run, name="synerdiff-engine", daemon=True)

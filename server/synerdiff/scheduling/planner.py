@@ -68,6 +68,15 @@ class EngineView:
     last_served: dict[Bucket, float] = field(default_factory=dict)
     threshold: float = 0.8  # the controller's current threshold
     skip_fraction: float = 0.0  # the skip-CFG bound in force now
+    # Most UNet rows x pixels in one forward (0: no bound but max_rows), so that a large shape
+    # steps with fewer rows and no step costs much more than a full one at the native size.
+    max_step_pixels: int = 0
+
+    def row_cap(self, bucket: Bucket) -> int:
+        """The rows a step of `bucket` may hold."""
+        if not self.max_step_pixels:
+            return self.max_rows
+        return max(1, min(self.max_rows, self.max_step_pixels // (bucket[0] * bucket[1])))
 
 
 @dataclass(frozen=True)
@@ -124,6 +133,6 @@ class ContinuousPolicy:
         admit: tuple[str, ...] = ()
         if bucket is not None:
             in_use = sum(a.rows for a in view.active if a.bucket == bucket)
-            admit = admit_fifo(view, bucket, in_use, view.max_rows)
+            admit = admit_fifo(view, bucket, in_use, view.row_cap(bucket))
         decode = tuple((d.request_id, d.images_left) for d in view.decodes)
         return IterationPlan(admit=admit, step_bucket=bucket, decode=decode)

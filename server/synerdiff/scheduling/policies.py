@@ -50,7 +50,7 @@ class SynerDiffPolicy:
             active = [a for a in view.active if a.bucket == bucket]
             rows = sum(a.rows for a in active)
             queue = sorted((w for w in view.waiting if w.bucket == bucket), key=lambda w: w.arrival)
-            knee = self.cost.rows_for_throughput(view.threshold, bucket, view.max_rows)
+            knee = self.cost.rows_for_throughput(view.threshold, bucket, view.row_cap(bucket))
             saturated = bool(queue) or rows + sum(w.rows for w in queue) > knee
             if saturated and view.skip_fraction > 0:
                 for a in active:
@@ -58,8 +58,8 @@ class SynerDiffPolicy:
                         skip.add(a.request_id)
                         rows -= a.images * (rows_per_image(True) - rows_per_image(False))
             # Admission counts skipped requests at their full rows: skipping can stop on the next
-            # step (the queue drains, the controller lowers the bound), and max_rows must hold then too.
-            admit = admit_fifo(view, bucket, sum(a.rows for a in active), view.max_rows)
+            # step (the queue drains, the controller lowers the bound), and the row cap must hold then too.
+            admit = admit_fifo(view, bucket, sum(a.rows for a in active), view.row_cap(bucket))
             rows += sum(w.rows for w in queue if w.request_id in admit)
         beside, after = self._decodes(view, bucket, rows)
         return IterationPlan(admit=admit, step_bucket=bucket, skip_cfg=frozenset(skip), decode=after, decode_beside=beside)
