@@ -285,5 +285,5 @@ def bench_engine_config(model_path: str, device: str, dtype: DType | Literal["au
         device=device,
         dtype=dtype,
         profile_path=profile_path,
-        limits=LimitsConfig(max_queue=100_000, request_timeout_s=3600.0, max_side=2048, max_pixels=2048 * 2048),
+        limits=LimitsConfig(max_queue=100_000, request_timeout_s=3600.0, max_side=2048, max_pixels=2048 * 2048, max_work=10**15),
     )

@@ -52,7 +52,7 @@ def test_an_empty_token_file_fails_closed_and_a_rewritten_one_applies_at_once(fi
     assert httpx.get(file_guarded + "/v1/models", headers={"Authorization": "Bearer s3cret"}).status_code == 503
 
 
-@pytest.mark.parametrize("field", ["api_token", "admin_token"])
+@pytest.mark.parametrize("field", ["api_token", "api_token_file", "admin_token"])
 def test_a_blank_token_setting_is_refused_at_start(field: str) -> None:
     with pytest.raises(ValidationError, match="set but empty"):
         ServerSettings(**{field: "  "})
@@ -152,3 +152,40 @@ def test_the_api_docs_need_the_token_when_one_is_set(guarded: str, engine: Engin
     with serve_app(create_app(ServerSettings(api_docs=False), engine=engine)) as url:
         assert httpx.get(url + "/openapi.json").status_code == 404
         assert httpx.get(url + "/v1/models").status_code == 200
+
+
+def test_a_refused_request_with_a_body_closes_the_connection(guarded: str) -> None:
+    """Else the server would go on reading, and discarding, whatever an unauthenticated client sends."""
+    r = httpx.post(guarded + GEN, json=BODY)
+    assert r.status_code == 401 and r.headers["connection"] == "close"
+    assert httpx.get(guarded + "/v1/models").headers.get("connection") != "close"  # nothing to drain: keep-alive
+
+
+def test_the_guard_sees_the_path_the_routes_see_under_a_root_path(engine: Engine) -> None:
+    import threading
+
+    import uvicorn
+
+    app = create_app(ServerSettings(api_token="tok"), engine=engine)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="on", root_path="/api")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+        for path in ("/openapi.json", "/docs", "/v1/models"):
+            assert httpx.get(url + path).status_code == 401, path
+        assert httpx.get(url + "/v1/models", headers={"Authorization": "Bearer tok"}).status_code == 200
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def test_head_probes_stay_out_of_the_schema(guarded: str) -> None:
+    schema = httpx.get(guarded + "/openapi.json", headers={"Authorization": "Bearer tok"}).json()
+    ids = [op["operationId"] for path in schema["paths"].values() for op in path.values()]
+    assert len(ids) == len(set(ids))
+    assert set(schema["paths"]["/healthz"]) == {"get"}

@@ -92,7 +92,9 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
 
 
 def _count_guard_rejection(state: AppState, path: str, err: APIError) -> None:
-    if path == generation.GENERATIONS_PATH:
+    # A refused body counts as a rejected generation request; a missing token does not (as
+    # before the guard), so scanners do not move the error ratio.
+    if path == generation.GENERATIONS_PATH and err.code == "body_too_large":
         generation.record(state, err.status, err.code)
 
 
@@ -104,13 +106,14 @@ def _count_rejection(state: AppState, request: Request, err: APIError) -> None:
 def _ops_router() -> APIRouter:
     router = APIRouter(tags=["operations"])
 
-    @router.api_route("/healthz", methods=["GET", "HEAD"], summary="Liveness: the process serves HTTP")
+    @router.get("/healthz", summary="Liveness: the process serves HTTP")
     async def healthz() -> dict[str, Any]:
         return {"status": "ok"}
 
-    @router.api_route(
+    router.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
+
+    @router.get(
         "/readyz",
-        methods=["GET", "HEAD"],
         summary="Readiness: model loaded and warmed up, not draining",
         responses={503: {"description": "Loading, draining, or the model failed to load."}},
     )
@@ -120,6 +123,8 @@ def _ops_router() -> APIRouter:
         if state.load_error:
             body["error"] = state.load_error
         return JSONResponse(body, status_code=200 if state.ready else 503)
+
+    router.add_api_route("/readyz", readyz, methods=["HEAD"], include_in_schema=False)
 
     @router.get("/metrics", summary="Prometheus metrics (text format)", response_class=Response)
     async def metrics(request: Request) -> Response:

@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..engine import EngineError, ErrorKind, QueueFull, RequestError
 
@@ -133,6 +134,11 @@ def install_handlers(app: FastAPI, on_rejected) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if isinstance(exc.__cause__ or exc.__context__, ClientDisconnect):
+            # The client left mid-upload: a cancellation, not a malformed body (nobody reads this).
+            err = APIError(499, "client disconnected before sending the whole body", code="cancelled")
+            on_rejected(request, err)
+            return err.response()
         if exc.status_code == 400 and request.method in ("POST", "PUT", "PATCH"):
             # FastAPI's "error parsing the body": bytes that are not UTF-8 JSON, or nested too deeply.
             err = APIError(422, "body: could not be parsed as JSON (invalid UTF-8, or nested too deeply)", param="body", code="invalid_value")

@@ -31,7 +31,7 @@ class RequestGuard:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path: str = scope["path"]
+        path = _route_path(scope)
         try:
             if path.startswith("/v1/") or path == "/v1":
                 check(self.settings, _bearer(scope), admin=path.startswith("/v1/admin"))
@@ -41,6 +41,9 @@ class RequestGuard:
         except APIError as err:
             if self.on_rejected is not None:
                 self.on_rejected(path, err)
+            if _header(scope, b"content-length") not in (None, "0") or _header(scope, b"transfer-encoding") is not None:
+                # Otherwise the server would go on reading (and discarding) a body it refused.
+                err.headers["Connection"] = "close"
             await err.response()(scope, receive, send)
             return
         await self.app(scope, receive, send)
@@ -83,6 +86,13 @@ class RequestGuard:
             return await receive()
 
         return replay
+
+
+def _route_path(scope: Scope) -> str:
+    """The path the routes see: uvicorn puts a configured root path in front of it."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    return path[len(root) :] or "/" if root and path.startswith(root) else path
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -65,6 +65,10 @@ class DrainingServer(uvicorn.Server):
             self._stopping = True
             log.warning("second signal (%s): stopping without waiting for requests in flight", signal.Signals(sig).name)
             self._loop.call_soon_threadsafe(lambda: asyncio.ensure_future(self._stop_now()))
+            return
+        log.warning("third signal: exiting now")
+        self.should_exit = True
+        self.force_exit = True
 
     async def _stop_now(self) -> None:
         self.state.begin_drain()

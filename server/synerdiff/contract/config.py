@@ -194,7 +194,7 @@ class ServerSettings(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, _ConfigFileSource(settings_cls), file_secret_settings)
 
-    @field_validator("api_token", "admin_token")
+    @field_validator("api_token", "api_token_file", "admin_token")
     @classmethod
     def _not_blank(cls, v: str | None) -> str | None:
         # An empty token must not read as "no token": that would open the API.
