@@ -10,7 +10,9 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -53,9 +55,10 @@ class Served:
             return False
 
 
-@pytest.fixture(scope="module")
-def served(free_port, tmp_path_factory) -> Iterator[Served]:
-    srv = Served(free_port(), tmp_path_factory.mktemp("serve") / "server.log")
+@contextmanager
+def running(port: int, log: Path, **kw: Any) -> Iterator[Served]:
+    """A `synerdiff serve` process, ready; killed at the end if it is still running."""
+    srv = Served(port, log, **kw)
     try:
         wait_until(srv.ready, timeout=120, what="synerdiff serve ready")
         yield srv
@@ -63,6 +66,12 @@ def served(free_port, tmp_path_factory) -> Iterator[Served]:
         if srv.proc.poll() is None:
             srv.proc.kill()
             srv.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def served(free_port, tmp_path_factory) -> Iterator[Served]:
+    with running(free_port(), tmp_path_factory.mktemp("serve") / "server.log") as srv:
+        yield srv
 
 
 def test_help_texts():

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from .httpkit import decode_png, metric_value, wait_until
-from .test_cli_process import Served, _env
+from .test_cli_process import Served, _env, running
 
 
 def _extra_env() -> dict[str, str]:
@@ -31,14 +31,8 @@ GEN = "/v1/images/generations"
 @pytest.fixture
 def fresh(free_port, tmp_path: Path) -> Iterator[Served]:
     # The default drain timeout: what a pod gets.
-    srv = Served(free_port(), tmp_path / "server.log", drain_timeout=30, env=_env(**_extra_env()))
-    try:
-        wait_until(srv.ready, timeout=120, what="synerdiff serve ready")
+    with running(free_port(), tmp_path / "server.log", drain_timeout=30, env=_env(**_extra_env())) as srv:
         yield srv
-    finally:
-        if srv.proc.poll() is None:
-            srv.proc.kill()
-            srv.proc.wait()
 
 
 @pytest.fixture
