@@ -94,6 +94,10 @@ def _convert(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             node = {"type": types.pop(), "enum": [v for o in options for v in o["enum"]], **node}
         elif types == {"integer", "string"}:
             node["x-kubernetes-int-or-string"] = True
+            # A pattern on the string option (a quantity) holds for strings; integers pass it.
+            patterns = [o["pattern"] for o in options if o.get("type") == "string" and "pattern" in o]
+            if patterns:
+                node["pattern"] = patterns[0]
         else:
             raise UnsupportedSchema(f"cannot express anyOf {any_of!r} structurally")
 

@@ -13,9 +13,9 @@ or a test emulator): tests evaluate both on the same examples.
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, create_model, field_validator, model_validator
 
 from synerdiff.contract.config import EngineConfig, ServerSettings
 
@@ -25,6 +25,11 @@ ENGINE_OWNED_FIELDS = frozenset({"model", "device", "dtype"})
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 HF_URI = r"^hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
+# Kubernetes' resource.Quantity ("4", "500m", "32Gi", "1e3"): "32 GB" is refused at apply time,
+# not by the kubelet once pods fail to be created.
+QUANTITY = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+# A qualified name, as extended resources are named: an optional DNS-subdomain prefix and a name.
+RESOURCE_NAME = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 
 
 def rules(*pairs: tuple[str, str]) -> dict[str, Any]:
@@ -91,17 +96,38 @@ class ModelSource(_Spec):
         return self
 
 
+TOLERATION_RULES = (
+    ("self.operator != 'Exists' || !has(self.value)", "a toleration with operator Exists takes no value"),
+    ("has(self.key) || self.operator == 'Exists'", "a toleration without a key must use operator Exists"),
+    ("!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')", "tolerationSeconds needs effect NoExecute"),
+)
+
+
 class Toleration(_Spec):
+    model_config = ConfigDict(json_schema_extra=rules(*TOLERATION_RULES))
+
     key: str | None = None
     operator: Literal["Exists", "Equal"] = "Equal"
     value: str | None = None
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
     toleration_seconds: int | None = Field(None, alias="tolerationSeconds", ge=0)
 
+    @model_validator(mode="after")
+    def _kubernetes_rules(self) -> Toleration:
+        if self.operator == "Exists" and self.value is not None:
+            raise ValueError(TOLERATION_RULES[0][1])
+        if self.key is None and self.operator != "Exists":
+            raise ValueError(TOLERATION_RULES[1][1])
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError(TOLERATION_RULES[2][1])
+        return self
+
 
 class GPU(_Spec):
     count: int = Field(1, ge=0, le=8, description="GPUs per engine pod; 0 runs the engine on CPU (testing only).")
-    resource_name: str = Field("nvidia.com/gpu", alias="resourceName", min_length=1, description="Extended resource that counts GPUs.")
+    resource_name: str = Field(
+        "nvidia.com/gpu", alias="resourceName", min_length=1, max_length=317, pattern=RESOURCE_NAME, description="Extended resource that counts GPUs."
+    )
     node_selector: dict[str, str] = Field(
         default_factory=dict, alias="nodeSelector", description="Node labels the engine pods require (e.g. a GPU product label)."
     )
@@ -109,9 +135,12 @@ class GPU(_Spec):
     runtime_class_name: str | None = Field(None, alias="runtimeClassName", pattern=DNS_LABEL, description="RuntimeClass for GPU containers, e.g. `nvidia`.")
 
 
+Quantity = Annotated[str, StringConstraints(pattern=QUANTITY)]
+
+
 class Quantities(_Spec):
-    requests: dict[str, int | str] = Field(default_factory=dict, description="e.g. cpu: 4, memory: 32Gi (GPUs come from spec.gpu).")
-    limits: dict[str, int | str] = Field(default_factory=dict)
+    requests: dict[str, int | Quantity] = Field(default_factory=dict, description="e.g. cpu: 4, memory: 32Gi (GPUs come from spec.gpu).")
+    limits: dict[str, int | Quantity] = Field(default_factory=dict)
 
 
 class Autoscaling(_Spec):
@@ -270,6 +299,7 @@ SPEC_RULES = (
         "replicas must lie within [minReplicas, maxReplicas] while autoscaling is disabled",
     ),
     ("self.gpu.count > 0 || self.model.dtype != 'float16'", "model.dtype float16 needs gpu.count >= 1"),
+    ("self.engine.default_steps <= self.engine.limits.max_steps", "engine.default_steps must be <= engine.limits.max_steps"),
 )
 
 
@@ -307,6 +337,8 @@ class PoolSpec(_Spec):
             raise ValueError(SPEC_RULES[1][1])
         if self.gpu.count == 0 and self.model.dtype == "float16":
             raise ValueError(SPEC_RULES[2][1])
+        if self.engine.default_steps > self.engine.limits.max_steps:
+            raise ValueError(SPEC_RULES[3][1])
         return self
 
     def desired_replicas(self) -> int:

@@ -79,11 +79,13 @@ def _typed(schema: dict[str, Any], value: Any) -> Any:
 
 
 def iter_rules(schema: dict[str, Any], path: tuple[str, ...] = ()) -> Iterator[tuple[tuple[str, ...], dict[str, Any], dict[str, Any]]]:
-    """(path, node schema, rule) for every x-kubernetes-validations rule, outside arrays and maps."""
+    """(path, node schema, rule) for every x-kubernetes-validations rule; "[]" in a path is a list's items."""
     for rule in schema.get("x-kubernetes-validations", []):
         yield path, schema, rule
     for key, sub in (schema.get("properties") or {}).items():
         yield from iter_rules(sub, path + (key,))
+    if isinstance(schema.get("items"), dict):
+        yield from iter_rules(schema["items"], path + ("[]",))
 
 
 _ENV = celpy.Environment()
@@ -96,32 +98,32 @@ def _program(rule: str) -> Any:
     return _PROGRAMS[rule]
 
 
-def _at(value: Any, path: tuple[str, ...]) -> Any:
-    for key in path:
-        if not isinstance(value, dict) or key not in value:
-            return None
-        value = value[key]
-    return value
-
-
 def cel_errors(schema: dict[str, Any], obj: dict[str, Any], old: dict[str, Any] | None = None) -> list[str]:
     """Messages of the CEL rules `obj` (already defaulted) violates; transition rules need `old`."""
-    errors = []
-    for path, node, rule in iter_rules(schema):
-        value = _at(obj, path)
-        if value is None:
-            continue
+    errors: list[str] = []
+    _check(schema, obj, old, (), errors)
+    return errors
+
+
+def _check(schema: dict[str, Any], value: Any, old_value: Any, path: tuple[str, ...], errors: list[str]) -> None:
+    for rule in schema.get("x-kubernetes-validations", []):
         transition = "oldSelf" in rule["rule"]
-        old_value = _at(old, path) if old is not None else None
         if transition and old_value is None:
             continue  # the API server only runs transition rules on updates
-        bindings = {"self": celpy.json_to_cel(_typed(node, value))}
+        bindings = {"self": celpy.json_to_cel(_typed(schema, value))}
         if transition:
-            bindings["oldSelf"] = celpy.json_to_cel(_typed(node, old_value))
+            bindings["oldSelf"] = celpy.json_to_cel(_typed(schema, old_value))
         result = _program(rule["rule"]).evaluate(bindings)
         if result is not True and result != celpy.celtypes.BoolType(True):
             errors.append(f"{'.'.join(path) or '<root>'}: {rule.get('message', rule['rule'])}")
-    return errors
+    if isinstance(value, dict):
+        for key, sub in (schema.get("properties") or {}).items():
+            if key in value:
+                old_sub = old_value.get(key) if isinstance(old_value, dict) else None
+                _check(sub, value[key], old_sub, path + (key,), errors)
+    if isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(value):  # list items have no old value: no transition rules there
+            _check(schema["items"], item, None, path + (f"[{i}]",), errors)
 
 
 def admit(crd: dict[str, Any], obj: dict[str, Any], old: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[str]]:

@@ -120,6 +120,13 @@ INVALID = [
     ({"engine": {"scheduler": {"controller_low_water": 3.0}}}, "controller_low_water must be <= controller_high_water"),
     ({"engine": {"limits": {"min_side": 512, "max_side": 256}}}, "min_side must be <= max_side"),
     ({"engine": {"limits": {"min_guidance": 9, "max_guidance": 3}}}, "min_guidance must be <= max_guidance"),
+    ({"engine": {"default_steps": 50, "limits": {"max_steps": 20}}}, "engine.default_steps must be <= engine.limits.max_steps"),
+    ({"resources": {"limits": {"memory": "32 GB"}}}, "does not match"),
+    ({"resources": {"requests": {"cpu": "two"}}}, "does not match"),
+    ({"gpu": {"resourceName": "bad name!"}}, "does not match"),
+    ({"gpu": {"tolerations": [{"key": "gpu", "operator": "Exists", "value": "x"}]}}, "operator Exists takes no value"),
+    ({"gpu": {"tolerations": [{"operator": "Equal", "value": "x"}]}}, "without a key must use operator Exists"),
+    ({"gpu": {"tolerations": [{"key": "gpu", "effect": "NoSchedule", "tolerationSeconds": 30}]}}, "tolerationSeconds needs effect NoExecute"),
 ]
 
 
@@ -144,6 +151,9 @@ VALID_EDGES = [
     {"model": {"path": "relative/dir", "pvc": "models"}},
     {"gpu": {"count": 0}, "model": {"uri": "hf://org/model", "dtype": "float32"}},
     {"engine": {"scheduler": {"threshold": 0.95, "threshold_max": 0.95}, "limits": {"min_side": 256, "max_side": 256}}},
+    {"engine": {"default_steps": 20, "limits": {"max_steps": 20}}},
+    {"resources": {"requests": {"cpu": "500m", "memory": "32Gi", "ephemeral-storage": "1e9"}, "limits": {"cpu": 4, "memory": "64Gi"}}},
+    {"gpu": {"resourceName": "amd.com/gpu", "tolerations": [{"operator": "Exists"}, {"key": "k", "effect": "NoExecute", "tolerationSeconds": 30}]}},
 ]
 
 

@@ -65,7 +65,8 @@ TEST_LIMITS = dict(max_prompt_chars=2000, max_n=8, min_side=32, max_side=1024, m
 
 
 def make_engine(**limits) -> Engine:
-    cfg = EngineConfig(device="cpu", dtype="float32", default_steps=4, limits=LimitsConfig(**{**TEST_LIMITS, **limits}))
+    merged = {**TEST_LIMITS, **limits}
+    cfg = EngineConfig(device="cpu", dtype="float32", default_steps=min(4, merged["max_steps"]), limits=LimitsConfig(**merged))
     return Engine(cfg).start()
 
 

@@ -141,6 +141,12 @@ class EngineConfig(_Strict):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
 
+    @model_validator(mode="after")
+    def _steps_within_limits(self) -> EngineConfig:
+        if self.default_steps > self.limits.max_steps:
+            raise ValueError("default_steps must be <= limits.max_steps")
+        return self
+
 
 class _ConfigFileSource(PydanticBaseSettingsSource):
     """Reads `SYNERDIFF_CONFIG_FILE` (JSON or YAML): how the operator's ConfigMap reaches the pod."""
