@@ -163,6 +163,27 @@ def _container_problem(pod: str, cs: dict[str, Any], is_init: bool) -> Problem |
     return None
 
 
+# Why the ReplicaSet could not create a pod, by what the API server's refusal says.
+_CREATE_FAILURES = (
+    ("exceeded quota", "QuotaExceeded"),
+    ("RuntimeClass", "RuntimeClassNotFound"),
+    ("violates PodSecurity", "PodSecurityRejected"),
+    ("per Container is", "LimitRangeRejected"),
+    ("per Pod is", "LimitRangeRejected"),
+)
+
+
+def _replica_failure(deployment: dict[str, Any]) -> Problem | None:
+    """The Deployment's pods cannot even be created (quota, runtime class, pod security, limit range):
+    no pod will ever report a problem, so the Deployment's own condition is the only witness."""
+    for cond in (deployment.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == "ReplicaFailure" and cond.get("status") == "True":
+            message = cond.get("message") or cond.get("reason") or "the ReplicaSet cannot create pods"
+            reason = next((r for needle, r in _CREATE_FAILURES if needle in message), "ReplicaFailure")
+            return Problem(reason, f"engine pods cannot be created: {message}"[:2000])
+    return None
+
+
 def _deployment_stalled(deployment: dict[str, Any]) -> Problem | None:
     for cond in (deployment.get("status") or {}).get("conditions") or []:
         if cond.get("type") == "Progressing" and cond.get("status") == "False" and cond.get("reason") == "ProgressDeadlineExceeded":
@@ -191,6 +212,9 @@ def compute(obs: Observation, gpu_resource: str = "nvidia.com/gpu") -> dict[str,
     stalled = _deployment_stalled(dep) if dep else None
     if stalled:
         problems.append(stalled)
+    uncreatable = _replica_failure(dep) if dep else None
+    if uncreatable:
+        problems.insert(0, uncreatable)
     if obs.child_error:
         problems.insert(0, Problem(*obs.child_error))
     crash = next((p for p in problems if p.reason in ("ModelLoadFailed", "ModelDownloadFailed", "ImagePullFailed", "ConfigError")), None)

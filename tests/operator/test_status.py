@@ -132,6 +132,26 @@ def test_image_and_config_errors_and_stalled_rollouts() -> None:
     assert cond(s, "Progressing") == ("False", "ProgressDeadlineExceeded") and cond(s, "Degraded") == ("True", "ProgressDeadlineExceeded")
 
 
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        ('pods "sd-1" is forbidden: exceeded quota: gpus, requested: requests.nvidia.com/gpu=1, used: 4, limited: 4', "QuotaExceeded"),
+        ('pod rejected: RuntimeClass "nvidia" not found', "RuntimeClassNotFound"),
+        ('pods "sd-1" is forbidden: violates PodSecurity "restricted:latest": seccompProfile', "PodSecurityRejected"),
+        ('pods "sd-1" is forbidden: maximum memory usage per Container is 16Gi, but limit is 32Gi', "LimitRangeRejected"),
+        ("something else the API server said", "ReplicaFailure"),
+    ],
+)
+def test_pods_that_cannot_be_created_are_named_at_once(message: str, reason: str) -> None:
+    """No pod exists to report anything: the Deployment's ReplicaFailure condition is the cause,
+    not "waiting for the model to load" until the progress deadline 40 minutes later."""
+    failing = deployment(ready=0, total=0, conditions=[{"type": "ReplicaFailure", "status": "True", "reason": "FailedCreate", "message": message}])
+    s = observe(deployment=failing, pods=[])
+    assert cond(s, "Ready") == ("False", reason) and cond(s, "Degraded") == ("True", reason)
+    ready_message = next(c["message"] for c in s["conditions"] if c["type"] == "Ready")
+    assert message in ready_message
+
+
 def test_diagnosis_orders_actionable_causes_first() -> None:
     problems = diagnose_pods([pending("Insufficient nvidia.com/gpu"), crashing()])
     assert [p.reason for p in problems] == ["ModelLoadFailed", "InsufficientGPU"]
