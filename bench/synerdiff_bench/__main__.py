@@ -5,6 +5,7 @@ profile      offline profiler -> a cost_model.Profile JSON
 run          open-loop load sweep over --rates for --systems -> OUT/NAME.json
 smoke        ≥ 32 concurrent mixed requests through the engine -> OUT/NAME.json
 scale        N servers, one per GPU, behind round-robin, against one GPU -> OUT/NAME.json
+fastpath     the compiled fast path against diffusers eager/compiled: start-up, lone, saturated -> OUT/fastpath.json
 plot         a sweep JSON -> PNG (needs matplotlib; run it off the GPU machine)
 """
 
@@ -62,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument(
-        "--fast-path", default="auto", choices=["auto", "on", "off"], help="time the CUDA-graph UNet the engine uses by default (auto: on with CUDA)"
+        "--fast-path",
+        default="auto",
+        choices=["auto", "on", "off", "graphs"],
+        help="time the compiled CUDA-graph UNet the engine uses by default (auto: on with CUDA); graphs: uncompiled CUDA graphs",
     )
     p.add_argument("-o", "--output", default="profile.json")
 
@@ -178,8 +182,11 @@ def cmd_profile(args: argparse.Namespace) -> None:
     path, model = _load(args)
     executor = StepExecutor(model)
     sizes = parse_sizes(args.sizes) if args.sizes else [(model.default_size, model.default_size)]
-    if args.fast_path == "on" or (args.fast_path == "auto" and model.device.type == "cuda"):
-        executor.enable_fast_path(sizes, args.max_rows)
+    if args.fast_path in ("on", "graphs") or (args.fast_path == "auto" and model.device.type == "cuda"):
+        from synerdiff.contract.config import EngineConfig, SchedulerConfig
+
+        fast = EngineConfig(scheduler=SchedulerConfig(max_rows=args.max_rows), fast_path_compile=args.fast_path != "graphs")
+        executor.enable_fast_path(fast, sizes)
     prof = profile_executor(
         executor,
         path,
@@ -296,7 +303,11 @@ def cmd_overlap(args: argparse.Namespace) -> None:
         raise SystemExit("overlap needs a CUDA device: it times two CUDA streams on one GPU")
     executor = StepExecutor(model)
     rows = [int(x) for x in args.rows.split(",")]
-    executor.enable_fast_path([(model.default_size, model.default_size)], max(rows))
+    from synerdiff.contract.config import EngineConfig, SchedulerConfig
+
+    # Uncompiled graphs at exactly the rows asked for: what the overlap of two streams costs, not the kernels.
+    fast = EngineConfig(scheduler=SchedulerConfig(max_rows=max(rows)), fast_path_compile=False, fast_path_rows=sorted(set(rows)))
+    executor.enable_fast_path(fast, [(model.default_size, model.default_size)])
     report = new_report("overlap", args.name, args.argv, model=path, dtype=args.dtype)
     report["points"] = measure_overlap(executor, rows, [int(x) for x in args.images.split(",")], args.repeats)
     out = result_path(args.out, args.name)
@@ -312,6 +323,12 @@ def cmd_plot(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["fastpath"]:  # its own argument parser: phases with their own options
+        from .fastpath import main as fastpath_main
+
+        fastpath_main(argv[1:], stamp=argv)
+        return
     args = build_parser().parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # stamped into the result files
     {"build-model": cmd_build_model, "profile": cmd_profile, "run": cmd_run, "smoke": cmd_smoke, "scale": cmd_scale, "overlap": cmd_overlap, "plot": cmd_plot}[

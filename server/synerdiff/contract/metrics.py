@@ -15,6 +15,10 @@ THRESHOLD = "synerdiff_scheduler_threshold"
 SKIP_CFG_BOUND = "synerdiff_skip_cfg_bound"
 SKIP_CFG_FRACTION = "synerdiff_skip_cfg_fraction"
 MAX_ROWS = "synerdiff_scheduler_max_rows"
+GRAPHS_READY = "synerdiff_fast_path_graphs_ready"
+GRAPHS = "synerdiff_fast_path_graphs"
+STARTUP_SECONDS = "synerdiff_startup_seconds"
+COMPILE_CACHE = "synerdiff_compile_cache"  # 1 for the label state = warm | cold | off the start used
 
 # Histograms.
 STEP_ROWS = "synerdiff_step_rows"
@@ -31,6 +35,7 @@ CFG_SKIPPED = "synerdiff_cfg_skipped_steps"
 VAE_CHUNKS = "synerdiff_vae_chunks"
 VAE_BESIDE = "synerdiff_vae_beside_images"
 VAE_FALLBACKS = "synerdiff_vae_oom_fallbacks"
+PADDED_ROWS = "synerdiff_unet_padded_rows"
 
 
 def total(counter: str) -> str:

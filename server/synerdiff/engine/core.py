@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -38,6 +38,7 @@ class StepReport:
     rows: int
     # Of the requests whose last step this was, those whose latents are not finite.
     nonfinite: frozenset[str] = frozenset()
+    padded_rows: int = 0  # rows the replayed graph ran beyond `rows`
 
 
 @dataclass
@@ -108,6 +109,7 @@ class EngineCore:
         cost_model: CostModel | None = None,
         native_size: int | None = None,
         observers: list[EngineObserver] | None = None,
+        replay_rows: Mapping[Bucket, tuple[int, ...]] | None = None,
     ):
         self.scheduler = scheduler
         self.policy = policy
@@ -118,6 +120,7 @@ class EngineCore:
         self.cost_model = cost_model
         self.native_size = native_size  # the model's side in pixels: derives the step's pixel bound
         self.observers = observers if observers is not None else []
+        self.replay_rows = dict(replay_rows or {})  # the row sizes the runner replays, by bucket
         self.table = RequestTable()
         self.controller = ctl.ControllerState.initial(scheduler)
         self.rows_active = 0  # read by other threads (metrics)
@@ -204,6 +207,7 @@ class EngineCore:
             decodes=tuple(Decode(d.spec.id, d.spec.bucket, d.images_left, d.finished_at) for d in t.decoding.values()),
             max_rows=cfg.max_rows,
             max_step_pixels=cfg.max_step_pixels or (cfg.max_rows * self.native_size**2 if self.native_size else 0),
+            replay_rows=self.replay_rows,
             last_served=dict(self._last_served),
             threshold=self.controller.threshold,
             skip_fraction=ctl.skip_fraction(cfg, self.controller.threshold),
@@ -288,6 +292,7 @@ class EngineCore:
             stats.finished += 1
         self.rows_active = self.table.rows_active()
         stats.bucket, stats.rows, stats.images = bucket, report.rows, sum(d.spec.n for d in jobs)
+        stats.padded_rows = report.padded_rows
         stats.unet_s, stats.sampler_s = report.unet_s, report.sampler_s
 
     def _work(self, items: Sequence[tuple[str, int]]) -> list[tuple[Decoding, int]]:

@@ -19,6 +19,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ from ..scheduling.policies import policy_for
 from .core import EngineCore
 from .cpus import cpu_budget
 from .errors import Cancelled, EngineError, QueueFull, RequestError, ShuttingDown
-from .executor import StepExecutor
+from .executor import FastPathStart, StepExecutor
 from .jobs import Decoding, Denoising, JobSpec, Phase
 from .observer import EngineObserver, IterationStats
 from .request import GenerationRequest, GenerationResult, Timings
@@ -66,6 +67,15 @@ class RequestHandle:
 
     async def result(self) -> GenerationResult:
         return await asyncio.wrap_future(self.future)
+
+
+@dataclass
+class Startup:
+    """Where `Engine.start` is, for logs, metrics and readiness."""
+
+    stage: str = "starting"  # loading model, compiling (or capturing graphs), profiling, warming up, ready
+    fast_path: FastPathStart | None = None
+    seconds: float = 0.0  # start() to ready, the model load included
 
 
 class Engine:
@@ -105,6 +115,7 @@ class Engine:
         self._queued = 0  # submitted, not yet admitted (read by other threads)
         self._in_flight = 0  # submitted, not yet finished
         self.ready = False
+        self.startup = Startup()
 
     # ------------------------------------------------------------------ life cycle
     @property
@@ -121,12 +132,20 @@ class Engine:
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
         log.info("torch intra-op threads: %d%s", threads, "" if self.config.threads else " (one less than the CPU affinity, quota or limit allows)")
+        t0 = time.perf_counter()
         if self._model is None:
+            self.startup.stage = "loading model"
             self._model = load_model(self.config.model, self.config.device, self.config.dtype)
         self.executor = StepExecutor(self._model)
         if self.config.fast_path and self._model.device.type == "cuda":
-            self.executor.enable_fast_path(self._fast_path_sizes(), self.config.scheduler.max_rows, self.config.fast_path_compile)
+            self.startup.stage = "compiling" if self.config.fast_path_compile else "capturing graphs"
+
+            def progress(fp: FastPathStart) -> None:
+                self.startup.fast_path = fp
+
+            self.startup.fast_path = self.executor.enable_fast_path(self.config, self._fast_path_sizes(), progress)
         if self.cost_model is None and (self.config.profile_path or self.config.scheduler.policy == "synerdiff"):
+            self.startup.stage = "profiling"
             self.cost_model = self._load_cost_model()
         self._runner = TorchRunner(self._model, self.executor, self.config.vae_tiling)
         cfg = self.config.scheduler
@@ -141,13 +160,17 @@ class Engine:
             cost_model=self.cost_model,
             native_size=self._model.default_size,
             observers=self.observers,
+            replay_rows=self.executor.replay_rows(),
         )
         self._accepting = True
         self._thread = threading.Thread(target=self._run, name="synerdiff-engine", daemon=True)
         self._thread.start()
         if self.config.warmup:
+            self.startup.stage = "warming up"
             size = self._model.default_size
             self.submit(GenerationRequest(prompt="warm-up", height=size, width=size, steps=2, seed=0)).wait()
+        self.startup.seconds = time.perf_counter() - t0
+        self.startup.stage = "ready"
         self.ready = True
         return self
 

@@ -7,12 +7,43 @@ latent scaling, decode and de-normalisation) so that batched results equal the p
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
+from ..contract.config import EngineConfig
 from ..models.loader import ModelBundle
-from .fastpath import GraphedUNet
+from .fastpath import Capture, GraphedUNet
+
+log = logging.getLogger("synerdiff.executor")
+
+
+@dataclass
+class FastPathStart:
+    """How the fast path came up: what a start-up log line, the metrics and the status report."""
+
+    compiled: bool = False
+    kernels_total: int = 0
+    kernels_ready: int = 0
+    cache: str = "off"  # "warm": compiled kernels loaded from the compile cache; "cold": compiled here; "off"
+    cache_path: str = ""
+    cache_bytes: int = 0  # written after a cold compile
+    attention: str = "torch"
+    attention_ms: dict[str, float] = field(default_factory=dict)  # eager step time under each SDPA backend, when measured
+    seconds: float = 0.0
+
+
+def _version(dist: str) -> str:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "none"
 
 
 class PendingDecode(NamedTuple):
@@ -31,22 +62,82 @@ class StepExecutor:
         self._vae_shift = getattr(model.vae.config, "shift_factor", None) or 0.0
         self.graphed: GraphedUNet | None = None  # set by enable_fast_path
 
-    def enable_fast_path(self, sizes: list[tuple[int, int]], max_rows: int, compile: bool = False) -> None:
-        """Capture CUDA graphs of the UNet for every row size up to max_rows (CUDA only)."""
-        from .fastpath import row_sizes_up_to
+    def enable_fast_path(self, config: EngineConfig, sizes: list[tuple[int, int]], progress: Callable[[FastPathStart], None] | None = None) -> FastPathStart:
+        """Capture the UNet's graphs (compiled, from the compile cache where it holds them) for
+        every image size in `sizes` and the configured row sizes (CUDA only)."""
+        from .compile_cache import CompileCache, default_cache_dir, model_fingerprint
+        from .fastpath import COMPILED_ROW_SIZES, DEFAULT_ROW_SIZES, GraphedUNet, fastest_attention, row_sizes_up_to
 
         m = self.model
         if m.device.type != "cuda":
             raise RuntimeError("the fast path needs a CUDA device")
+        t0 = time.perf_counter()
+        compile = config.fast_path_compile
+        max_rows = config.scheduler.max_rows
+        rows = row_sizes_up_to(max_rows, config.fast_path_rows or (COMPILED_ROW_SIZES if compile else DEFAULT_ROW_SIZES))
         ctx = (m.tokenizer.model_max_length, int(m.unet.config.cross_attention_dim))
-        g = GraphedUNet(m.unet, ctx_shape=ctx, dtype=self.dtype, device=self.device, compile=compile)
         f = m.vae_scale_factor
-        row_sizes = row_sizes_up_to(max_rows)
-        if compile:
-            row_sizes = [b for b in row_sizes if b > 1] or [2]  # batch 1 would force a second compile
-        for h, w in sizes:
-            g.capture((m.latent_channels, h // f, w // f), row_sizes)
+        shapes = [(m.latent_channels, h // f, w // f) for h, w in sizes]
+        start = FastPathStart(compiled=compile, kernels_total=len(shapes) * len(rows), cache="off")
+        cache = None
+        if compile and config.compile_cache:
+            facts: dict[str, object] = dict(
+                gpu=torch.cuda.get_device_name(m.device),
+                capability=list(torch.cuda.get_device_capability(m.device)),
+                torch=torch.__version__,
+                triton=_version("triton"),
+                diffusers=_version("diffusers"),
+                unet=model_fingerprint(dict(m.unet.config)),
+                dtype=str(self.dtype),
+                shapes=shapes,
+                rows=rows,
+                mode=config.compile_mode,
+                attention=config.attention_backend,
+            )
+            cache = CompileCache(Path(config.compile_cache_dir) if config.compile_cache_dir else default_cache_dir(), facts)
+            start.cache = "warm" if cache.load() else "cold"
+            start.cache_path = str(cache.blob_path)
+        attn: str | None = None if config.attention_backend == "torch" else config.attention_backend
+        if attn == "auto":
+            attn = cache.remembered("attention") if cache is not None and start.cache == "warm" else None
+            if attn is None:
+                attn, start.attention_ms = fastest_attention(
+                    m.unet, shape=shapes[0], rows=min(8, max_rows), ctx_shape=ctx, dtype=self.dtype, device=self.device
+                )
+                log.info("attention backend %s (eager step of %d rows, ms: %s)", attn, min(8, max_rows), start.attention_ms)
+        start.attention = attn or "torch"
+        g = GraphedUNet(m.unet, ctx_shape=ctx, dtype=self.dtype, device=self.device, compile=compile, mode=config.compile_mode, attention_backend=attn)
+
+        def captured(cap: Capture) -> None:
+            start.kernels_ready += 1
+            start.seconds = time.perf_counter() - t0
+            log.info(
+                "%s UNet graph %d of %d: %d rows, latents %s, %.1f s (replay %.2f ms)",
+                "compiled" if compile else "captured",
+                start.kernels_ready,
+                start.kernels_total,
+                cap.rows,
+                cap.shape,
+                cap.seconds,
+                cap.replay_ms,
+            )
+            if progress is not None:
+                progress(start)
+
+        for shape in shapes:
+            g.capture(shape, rows, captured)
         self.graphed = g
+        if cache is not None and start.cache == "cold":
+            start.cache_bytes = cache.save({"attention": start.attention, "compile_s": time.perf_counter() - t0})
+        start.seconds = time.perf_counter() - t0
+        log.info(
+            "UNet fast path ready in %.1f s (%s, compile cache %s, attention %s)",
+            start.seconds,
+            "compiled" if compile else "graphs",
+            start.cache,
+            start.attention,
+        )
+        return start
 
     @torch.inference_mode()
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
@@ -56,6 +147,18 @@ class StepExecutor:
         mask = inputs.attention_mask.to(self.device) if self._use_attention_mask else None
         out = self.model.text_encoder(inputs.input_ids.to(self.device), attention_mask=mask)[0]
         return out.to(self.dtype)
+
+    @property
+    def padded_rows(self) -> int:
+        """Rows the fast path's graphs ran beyond the rows asked for, since start."""
+        return self.graphed.padded_rows if self.graphed is not None else 0
+
+    def replay_rows(self) -> dict[tuple[int, int], tuple[int, ...]]:
+        """The row sizes replayed for each image size (height, width) in pixels."""
+        if self.graphed is None:
+            return {}
+        f = self.model.vae_scale_factor
+        return {(h * f, w * f): tuple(self.graphed.sizes((c, h, w))) for c, h, w in self.graphed.shapes}
 
     @torch.inference_mode()
     def unet(self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:

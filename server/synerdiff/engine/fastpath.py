@@ -1,90 +1,192 @@
-"""CUDA-graph fast path for the UNet: captured at start-up for fixed row sizes.
+"""The UNet fast path: one CUDA graph per (latent shape, row size), compiled by default.
 
 An eager SD-sized UNet step launches about a thousand kernels; at small batches the GPU
-waits on the launches (27.6 ms eager vs 10.7 ms graphed for 2 rows on an H100 80GB).
-At start-up we capture one graph per (latent shape, row size); a step with `r` rows
-replays the smallest captured size >= r, its extra rows padded. Rows are independent in the
-UNet (group norm and attention are per sample), so padding never changes real rows;
-only the choice of GEMM kernel for the padded batch may move results by fp16 rounding.
-Optionally the UNet is `torch.compile`d first: one static-shape compile per row size
-(about a minute each for SD1.5 on an H100; dynamic shapes compiled far slower), so
-compile mode is for a short list of sizes.
+waits on the launches (27.6 ms eager vs 10.7 ms graphed for 2 rows on an H100 80GB), and
+even at 32 rows the eager kernels leave a third of the step on the table: on an H200 a
+static-shape `torch.compile` (channels_last) replayed through a CUDA graph ran 2 rows in
+6.3 ms (graphed eager 11.6 ms) and 32 rows in 66.9 ms (94.7 ms). One compile with a dynamic
+batch dimension took 446 s and was no faster than eager, so every row size is its own static
+compile (40-50 s cold; seconds from a warm `compile_cache`), and the compiled list is short:
+`COMPILED_ROW_SIZES`, the planner's admission fills the size a step will replay
+(`EngineView.row_cap`), and a step of `r` rows replays the smallest captured size >= r, its
+extra rows padded. Rows are independent in the UNet (group norm and attention are per
+sample), so padding never changes real rows; only the choice of GEMM kernel for the padded
+batch may move results by fp16 rounding. Rows beyond the largest size run the plain eager
+UNet: a serving step never triggers a compile.
 ("Bucket" in the planner means an image shape; here graphs are kept per row size.)
 """
 
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 
 log = logging.getLogger("synerdiff.fastpath")
 
-# One graph per guided image (2 rows) up to 64 rows. A step costs about 3 ms a row at 512²
-# on an H100 from 8 rows up, so padding is pure waste. With the old list (…32, 40, 48, 64) a
-# step of 17 rows ran 24 and one of 49 ran 64, and the waste fed back: longer steps, more
-# requests in flight, still more rows. At ~2.5 req/s on one H100, P99 fell from 6.1–6.9 s to
-# 4.9–5.1 s with these sizes (bench/results/h100x2-run3 against h100x2-run4). Capturing a graph costs about three
-# forwards of its size: the 36 sizes up to 64 rows added ~25 s to start-up there.
+# Uncompiled graphs: one per guided image (2 rows) up to 64 rows. A step costs about 3 ms a
+# row at 512² on an H100 from 8 rows up, so padding is pure waste. With the old list (…32, 40,
+# 48, 64) a step of 17 rows ran 24 and one of 49 ran 64, and the waste fed back: longer steps,
+# more requests in flight, still more rows. At ~2.5 req/s on one H100, P99 fell from 6.1–6.9 s
+# to 4.9–5.1 s with these sizes (bench/results/h100x2-run3 against h100x2-run4). Capturing a
+# graph costs about three forwards of its size: the 36 sizes up to 64 rows added ~25 s to
+# start-up there.
 DEFAULT_ROW_SIZES = tuple(range(1, 8)) + tuple(range(8, 64, 2)) + tuple(range(64, 128, 8)) + tuple(range(128, 257, 16))
+# Compiled graphs: each size is a compile, so sizes grow by half past 16 rows. At saturation the
+# planner fills the largest size (max_rows) exactly; below it a step pads at most a third of
+# its rows. Batch 1 is left out: it would cost a compile for what the 2-row graph replays with
+# one padded row.
+COMPILED_ROW_SIZES = (2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 # What the profiler times: step cost is near-linear in rows, and the cost model interpolates.
 PROFILE_ROWS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 128, 160, 192, 256)
 
+# The SDPA kernels worth measuring for the UNet's attention, by the name config uses.
+ATTENTION_BACKENDS = ("cudnn", "flash", "efficient")
+
 
 def row_sizes_up_to(max_rows: int, sizes: Iterable[int] = DEFAULT_ROW_SIZES) -> list[int]:
-    """The row sizes to capture for a row cap: the defaults below it, and the cap itself."""
+    """The row sizes to capture for a row cap: the given sizes below it, and the cap itself."""
     return sorted({b for b in sizes if b < max_rows} | {max_rows})
 
 
+def sdpa_backend(name: str) -> torch.nn.attention.SDPBackend:
+    from torch.nn.attention import SDPBackend
+
+    return {
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[name]
+
+
+@contextlib.contextmanager
+def attention(name: str | None) -> Iterator[None]:
+    """SDPA restricted to one backend (None: torch's own choice)."""
+    if name is None:
+        yield
+        return
+    from torch.nn.attention import sdpa_kernel
+
+    with sdpa_kernel(sdpa_backend(name)):
+        yield
+
+
+@dataclass
+class Capture:
+    """What capturing one graph took, for the start-up log and metrics."""
+
+    shape: tuple[int, int, int]
+    rows: int
+    seconds: float  # compile (if any), warm-up and capture
+    replay_ms: float
+
+
+@dataclass
 class _Graph:
-    def __init__(self, rows: int, shape: tuple[int, int, int], ctx: tuple[int, int], dtype, device):
-        self.rows = rows
-        self.x = torch.zeros(rows, *shape, dtype=dtype, device=device)
-        self.t = torch.full((rows,), 500.0, dtype=torch.float32, device=device)
-        self.c = torch.zeros(rows, *ctx, dtype=dtype, device=device)
-        self.out: torch.Tensor | None = None
-        self.graph = torch.cuda.CUDAGraph()
+    rows: int
+    x: torch.Tensor
+    t: torch.Tensor
+    c: torch.Tensor
+    graph: torch.cuda.CUDAGraph = field(default_factory=torch.cuda.CUDAGraph)
+    out: torch.Tensor | None = None
 
 
 class GraphedUNet:
-    def __init__(self, unet, *, ctx_shape: tuple[int, int], dtype: torch.dtype, device: torch.device, compile: bool = False):
+    def __init__(
+        self,
+        unet,
+        *,
+        ctx_shape: tuple[int, int],
+        dtype: torch.dtype,
+        device: torch.device,
+        compile: bool = False,
+        mode: str = "default",
+        attention_backend: str | None = None,
+    ):
         self.unet = unet
         self.ctx_shape = ctx_shape
         self.dtype = dtype
         self.device = device
+        self.compiled = compile
+        self.attention_backend = attention_backend
         self._graphs: dict[tuple[int, int, int], dict[int, _Graph]] = {}
         self._sizes: dict[tuple[int, int, int], list[int]] = {}
         self._pool = torch.cuda.graph_pool_handle()
         self.replays = 0
         self.eager_calls = 0
+        self.padded_rows = 0  # replayed rows that held no request, since start
+        self.captures: list[Capture] = []
 
         def forward(x, t, c):
             return unet(x, t, encoder_hidden_states=c, return_dict=False)[0]
 
+        self._eager: Callable = forward
         self._fn: Callable = forward
         if compile:
-            self._fn = torch.compile(forward, dynamic=False)
+            # channels_last lets inductor pick NHWC convolutions, the layout Hopper's tensor cores want.
+            unet.to(memory_format=torch.channels_last)
+            self._fn = torch.compile(forward, dynamic=False, fullgraph=True, mode=None if mode == "default" else mode)
+
+    def sizes(self, shape: tuple[int, int, int]) -> list[int]:
+        return list(self._sizes.get(shape, ()))
+
+    @property
+    def shapes(self) -> list[tuple[int, int, int]]:
+        return list(self._sizes)
 
     @torch.inference_mode()
-    def capture(self, shape: tuple[int, int, int], row_sizes: list[int]) -> None:
-        """Capture one graph per row size for latents of `shape` (C, h, w)."""
+    def capture(self, shape: tuple[int, int, int], row_sizes: list[int], progress: Callable[[Capture], None] | None = None) -> None:
+        """Capture one graph per row size for latents of `shape` (C, h, w); compile first if asked."""
+        import torch._dynamo
+
         graphs = self._graphs.setdefault(shape, {})
+        if self.compiled:
+            # Each static size is one more entry in dynamo's cache of `forward`; past the limit it
+            # would silently run eager.
+            need = sum(len(v) for v in self._graphs.values()) + len(row_sizes) + 8
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, need)
+            torch._dynamo.config.accumulated_cache_size_limit = max(torch._dynamo.config.accumulated_cache_size_limit, need)
         for rows in row_sizes:
-            g = _Graph(rows, shape, self.ctx_shape, self.dtype, self.device)
+            t0 = time.perf_counter()
+            g = _Graph(
+                rows,
+                x=torch.zeros(rows, *shape, dtype=self.dtype, device=self.device),
+                t=torch.full((rows,), 500.0, dtype=torch.float32, device=self.device),
+                c=torch.zeros(rows, *self.ctx_shape, dtype=self.dtype, device=self.device),
+            )
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(2):  # warm-up outside the capture: cuDNN/cuBLAS pick kernels, compile runs
-                    self._fn(g.x, g.t, g.c)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            with torch.cuda.graph(g.graph, pool=self._pool):
-                g.out = self._fn(g.x, g.t, g.c)
+            with attention(self.attention_backend):
+                with torch.cuda.stream(side):
+                    for _ in range(2):  # outside the capture: the compile runs, cuDNN/cuBLAS pick kernels
+                        self._fn(g.x, g.t, g.c)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                with torch.cuda.graph(g.graph, pool=self._pool):
+                    g.out = self._fn(g.x, g.t, g.c)
             graphs[rows] = g
-            log.info("captured UNet graph: %d rows, latents %s", rows, shape)
-        self._sizes[shape] = sorted(graphs)
-        torch.cuda.synchronize(self.device)
+            self._sizes[shape] = sorted(graphs)
+            torch.cuda.synchronize(self.device)
+            seconds = time.perf_counter() - t0
+            cap = Capture(shape, rows, seconds, self._replay_ms(g))
+            self.captures.append(cap)
+            if progress is not None:
+                progress(cap)
+
+    def _replay_ms(self, g: _Graph, repeats: int = 3) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        g.graph.replay()
+        start.record()
+        for _ in range(repeats):
+            g.graph.replay()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / repeats
 
     def covers(self, rows: int, shape: tuple[int, int, int]) -> bool:
         sizes = self._sizes.get(shape)
@@ -97,13 +199,47 @@ class GraphedUNet:
         sizes = self._sizes.get(shape)
         if not sizes or rows > sizes[-1]:
             self.eager_calls += 1
-            return self._fn(sample, timesteps, context)
+            with attention(self.attention_backend):
+                return self._eager(sample, timesteps, context)
         g = self._graphs[shape][sizes[bisect.bisect_left(sizes, rows)]]
         g.x[:rows].copy_(sample)
         g.t[:rows].copy_(timesteps)
         g.c[:rows].copy_(context)
         g.graph.replay()
         self.replays += 1
+        self.padded_rows += g.rows - rows
         assert g.out is not None  # set by capture
         # A copy: the next replay overwrites the graph's output buffer.
         return g.out[:rows].clone()
+
+
+def fastest_attention(
+    unet, *, shape: tuple[int, int, int], rows: int, ctx_shape: tuple[int, int], dtype: torch.dtype, device: torch.device
+) -> tuple[str, dict[str, float]]:
+    """The SDPA backend under which an eager UNet step of `rows` runs fastest, and each one's ms.
+
+    Inductor keeps the SDPA kernel of the eager op, so the eager step ranks the backends for the
+    compiled one too. A backend that refuses the shapes or dtype is left out.
+    """
+    x = torch.randn(rows, *shape, dtype=dtype, device=device)
+    t = torch.full((rows,), 500.0, dtype=torch.float32, device=device)
+    c = torch.randn(rows, *ctx_shape, dtype=dtype, device=device)
+    times: dict[str, float] = {}
+    with torch.inference_mode():
+        for name in ATTENTION_BACKENDS:
+            try:
+                with attention(name):
+                    for _ in range(2):
+                        unet(x, t, encoder_hidden_states=c, return_dict=False)
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    for _ in range(3):
+                        unet(x, t, encoder_hidden_states=c, return_dict=False)
+                    end.record()
+                    end.synchronize()
+                times[name] = start.elapsed_time(end) / 3
+            except RuntimeError as exc:
+                log.info("attention backend %s unavailable here: %s", name, str(exc).splitlines()[0] if str(exc) else exc)
+    if not times:
+        raise RuntimeError("no SDPA backend runs this UNet")
+    return min(times, key=times.__getitem__), times

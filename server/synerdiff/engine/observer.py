@@ -30,6 +30,7 @@ class IterationStats:
 
     bucket: Bucket | None = None
     rows: int = 0
+    padded_rows: int = 0  # rows the replayed graph ran beyond `rows` (compiled row sizes)
     images: int = 0
     admitted: int = 0
     finished: int = 0

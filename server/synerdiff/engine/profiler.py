@@ -138,14 +138,23 @@ def uses_fast_path(executor: StepExecutor) -> bool:
     return getattr(executor, "graphed", None) is not None
 
 
+def uses_compiled(executor: StepExecutor) -> bool:
+    graphed = getattr(executor, "graphed", None)
+    return graphed is not None and bool(graphed.compiled)
+
+
 def row_counts(max_rows: int, executor: StepExecutor | None = None) -> list[int]:
     """Powers of two up to max_rows; with the fast path, a subset of its graphs' row sizes: a step
     replays the smallest size that fits, so only those sizes occur, and they are
     fine enough that the cost model's linear interpolation between these stands for the rest."""
-    if executor is not None and uses_fast_path(executor):
-        from .fastpath import PROFILE_ROWS, row_sizes_up_to
+    if executor is not None and executor.graphed is not None:
+        from .fastpath import PROFILE_ROWS
 
-        return [b for b in row_sizes_up_to(max_rows) if b in PROFILE_ROWS or b == max_rows]
+        # The replayed sizes are the only step sizes that occur; compiled lists are short, so all of them.
+        sizes = sorted({r for shape in executor.graphed.shapes for r in executor.graphed.sizes(shape) if r <= max_rows})
+        if executor.graphed.compiled:
+            return sizes
+        return [b for b in sizes if b in PROFILE_ROWS or b == max_rows]
 
     rows, r = [], 1
     while r < max_rows:
@@ -231,6 +240,7 @@ def profile_executor(
         encode=_monotone(enc),
         vae_beside=beside,
         fast_path=uses_fast_path(executor),
+        compiled=uses_compiled(executor),
         versions=versions(),
     )
 
@@ -252,7 +262,7 @@ def ensure_profile(config: EngineConfig, executor: StepExecutor, path: str | Pat
     """
     p = Path(path or config.profile_path or default_profile_path(executor, config.model))
     m = executor.model
-    key = (gpu_name(m.device), model_id(config.model), dtype_name(m.dtype), uses_fast_path(executor))
+    key = (gpu_name(m.device), model_id(config.model), dtype_name(m.dtype), uses_fast_path(executor), uses_compiled(executor))
     if p.is_file():
         try:
             prof = Profile.load(p)

@@ -139,6 +139,7 @@ class TorchRunner:
             ctx = torch.cat(uncond_ctx + cond_ctx)
         else:
             tsteps_all, ctx = tsteps, torch.cat(cond_ctx)
+        padded_before = ex.padded_rows
         out = ex.unet(model_in, tsteps_all, ctx)
         ex.synchronize()  # without it unet_s would time only the (asynchronous) launches
         t1 = time.perf_counter()
@@ -171,7 +172,13 @@ class TorchRunner:
             off += n
             if d.step + 1 == d.spec.steps and not bool(torch.isfinite(r.latents).all()):
                 nonfinite.add(d.spec.id)
-        return StepReport(unet_s=t1 - t0, sampler_s=t2 - t1, rows=len(guided_idx) + x.shape[0], nonfinite=frozenset(nonfinite))
+        return StepReport(
+            unet_s=t1 - t0,
+            sampler_s=t2 - t1,
+            rows=len(guided_idx) + x.shape[0],
+            nonfinite=frozenset(nonfinite),
+            padded_rows=ex.padded_rows - padded_before,
+        )
 
     # ------------------------------------------------------------------ decodes
     def _chunks(self, work: DecodeWork) -> list[tuple[str, torch.Tensor]]:

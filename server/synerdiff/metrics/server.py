@@ -65,6 +65,17 @@ class ServerMetrics:
             lambda: current_skip_fraction(engine)
         )
         Gauge(names.MAX_ROWS, "Most UNet rows in one forward.", registry=r).set_function(lambda: engine.config.scheduler.max_rows)
+        Gauge(names.GRAPHS_READY, "UNet graphs compiled (or captured) so far at start-up.", registry=r).set_function(
+            lambda: engine.startup.fast_path.kernels_ready if engine.startup.fast_path else 0
+        )
+        Gauge(names.GRAPHS, "UNet graphs the start-up compiles (or captures): one per image size and row size.", registry=r).set_function(
+            lambda: engine.startup.fast_path.kernels_total if engine.startup.fast_path else 0
+        )
+        Gauge(names.STARTUP_SECONDS, "Seconds from the start of loading to ready (0 until ready).", registry=r).set_function(lambda: engine.startup.seconds)
+        self._cache_state_shown = False
+        self.compile_cache = Gauge(
+            names.COMPILE_CACHE, "1 for how this start got its compiled kernels: warm (from the compile cache), cold or off.", ["state"], registry=r
+        )
 
         self.step_rows = Histogram(names.STEP_ROWS, "UNet rows per denoising step.", buckets=ROW_BUCKETS, registry=r)
         self.unet_step = Histogram(names.UNET_STEP, "One batched denoising step: UNet forward plus sampler update.", buckets=STEP_BUCKETS, registry=r)
@@ -87,6 +98,9 @@ class ServerMetrics:
         )
         self.vae_chunks = Counter(names.VAE_CHUNKS, "VAE decode chunks (one per request per decode call).", registry=r)
         self.vae_beside = Counter(names.VAE_BESIDE, "Images decoded one per chunk on a second CUDA stream during a UNet step.", registry=r)
+        self.padded_rows = Counter(
+            names.PADDED_ROWS, "Rows the replayed UNet graphs ran beyond the requests' rows (padding up to a compiled row size).", registry=r
+        )
         self.vae_fallbacks = Counter(names.VAE_FALLBACKS, "Decodes that ran out of GPU memory and were redone one image at a time (then in tiles).", registry=r)
         for status, reason in _INITIAL_OUTCOMES:
             self.requests.labels(status, reason)
@@ -96,6 +110,8 @@ class ServerMetrics:
     def on_iteration(self, stats: IterationStats) -> None:
         if stats.rows:
             self.step_rows.observe(stats.rows)
+        if stats.padded_rows:
+            self.padded_rows.inc(stats.padded_rows)
             self.unet_step.observe(stats.unet_s + stats.sampler_s)
         if stats.step_inflation:
             self.step_inflation.observe(stats.step_inflation)
@@ -127,6 +143,10 @@ class ServerMetrics:
             self.images.inc(images)
 
     def render(self) -> bytes:
+        fp = self.engine.startup.fast_path
+        if fp is not None and fp.kernels_ready == fp.kernels_total and not self._cache_state_shown:  # a start never changes it
+            self.compile_cache.labels(fp.cache).set(1)
+            self._cache_state_shown = True
         return generate_latest(self.registry)
 
 

@@ -41,9 +41,10 @@ class Profile:
     fast_path: bool = False
     versions: dict[str, str] = field(default_factory=dict)
     version: int = PROFILE_VERSION
+    compiled: bool = False  # the fast path's graphs were compiled
 
-    def matches(self, gpu: str, model: str, dtype: str, fast_path: bool) -> bool:
-        return (self.version, self.gpu, self.model, self.dtype, self.fast_path) == (PROFILE_VERSION, gpu, model, dtype, fast_path)
+    def matches(self, gpu: str, model: str, dtype: str, fast_path: bool, compiled: bool = False) -> bool:
+        return (self.version, self.gpu, self.model, self.dtype, self.fast_path, self.compiled) == (PROFILE_VERSION, gpu, model, dtype, fast_path, compiled)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=1))

@@ -8,6 +8,7 @@ tensors, so they are tested and simulated without a GPU.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -71,12 +72,23 @@ class EngineView:
     # Most UNet rows x pixels in one forward (0: no bound but max_rows), so that a large shape
     # steps with fewer rows and no step costs much more than a full one at the native size.
     max_step_pixels: int = 0
+    # Row sizes the runner replays for a bucket (compiled CUDA graphs): a step of r rows costs
+    # the smallest size >= r. Empty for a bucket: any row count runs as it is.
+    replay_rows: Mapping[Bucket, tuple[int, ...]] = field(default_factory=dict)
 
     def row_cap(self, bucket: Bucket) -> int:
-        """The rows a step of `bucket` may hold."""
-        if not self.max_step_pixels:
-            return self.max_rows
-        return max(1, min(self.max_rows, self.max_step_pixels // (bucket[0] * bucket[1])))
+        """The rows a step of `bucket` may hold: at most max_rows and the pixel bound, and, where
+        the runner replays fixed sizes, the largest of them that fits, so that a full step
+        replays a size exactly instead of padding the next one up."""
+        cap = self.max_rows
+        if self.max_step_pixels:
+            cap = max(1, min(cap, self.max_step_pixels // (bucket[0] * bucket[1])))
+        fitting = [s for s in self.replay_rows.get(bucket, ()) if s <= cap]
+        return max(fitting) if fitting else cap
+
+    def replayed(self, bucket: Bucket, rows: int) -> int:
+        """The rows a step of `rows` actually runs: the replay size it pads up to, or itself."""
+        return min((s for s in self.replay_rows.get(bucket, ()) if s >= rows), default=rows)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,34 @@ from __future__ import annotations
 from ..contract.config import SchedulerConfig
 from ..contract.requests import rows_per_image
 from .cost_model import CostModel, reference_h100_sd15
-from .planner import Bucket, ContinuousPolicy, EngineView, IterationPlan, Policy, admit_fifo, pick_bucket
+from .planner import Active, Bucket, ContinuousPolicy, EngineView, IterationPlan, Policy, admit_fifo, pick_bucket
+
+
+def skip_for_replay(view: EngineView, bucket: Bucket, active: list[Active], rows: int) -> set[str]:
+    """The guided requests that skip CFG this step: the fewest, furthest along first, that bring
+    the step down to the smallest row size the runner replays.
+
+    Where steps replay fixed sizes (compiled graphs), a skip that does not reach a smaller size
+    only pads the same graph and loses fidelity for nothing; with no fixed sizes every
+    candidate skips (each row dropped is time saved).
+    """
+    per_image = rows_per_image(True) - rows_per_image(False)
+    candidates = sorted(
+        (a for a in active if a.guided and a.may_skip_cfg(view.skip_fraction)),
+        key=lambda a: (-a.step / max(a.steps, 1), a.request_id),
+    )
+    most = sum(a.images for a in candidates) * per_image
+    target = view.replayed(bucket, rows - most)  # the smallest step skipping can reach
+    need = rows - target
+    if view.replayed(bucket, rows) == target or need <= 0:
+        return set() if view.replay_rows.get(bucket) else {a.request_id for a in candidates}
+    chosen: set[str] = set()
+    for a in candidates:
+        if need <= 0:
+            break
+        chosen.add(a.request_id)
+        need -= a.images * per_image
+    return chosen
 
 
 class SynerDiffPolicy:
@@ -53,10 +80,8 @@ class SynerDiffPolicy:
             knee = self.cost.rows_for_throughput(view.threshold, bucket, view.row_cap(bucket))
             saturated = bool(queue) or rows + sum(w.rows for w in queue) > knee
             if saturated and view.skip_fraction > 0:
-                for a in active:
-                    if a.guided and a.may_skip_cfg(view.skip_fraction):
-                        skip.add(a.request_id)
-                        rows -= a.images * (rows_per_image(True) - rows_per_image(False))
+                skip = skip_for_replay(view, bucket, active, rows)
+                rows -= sum(a.images for a in active if a.request_id in skip) * (rows_per_image(True) - rows_per_image(False))
             # Admission counts skipped requests at their full rows: skipping can stop on the next
             # step (the queue drains, the controller lowers the bound), and the row cap must hold then too.
             admit = admit_fifo(view, bucket, sum(a.rows for a in active), view.row_cap(bucket))

@@ -1,0 +1,125 @@
+"""The compile cache: its key, its atomic write, and a warm load in a fresh process (CPU inductor)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from synerdiff.engine.compile_cache import CompileCache, cache_key, default_cache_dir, model_fingerprint
+
+FACTS: dict[str, object] = dict(
+    gpu="NVIDIA H200",
+    capability=[9, 0],
+    torch="2.11.0",
+    triton="3.5.0",
+    diffusers="0.42.1",
+    unet="0123456789abcdef",
+    dtype="torch.float16",
+    shapes=[(4, 64, 64)],
+    rows=[2, 4, 8, 16, 24, 32, 48, 64],
+    mode="default",
+    attention="auto",
+)
+
+
+def test_equal_facts_give_one_key_whatever_their_order() -> None:
+    assert cache_key(FACTS) == cache_key(dict(reversed(list(FACTS.items()))))
+
+
+@pytest.mark.parametrize(
+    "fact, other",
+    [
+        ("gpu", "NVIDIA H100 80GB HBM3"),
+        ("capability", [8, 0]),
+        ("torch", "2.12.0"),
+        ("triton", "3.6.0"),
+        ("diffusers", "0.43.0"),
+        ("unet", "fedcba9876543210"),
+        ("dtype", "torch.bfloat16"),
+        ("shapes", [(4, 96, 96)]),
+        ("rows", [2, 4, 8, 16, 32, 64]),
+        ("mode", "max-autotune-no-cudagraphs"),
+        ("attention", "flash"),
+    ],
+)
+def test_any_fact_that_changes_the_code_changes_the_key(fact: str, other: object) -> None:
+    assert cache_key({**FACTS, fact: other}) != cache_key(FACTS)
+
+
+def test_the_fingerprint_follows_the_architecture_not_the_bookkeeping() -> None:
+    config = {"block_out_channels": [320, 640, 1280, 1280], "cross_attention_dim": 768, "_name_or_path": "/models/a", "_diffusers_version": "0.30.0"}
+    moved = {**config, "_name_or_path": "/elsewhere/b", "_diffusers_version": "0.42.1"}
+    assert model_fingerprint(config) == model_fingerprint(moved)
+    assert model_fingerprint({**config, "cross_attention_dim": 1024}) != model_fingerprint(config)
+
+
+def test_the_default_folder_follows_xdg(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_cache_dir() == tmp_path / "synerdiff" / "compile"
+
+
+def test_an_unreadable_blob_costs_a_cold_start_not_the_start(tmp_path: Path) -> None:
+    cache = CompileCache(tmp_path, dict(FACTS))
+    assert not cache.exists() and cache.load() is False
+    cache.blob_path.write_bytes(b"not a cache artifact")
+    assert cache.load() is False
+    assert cache.remembered("attention") is None  # no metadata beside it
+
+
+# A script run in a fresh process with its own empty inductor cache: it compiles (or loads and
+# then compiles) a small function and reports inductor's cache hits and misses.
+SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import torch
+    from torch._dynamo.utils import counters
+    from synerdiff.engine.compile_cache import CompileCache
+
+    root, mode = Path(sys.argv[1]), sys.argv[2]
+    cache = CompileCache(root, {"what": "a small pointwise function", "shape": [64]})
+    loaded = cache.load() if mode == "warm" else False
+    fn = torch.compile(lambda x: torch.sin(x * 3.0) + x.cos(), dynamic=False)
+    out = fn(torch.linspace(0, 1, 64))
+    written = cache.save({"attention": "flash"}) if mode == "cold" else 0
+    print(json.dumps({
+        "loaded": loaded,
+        "written": written,
+        "hits": counters["inductor"]["fxgraph_cache_hit"],
+        "misses": counters["inductor"]["fxgraph_cache_miss"],
+        "sum": float(out.sum()),
+    }))
+    """
+)
+
+
+def _run(root: Path, mode: str, inductor_dir: Path) -> dict[str, object]:
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor_dir), "TORCHINDUCTOR_FX_GRAPH_CACHE": "1"}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(root), mode], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])
+    return result
+
+
+def test_a_fresh_process_starts_warm_from_what_another_wrote(tmp_path: Path) -> None:
+    root = tmp_path / "shared"
+    cold = _run(root, "cold", tmp_path / "inductor-a")
+    assert cold["loaded"] is False and cold["misses"] and not cold["hits"]
+    assert isinstance(cold["written"], int) and cold["written"] > 0
+    # One blob and its metadata, no temporary file left behind.
+    assert sorted(p.suffix for p in root.iterdir()) == [".bin", ".json"]
+    meta = json.loads(next(root.glob("*.json")).read_text())
+    assert meta["attention"] == "flash" and meta["bytes"] == cold["written"]
+    # Another process, with an empty local inductor cache of its own, compiles from the blob.
+    warm = _run(root, "warm", tmp_path / "inductor-b")
+    assert warm["loaded"] is True
+    assert warm["hits"] and not warm["misses"]
+    assert warm["sum"] == pytest.approx(cold["sum"])
+    cache = CompileCache(root, {"what": "a small pointwise function", "shape": [64]})
+    assert cache.remembered("attention") == "flash"
