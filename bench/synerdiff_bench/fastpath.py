@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import statistics
 import subprocess
 import sys
@@ -299,6 +300,8 @@ def main(argv: list[str] | None = None, stamp: list[str] | None = None) -> None:
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--name", default="fastpath")
     args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("synerdiff").setLevel(logging.INFO)  # start-up progress: graph k of n, cache warm or cold
     args.model_path = args.model if args.phase == "start" else resolve_model(args.model, args.model_dir, device="cuda")
     if args.phase == "start":
         start_once(args)
