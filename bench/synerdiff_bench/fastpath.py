@@ -282,10 +282,42 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+# ---------------------------------------------------------------------------------- compile modes
+def modes(args: argparse.Namespace) -> dict[str, Any]:
+    """Cold compile seconds and replay ms of one row size under each torch.compile mode."""
+    import torch._dynamo
+
+    from synerdiff.engine.fastpath import GraphedUNet
+    from synerdiff.models.loader import load_model
+
+    model = load_model(args.model_path, "cuda", "float16")
+    f = model.vae_scale_factor
+    shape = (model.latent_channels, args.size // f, args.size // f)
+    ctx = (model.tokenizer.model_max_length, int(model.unet.config.cross_attention_dim))
+    out: dict[str, Any] = {}
+    for mode in args.modes.split(","):
+        torch._dynamo.reset()
+        g = GraphedUNet(model.unet, ctx_shape=ctx, dtype=torch.float16, device=torch.device("cuda"), compile=True, mode=mode, attention_backend=args.attention)
+        g.capture(shape, [args.max_rows])
+        cap = g.captures[0]
+        out[mode] = {
+            "rows": cap.rows,
+            "compile_and_capture_s": cap.seconds,
+            "replay_ms": cap.replay_ms,
+            "replay_ms_again": g._replay_ms(g._graphs[shape][args.max_rows], 10),
+        }
+        print(f"{mode}: {out[mode]}", flush=True)
+        del g
+        torch.cuda.empty_cache()
+    return out
+
+
 def main(argv: list[str] | None = None, stamp: list[str] | None = None) -> None:
     """stamp: the command line to record (`python -m synerdiff_bench` + stamp)."""
     ap = argparse.ArgumentParser(prog="python -m synerdiff_bench fastpath", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["startup", "compare", "start"])
+    ap.add_argument("phase", choices=["startup", "compare", "modes", "start"])
+    ap.add_argument("--modes", default="default,max-autotune-no-cudagraphs", help="modes: torch.compile modes to compare at --max-rows rows")
+    ap.add_argument("--attention", default="cudnn", help="modes: the SDPA backend to compile with")
     ap.add_argument("--model", default="sd15", help="'sd15' (built from a seed in --model-dir), 'tiny' or a diffusers directory")
     ap.add_argument("--model-dir", default=DEFAULT_SD15_DIR)
     ap.add_argument("--cache-dir", required=True, help="compile cache folder (startup: must be empty)")
@@ -308,7 +340,9 @@ def main(argv: list[str] | None = None, stamp: list[str] | None = None) -> None:
         return
     path = result_path(args.out, args.name)
     report = json.loads(path.read_text()) if path.is_file() else new_report("fastpath", args.name, stamp, model=args.model, dtype="float16")
-    if args.phase == "startup":
+    if args.phase == "modes":
+        report["compile_modes"] = modes(args)
+    elif args.phase == "startup":
         runs = startup(args)
         report["startup_s"] = {k: v["process_to_ready_s"] for k, v in runs.items()}
         report["startup_details"] = runs
