@@ -20,6 +20,7 @@ ENGINE_PORT = 8000
 CONFIG_DIR = "/etc/synerdiff"
 CONFIG_FILE = "config.json"
 MODELS_DIR = "/models"
+COMPILE_CACHE_DIR = "/var/cache/synerdiff/compile"
 TOKEN_DIR = "/var/run/secrets/synerdiff"
 RUN_AS = 1000  # the `synerdiff` user of docker/engine.Dockerfile
 
@@ -108,6 +109,8 @@ def engine_settings(pool: str, spec: PoolSpec) -> dict[str, Any]:
         device="cuda" if spec.gpu.count > 0 else "cpu",
         dtype=spec.model.dtype,
     )
+    if spec.compile_cache is not None:
+        engine["compile_cache_dir"] = COMPILE_CACHE_DIR
     return {
         "engine": engine,
         "drain_timeout_s": spec.drain_timeout_seconds,
@@ -240,6 +243,8 @@ def _engine_container(spec: PoolSpec) -> dict[str, Any]:
     ]
     if spec.model.pvc is not None or spec.model.uri is not None:
         mounts.append({"name": "models", "mountPath": MODELS_DIR, "readOnly": True})
+    if spec.compile_cache is not None:
+        mounts.append({"name": "compile-cache", "mountPath": COMPILE_CACHE_DIR, "readOnly": spec.compile_cache.read_only})
     auth = spec.auth
     if auth.api_token_secret is not None:
         env.append({"name": "SYNERDIFF_API_TOKEN_FILE", "value": f"{TOKEN_DIR}/api-token/token"})
@@ -290,6 +295,9 @@ def _volumes(meta: dict[str, Any], spec: PoolSpec) -> list[dict[str, Any]]:
         volumes.append({"name": "models", "persistentVolumeClaim": {"claimName": spec.model.pvc, "readOnly": read_only}})
     elif spec.model.uri is not None:
         volumes.append({"name": "models", "emptyDir": {}})
+    if spec.compile_cache is not None:
+        claim = {"claimName": spec.compile_cache.pvc, "readOnly": spec.compile_cache.read_only}
+        volumes.append({"name": "compile-cache", "persistentVolumeClaim": claim})
     if spec.auth.api_token_secret is not None:
         ref = spec.auth.api_token_secret
         volumes.append({"name": "api-token", "secret": {"secretName": ref.name, "items": [{"key": ref.key, "path": "token"}]}})

@@ -41,6 +41,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "service": {"type": "LoadBalancer", "port": 8080, "annotations": {"lb": "internal"}},
         "servedModelName": "sd-xl",
         "drainTimeoutSeconds": 90,
+        "compileCache": {"pvc": "sd-kernels"},
     },
 }
 
@@ -88,6 +89,7 @@ def test_the_engine_loads_the_config_the_way_the_pod_gives_it(tmp_path: Path, mo
     assert settings.engine.device == "cuda" and settings.engine.dtype == "float16"
     assert settings.drain_timeout_s == 90 and settings.served_model_name == "sd-xl"
     assert settings.engine.scheduler == spec.engine.scheduler and settings.engine.limits == spec.engine.limits
+    assert settings.engine.compile_cache_dir == manifests.COMPILE_CACHE_DIR
     assert json.loads(kids["ConfigMap"]["data"]["config.json"]).keys() == {"engine", "drain_timeout_s", "served_model_name"}
 
 
@@ -221,3 +223,19 @@ def test_manifests_are_pure() -> None:
     first = manifests.children(meta, spec)
     assert meta == META and raw == VARIANTS["everything"]  # inputs untouched
     assert json.dumps(first, sort_keys=True) == json.dumps(manifests.children(meta, spec), sort_keys=True)
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_a_compile_cache_claim_is_shared_by_the_pods(read_only: bool) -> None:
+    kids = build({**BASE, "compileCache": {"pvc": "kernels", "readOnly": read_only}})
+    pod = kids["Deployment"]["spec"]["template"]["spec"]
+    assert {"name": "compile-cache", "persistentVolumeClaim": {"claimName": "kernels", "readOnly": read_only}} in pod["volumes"]
+    mount = next(m for m in container(kids["Deployment"])["volumeMounts"] if m["name"] == "compile-cache")
+    assert mount == {"name": "compile-cache", "mountPath": manifests.COMPILE_CACHE_DIR, "readOnly": read_only}
+    assert json.loads(kids["ConfigMap"]["data"]["config.json"])["engine"]["compile_cache_dir"] == manifests.COMPILE_CACHE_DIR
+
+
+def test_without_a_compile_cache_claim_the_engine_keeps_its_default() -> None:
+    kids = build(BASE)
+    assert all(v["name"] != "compile-cache" for v in kids["Deployment"]["spec"]["template"]["spec"]["volumes"])
+    assert json.loads(kids["ConfigMap"]["data"]["config.json"])["engine"]["compile_cache_dir"] == ""

@@ -48,6 +48,10 @@ def test_metrics_after_traffic(live: Live):
     # both requests may share steps, so count rows rather than steps.
     assert delta("synerdiff_step_rows_sum") == 3 * 4 + 2 * 1
     assert delta("synerdiff_unet_step_seconds_count") >= 3
+    # On the CPU: no CUDA graphs, so no start-up compile and no padded rows; the start-up took time.
+    assert metric_value(after, "synerdiff_fast_path_graphs") == 0 == metric_value(after, "synerdiff_fast_path_graphs_ready")
+    assert delta("synerdiff_unet_padded_rows_total") == 0
+    assert metric_value(after, "synerdiff_startup_seconds") > 0
     assert delta("synerdiff_vae_decode_seconds_count") >= 1
     assert delta("synerdiff_vae_chunks_total") >= 2
     for gauge in ("synerdiff_requests_waiting", "synerdiff_requests_running", "synerdiff_unet_rows_active"):

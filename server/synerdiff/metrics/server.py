@@ -110,9 +110,9 @@ class ServerMetrics:
     def on_iteration(self, stats: IterationStats) -> None:
         if stats.rows:
             self.step_rows.observe(stats.rows)
+            self.unet_step.observe(stats.unet_s + stats.sampler_s)
         if stats.padded_rows:
             self.padded_rows.inc(stats.padded_rows)
-            self.unet_step.observe(stats.unet_s + stats.sampler_s)
         if stats.step_inflation:
             self.step_inflation.observe(stats.step_inflation)
         if stats.vae_chunks:
