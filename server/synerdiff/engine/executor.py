@@ -26,7 +26,7 @@ log = logging.getLogger("synerdiff.executor")
 
 @dataclass
 class FastPathStart:
-    """How the fast path came up: what a start-up log line, the metrics and the status report."""
+    """How the fast path came up, for the start-up log and the metrics."""
 
     compiled: bool = False
     kernels_total: int = 0
