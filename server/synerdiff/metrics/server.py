@@ -65,6 +65,9 @@ class ServerMetrics:
             lambda: current_skip_fraction(engine)
         )
         Gauge(names.MAX_ROWS, "Most UNet rows in one forward.", registry=r).set_function(lambda: engine.config.scheduler.max_rows)
+        Gauge(names.OUTSTANDING, "UNet row-steps queued and still to run (rows x remaining steps; a router balances on it).", registry=r).set_function(
+            lambda: engine.outstanding_work
+        )
 
         self.step_rows = Histogram(names.STEP_ROWS, "UNet rows per denoising step.", buckets=ROW_BUCKETS, registry=r)
         self.unet_step = Histogram(names.UNET_STEP, "One batched denoising step: UNet forward plus sampler update.", buckets=STEP_BUCKETS, registry=r)
