@@ -63,3 +63,25 @@ def test_only_refusals_that_never_started_are_retried():
     assert retryable(429, flag) and retryable(503, {NOT_STARTED_HEADER.lower(): "1"})
     assert not retryable(503, {"Retry-After": "1"})  # a 503 after the engine took it (engine fault)
     assert not retryable(500, flag) and not retryable(504, flag) and not retryable(200, flag)
+
+
+def test_the_router_loads_no_torch_and_nothing_of_the_engine() -> None:
+    """`synerdiff route` runs without the engine's dependencies (its image installs `.[router]` only)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    heavy = {"torch", "diffusers", "transformers", "fastapi", "numpy", "PIL", "sse_starlette"}
+    code = (
+        "import sys, synerdiff.cli, synerdiff.router.app, synerdiff.router.server;"
+        "from synerdiff.cli import _build_parser; _build_parser().parse_args(['route', '--upstream', 'http://x']);"
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({sorted(heavy)!r})),"
+        "sorted(m for m in sys.modules if m.startswith('synerdiff.') and not m.startswith(('synerdiff.router', 'synerdiff.contract', 'synerdiff.cli'))))"
+    )
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root / "server")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60, env=env).stdout
+    assert out.strip() == "[] []"
+    extras = (root / "pyproject.toml").read_text()
+    assert "router = [" in extras and "FROM python:3.11-slim" in (root / "docker" / "router.Dockerfile").read_text()
