@@ -26,10 +26,11 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from synerdiff.contract.admin import ADMIN_SCHEDULER_PATH
+from synerdiff.contract.metrics import ROUTER_BUFFERED
 from synerdiff_operator import engine_client, manifests, prometheus, scaling, signals
 from synerdiff_operator.kube import KIND_REFS, ApiException, Kube
 from synerdiff_operator.reconciler import POOL_REF, utc_now
@@ -154,6 +155,8 @@ class Autoscaler:
         pods = [p for p in self.kube.list(KIND_REFS["Pod"].path(namespace), manifests.selector_labels(name)) if not is_terminating(p)]
         ready = [p for p in pods if is_ready(p)]
         metrics, running = self._observe(loop, spec, ready, pending=len(pods) - len(ready), now=now)
+        if spec.router.enabled:
+            metrics = replace(metrics, buffered=self._buffered(namespace, name))
         loop.history.append(metrics)
         keep = scaling.history_seconds(spec)
         while loop.history and loop.history[0].time < now - keep:
@@ -230,6 +233,14 @@ class Autoscaler:
         urls = {self._uid(p): engine_client.pod_base_url(p) for p in ready}
         futures = {uid: self._pool.submit(self._scrape, url) for uid, url in urls.items() if url}
         return {uid: (f.result(), now) for uid, f in futures.items()}
+
+    def _buffered(self, namespace: str, name: str) -> float | None:
+        """Requests the pool's routers hold for want of a ready engine (None: no router answered)."""
+        routers = self.kube.list(KIND_REFS["Pod"].path(namespace), manifests.router_selector_labels(name))
+        urls = [u for p in routers if not is_terminating(p) and (u := engine_client.pod_base_url(p, manifests.ROUTER_CONTAINER))]
+        texts = [f.result() for f in [self._pool.submit(engine_client.fetch_metrics, u, self.scrape_timeout) for u in urls]]
+        values = [sum(engine_client.gauge_values(t, ROUTER_BUFFERED)) for t in texts if t is not None]
+        return sum(values) if values else None
 
     def _scrape(self, url: str) -> signals.EngineSample | None:
         text = engine_client.fetch_metrics(url, self.scrape_timeout)

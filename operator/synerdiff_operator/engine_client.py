@@ -19,15 +19,15 @@ from synerdiff.contract.admin import ADMIN_SCHEDULER_PATH
 from synerdiff_operator.manifests import ENGINE_CONTAINER
 
 
-def pod_base_url(pod: dict[str, Any]) -> str | None:
-    """http://<podIP>:<the engine container's port named 'http'> of a ready pod, else None."""
+def pod_base_url(pod: dict[str, Any], container_name: str = ENGINE_CONTAINER) -> str | None:
+    """http://<podIP>:<the container's port named 'http'> of a ready pod (the engine's by default), else None."""
     status = pod.get("status") or {}
     ip = status.get("podIP")
     ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
     if not ip or not ready or (pod.get("metadata") or {}).get("deletionTimestamp"):
         return None
     for container in (pod.get("spec") or {}).get("containers") or []:
-        if container.get("name") != ENGINE_CONTAINER:
+        if container.get("name") != container_name:
             continue
         for port in container.get("ports") or []:
             if port.get("name") == "http":

@@ -37,6 +37,9 @@ LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
 LABEL_PART_OF = "app.kubernetes.io/part-of"
 ENGINE_APP = "synerdiff-engine"
+ROUTER_APP = "synerdiff-router"
+ROUTER_CONTAINER = "router"
+ROUTER_DRAIN_DELAY_S = 5  # the router keeps serving (not ready) while endpoints drop it, as the engine's preStop does
 MANAGER = "synerdiff-operator"
 
 ANN_CONFIG_HASH = "synerdiff.io/config-hash"
@@ -47,6 +50,23 @@ ANN_LAST_APPLIED = "synerdiff.io/last-applied"
 def selector_labels(pool: str) -> dict[str, str]:
     """Deployment selectors are immutable, so these depend on the pool's name only."""
     return {LABEL_NAME: ENGINE_APP, LABEL_POOL: pool}
+
+
+def router_selector_labels(pool: str) -> dict[str, str]:
+    return {LABEL_NAME: ROUTER_APP, LABEL_POOL: pool}
+
+
+def router_labels(pool: str) -> dict[str, str]:
+    return {**labels(pool), **router_selector_labels(pool), LABEL_COMPONENT: "router"}
+
+
+def router_name(pool: str) -> str:
+    return f"{pool}-router"
+
+
+def engines_service_name(pool: str) -> str:
+    """The headless Service listing the ready engine pods (the router resolves it)."""
+    return f"{pool}-engines"
 
 
 def selector_string(pool: str) -> str:
@@ -137,16 +157,50 @@ def config_map(meta: dict[str, Any], spec: PoolSpec) -> dict[str, Any]:
 
 
 def service(meta: dict[str, Any], spec: PoolSpec) -> dict[str, Any]:
+    """The pool's Service: the router's pods, or without the router the engines'."""
+    selector = router_selector_labels(meta["name"]) if spec.router.enabled else selector_labels(meta["name"])
     return {
         "apiVersion": "v1",
         "kind": "Service",
         "metadata": _metadata(meta, meta["name"], dict(spec.service.annotations) or None),
         "spec": {
             "type": spec.service.type,
-            "selector": selector_labels(meta["name"]),
+            "selector": selector,
             "ports": [
                 {"name": "http", "port": spec.service.port, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"},
             ],
+        },
+    }
+
+
+def engines_service(meta: dict[str, Any], spec: PoolSpec) -> dict[str, Any]:
+    """Headless: its DNS name resolves to the ready engine pods' IPs, which the router polls and routes to."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(meta, engines_service_name(meta["name"])),
+        "spec": {
+            "clusterIP": "None",
+            "selector": selector_labels(meta["name"]),
+            "publishNotReadyAddresses": False,
+            "ports": [{"name": "http", "port": ENGINE_PORT, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"}],
+        },
+    }
+
+
+def router_pod_disruption_budget(meta: dict[str, Any], spec: PoolSpec) -> dict[str, Any]:
+    name = router_name(meta["name"])
+    out = _metadata(meta, name)
+    out["labels"] = router_labels(meta["name"])
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": out,
+        "spec": {
+            # The router has >= 2 replicas: one may go at a time, one always serves.
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": router_selector_labels(meta["name"])},
+            "unhealthyPodEvictionPolicy": "AlwaysAllow",
         },
     }
 
@@ -365,5 +419,118 @@ def deployment(meta: dict[str, Any], spec: PoolSpec) -> dict[str, Any]:
     }
 
 
+def router_drain_seconds(spec: PoolSpec) -> int:
+    """How long a router replica drains: its longest request (a buffered wait, then the engine's
+    deadline) must end before the kubelet's SIGKILL."""
+    return spec.router.buffer_timeout_seconds + math.ceil(spec.engine.limits.request_timeout_s)
+
+
+def _router_container(meta: dict[str, Any], spec: PoolSpec) -> dict[str, Any]:
+    pool = meta["name"]
+    target = f"{engines_service_name(pool)}.{meta['namespace']}.svc:{ENGINE_PORT}"
+    resources = _router_resources(spec)
+    http = {"path": "/readyz", "port": "http"}
+    return {
+        "name": ROUTER_CONTAINER,
+        "image": spec.router.image or spec.image,
+        "imagePullPolicy": spec.image_pull_policy,
+        "command": [
+            "synerdiff",
+            "route",
+            "--discover",
+            target,
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(ENGINE_PORT),
+            "--buffer-timeout",
+            str(spec.router.buffer_timeout_seconds),
+            "--buffer-max",
+            str(spec.router.buffer_max),
+            # The engine answers 504 at its own deadline; the router waits a little longer for it.
+            "--request-timeout",
+            str(math.ceil(spec.engine.limits.request_timeout_s) + 30),
+            "--drain-delay",
+            str(ROUTER_DRAIN_DELAY_S),
+            "--drain-timeout",
+            str(router_drain_seconds(spec)),
+            "--default-steps",
+            str(spec.engine.default_steps or (30 if spec.gpu.count > 0 else 20)),
+            "--default-guidance",
+            str(spec.engine.default_guidance),
+        ],
+        "ports": [{"name": "http", "containerPort": ENGINE_PORT, "protocol": "TCP"}],
+        "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}, {"name": "HOME", "value": "/tmp"}],
+        "readinessProbe": {"httpGet": http, "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 2},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10, "timeoutSeconds": 5, "failureThreshold": 3},
+        "securityContext": _security_context(),
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "resources": resources,
+        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+    }
+
+
+def _router_resources(spec: PoolSpec) -> dict[str, Any]:
+    requests = {k: str(v) for k, v in spec.router.resources.requests.items()} or {"cpu": "250m", "memory": "256Mi"}
+    limits = {k: str(v) for k, v in spec.router.resources.limits.items()} or {"memory": "1Gi"}
+    return {"requests": requests, "limits": limits}
+
+
+def router_deployment(meta: dict[str, Any], spec: PoolSpec) -> dict[str, Any]:
+    """`synerdiff route` for the pool: >= 2 replicas spread over nodes, hardened as the engine pods,
+    with no GPU and no API access (it finds the engines by the headless Service's DNS)."""
+    pool = meta["name"]
+    name = router_name(pool)
+    metadata = _metadata(meta, name)
+    metadata["labels"] = router_labels(pool)
+    pod_spec: dict[str, Any] = {
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": ROUTER_DRAIN_DELAY_S + router_drain_seconds(spec) + GRACE_MARGIN_S,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUN_AS,
+            "runAsGroup": RUN_AS,
+            "fsGroup": RUN_AS,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "topologySpreadConstraints": [
+            {
+                "maxSkew": 1,
+                "topologyKey": "kubernetes.io/hostname",
+                "whenUnsatisfiable": "ScheduleAnyway",
+                "labelSelector": {"matchLabels": router_selector_labels(pool)},
+            }
+        ],
+        "containers": [_router_container(meta, spec)],
+        "volumes": [{"name": "tmp", "emptyDir": {}}],
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata,
+        "spec": {
+            "replicas": spec.router.replicas,
+            "revisionHistoryLimit": 3,
+            "selector": {"matchLabels": router_selector_labels(pool)},
+            # Never fewer ready routers than asked for during a rollout: the new one first.
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0}},
+            "template": {
+                "metadata": {
+                    "labels": router_labels(pool),
+                    "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": str(ENGINE_PORT), "prometheus.io/path": "/metrics"},
+                },
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
 def children(meta: dict[str, Any], spec: PoolSpec) -> list[dict[str, Any]]:
-    return [config_map(meta, spec), service(meta, spec), pod_disruption_budget(meta, spec), deployment(meta, spec)]
+    """In apply order. With the router: its headless engines Service, PDB and Deployment come
+    before the pool's Service (so that the Service never points at nothing for long) and the
+    engines' PDB and Deployment (last, as without the router)."""
+    router: list[dict[str, Any]] = []
+    if spec.router.enabled:
+        router = [engines_service(meta, spec), router_pod_disruption_budget(meta, spec), router_deployment(meta, spec)]
+    return [config_map(meta, spec), *router, service(meta, spec), pod_disruption_budget(meta, spec), deployment(meta, spec)]

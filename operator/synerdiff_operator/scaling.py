@@ -106,8 +106,10 @@ def stale_after(spec: PoolSpec) -> float:
 def decide(spec: PoolSpec, history: Sequence[PoolMetrics], now: float, state: ScalerState) -> Decision:
     a = spec.autoscaling
     current = spec.desired_replicas()
-    # No activator buffers requests while a pool has no pod, so the loop never scales to zero.
-    lo, hi = max(spec.min_replicas, 1), max(spec.max_replicas, 1)
+    # Zero only with the router: it buffers requests while the pool has no engine, and its
+    # buffered count is what wakes the pool (without it nothing would ever scale a pool from 0).
+    lo = 0 if spec.min_replicas == 0 and spec.router.enabled else max(spec.min_replicas, 1)
+    hi = max(spec.max_replicas, 1)
 
     def hold(reason: str, message: str, st: ScalerState = state, **kw: Any) -> Decision:
         return Decision(current, current, reason, message, st, **kw)
@@ -120,6 +122,13 @@ def decide(spec: PoolSpec, history: Sequence[PoolMetrics], now: float, state: Sc
         return hold("MetricsUnknown", "no reading of the pods yet")
     if now - latest.time > stale_after(spec):
         return hold("MetricsStale", f"the newest reading is {now - latest.time:.0f}s old")
+    buffered = latest.buffered or 0.0
+    if current == 0:
+        if buffered > 0:
+            return _done(spec, min(1, hi), current, "WakeUp", f"{buffered:.0f} request(s) buffered at the router", state, now)
+        if latest.buffered is None:
+            return hold("MetricsUnknown", "scaled to zero and no router answered /metrics; holding at 0")
+        return hold("ScaledToZero", "no engine and no request buffered at the router")
     if latest.scraped == 0:
         what = "no ready pod" if latest.ready == 0 else f"none of {latest.ready} ready pod(s) answered /metrics"
         return hold("MetricsUnknown", f"{what}; holding at {current}")
@@ -168,6 +177,8 @@ def decide(spec: PoolSpec, history: Sequence[PoolMetrics], now: float, state: Sc
         st = replace(st, panic_until=None)
 
     want = max(current, panic_pods, stable_pods) if panic else stable_pods
+    if buffered > 0:
+        want = max(want, 1)  # never to zero while the router holds requests
     recs = tuple((t, p) for t, p in st.recommendations if t > now - a.scale_down_delay_seconds) + ((now, want),)
     st = replace(st, recommendations=recs)
     detail = dict(panic=panic, stable_pods=stable_pods, panic_pods=panic_pods, capacity=capacity)

@@ -186,6 +186,7 @@ class PoolMetrics:
     threshold: float | None = None  # mean live scheduler threshold over scraped pods
     skip_cfg_bound: float | None = None
     saturated_rate: float | None = None  # mean images/s of rated pods that had a queue the whole interval
+    buffered: float | None = None  # requests waiting at the pool's routers for a ready engine (None: no router read)
 
     @property
     def unknown(self) -> int:

@@ -257,8 +257,32 @@ class Autoscaling(_Spec):
 
 class ServiceSpec(_Spec):
     type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
-    port: int = Field(80, ge=1, le=65535, description="Service port; it forwards to the engine's port 8000.")
+    port: int = Field(80, ge=1, le=65535, description="Service port; it forwards to the router's (or, without the router, the engines') port 8000.")
     annotations: dict[str, str] = Field(default_factory=dict, description="Extra Service annotations (e.g. for a cloud load balancer).")
+
+
+class RouterSpec(_Spec):
+    """`synerdiff route` in front of the engines: the pool's Service points at it (docs/router.md)."""
+
+    enabled: bool = Field(
+        True,
+        description="Run the router: the pool's Service selects it, and it routes by outstanding work, retries refusals that never started, and buffers while no engine is ready (needed for minReplicas 0). False: the Service selects the engines directly (kube-proxy's random pick per connection).",
+    )
+    replicas: int = Field(2, ge=2, le=100, description="Router pods (at least 2, spread over nodes; a PodDisruptionBudget keeps one up).")
+    image: str | None = Field(None, min_length=1, max_length=1024, description="Router image; defaults to the engine image, which includes `synerdiff route`.")
+    resources: Quantities = Field(
+        default_factory=Quantities, description="Router container resources; default requests cpu 250m, memory 256Mi, limit memory 1Gi."
+    )
+    buffer_timeout_seconds: int = Field(
+        600,
+        alias="bufferTimeoutSeconds",
+        ge=1,
+        le=86400,
+        description="Longest a request waits at the router for a ready engine (a pool waking from zero takes a pod's start-up time).",
+    )
+    buffer_max: int = Field(
+        1024, alias="bufferMax", ge=0, le=1_000_000, description="Most requests a router replica holds while no engine is ready; beyond it 503."
+    )
 
 
 class Auth(_Spec):
@@ -321,13 +345,20 @@ class PoolSpec(_Spec):
     image: str = Field(min_length=1, max_length=1024, description="Engine container image (docker/engine.Dockerfile); runs `synerdiff serve`.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent", alias="imagePullPolicy")
     replicas: int = Field(1, ge=0, le=1000, description="Engine pods; set by `kubectl scale` and by the autoscaler through /scale.")
-    min_replicas: int = Field(1, alias="minReplicas", ge=0, le=1000)
+    min_replicas: int = Field(
+        1,
+        alias="minReplicas",
+        ge=0,
+        le=1000,
+        description="Fewest engine pods the autoscaler keeps. 0 lets it scale an idle pool to zero after scaleDownDelaySeconds; the router buffers requests meanwhile and its buffered count wakes the pool (needs router.enabled).",
+    )
     max_replicas: int = Field(4, alias="maxReplicas", ge=1, le=1000)
     gpu: GPU = Field(default_factory=GPU)
     resources: Quantities = Field(default_factory=Quantities)
     engine: EngineSpec = Field(default_factory=EngineSpec)
     autoscaling: Autoscaling = Field(default_factory=Autoscaling)
     service: ServiceSpec = Field(default_factory=ServiceSpec)
+    router: RouterSpec = Field(default_factory=RouterSpec)
     auth: Auth = Field(default_factory=Auth)
     rollout: Rollout = Field(default_factory=Rollout)
     compile_cache: CompileCache | None = Field(

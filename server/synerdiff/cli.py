@@ -1,4 +1,5 @@
-"""`synerdiff serve` runs the server; `synerdiff generate` is a small client for it.
+"""`synerdiff serve` runs the server; `synerdiff generate` is a small client for it; `synerdiff route`
+runs the router in front of several servers (torch-free).
 
 Settings precedence for `serve`: flags > SYNERDIFF_* environment variables > the config
 file (--config or SYNERDIFF_CONFIG_FILE) > defaults. With no arguments it serves the
@@ -99,6 +100,31 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout", type=float, default=600.0, help="give up after this many seconds")
     g.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
+    r = sub.add_parser(
+        "route",
+        help="run the router in front of a pool's engines",
+        description="Route images requests to the engine with the least outstanding work (UNet row-steps), "
+        "preferring one already running the same shape; retry refusals that never started on another engine; "
+        "buffer while no engine is ready; stream progress through. Engines come from --upstream URLs and/or "
+        "--discover HOST:PORT (a headless Service's DNS name). Torch-free. SIGTERM drains.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    r.add_argument("--upstream", action="append", default=[], metavar="URL", help="an engine's base URL (repeatable)")
+    r.add_argument("--discover", action="append", default=[], metavar="HOST:PORT", help="DNS name listing the engines, e.g. a headless Service (repeatable)")
+    r.add_argument("--host", default=os.environ.get("SYNERDIFF_HOST", "127.0.0.1"), help="address to listen on")
+    r.add_argument("--port", type=int, default=int(os.environ.get("SYNERDIFF_PORT", "8000")), help="port to listen on")
+    r.add_argument("--poll-interval", type=float, default=0.5, metavar="S", help="seconds between polls of the engines' /readyz and /metrics")
+    r.add_argument("--max-attempts", type=int, default=4, metavar="N", help="most sends of one request (refusals that never started are retried)")
+    r.add_argument("--buffer-max", type=int, default=256, metavar="N", help="most requests held while no engine is ready")
+    r.add_argument("--buffer-timeout", type=float, default=300.0, metavar="S", help="longest a request waits for a ready engine")
+    r.add_argument("--request-timeout", type=float, default=600.0, metavar="S", help="longest an engine's answer may take")
+    r.add_argument("--drain-timeout", type=float, default=330.0, metavar="S", help="on SIGTERM, how long requests in flight may take")
+    r.add_argument("--drain-delay", type=float, default=0.0, metavar="S", help="on SIGTERM, seconds to keep serving new requests (not ready) before draining")
+    r.add_argument("--default-steps", type=int, default=30, metavar="N", help="steps the engines use when a request names none (for costing)")
+    r.add_argument("--default-guidance", type=float, default=7.5, metavar="G", help="the engines' default guidance scale (for costing)")
+    r.add_argument("--tolerance", type=float, default=0.25, help="loads within this fraction count as close; then the engine running the same shape wins")
+    r.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
+
     # The benchmark tools keep their own parsers; these entries forward to them.
     for name, text in (
         ("bench", "load benchmark: baselines and engine configs under Poisson load (see docs/bench.md)"),
@@ -151,6 +177,32 @@ def _serve(args: argparse.Namespace) -> int:
         settings.port,
     )
     return run_server(settings)
+
+
+# ---------------------------------------------------------------------------------- route
+def _route(args: argparse.Namespace) -> int:
+    from .router.app import RouterConfig
+    from .router.decide import Defaults
+    from .router.server import run_router
+
+    if not args.upstream and not args.discover:
+        print("synerdiff route: give at least one --upstream URL or --discover HOST:PORT", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per poll otherwise
+    config = RouterConfig(
+        upstreams=args.upstream,
+        discover=args.discover,
+        poll_interval_s=args.poll_interval,
+        max_attempts=args.max_attempts,
+        buffer_max=args.buffer_max,
+        buffer_timeout_s=args.buffer_timeout,
+        request_timeout_s=args.request_timeout,
+        tolerance=args.tolerance,
+        defaults=Defaults(steps=args.default_steps, guidance_scale=args.default_guidance),
+    )
+    logging.getLogger("synerdiff.router").info("routing on %s:%d to %s", args.host, args.port, ", ".join(args.upstream + args.discover))
+    return run_router(config, args.host, args.port, drain_timeout_s=args.drain_timeout, drain_delay_s=args.drain_delay, log_level=args.log_level)
 
 
 # ---------------------------------------------------------------------------------- generate
@@ -284,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _build_parser().parse_args(argv)
     if args.command == "serve":
         return _serve(args)
+    if args.command == "route":
+        return _route(args)
     return _generate(args)
 
 

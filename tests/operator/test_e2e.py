@@ -253,7 +253,8 @@ async def test_deleted_children_come_back_and_pool_deletion_cascades(operator: C
     assert not operator.exists(POOLS, "sd")
     await asyncio.sleep(0.3)  # a reconcile already in flight may still finish (the real GC would catch it too)
     doomed = await operator.collect_garbage()
-    assert sorted(set(doomed)) == sorted([(DEPLOYMENTS, "sd"), (SERVICES, "sd"), (PDBS, "sd"), (CONFIGMAPS, "sd-engine")])
+    router = [(DEPLOYMENTS, "sd-router"), (SERVICES, "sd-engines"), (PDBS, "sd-router")]
+    assert sorted(set(doomed)) == sorted([(DEPLOYMENTS, "sd"), (SERVICES, "sd"), (PDBS, "sd"), (CONFIGMAPS, "sd-engine"), *router])
     await asyncio.sleep(1.0)  # > 3 resync periods: nothing may come back
     assert not any(operator.exists(r, n) for r, n in doomed)
 

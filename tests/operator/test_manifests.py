@@ -13,7 +13,7 @@ import yaml
 
 from synerdiff.contract.config import ServerSettings
 from synerdiff_operator import manifests
-from synerdiff_operator.spec import parse_spec
+from synerdiff_operator.spec import InvalidSpec, parse_spec
 
 K8S_VERSION = "1.33.0"
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -62,7 +62,8 @@ def example_specs() -> list[dict[str, Any]]:
 @pytest.mark.parametrize("spec", list(VARIANTS.values()) + example_specs(), ids=list(VARIANTS) + [f"example{i}" for i in range(len(example_specs()))])
 def test_children_are_valid_kubernetes_objects(spec: dict[str, Any]) -> None:
     children = manifests.children(META, parse_spec(spec))
-    assert [c["kind"] for c in children] == ["ConfigMap", "Service", "PodDisruptionBudget", "Deployment"]
+    router = ["Service", "PodDisruptionBudget", "Deployment"]  # engines' headless Service, the router's PDB and Deployment
+    assert [c["kind"] for c in children] == ["ConfigMap", *router, "Service", "PodDisruptionBudget", "Deployment"]
     for child in children:
         kubernetes_validate.validate(child, K8S_VERSION, strict=True)
         assert child["metadata"]["ownerReferences"] == [
@@ -190,7 +191,9 @@ def test_selectors_match_the_pods_and_are_stable() -> None:
     pod_labels = dep["spec"]["template"]["metadata"]["labels"]
     selector = dep["spec"]["selector"]["matchLabels"]
     assert selector.items() <= pod_labels.items()
-    assert kids["Service"]["spec"]["selector"] == selector == kids["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"]
+    assert selector == kids["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"]
+    assert kids["Service"]["spec"]["selector"] == manifests.router_selector_labels("sd")  # the pool's Service: the router
+    assert build({**VARIANTS["everything"], "router": {"enabled": False}})["Service"]["spec"]["selector"] == selector  # without it: the engines
     assert selector == build(BASE)["Deployment"]["spec"]["selector"]["matchLabels"]  # immutable field: spec-independent
     assert manifests.selector_string("sd") == "app.kubernetes.io/name=synerdiff-engine,synerdiff.io/pool=sd"
     assert kids["Service"]["spec"]["ports"] == [{"name": "http", "port": 8080, "targetPort": "http", "protocol": "TCP", "appProtocol": "http"}]
@@ -239,3 +242,29 @@ def test_without_a_compile_cache_claim_the_engine_keeps_its_default() -> None:
     kids = build(BASE)
     assert all(v["name"] != "compile-cache" for v in kids["Deployment"]["spec"]["template"]["spec"]["volumes"])
     assert json.loads(kids["ConfigMap"]["data"]["config.json"])["engine"]["compile_cache_dir"] == ""
+
+
+def test_the_router_fronts_the_pool_hardened_as_the_engines() -> None:
+    kids = manifests.children(META, parse_spec(VARIANTS["everything"]))
+    by_name = {(c["kind"], c["metadata"]["name"]): c for c in kids}
+    router = by_name[("Deployment", "sd-router")]
+    engines_svc = by_name[("Service", "sd-engines")]
+    assert router["spec"]["replicas"] >= 2 and by_name[("PodDisruptionBudget", "sd-router")]["spec"]["maxUnavailable"] == 1
+    assert engines_svc["spec"]["clusterIP"] == "None" and engines_svc["spec"]["selector"] == manifests.selector_labels("sd")
+    pod = router["spec"]["template"]["spec"]
+    engine_pod = by_name[("Deployment", "sd")]["spec"]["template"]["spec"]
+    assert pod["securityContext"] == engine_pod["securityContext"] and pod["automountServiceAccountToken"] is False
+    (c,) = pod["containers"]
+    assert c["securityContext"] == engine_pod["containers"][0]["securityContext"]
+    assert c["command"][:4] == ["synerdiff", "route", "--discover", "sd-engines.ml.svc:8000"]
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" and c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert "nvidia.com/gpu" not in str(c["resources"])
+    # The router outlives its longest request: a buffered wait plus the engine's deadline.
+    spec = parse_spec(VARIANTS["everything"])
+    assert pod["terminationGracePeriodSeconds"] > spec.router.buffer_timeout_seconds + spec.engine.limits.request_timeout_s
+    assert router["spec"]["selector"]["matchLabels"] == manifests.router_selector_labels("sd")
+    assert not (manifests.router_selector_labels("sd").items() <= manifests.labels("sd").items())  # engine selectors never pick routers
+    with pytest.raises(InvalidSpec):
+        parse_spec({**BASE, "router": {"replicas": 1}})
+    off = manifests.children(META, parse_spec({**BASE, "router": {"enabled": False}}))
+    assert [c["kind"] for c in off] == ["ConfigMap", "Service", "PodDisruptionBudget", "Deployment"]

@@ -24,7 +24,7 @@ AUTO = {
 }
 
 
-def spec(replicas: int = 2, *, min_r: int = 1, max_r: int = 20, scheduler: dict[str, Any] | None = None, **auto: Any) -> PoolSpec:
+def spec(replicas: int = 2, *, min_r: int = 1, max_r: int = 20, scheduler: dict[str, Any] | None = None, router: bool = True, **auto: Any) -> PoolSpec:
     return parse_spec(
         {
             "image": "x",
@@ -34,6 +34,7 @@ def spec(replicas: int = 2, *, min_r: int = 1, max_r: int = 20, scheduler: dict[
             "maxReplicas": max_r,
             "engine": {"scheduler": scheduler or {}},
             "autoscaling": {**AUTO, **auto},
+            "router": {"enabled": router},
         }
     )
 
@@ -144,14 +145,32 @@ def test_a_restarted_operator_waits_a_full_delay_before_scaling_down() -> None:
     assert d.reason == "ScaleDownDelayed" and d.replicas == 4
 
 
-def test_bounds_and_never_zero() -> None:
+def test_bounds_and_zero_only_behind_the_router() -> None:
     assert decide(spec(2, max_r=3), steady(50.0, until=60), 60.0, ScalerState()).replicas == 3
     assert decide(spec(3, max_r=3), steady(50.0, until=60, ready=3), 60.0, ScalerState()).reason == "AtMaxReplicas"
     idle = steady(0.0, until=300, ready=2)
-    d = decide(spec(2, min_r=0), idle, 300.0, ScalerState(observed_since=0.0))
-    assert (d.replicas, d.reason) == (1, "ScaleDown")  # min 0 means 1: no activator holds requests
-    d = decide(spec(1, min_r=0), steady(0.0, until=300, ready=1), 300.0, ScalerState(observed_since=0.0))
+    d = decide(spec(2, min_r=0, router=False), idle, 300.0, ScalerState(observed_since=0.0))
+    assert (d.replicas, d.reason) == (1, "ScaleDown")  # without the router min 0 means 1: nothing would hold requests
+    d = decide(spec(1, min_r=0, router=False), steady(0.0, until=300, ready=1), 300.0, ScalerState(observed_since=0.0))
     assert (d.replicas, d.reason) == (1, "AtMinReplicas")
+    # Behind the router: idle past the delay goes to zero, not while the router holds requests.
+    d = decide(spec(1, min_r=0), steady(0.0, until=300, ready=1, buffered=0.0), 300.0, ScalerState(observed_since=0.0))
+    assert (d.replicas, d.reason) == (0, "ScaleDown")
+    d = decide(spec(1, min_r=0), steady(0.0, until=300, ready=1, buffered=2.0), 300.0, ScalerState(observed_since=0.0))
+    assert d.replicas == 1
+
+
+def test_a_pool_at_zero_wakes_on_buffered_requests() -> None:
+    at_zero = [PoolMetrics(time=t, ready=0, buffered=0.0) for t in range(0, 60, 5)]
+    d = decide(spec(0, min_r=0), at_zero, 55.0, ScalerState())
+    assert (d.replicas, d.reason) == (0, "ScaledToZero")
+    d = decide(spec(0, min_r=0), [*at_zero, PoolMetrics(time=60.0, ready=0, buffered=3.0)], 60.0, ScalerState())
+    assert (d.replicas, d.reason) == (1, "WakeUp") and d.changed
+    unknown = decide(spec(0, min_r=0), [PoolMetrics(time=60.0, ready=0, buffered=None)], 60.0, ScalerState())
+    assert (unknown.replicas, unknown.reason) == (0, "MetricsUnknown")  # no router read: hold
+    # Waking (1 pod, not ready yet): hold at 1 rather than scale back to 0.
+    waking = decide(spec(1, min_r=0), [PoolMetrics(time=60.0, ready=0, pending=1, buffered=3.0)], 60.0, ScalerState())
+    assert waking.replicas == 1
     # An autoscaled spec.replicas outside the bounds (the CRD allows it) is brought back.
     assert decide(spec(9, max_r=4), steady(4.0, until=60, ready=4), 60.0, ScalerState()).replicas == 4
 

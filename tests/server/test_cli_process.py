@@ -148,6 +148,7 @@ def test_sigterm_drains_in_flight_then_exits_zero(served: Served):
     try:
         late = httpx.post(served.url + "/v1/images/generations", json={"prompt": "too late"}, timeout=10)
         assert late.status_code == 503 and late.json()["error"]["code"] == "shutting_down"
+        assert late.headers["X-SynerDiff-Not-Started"] == "1"
     except httpx.ConnectError:
         pass  # the drain already finished and the listener closed: also a refusal
     client.join(timeout=120)

@@ -87,6 +87,7 @@ def test_full_queue_is_429_with_retry_after(live: Live):
             assert r.status_code == 429, r.text
             assert int(r.headers["Retry-After"]) >= 1
             assert r.json()["error"]["code"] == "queue_full"
+            assert r.headers["X-SynerDiff-Not-Started"] == "1"  # a router may send it elsewhere
         finally:
             running.close()
             if queued is not None:

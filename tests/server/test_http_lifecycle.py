@@ -38,6 +38,7 @@ def test_loading_then_ready():
             assert r.status_code == 503 and r.json()["status"] == "loading"
             g = httpx.post(url + "/v1/images/generations", json={"prompt": "too early"})
             assert g.status_code == 503 and g.json()["error"]["code"] == "loading"
+            assert g.headers["X-SynerDiff-Not-Started"] == "1"
             assert int(g.headers["Retry-After"]) > 0
             assert metric_value(httpx.get(url + "/metrics").text, "synerdiff_ready") == 0
             gate.set()

@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 
+from ..contract.metrics import NOT_STARTED_HEADER
 from ..engine import EngineError, GenerationRequest, GenerationResult, RequestError, RequestHandle
 from .auth import require_api_token
 from .errors import APIError, from_engine_error, from_request_error
@@ -145,6 +146,9 @@ async def generate(body: ImageGenerationRequest, request: Request) -> Response:
         handle = submit(state, greq)
     except APIError as err:
         record(state, err.status, err.code)
+        if err.status in (429, 503):
+            # Refused before the engine queued it: a router may send it to another engine.
+            err.headers[NOT_STARTED_HEADER] = "1"
         raise
     if body.stream:
         return stream_response(request, state, greq, handle, started)

@@ -19,6 +19,7 @@ GRAPHS_READY = "synerdiff_fast_path_graphs_ready"
 GRAPHS = "synerdiff_fast_path_graphs"
 STARTUP_SECONDS = "synerdiff_startup_seconds"
 COMPILE_CACHE = "synerdiff_compile_cache"  # 1 for the label state = warm | cold | off the start used
+OUTSTANDING = "synerdiff_outstanding_row_steps"  # UNet rows x steps queued and still to run (what a router balances)
 
 # Histograms.
 STEP_ROWS = "synerdiff_step_rows"
@@ -47,3 +48,17 @@ LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0,
 STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 INFLATION_BUCKETS = (1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0, 10.0)
+
+
+# The router (`synerdiff route`): its own /metrics. The operator reads BUFFERED to wake a pool at zero.
+ROUTER_REQUESTS = "synerdiff_router_requests"  # counter {upstream, outcome}
+ROUTER_RETRIES = "synerdiff_router_retries"  # counter {reason}
+ROUTER_BUFFERED = "synerdiff_router_requests_buffered"  # gauge: requests waiting for a ready engine
+ROUTER_BUFFER_WAIT = "synerdiff_router_buffer_wait_seconds"  # histogram
+ROUTER_OUTSTANDING = "synerdiff_router_upstream_outstanding_row_steps"  # gauge {upstream}: the load the router counts
+ROUTER_UPSTREAM_READY = "synerdiff_router_upstream_ready"  # gauge {upstream}
+ROUTER_UPSTREAMS = "synerdiff_router_upstreams"  # gauge: engines known (ready or not)
+
+# Response header an engine sets on a 429/503 refusal made before the request reached the engine's
+# queue: the request never started, so a router may send it elsewhere.
+NOT_STARTED_HEADER = "X-SynerDiff-Not-Started"

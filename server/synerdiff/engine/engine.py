@@ -282,6 +282,11 @@ class Engine:
             return self._in_flight - self._queued
 
     @property
+    def outstanding_work(self) -> int:
+        """UNet row-steps queued plus those the denoising requests still have to run."""
+        return self._queued_work + self._running_work
+
+    @property
     def rows_active(self) -> int:
         """UNet rows held by denoising requests (a guided image is 2)."""
         return self._core.rows_active if self._core is not None else 0

@@ -76,6 +76,9 @@ class ServerMetrics:
         self.compile_cache = Gauge(
             names.COMPILE_CACHE, "1 for how this start got its compiled kernels: warm (from the compile cache), cold or off.", ["state"], registry=r
         )
+        Gauge(names.OUTSTANDING, "UNet row-steps queued and still to run (rows x remaining steps; a router balances on it).", registry=r).set_function(
+            lambda: engine.outstanding_work
+        )
 
         self.step_rows = Histogram(names.STEP_ROWS, "UNet rows per denoising step.", buckets=ROW_BUCKETS, registry=r)
         self.unet_step = Histogram(names.UNET_STEP, "One batched denoising step: UNet forward plus sampler update.", buckets=STEP_BUCKETS, registry=r)

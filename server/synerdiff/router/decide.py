@@ -1,0 +1,129 @@
+"""The router's decision: which engine gets a request. Pure functions of the engines' state, no I/O.
+
+Load is counted in UNet row-steps (rows x steps, a guided image being 2 rows), the unit in which
+an engine's step-level batching spends its time. An engine's load is what this router sent it and
+has not yet seen finish (`sent`, its own accounting, current to the request), plus what the engine
+reported at its last scrape beyond what this router had sent by then (`others`: requests from other
+router replicas or sent straight to the engine). Loads are compared per unit of capacity (the
+engine's `max_rows`), so a larger engine takes proportionally more.
+
+Among the ready, not draining engines not yet tried for this request, the least loaded wins; when
+another's load is within `tolerance` of the least, one that already runs the request's latent
+shape is preferred, so that the request joins a batch it can share a UNet forward with. The
+pool simulator (`synerdiff_bench.poolsim`) calls these same functions.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..contract.metrics import NOT_STARTED_HEADER
+from ..contract.requests import rows_per_image
+
+Shape = tuple[int, int]  # (height, width) in pixels; (0, 0) = the engines' native size
+
+_SIZE = re.compile(r"^([0-9]{1,5})x([0-9]{1,5})$")
+
+
+@dataclass(frozen=True)
+class Defaults:
+    """What the engines assume when a request leaves a field out (the router cannot ask them)."""
+
+    steps: int = 30
+    guidance_scale: float = 7.5
+    n: int = 1
+
+
+@dataclass(frozen=True)
+class RequestCost:
+    shape: Shape
+    rows: int  # UNet rows the request holds while it denoises
+    steps: int
+
+    @property
+    def row_steps(self) -> int:
+        return self.rows * self.steps
+
+
+def request_cost(body: Mapping[str, Any] | None, defaults: Defaults = Defaults()) -> RequestCost:
+    """The cost of an images request from its JSON body: rows_per_image x n x steps.
+
+    Malformed fields (which the engine will refuse) count as the defaults: the router balances,
+    the engine validates."""
+    body = body if isinstance(body, Mapping) else {}
+    n = _int(body.get("n"), defaults.n)
+    steps = _int(body.get("num_inference_steps"), defaults.steps)
+    g = body.get("guidance_scale")
+    guidance = float(g) if isinstance(g, (int, float)) and not isinstance(g, bool) else defaults.guidance_scale
+    shape: Shape = (0, 0)
+    size = body.get("size")
+    if isinstance(size, str) and (m := _SIZE.match(size)):
+        shape = (int(m.group(2)), int(m.group(1)))  # OpenAI's size is WIDTHxHEIGHT
+    return RequestCost(shape=shape, rows=rows_per_image(guidance > 1.0) * n, steps=steps)
+
+
+def _int(value: Any, default: int) -> int:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return min(value, 10_000)
+    return default
+
+
+@dataclass(frozen=True)
+class EngineState:
+    """One engine as the router sees it at a decision."""
+
+    name: str
+    ready: bool = True  # /readyz answered 200 at the last poll and no refusal said otherwise since
+    draining: bool = False
+    sent: float = 0.0  # row-steps this router sent and has not seen finish
+    others: float = 0.0  # row-steps the engine reported at its last scrape beyond this router's own
+    capacity: float = 64.0  # the engine's max_rows
+    shapes: frozenset[Shape] = field(default_factory=frozenset)  # latent shapes this router has in flight there
+
+    @property
+    def load(self) -> float:
+        return (self.sent + self.others) / max(self.capacity, 1.0)
+
+
+def others_from_report(reported: float | None, sent_at_scrape: float) -> float:
+    """Work an engine holds that this router did not send, from its outstanding-work gauge."""
+    if reported is None:
+        return 0.0
+    return max(0.0, reported - sent_at_scrape)
+
+
+@dataclass(frozen=True)
+class Choice:
+    name: str
+    joins_batch: bool  # chosen (also) because it runs the same shape
+
+
+def choose(engines: Sequence[EngineState], cost: RequestCost, exclude: Iterable[str] = (), tolerance: float = 0.25) -> Choice | None:
+    """The engine for a request, or None when no engine may take it.
+
+    `tolerance`: loads within `tolerance x max(least load, the request's own cost)` of the least
+    count as close; among close engines one running the same shape wins (then the least loaded,
+    then the name, so equal states give equal answers)."""
+    excluded = set(exclude)
+    candidates = [e for e in engines if e.ready and not e.draining and e.name not in excluded]
+    if not candidates:
+        return None
+    least = min(e.load for e in candidates)
+    own = cost.row_steps / max(min(e.capacity for e in candidates), 1.0)
+    margin = tolerance * max(least, own)
+    close = [e for e in candidates if e.load <= least + margin]
+    same = [e for e in close if cost.shape in e.shapes]
+    pool = same or close
+    best = min(pool, key=lambda e: (e.load, e.name))
+    return Choice(best.name, joins_batch=cost.shape in best.shapes)
+
+
+def retryable(status: int, headers: Mapping[str, str]) -> bool:
+    """A refusal that says the request never started: the engine's 429 (queue full) and 503
+    (loading, draining) carry NOT_STARTED_HEADER. Any other answer may follow work done."""
+    if status not in (429, 503):
+        return False
+    return any(k.lower() == NOT_STARTED_HEADER.lower() for k in headers)

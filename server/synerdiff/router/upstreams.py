@@ -1,0 +1,217 @@
+"""The engines behind the router: discovery, readiness and load polling, the router's own accounting.
+
+Engines come from `--upstream URL` (static) and from DNS names (`--discover HOST:PORT`, a headless
+Service: one A record per ready engine pod), re-resolved every poll. Each poll asks every engine
+for `/readyz` and `/metrics` (the outstanding row-steps gauge and `max_rows`). An engine that
+refuses a request as draining or loading counts as not ready until a poll says otherwise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import socket
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from ..contract import metrics as names
+from .decide import EngineState, RequestCost, Shape, others_from_report
+
+log = logging.getLogger("synerdiff.router")
+
+
+@dataclass
+class Upstream:
+    url: str
+    static: bool = True
+    ready: bool = False
+    draining: bool = False
+    sent: float = 0.0
+    in_flight: int = 0
+    shapes: collections.Counter[Shape] = field(default_factory=collections.Counter)
+    reported: float | None = None
+    sent_at_scrape: float = 0.0
+    capacity: float = 64.0
+    last_seen: float = 0.0  # monotonic time DNS last listed it (discovered engines)
+    error: str | None = None
+
+    def state(self) -> EngineState:
+        return EngineState(
+            name=self.url,
+            ready=self.ready,
+            draining=self.draining,
+            sent=self.sent,
+            others=others_from_report(self.reported, self.sent_at_scrape),
+            capacity=self.capacity,
+            shapes=frozenset(s for s, c in self.shapes.items() if c > 0),
+        )
+
+    def add(self, cost: RequestCost) -> None:
+        self.sent += cost.row_steps
+        self.in_flight += 1
+        self.shapes[cost.shape] += 1
+
+    def release(self, cost: RequestCost) -> None:
+        self.sent = max(0.0, self.sent - cost.row_steps)
+        self.in_flight = max(0, self.in_flight - 1)
+        self.shapes[cost.shape] -= 1
+        if self.shapes[cost.shape] <= 0:
+            del self.shapes[cost.shape]
+
+    def progress(self, cost: RequestCost, done_row_steps: float) -> None:
+        """Steps reported done by a streamed request: they no longer weigh on the engine."""
+        self.sent = max(0.0, self.sent - done_row_steps)
+
+
+def parse_target(target: str) -> tuple[str, int]:
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--discover wants HOST:PORT, got {target!r}")
+    return host, int(port)
+
+
+class UpstreamPool:
+    def __init__(
+        self,
+        urls: Iterable[str] = (),
+        discover: Iterable[str] = (),
+        *,
+        poll_interval_s: float = 0.5,
+        forget_after_s: float = 30.0,
+        client: httpx.AsyncClient | None = None,
+    ) -> None:
+        self.upstreams: dict[str, Upstream] = {}
+        for url in urls:
+            url = url.rstrip("/")
+            self.upstreams[url] = Upstream(url)
+        self.discover = [parse_target(t) for t in discover]
+        self.poll_interval_s = poll_interval_s
+        self.forget_after_s = forget_after_s
+        self.client = client or httpx.AsyncClient(timeout=httpx.Timeout(2.0))
+        self.changed = asyncio.Event()  # set (and replaced) whenever readiness may have changed
+        self.polled_once = False
+        self._task: asyncio.Task[None] | None = None
+
+    # ------------------------------------------------------------------ decisions
+    def states(self) -> list[EngineState]:
+        return [u.state() for u in self.upstreams.values()]
+
+    def any_ready(self, exclude: Iterable[str] = ()) -> bool:
+        ex = set(exclude)
+        return any(u.ready and not u.draining and u.url not in ex for u in self.upstreams.values())
+
+    def mark_not_ready(self, url: str, reason: str) -> None:
+        up = self.upstreams.get(url)
+        if up is not None and up.ready:
+            log.info("%s refused as %s: no longer routed to until it is ready again", url, reason)
+            up.ready = False
+
+    async def wait_change(self, timeout: float) -> None:
+        ev = self.changed
+        try:
+            await asyncio.wait_for(ev.wait(), timeout)
+        except TimeoutError:
+            pass
+
+    def _notify(self) -> None:
+        ev, self.changed = self.changed, asyncio.Event()
+        ev.set()
+
+    # ------------------------------------------------------------------ polling
+    def start(self) -> None:
+        self._task = asyncio.ensure_future(self._run())
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        await self.client.aclose()
+
+    async def _run(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                await self.poll_once()
+            except Exception:  # a bug here must not stop the routing
+                log.exception("polling the engines failed")
+            await asyncio.sleep(max(0.05, self.poll_interval_s - (time.monotonic() - started)))
+
+    async def poll_once(self) -> None:
+        await self._resolve()
+        before = {u.url: u.ready for u in self.upstreams.values()}
+        await asyncio.gather(*(self._poll(u) for u in list(self.upstreams.values())))
+        self.polled_once = True
+        if any(u.ready and not before.get(u.url, False) for u in self.upstreams.values()) or before.keys() != self.upstreams.keys():
+            self._notify()
+
+    async def _resolve(self) -> None:
+        if not self.discover:
+            return
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        for host, port in self.discover:
+            try:
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except OSError as exc:  # no ready engine: the headless Service has no records
+                log.debug("resolving %s: %s", host, exc)
+                continue
+            for family, _, _, _, addr in infos:
+                ip = addr[0]
+                url = f"http://[{ip}]:{port}" if family == socket.AF_INET6 else f"http://{ip}:{port}"
+                up = self.upstreams.get(url)
+                if up is None:
+                    log.info("discovered engine %s (%s)", url, host)
+                    up = self.upstreams[url] = Upstream(url, static=False)
+                up.last_seen = now
+        for url, up in list(self.upstreams.items()):
+            # Gone from DNS and idle: forget it (its pod is gone). In-flight requests keep it.
+            if not up.static and now - up.last_seen > self.forget_after_s and up.in_flight == 0:
+                log.info("engine %s left the Service", url)
+                del self.upstreams[url]
+
+    async def _poll(self, up: Upstream) -> None:
+        try:
+            sent_before = up.sent
+            ready_resp, metrics_resp = await asyncio.gather(self.client.get(up.url + "/readyz"), self.client.get(up.url + "/metrics"))
+            up.ready = ready_resp.status_code == 200
+            up.draining = ready_resp.status_code == 503 and _phase(ready_resp) == "draining"
+            if metrics_resp.status_code == 200:
+                gauges = _gauges(metrics_resp.text)
+                up.reported = gauges.get(names.OUTSTANDING)
+                up.sent_at_scrape = min(sent_before, up.sent)
+                if gauges.get(names.MAX_ROWS):
+                    up.capacity = gauges[names.MAX_ROWS]
+            up.error = None
+        except httpx.HTTPError as exc:
+            if up.ready or up.error is None:
+                log.info("engine %s unreachable: %s", up.url, exc)
+            up.ready = False
+            up.error = str(exc) or type(exc).__name__
+
+
+def _phase(resp: httpx.Response) -> str | None:
+    try:
+        body = resp.json()
+    except ValueError:
+        return None
+    return body.get("status") if isinstance(body, dict) else None
+
+
+def _gauges(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    wanted = {names.OUTSTANDING, names.MAX_ROWS, names.WAITING, names.RUNNING}
+    try:
+        for family in text_string_to_metric_families(text):
+            if family.name in wanted and family.samples:
+                out[family.name] = float(family.samples[0].value)
+    except ValueError:
+        pass
+    return out

@@ -1,0 +1,87 @@
+"""The router's decision, without I/O: costs, loads, shape affinity, refusals that may be retried."""
+
+from __future__ import annotations
+
+from synerdiff.contract.metrics import NOT_STARTED_HEADER
+from synerdiff.router.decide import Defaults, EngineState, RequestCost, choose, others_from_report, request_cost, retryable
+
+
+def test_cost_is_rows_per_image_times_n_times_steps():
+    c = request_cost({"prompt": "x", "n": 3, "num_inference_steps": 10, "size": "96x64"})
+    assert (c.rows, c.steps, c.row_steps, c.shape) == (6, 10, 60, (64, 96))  # guided by default; size is WxH
+    unguided = request_cost({"prompt": "x", "guidance_scale": 1.0, "num_inference_steps": 8})
+    assert (unguided.rows, unguided.row_steps, unguided.shape) == (1, 8, (0, 0))
+    # Defaults stand in for missing or malformed fields (the engine will refuse the malformed ones).
+    d = Defaults(steps=20, guidance_scale=7.5)
+    assert request_cost({"n": "2", "num_inference_steps": True, "size": "big"}, d) == RequestCost((0, 0), 2, 20)
+    assert request_cost(None, d).row_steps == 40
+
+
+def test_least_outstanding_work_wins_counting_own_and_others():
+    cost = RequestCost((64, 64), 2, 10)
+    engines = [EngineState("a", sent=100), EngineState("b", sent=20, others=200), EngineState("c", sent=60)]
+    assert choose(engines, cost).name == "c"
+    # Per unit of capacity: an engine twice as large carries twice the work at equal load.
+    engines = [EngineState("a", sent=100, capacity=64), EngineState("b", sent=150, capacity=128)]
+    assert choose(engines, cost).name == "b"
+
+
+def test_not_ready_draining_and_excluded_engines_are_never_picked():
+    cost = RequestCost((0, 0), 2, 10)
+    engines = [EngineState("a", ready=False), EngineState("b", draining=True, sent=0), EngineState("c", sent=1000)]
+    assert choose(engines, cost).name == "c"
+    assert choose(engines, cost, exclude={"c"}) is None
+    assert choose([], cost) is None
+
+
+def test_same_shape_preferred_only_when_loads_are_close():
+    cost = RequestCost((128, 128), 2, 20)  # 40 row-steps
+    close = [EngineState("a", sent=400), EngineState("b", sent=430, shapes=frozenset({(128, 128)}))]
+    pick = choose(close, cost)
+    assert pick is not None and pick.name == "b" and pick.joins_batch
+    far = [EngineState("a", sent=400), EngineState("b", sent=900, shapes=frozenset({(128, 128)}))]
+    assert choose(far, cost).name == "a"
+    # Idle pool: the tolerance is relative to the request's own cost, so a small lead still counts.
+    idle = [EngineState("a", sent=0), EngineState("b", sent=5, shapes=frozenset({(128, 128)}))]
+    assert choose(idle, cost).name == "b"
+
+
+def test_equal_states_give_equal_answers():
+    cost = RequestCost((0, 0), 2, 10)
+    engines = [EngineState("b"), EngineState("a"), EngineState("c")]
+    assert {choose(engines, cost).name for _ in range(5)} == {"a"}
+
+
+def test_others_from_report():
+    assert others_from_report(None, 50) == 0
+    assert others_from_report(300, 100) == 200
+    assert others_from_report(80, 100) == 0  # the engine already ran part of ours
+
+
+def test_only_refusals_that_never_started_are_retried():
+    flag = {NOT_STARTED_HEADER: "1"}
+    assert retryable(429, flag) and retryable(503, {NOT_STARTED_HEADER.lower(): "1"})
+    assert not retryable(503, {"Retry-After": "1"})  # a 503 after the engine took it (engine fault)
+    assert not retryable(500, flag) and not retryable(504, flag) and not retryable(200, flag)
+
+
+def test_the_router_loads_no_torch_and_nothing_of_the_engine() -> None:
+    """`synerdiff route` runs without the engine's dependencies (its image installs `.[router]` only)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    heavy = {"torch", "diffusers", "transformers", "fastapi", "numpy", "PIL", "sse_starlette"}
+    code = (
+        "import sys, synerdiff.cli, synerdiff.router.app, synerdiff.router.server;"
+        "from synerdiff.cli import _build_parser; _build_parser().parse_args(['route', '--upstream', 'http://x']);"
+        f"print(sorted({{m.split('.')[0] for m in sys.modules}} & set({sorted(heavy)!r})),"
+        "sorted(m for m in sys.modules if m.startswith('synerdiff.') and not m.startswith(('synerdiff.router', 'synerdiff.contract', 'synerdiff.cli'))))"
+    )
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root / "server")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60, env=env).stdout
+    assert out.strip() == "[] []"
+    extras = (root / "pyproject.toml").read_text()
+    assert "router = [" in extras and "FROM python:3.11-slim" in (root / "docker" / "router.Dockerfile").read_text()
