@@ -244,29 +244,34 @@ def _resources(spec: PoolSpec) -> dict[str, Any]:
     return out
 
 
-def _fetch_container(spec: PoolSpec) -> dict[str, Any]:
+def fetch_pin_key(meta: dict[str, Any], spec: PoolSpec) -> str:
+    """Pods of one pool fetching one model spec share a key: on a shared claim, the first pod's
+    resolved commit is reused by the rest (and by restarts) until the model spec changes."""
+    m = spec.model
+    digest = hashlib.sha256(f"{m.uri}@{m.revision}:{m.dtype}".encode()).hexdigest()[:12]
+    return f"{meta.get('uid', meta['name'])}/{digest}"
+
+
+def _fetch_container(meta: dict[str, Any], spec: PoolSpec) -> dict[str, Any]:
     assert spec.model.uri is not None
     env: list[dict[str, Any]] = [
-        {"name": "SYNERDIFF_MODEL_REPO", "value": spec.model.uri.removeprefix("hf://")},
-        {"name": "SYNERDIFF_MODEL_REVISION", "value": spec.model.revision},
-        {"name": "SYNERDIFF_MODEL_DIR", "value": model_dir(spec)},
         {"name": "HOME", "value": "/tmp"},
         {"name": "HF_HOME", "value": "/tmp/hf"},
         {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
     if spec.model.token_secret is not None:
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": spec.model.token_secret.name, "key": spec.model.token_secret.key}}})
-    script = (
-        "import os; from huggingface_hub import snapshot_download; "
-        "snapshot_download(repo_id=os.environ['SYNERDIFF_MODEL_REPO'], revision=os.environ['SYNERDIFF_MODEL_REVISION'], "
-        "local_dir=os.environ['SYNERDIFF_MODEL_DIR'])"
-    )
+    command = ["synerdiff", "fetch", spec.model.uri, model_dir(spec), "--revision", spec.model.revision, "--dtype", spec.model.dtype]
+    command += ["--pin-key", fetch_pin_key(meta, spec), "--timeout", str(spec.startup_timeout_seconds)]
     return {
         "name": FETCH_CONTAINER,
         "image": spec.image,
         "imagePullPolicy": spec.image_pull_policy,
-        "command": ["python", "-c", script],
+        "command": command,
         "env": env,
+        # Sized for HTTP downloads, and present at all so that a namespace with a compute quota admits the pod.
+        "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"cpu": "2", "memory": "2Gi"}},
         "securityContext": _security_context(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "volumeMounts": [
@@ -380,7 +385,7 @@ def deployment(meta: dict[str, Any], spec: PoolSpec) -> dict[str, Any]:
         "volumes": _volumes(meta, spec),
     }
     if spec.model.uri is not None:
-        pod_spec["initContainers"] = [_fetch_container(spec)]
+        pod_spec["initContainers"] = [_fetch_container(meta, spec)]
     if spec.gpu.node_selector:
         pod_spec["nodeSelector"] = dict(spec.gpu.node_selector)
     if spec.gpu.tolerations:

@@ -125,6 +125,22 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--tolerance", type=float, default=0.25, help="loads within this fraction count as close; then the engine running the same shape wins")
     r.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
 
+    f = sub.add_parser(
+        "fetch",
+        help="download a diffusers pipeline from the Hugging Face Hub: only what the engine loads, at one commit",
+        description="Resolve REVISION to a commit, download the configs, tokenizers and one set of weights (the dtype's "
+        "variant where the repository has it) of the components the engine loads, and record the commit in "
+        "DEST/.synerdiff-source.json. With --pin-key, a folder already holding that key's download is reused "
+        "without asking the Hub again. HF_TOKEN authenticates; HF_ENDPOINT points at another Hub.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    f.add_argument("uri", help="hf://org/name")
+    f.add_argument("dest", help="folder to download into")
+    f.add_argument("--revision", default="main", help="branch, tag or commit")
+    f.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="picks the weights variant")
+    f.add_argument("--pin-key", default="", help="reuse a download made under this key (a pool's generation) instead of resolving REVISION again")
+    f.add_argument("--timeout", type=float, default=0.0, help="give up after this many seconds (0: never)")
+
     # The benchmark tools keep their own parsers; these entries forward to them.
     for name, text in (
         ("bench", "load benchmark: baselines and engine configs under Poisson load (see docs/bench.md)"),
@@ -338,7 +354,39 @@ def main(argv: list[str] | None = None) -> int:
         return _serve(args)
     if args.command == "route":
         return _route(args)
+    if args.command == "fetch":
+        return _fetch(args)
     return _generate(args)
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+
+    from .models.fetch import FetchError, fetch
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if not args.uri.startswith("hf://") or args.uri.count("/") != 3:
+        print(f"synerdiff fetch: {args.uri!r} is not hf://org/name", file=sys.stderr)
+        return 2
+    if args.timeout > 0:
+        # A hung download must end the init container with a message, not hold the pod forever.
+        def expired(signum: int, frame: object) -> None:
+            raise FetchError(f"download did not finish within {args.timeout:g} s")
+
+        signal.signal(signal.SIGALRM, expired)
+        signal.setitimer(signal.ITIMER_REAL, args.timeout)
+    try:
+        done = fetch(args.uri.removeprefix("hf://"), args.revision, args.dest, args.dtype, pin_key=args.pin_key, token=os.environ.get("HF_TOKEN") or None)
+    except FetchError as exc:
+        print(f"synerdiff fetch: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if args.timeout > 0:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+    verb = "already held" if done.reused else "downloaded"
+    print(f"{done.repo}@{done.commit} ({done.revision}): {len(done.files)} files {verb} in {args.dest}")
+    return 0
 
 
 if __name__ == "__main__":

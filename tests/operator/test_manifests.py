@@ -163,8 +163,13 @@ def test_model_sources(variant: str, model_dir: str, volume: dict[str, Any] | No
     assert models == ([volume] if volume else [])
     assert ("initContainers" in pod) == fetch
     if fetch:
-        env = {e["name"]: e for e in container(kids["Deployment"], "model-fetch")["env"]}
-        assert env["SYNERDIFF_MODEL_REPO"]["value"] == "org/model" and env["SYNERDIFF_MODEL_DIR"]["value"] == model_dir
+        fetcher = container(kids["Deployment"], "model-fetch")
+        env = {e["name"]: e for e in fetcher["env"]}
+        assert fetcher["command"][:4] == ["synerdiff", "fetch", "hf://org/model", model_dir]
+        args = dict(zip(fetcher["command"][4::2], fetcher["command"][5::2], strict=True))
+        assert args["--revision"] == "main" and args["--dtype"] == "float16" and args["--timeout"] == "1800"
+        assert args["--pin-key"] == manifests.fetch_pin_key(META, parse_spec(VARIANTS[variant]))
+        assert fetcher["resources"]["requests"] and fetcher["resources"]["limits"]  # admitted under a compute quota
         if variant == "hf-uri-pvc-cache":
             assert env["HF_TOKEN"] == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
         else:
@@ -268,3 +273,10 @@ def test_the_router_fronts_the_pool_hardened_as_the_engines() -> None:
         parse_spec({**BASE, "router": {"replicas": 1}})
     off = manifests.children(META, parse_spec({**BASE, "router": {"enabled": False}}))
     assert [c["kind"] for c in off] == ["ConfigMap", "Service", "PodDisruptionBudget", "Deployment"]
+
+
+def test_the_fetch_pin_follows_the_model_spec_not_the_rest() -> None:
+    base = parse_spec(BASE)
+    assert manifests.fetch_pin_key(META, base) == manifests.fetch_pin_key(META, parse_spec({**BASE, "replicas": 3, "drainTimeoutSeconds": 50}))
+    assert manifests.fetch_pin_key(META, base) != manifests.fetch_pin_key(META, parse_spec({**BASE, "model": {"uri": "hf://org/model", "revision": "v2"}}))
+    assert manifests.fetch_pin_key(META, base) != manifests.fetch_pin_key({**META, "uid": "another-pool"}, base)

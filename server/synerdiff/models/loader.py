@@ -62,6 +62,17 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def weights_variant(folder: Path) -> str | None:
+    """The weight variant to load from a component folder: none when plain weights are there,
+    else the variant of the weights that are (a download of the fp16 files alone)."""
+    from .fetch import weight_variant
+
+    variants = {weight_variant(p.name) for p in folder.glob("*") if p.name.endswith((".safetensors", ".bin"))}
+    if not variants or None in variants:
+        return None
+    return sorted(v for v in variants if v is not None)[0]
+
+
 def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> ModelBundle:
     """Load unet, vae, text encoder, tokenizer and scheduler config from a local directory.
 
@@ -81,9 +92,11 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> M
     dt = resolve_dtype(dtype, dev)
     try:
         kw = dict(local_files_only=True, torch_dtype=dt)
-        unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", **kw)
-        vae = AutoencoderKL.from_pretrained(root, subfolder="vae", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", local_files_only=True, dtype=dt)
+        unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", variant=weights_variant(root / "unet"), **kw)
+        vae = AutoencoderKL.from_pretrained(root, subfolder="vae", variant=weights_variant(root / "vae"), **kw)
+        text_encoder = CLIPTextModel.from_pretrained(
+            root, subfolder="text_encoder", local_files_only=True, dtype=dt, variant=weights_variant(root / "text_encoder")
+        )
         tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load {root}: {exc}") from exc

@@ -1,0 +1,140 @@
+"""Download a diffusers pipeline from the Hugging Face Hub: only the files the engine loads, at one commit.
+
+A Stable Diffusion repository holds far more than a pipeline needs: every weight variant (fp32,
+fp16, ema), single-file checkpoints at the root, ONNX and Flax exports, a safety checker the
+engine never runs. `pipeline_files` picks, from the repository's file list and its
+`model_index.json`, the configs, tokenizer files and one set of weights per component the engine
+loads, in the dtype's variant where the repository has it. `fetch` resolves the revision to a
+commit once, downloads those files at that commit (huggingface_hub does the HTTP, resumes and
+retries), and records what it did in `SOURCE_FILE` beside them. A later fetch into the same folder
+with the same pin key (a pool's generation) reuses the recorded commit without asking the Hub
+which commit a branch points to now, so replicas sharing a claim never serve different weights
+because a branch moved between their starts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("synerdiff.fetch")
+
+SOURCE_FILE = ".synerdiff-source.json"
+# Components the engine loads; others a pipeline lists (safety_checker, feature_extractor,
+# image_encoder) are never read.
+LOADED_COMPONENTS = frozenset({"unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"})
+# What a component folder holds besides weights: configs, tokenizer vocabularies and merges, sentencepiece models.
+SMALL_FILES = (".json", ".txt", ".model")
+WEIGHT_FORMATS = (".safetensors", ".bin")  # in order of preference
+_SHARD = re.compile(r"-\d{5}-of-\d{5}$")
+
+
+class FetchError(RuntimeError):
+    pass
+
+
+def weight_variant(filename: str) -> str | None:
+    """The variant infix of a weight file: `diffusion_pytorch_model.fp16.safetensors` -> fp16, also sharded."""
+    stem = filename.rsplit("/", 1)[-1]
+    for ext in WEIGHT_FORMATS:
+        if stem.endswith(ext):
+            stem = _SHARD.sub("", stem.removesuffix(ext))
+            return stem.rsplit(".", 1)[1] if "." in stem else None
+    return None
+
+
+def pipeline_files(model_index: Mapping[str, Any], files: Sequence[str], dtype: str) -> list[str]:
+    """The files of a repository the engine needs to load its pipeline in `dtype`."""
+    want = "fp16" if dtype == "float16" else None
+    components = sorted(k for k, v in model_index.items() if k in LOADED_COMPONENTS and isinstance(v, list) and v and v[0] is not None)
+    out = {"model_index.json"}
+    for comp in components:
+        inside = [f for f in files if f.startswith(comp + "/") and "/" not in f[len(comp) + 1 :]]
+        out.update(f for f in inside if f.endswith(SMALL_FILES))
+        for ext in WEIGHT_FORMATS:
+            of_format = [f for f in inside if f.endswith(ext)]
+            chosen = [f for f in of_format if want is not None and weight_variant(f) == want] or [f for f in of_format if weight_variant(f) is None]
+            if chosen:
+                out.update(chosen)
+                break
+    return sorted(out)
+
+
+@dataclass
+class Fetched:
+    repo: str
+    revision: str  # as asked: a branch, a tag or a commit
+    commit: str  # what it resolved to
+    dtype: str
+    files: list[str] = field(default_factory=list)
+    pin_key: str = ""
+    reused: bool = False  # the folder already held this commit's files: nothing was downloaded
+
+
+def recorded(dest: Path) -> Fetched | None:
+    try:
+        data = json.loads((dest / SOURCE_FILE).read_text())
+        return Fetched(**{k: data[k] for k in ("repo", "revision", "commit", "dtype", "files", "pin_key")})
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _complete(dest: Path, rec: Fetched) -> bool:
+    return all((dest / f).is_file() for f in rec.files)
+
+
+def fetch(repo: str, revision: str, dest: str | Path, dtype: str = "float16", *, pin_key: str = "", token: str | None = None) -> Fetched:
+    """Download what the engine loads of `repo` at `revision` into `dest`; see the module doc."""
+    from huggingface_hub import HfApi, hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    rec = recorded(dest)
+    same = rec is not None and rec.repo == repo and rec.dtype == dtype and _complete(dest, rec)
+    if same and rec is not None and (rec.commit == revision or (pin_key and rec.pin_key == pin_key and rec.revision == revision)):
+        log.info("%s already holds %s at %s (%d files); nothing to download", dest, repo, rec.commit, len(rec.files))
+        rec.reused = True
+        return rec
+    try:
+        info = HfApi(token=token).model_info(repo, revision=revision)
+        if not info.sha:
+            raise FetchError(f"the Hub did not say which commit {repo}@{revision} is")
+        commit = info.sha
+        listing = [s.rfilename for s in info.siblings or []]
+        if "model_index.json" not in listing:
+            raise FetchError(f"{repo}@{commit} has no model_index.json: not a diffusers pipeline repository")
+        # Files by name, at the commit: huggingface_hub resumes partial files and skips complete ones.
+        index_path = hf_hub_download(repo, "model_index.json", revision=commit, local_dir=dest, token=token)
+        model_index = json.loads(Path(index_path).read_text())
+        files = pipeline_files(model_index, listing, dtype)
+        log.info("downloading %d of %d files of %s@%s (%s)", len(files), len(listing), repo, commit, dtype)
+        for k, name in enumerate(f for f in files if f != "model_index.json"):
+            hf_hub_download(repo, name, revision=commit, local_dir=dest, token=token)
+            log.info("file %d of %d: %s", k + 1, len(files) - 1, name)
+    except (HfHubHTTPError, OSError, ValueError) as exc:  # the Hub's errors, a full disk, a bad index
+        raise FetchError(f"could not download {repo}@{revision}: {exc}") from exc
+    done = Fetched(repo=repo, revision=revision, commit=commit, dtype=dtype, files=files, pin_key=pin_key)
+    missing = [f for f in files if not (dest / f).is_file()]
+    if missing:
+        raise FetchError(f"download of {repo}@{commit} incomplete: {', '.join(missing[:5])}")
+    _write_atomic(dest / SOURCE_FILE, json.dumps({k: v for k, v in asdict(done).items() if k != "reused"}, indent=2) + "\n")
+    return done
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,213 @@
+"""`synerdiff fetch` against a Hub-shaped HTTP server on loopback: which files it asks for, the
+commit it pins, and a later pod reusing a pinned download (huggingface_hub's real client)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from synerdiff.contract.config import EMBEDDED_MODEL_DIR
+from synerdiff.models.fetch import SOURCE_FILE, pipeline_files, weight_variant
+from synerdiff.models.loader import load_model
+
+REPO = "acme/tiny-sd"
+FIRST, SECOND = "a" * 40, "b" * 40
+
+
+@dataclass
+class Hub:
+    """A repository at one or more commits, and what clients asked of it."""
+
+    root: Path
+    main: str = FIRST
+    resolves: list[str] = field(default_factory=list)  # revisions asked of the API
+    downloads: list[str] = field(default_factory=list)  # files fetched (GET)
+    url: str = ""
+
+    def files(self) -> list[str]:
+        return sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file())
+
+
+def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:  # quiet test output
+            pass
+
+        def _send(self, code: int, body: bytes, headers: dict[str, str], head: bool = False) -> None:
+            self.send_response(code)
+            for k, v in {**headers, "Content-Length": str(len(body))}.items():
+                self.send_header(k, v)
+            self.end_headers()
+            if not head:
+                self.wfile.write(body)
+
+        def _route(self, head: bool) -> None:
+            path = unquote(urlsplit(self.path).path)
+            api = f"/api/models/{REPO}/revision/"
+            resolve = f"/{REPO}/resolve/"
+            if path.startswith(api):
+                rev = path[len(api) :]
+                hub.resolves.append(rev)
+                commit = hub.main if rev == "main" else rev
+                if commit not in (FIRST, SECOND):
+                    return self._send(404, b'{"error": "Revision Not Found"}', {"X-Error-Code": "RevisionNotFound"}, head)
+                info = {"id": REPO, "modelId": REPO, "sha": commit, "private": False, "siblings": [{"rfilename": f} for f in hub.files()]}
+                return self._send(200, json.dumps(info).encode(), {"Content-Type": "application/json"}, head)
+            if path.startswith(resolve):
+                rev, _, name = path[len(resolve) :].partition("/")
+                commit = hub.main if rev == "main" else rev
+                target = hub.root / name
+                if commit not in (FIRST, SECOND) or not target.is_file():
+                    return self._send(404, b"not found", {"X-Error-Code": "EntryNotFound"}, head)
+                data = target.read_bytes()
+                if not head:
+                    hub.downloads.append(name)
+                etag = '"' + hashlib.sha256(data).hexdigest() + '"'
+                return self._send(200, data, {"X-Repo-Commit": commit, "ETag": etag, "Content-Type": "application/octet-stream"}, head)
+            self._send(404, b"not found", {}, head)
+
+        def do_GET(self) -> None:
+            self._route(head=False)
+
+        def do_HEAD(self) -> None:
+            self._route(head=True)
+
+    return Handler
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[Hub]:
+    """The embedded model as a Hub repository, with what real ones carry besides: an fp16 variant of
+    the UNet, the UNet's weights again as .bin, a safety checker, a root checkpoint, ONNX, a README."""
+    root = tmp_path / "repo"
+    shutil.copytree(EMBEDDED_MODEL_DIR, root)
+    index = json.loads((root / "model_index.json").read_text())
+    index["safety_checker"] = ["stable_diffusion", "StableDiffusionSafetyChecker"]
+    (root / "model_index.json").write_text(json.dumps(index))
+    unet = load_file(root / "unet" / "diffusion_pytorch_model.safetensors")
+    save_file({k: v.half() for k, v in unet.items()}, root / "unet" / "diffusion_pytorch_model.fp16.safetensors")
+    torch.save(unet, root / "unet" / "diffusion_pytorch_model.bin")
+    (root / "safety_checker").mkdir()
+    (root / "safety_checker" / "config.json").write_text("{}")
+    (root / "safety_checker" / "model.safetensors").write_bytes(b"\0" * 64)
+    (root / "v1-5-pruned.ckpt").write_bytes(b"\0" * 64)
+    (root / "onnx" / "unet").mkdir(parents=True)
+    (root / "onnx" / "unet" / "model.onnx").write_bytes(b"\0" * 64)
+    (root / "README.md").write_text("# tiny")
+    h = Hub(root)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(h))
+    h.url = f"http://127.0.0.1:{server.server_address[1]}"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield h
+    server.shutdown()
+    server.server_close()
+
+
+def fetch(hub: Hub, dest: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(dest.parent / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1"}
+    env.pop("HF_HUB_OFFLINE", None)
+    cmd = [sys.executable, "-m", "synerdiff.cli", "fetch", f"hf://{REPO}", str(dest), *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_only_what_the_engine_loads_is_downloaded_and_the_commit_is_recorded(hub: Hub, tmp_path: Path) -> None:
+    dest = tmp_path / "model"
+    proc = fetch(hub, dest, "--dtype", "float16")
+    assert proc.returncode == 0, proc.stderr
+    loaded = ("unet/", "vae/", "text_encoder/", "tokenizer/", "scheduler/")
+    expected = {f for f in hub.files() if f.startswith(loaded)} - {"unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.bin"}
+    assert set(hub.downloads) == expected | {"model_index.json"}
+    assert len(hub.downloads) == len(set(hub.downloads))  # model_index.json once, nothing twice
+    source = json.loads((dest / SOURCE_FILE).read_text())
+    assert source["commit"] == FIRST and source["revision"] == "main" and source["repo"] == REPO
+    assert f"{REPO}@{FIRST}" in proc.stdout
+    # The fp16-only UNet folder loads (as its variant), here widened to float32 on the CPU.
+    model = load_model(dest, "cpu", "float32")
+    original = load_file(hub.root / "unet" / "diffusion_pytorch_model.safetensors")
+    name, ref = next(iter(original.items()))
+    assert torch.equal(model.unet.state_dict()[name], ref.half().float())
+
+
+def test_float32_takes_the_plain_weights(hub: Hub, tmp_path: Path) -> None:
+    proc = fetch(hub, tmp_path / "model", "--dtype", "float32")
+    assert proc.returncode == 0, proc.stderr
+    assert "unet/diffusion_pytorch_model.safetensors" in hub.downloads
+    assert not any(".fp16." in f or f.endswith(".bin") for f in hub.downloads)
+
+
+def test_a_pinned_download_is_reused_after_the_branch_moves(hub: Hub, tmp_path: Path) -> None:
+    dest = tmp_path / "model"
+    assert fetch(hub, dest, "--pin-key", "pool-uid/7").returncode == 0
+    hub.main = SECOND  # the branch moves on after the first pod
+    hub.resolves.clear()
+    hub.downloads.clear()
+    again = fetch(hub, dest, "--pin-key", "pool-uid/7")
+    assert again.returncode == 0, again.stderr
+    assert hub.resolves == [] and hub.downloads == []  # no question to the Hub, nothing downloaded
+    assert "already held" in again.stdout and json.loads((dest / SOURCE_FILE).read_text())["commit"] == FIRST
+    # A new pool generation resolves the branch again and gets the new commit.
+    newer = fetch(hub, dest, "--pin-key", "pool-uid/8")
+    assert newer.returncode == 0, newer.stderr
+    assert hub.resolves == ["main"] and json.loads((dest / SOURCE_FILE).read_text())["commit"] == SECOND
+
+
+def test_a_repository_that_is_not_a_pipeline_is_refused_by_name(hub: Hub, tmp_path: Path) -> None:
+    (hub.root / "model_index.json").unlink()
+    proc = fetch(hub, tmp_path / "model")
+    assert proc.returncode == 1
+    assert "has no model_index.json: not a diffusers pipeline repository" in proc.stderr
+
+
+def test_an_unknown_revision_is_a_clear_error(hub: Hub, tmp_path: Path) -> None:
+    proc = fetch(hub, tmp_path / "model", "--revision", "c" * 40)
+    assert proc.returncode == 1 and f"could not download {REPO}@{'c' * 40}" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "name, variant",
+    [
+        ("diffusion_pytorch_model.safetensors", None),
+        ("diffusion_pytorch_model.fp16.safetensors", "fp16"),
+        ("diffusion_pytorch_model.fp16-00001-of-00002.safetensors", "fp16"),
+        ("diffusion_pytorch_model-00001-of-00002.safetensors", None),
+        ("model.bin", None),
+        ("pytorch_model.ema.bin", "ema"),
+        ("config.json", None),
+    ],
+)
+def test_weight_variants_are_read_from_file_names(name: str, variant: str | None) -> None:
+    assert weight_variant(name) == variant
+
+
+def test_sharded_variant_weights_come_with_their_index() -> None:
+    files = [
+        "model_index.json",
+        "unet/config.json",
+        "unet/diffusion_pytorch_model.safetensors.index.json",
+        "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
+        "unet/diffusion_pytorch_model-00002-of-00002.safetensors",
+        "unet/diffusion_pytorch_model.safetensors.index.fp16.json",
+        "unet/diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
+        "unet/diffusion_pytorch_model.fp16-00002-of-00002.safetensors",
+    ]
+    got = pipeline_files({"unet": ["diffusers", "UNet2DConditionModel"]}, files, "float16")
+    assert [f for f in got if f.endswith(".safetensors")] == [
+        "unet/diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
+        "unet/diffusion_pytorch_model.fp16-00002-of-00002.safetensors",
+    ]
+    assert "unet/diffusion_pytorch_model.safetensors.index.fp16.json" in got
