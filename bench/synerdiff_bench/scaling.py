@@ -1,13 +1,17 @@
-"""Does a pool's capacity grow with its GPUs? N engine servers, one per GPU, behind round-robin.
+"""Does a pool's capacity grow with its GPUs? N engine servers, one per GPU, behind the router.
 
-    python -m synerdiff_bench scale --gpus 2 --model sd15 --device cuda --dtype float16 \\
+    python -m synerdiff_bench scale --gpus 4 --model sd15 --device cuda --dtype float16 \\
+        --mix mixed --size 512x512,384x640 --steps-min 20 --steps 50 \\
         --rates-per-gpu 1,2,3,4 --duration 20 --slo 5.4 --out $OUT
 
-starts `synerdiff serve` once per GPU (CUDA_VISIBLE_DEVICES=i, ports base..base+N-1), then
-for each pool size n in --pools sweeps the first n servers at n x each per-GPU rate through
-the HTTP driver's round-robin (the plain router a pool Service gives), and reports, per n,
-peak throughput, capacity (the highest rate whose P99 meets the SLO) and P99 at equal
-per-GPU load, each against n x one GPU. `--urls` drives servers that are already running.
+starts `synerdiff serve` once per GPU (CUDA_VISIBLE_DEVICES=i, ports base..base+N-1; the
+first alone, then the rest once it is ready, so that they start warm from the compile cache it
+wrote in the shared work folder), then for each pool size n in --pools starts `synerdiff route`
+in front of the first n servers (port base-1) and sweeps it at n x each per-GPU rate, and
+reports, per n, peak throughput, capacity (the highest rate whose P99 meets the SLO), P99 at
+equal per-GPU load, each against n x one GPU, the requests each engine served, and the
+router's CPU seconds per request. `--via round-robin` drives the servers from the HTTP
+driver's own round-robin instead (no router). `--urls` drives servers that are already running.
 """
 
 from __future__ import annotations
@@ -47,18 +51,20 @@ def server_command(model: str, port: int, *, device: str, dtype: str, host: str 
 
 
 def server_env(index: int, device: str, work_dir: Path, base: dict[str, str] | None = None) -> dict[str, str]:
-    """One GPU per server; each keeps its own profile file so concurrent start-ups never share one."""
+    """One GPU per server; each keeps its own profile file so concurrent start-ups never share one,
+    and all share one compile cache folder, as a pool's pods share a claim."""
     env = dict(os.environ if base is None else base)
     if device.startswith("cuda"):
         env["CUDA_VISIBLE_DEVICES"] = str(index)
     env["SYNERDIFF_ENGINE__PROFILE_PATH"] = str(work_dir / f"profile-{index}.json")
+    env["SYNERDIFF_ENGINE__COMPILE_CACHE_DIR"] = str(work_dir / "compile-cache")
     env.setdefault("PYTHONUNBUFFERED", "1")
     return env
 
 
-def launch(model: str, n: int, *, device: str, dtype: str, base_port: int, work_dir: Path, policy: str | None = None) -> list[ServerProcess]:
+def launch(model: str, n: int, *, device: str, dtype: str, base_port: int, work_dir: Path, policy: str | None = None, first: int = 0) -> list[ServerProcess]:
     servers = []
-    for i in range(n):
+    for i in range(first, n):
         port = base_port + i
         log_path = work_dir / f"server-{i}.log"
         fh = open(log_path, "wb")
@@ -72,6 +78,36 @@ def launch(model: str, n: int, *, device: str, dtype: str, base_port: int, work_
         fh.close()
         servers.append(ServerProcess(i, f"http://127.0.0.1:{port}", proc, log_path))
     return servers
+
+
+def router_command(urls: list[str], port: int) -> list[str]:
+    cmd = [sys.executable, "-m", "synerdiff.cli", "route", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    for u in urls:
+        cmd += ["--upstream", u]
+    return cmd
+
+
+def launch_router(urls: list[str], port: int, work_dir: Path, name: str) -> ServerProcess:
+    log_path = work_dir / f"{name}.log"
+    with open(log_path, "wb") as fh:
+        proc = subprocess.Popen(router_command(urls, port), stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    return ServerProcess(-1, f"http://127.0.0.1:{port}", proc, log_path)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def served_ok(url: str) -> float:
+    """Generation requests an engine answered with success, from its /metrics."""
+    from synerdiff.contract.metrics import REQUESTS, total
+
+    with urllib.request.urlopen(url + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    series = total(REQUESTS) + '{reason="none",status="ok"}'
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(series))
 
 
 def ready(url: str, timeout_s: float = 2.0) -> bool:
@@ -194,7 +230,7 @@ def run_scaling(args, log: Log = print) -> dict[str, Any]:
     from .report import new_report, result_path, write_json
     from .sweep import SweepConfig, run_sweep
     from .systems import HttpSystem
-    from .workload import default_mix
+    from .workload import default_mix, mixed_mix
 
     pools = sorted({int(x) for x in args.pools.split(",")}) if args.pools else None
     work_dir = Path(args.work_dir or tempfile.mkdtemp(prefix="synerdiff-scale-"))
@@ -207,11 +243,17 @@ def run_scaling(args, log: Log = print) -> dict[str, Any]:
         from .sdmodels import DEFAULT_SD15_DIR, resolve_model
 
         model = resolve_model(args.model, args.model_dir or DEFAULT_SD15_DIR, seed=args.model_seed, device=args.device)
-        servers = launch(model, args.gpus, device=args.device, dtype=args.dtype, base_port=args.base_port, work_dir=work_dir, policy=args.policy)
+        launch_args = dict(device=args.device, dtype=args.dtype, base_port=args.base_port, work_dir=work_dir, policy=args.policy)
+        servers = launch(model, 1, **launch_args)
+        if args.gpus > 1:
+            # The first engine compiles (cold) and writes the shared compile cache; the rest start from it.
+            wait_ready(servers, args.ready_timeout, log)
+            servers += launch(model, args.gpus, first=1, **launch_args)
     pools = pools or list(range(1, len(servers) + 1))
     if 1 not in pools or max(pools) > len(servers):
         raise SystemExit(f"--pools must include 1 and stay within the {len(servers)} servers")
-    mix = default_mix(parse_sizes(args.size)[0], args.steps, args.guidance)
+    sizes = tuple(parse_sizes(args.size))
+    mix = mixed_mix(sizes, (args.steps_min, args.steps), args.guidance) if args.mix == "mixed" else default_mix(sizes[0], args.steps, args.guidance)
     rates_per_gpu = [float(x) for x in args.rates_per_gpu.split(",")]
     report = new_report(
         "scale",
@@ -224,6 +266,7 @@ def run_scaling(args, log: Log = print) -> dict[str, Any]:
         mix=mix.describe(),
         servers=[s.url for s in servers],
         pools=pools,
+        via=args.via,
         rates_per_gpu=rates_per_gpu,
         duration_s=args.duration,
         slo_s=args.slo,
@@ -236,7 +279,14 @@ def run_scaling(args, log: Log = print) -> dict[str, Any]:
             wait_ready(servers, args.ready_timeout, log)
             report["server_ready_s"] = [s.ready_s for s in servers]
         for n in pools:
-            urls = ";".join(s.url for s in servers[:n])
+            upstreams = [s.url for s in servers[:n]]
+            router = None
+            if args.via == "router":
+                router = launch_router(upstreams, args.base_port - 1, work_dir, f"router-{n}")
+                wait_ready([router], 60.0, log)
+                urls = router.url
+            else:
+                urls = ";".join(upstreams)
             system = HttpSystem(f"gpus{n}", urls, timeout_s=args.request_timeout)
             cfg = SweepConfig.from_args(
                 args,
@@ -244,14 +294,25 @@ def run_scaling(args, log: Log = print) -> dict[str, Any]:
                 slo_s=slo_s,
                 speedup=float(n),  # every pool replays one GPU's draw, n times faster
             )
-            sub: dict[str, Any] = {"gpus": n, "urls": urls}
+            sub: dict[str, Any] = {"gpus": n, "urls": urls, "upstreams": upstreams}
             report["pools"][str(n)] = sub
+            ok_before = [served_ok(u) for u in upstreams]
+            cpu_before = cpu_seconds(router.proc.pid) if router is not None and router.proc is not None else 0.0
             try:
                 run_sweep([system], mix, cfg, sub, save=lambda: write_json(report, out), log=log)
             finally:
                 system.close()
+                if router is not None and router.proc is not None:
+                    sub["router_cpu_s"] = cpu_seconds(router.proc.pid) - cpu_before
+                    stop([router])
+                    if router.log_path and router.log_path.is_file():
+                        shutil.copy(router.log_path, Path(args.out) / f"{args.name}-router-{n}.log")
+            sub["served_by_engine"] = [served_ok(u) - b for u, b in zip(upstreams, ok_before, strict=True)]
             # The sweep writes its systems under sub["systems"]; one system per pool.
             sub.update(sub.pop("systems")[system.name])
+            if "router_cpu_s" in sub:
+                routed = sum(sub["served_by_engine"])
+                sub["router_cpu_ms_per_request"] = 1e3 * sub["router_cpu_s"] / routed if routed else None
             if slo_s is None:
                 slo_s = sub["slo"]["default_request_slo_s"]
             write_json(report, out)
@@ -276,7 +337,10 @@ def run_scaling(args, log: Log = print) -> dict[str, Any]:
 def add_parser(sub) -> None:
     from .report import DEFAULT_OUT
 
-    s = sub.add_parser("scale", help="N servers, one per GPU, behind round-robin: throughput and P99 against one GPU")
+    s = sub.add_parser("scale", help="N servers, one per GPU, behind the router: throughput and P99 against one GPU")
+    s.add_argument("--via", default="router", choices=["router", "round-robin"], help="synerdiff route in front of each pool, or the driver's own round-robin")
+    s.add_argument("--mix", default="default", choices=["default", "mixed"], help="mixed: every size in --size and steps from --steps-min to --steps")
+    s.add_argument("--steps-min", type=int, default=20, help="fewest steps of the mixed load")
     s.add_argument("--gpus", type=int, default=2, help="servers to start, one per GPU (cuda) or all on the CPU")
     s.add_argument("--urls", default=None, help="drive these running servers ('http://a:8000;http://b:8000') instead of starting any")
     s.add_argument("--pools", default=None, help="pool sizes to measure, e.g. 1,2,4 (default 1..N)")
@@ -290,8 +354,8 @@ def add_parser(sub) -> None:
     s.add_argument("--work-dir", default=None, help="server logs and profiles (default: a temp folder)")
     s.add_argument("--ready-timeout", type=float, default=600.0)
     s.add_argument("--rates-per-gpu", default="1,2,3,4", help="offered load per GPU; pool n gets n x each")
-    s.add_argument("--size", default="512x512")
-    s.add_argument("--steps", type=int, default=50)
+    s.add_argument("--size", default="512x512", help="HxW, or a list for --mix mixed (512x512,384x640)")
+    s.add_argument("--steps", type=int, default=50, help="steps (the most, for --mix mixed)")
     s.add_argument("--guidance", type=float, default=7.5)
     s.add_argument("--duration", type=float, default=20.0)
     s.add_argument("--warmup-s", type=float, default=2.0)

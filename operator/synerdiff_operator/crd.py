@@ -125,6 +125,11 @@ def _convert(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
                 prop["default"] = {}
             props[key] = prop
         node["properties"] = props
+    if node.get("additionalProperties") is True:
+        # Kubernetes objects kept as given (affinity, a volume's source): structural schemas say so this way.
+        del node["additionalProperties"]
+        node["x-kubernetes-preserve-unknown-fields"] = True
+        node.setdefault("type", "object")
     if isinstance(node.get("additionalProperties"), dict):
         node["additionalProperties"] = _convert(node["additionalProperties"], defs)
     if "items" in node:

@@ -368,6 +368,41 @@ def termination_grace_seconds(spec: PoolSpec) -> int:
     return PRESTOP_SLEEP_S + math.ceil(spec.drain_timeout_seconds) + GRACE_MARGIN_S
 
 
+def default_spread(pool: str) -> list[dict[str, Any]]:
+    """One engine per node where the cluster allows: a node's failure, drain or spot reclaim takes one engine, not all."""
+    return [
+        {
+            "maxSkew": 1,
+            "topologyKey": "kubernetes.io/hostname",
+            "whenUnsatisfiable": "ScheduleAnyway",
+            "labelSelector": {"matchLabels": selector_labels(pool)},
+            "matchLabelKeys": ["pod-template-hash"],  # count this rollout's pods only
+        }
+    ]
+
+
+def _apply_pod_template(pod_spec: dict[str, Any], pool: str, spec: PoolSpec) -> None:
+    """Merge spec.podTemplate into the engine pod: its fields add to what the operator sets, never replace it."""
+    t = spec.pod_template.spec
+    if t.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": r.name} for r in t.image_pull_secrets]
+    if t.service_account_name:
+        pod_spec["serviceAccountName"] = t.service_account_name
+    if t.priority_class_name:
+        pod_spec["priorityClassName"] = t.priority_class_name
+    if t.affinity:
+        pod_spec["affinity"] = dict(t.affinity)
+    spread = default_spread(pool) if t.topology_spread_constraints is None else [dict(c) for c in t.topology_spread_constraints]
+    if spread:
+        pod_spec["topologySpreadConstraints"] = spread
+    pod_spec["volumes"] += [v.model_dump(by_alias=True, exclude_none=True) for v in t.volumes]
+    env = [e.model_dump(by_alias=True, exclude_none=True) for e in t.env]
+    for c in pod_spec["containers"] + pod_spec.get("initContainers", []):
+        c["env"] = c["env"] + env
+    engine = pod_spec["containers"][0]
+    engine["volumeMounts"] = engine["volumeMounts"] + [m.model_dump(by_alias=True, exclude_none=True) for m in t.volume_mounts]
+
+
 def deployment(meta: dict[str, Any], spec: PoolSpec) -> dict[str, Any]:
     name = meta["name"]
     pod_spec: dict[str, Any] = {
@@ -392,6 +427,8 @@ def deployment(meta: dict[str, Any], spec: PoolSpec) -> dict[str, Any]:
         pod_spec["tolerations"] = [t.model_dump(by_alias=True, exclude_none=True) for t in spec.gpu.tolerations]
     if spec.gpu.runtime_class_name:
         pod_spec["runtimeClassName"] = spec.gpu.runtime_class_name
+    _apply_pod_template(pod_spec, name, spec)
+    tmpl = spec.pod_template.metadata
 
     annotations = {ANN_GENERATION: str(meta["generation"])} if meta.get("generation") is not None else None
     return {
@@ -410,8 +447,10 @@ def deployment(meta: dict[str, Any], spec: PoolSpec) -> dict[str, Any]:
             },
             "template": {
                 "metadata": {
-                    "labels": labels(name),
+                    # The spec refuses the operator's label and annotation keys, so these merges never override them.
+                    "labels": {**tmpl.labels, **labels(name)},
                     "annotations": {
+                        **tmpl.annotations,
                         ANN_CONFIG_HASH: config_hash(name, spec),
                         "prometheus.io/scrape": "true",
                         "prometheus.io/port": str(ENGINE_PORT),

@@ -96,6 +96,123 @@ class ModelSource(_Spec):
         return self
 
 
+# What the operator sets in an engine pod, and so a pod template may not: its labels (selectors
+# find pods by them), annotations under its prefix, the engine's environment (the engine is
+# configured through spec.engine), and the volumes and mount paths of config, scratch, models,
+# tokens and the compile cache.
+OWNED_LABEL_PREFIXES = ("synerdiff.io/", "app.kubernetes.io/")
+OWNED_ANNOTATION_PREFIX = "synerdiff.io/"
+OWNED_ENV = ("HOME", "HF_HOME", "HF_HUB_OFFLINE", "HF_TOKEN", "OMP_WAIT_POLICY", "PYTHONUNBUFFERED")
+OWNED_ENV_PREFIX = "SYNERDIFF_"
+OWNED_VOLUMES = ("config", "tmp", "dshm", "models", "api-token", "compile-cache")
+OWNED_MOUNT_PATHS = ("/etc/synerdiff", "/tmp", "/dev/shm", "/models", "/var/run/secrets/synerdiff", "/var/cache/synerdiff/compile")
+
+
+def _cel_list(values: tuple[str, ...]) -> str:
+    return "[" + ", ".join(f"'{v}'" for v in values) + "]"
+
+
+POD_META_RULES = (
+    (
+        "!has(self.labels) || self.labels.all(k, " + " && ".join(f"!k.startsWith('{p}')" for p in OWNED_LABEL_PREFIXES) + ")",
+        "podTemplate.metadata.labels: keys under synerdiff.io/ and app.kubernetes.io/ are the operator's (its selectors find pods by them)",
+    ),
+    (
+        f"!has(self.annotations) || self.annotations.all(k, !k.startsWith('{OWNED_ANNOTATION_PREFIX}'))",
+        "podTemplate.metadata.annotations: keys under synerdiff.io/ are the operator's",
+    ),
+)
+POD_SPEC_RULES = (
+    (
+        f"!has(self.env) || self.env.all(e, !e.name.startsWith('{OWNED_ENV_PREFIX}') && !(e.name in {_cel_list(OWNED_ENV)}))",
+        "podTemplate.spec.env: SYNERDIFF_* and " + ", ".join(OWNED_ENV) + " are set by the operator; configure the engine through spec.engine",
+    ),
+    (
+        f"!has(self.volumes) || self.volumes.all(v, !(v.name in {_cel_list(OWNED_VOLUMES)}))",
+        "podTemplate.spec.volumes: the names " + ", ".join(OWNED_VOLUMES) + " are the operator's; name yours otherwise",
+    ),
+    (
+        f"!has(self.volumeMounts) || self.volumeMounts.all(m, !(m.mountPath in {_cel_list(OWNED_MOUNT_PATHS)}))",
+        "podTemplate.spec.volumeMounts: " + ", ".join(OWNED_MOUNT_PATHS) + " are mounted by the operator",
+    ),
+)
+
+
+class LocalObjectReference(_Spec):
+    name: str = Field(pattern=DNS_SUBDOMAIN, max_length=253)
+
+
+class EnvVar(_Spec):
+    name: str = Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$")
+    value: str | None = None
+    value_from: dict[str, Any] | None = Field(None, alias="valueFrom", description="As a container's env[].valueFrom.")
+
+
+class Volume(BaseModel):
+    """A pod volume: its name, and its source as Kubernetes spells it (kept as given)."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True, frozen=True)
+
+    name: str = Field(pattern=DNS_LABEL, max_length=63)
+
+
+class VolumeMount(_Spec):
+    name: str = Field(pattern=DNS_LABEL, max_length=63)
+    mount_path: str = Field(alias="mountPath", min_length=1, max_length=4096, pattern=r"^/")
+    read_only: bool | None = Field(None, alias="readOnly")
+    sub_path: str | None = Field(None, alias="subPath")
+    sub_path_expr: str | None = Field(None, alias="subPathExpr")
+
+
+class PodTemplateMeta(_Spec):
+    model_config = ConfigDict(json_schema_extra=rules(*POD_META_RULES))
+
+    labels: dict[str, str] = Field(default_factory=dict, description="Added to the engine pods' labels.")
+    annotations: dict[str, str] = Field(default_factory=dict, description="Added to the engine pods' annotations (e.g. karpenter.sh/do-not-disrupt).")
+
+    @model_validator(mode="after")
+    def _not_owned(self) -> PodTemplateMeta:
+        if any(k.startswith(OWNED_LABEL_PREFIXES) for k in self.labels):
+            raise ValueError(POD_META_RULES[0][1])
+        if any(k.startswith(OWNED_ANNOTATION_PREFIX) for k in self.annotations):
+            raise ValueError(POD_META_RULES[1][1])
+        return self
+
+
+class PodTemplateSpec(_Spec):
+    model_config = ConfigDict(json_schema_extra=rules(*POD_SPEC_RULES))
+
+    image_pull_secrets: list[LocalObjectReference] = Field(default_factory=list, alias="imagePullSecrets", description="Secrets for pulling the engine image.")
+    service_account_name: str | None = Field(
+        None, alias="serviceAccountName", pattern=DNS_SUBDOMAIN, max_length=253, description="For cloud identity (IRSA, Workload Identity)."
+    )
+    priority_class_name: str | None = Field(None, alias="priorityClassName", pattern=DNS_SUBDOMAIN, max_length=253)
+    affinity: dict[str, Any] | None = Field(None, description="As a pod's spec.affinity.")
+    topology_spread_constraints: list[dict[str, Any]] | None = Field(
+        None,
+        alias="topologySpreadConstraints",
+        description="As a pod's spec.topologySpreadConstraints; unset: engines spread one per node where possible; [] for none.",
+    )
+    env: list[EnvVar] = Field(default_factory=list, description="Added to the engine and model-fetch containers (e.g. HTTPS_PROXY).")
+    volumes: list[Volume] = Field(default_factory=list, description="Added to the pod.")
+    volume_mounts: list[VolumeMount] = Field(default_factory=list, alias="volumeMounts", description="Added to the engine container.")
+
+    @model_validator(mode="after")
+    def _not_owned(self) -> PodTemplateSpec:
+        if any(e.name.startswith(OWNED_ENV_PREFIX) or e.name in OWNED_ENV for e in self.env):
+            raise ValueError(POD_SPEC_RULES[0][1])
+        if any(v.name in OWNED_VOLUMES for v in self.volumes):
+            raise ValueError(POD_SPEC_RULES[1][1])
+        if any(m.mount_path in OWNED_MOUNT_PATHS for m in self.volume_mounts):
+            raise ValueError(POD_SPEC_RULES[2][1])
+        return self
+
+
+class PodTemplate(_Spec):
+    metadata: PodTemplateMeta = Field(default_factory=PodTemplateMeta)
+    spec: PodTemplateSpec = Field(default_factory=PodTemplateSpec)
+
+
 class CompileCache(_Spec):
     pvc: str = Field(
         pattern=DNS_SUBDOMAIN,
@@ -361,6 +478,13 @@ class PoolSpec(_Spec):
     router: RouterSpec = Field(default_factory=RouterSpec)
     auth: Auth = Field(default_factory=Auth)
     rollout: Rollout = Field(default_factory=Rollout)
+    pod_template: PodTemplate = Field(
+        default_factory=PodTemplate,
+        alias="podTemplate",
+        description="Merged into the engine pods: labels, annotations, pull secrets, service account, priority, affinity, "
+        "spread, env, volumes and the engine's volume mounts. What the operator sets (command, probes, resources, its "
+        "labels, env and volumes) is refused here.",
+    )
     compile_cache: CompileCache | None = Field(
         None,
         alias="compileCache",

@@ -59,10 +59,11 @@ def test_each_server_gets_its_own_gpu_and_profile(tmp_path):
 
 
 def _free_port_pair() -> int:
-    for base in range(18100, 18900, 2):
+    """A base port with base - 1 (the router) and base + 1 free too."""
+    for base in range(18101, 18900, 3):
         socks = []
         try:
-            for p in (base, base + 1):
+            for p in (base - 1, base, base + 1):
                 s = socket.socket()
                 s.bind(("127.0.0.1", p))
                 socks.append(s)
@@ -93,13 +94,18 @@ def test_scale_command_starts_two_servers_and_compares_pools(tmp_path):
     for pool in (one, two):
         p = pool["points"][0]
         assert p["completed"] == p["measured"] > 0, p["statuses"]
-    assert len(two["urls"]) == 2  # the HTTP driver round-robined over both servers
+    # Pool 2 went through one router to both engines, and each served part of the load.
+    assert two["urls"].count("http") == 1 and len(two["upstreams"]) == 2
+    assert all(k > 0 for k in two["served_by_engine"]), two["served_by_engine"]
+    assert sum(two["served_by_engine"]) >= two["points"][0]["completed"]
+    assert one["served_by_engine"][0] >= one["points"][0]["completed"]
+    assert two["router_cpu_s"] > 0 and two["router_cpu_ms_per_request"] > 0
     summary = report["summary"]["pools"]
     assert summary["2"]["gpus"] == 2 and summary["1"]["peak_throughput_ips"] > 0
     assert summary["2"]["matched"][0]["rate_per_gpu"] == 2.0
     # Both servers came up and were stopped; their logs come back beside the JSON.
     assert len(report["server_ready_s"]) == 2 and all(t > 0 for t in report["server_ready_s"])
-    assert (out / "sc-server-0.log").is_file() and (out / "sc-server-1.log").is_file()
+    assert (out / "sc-server-0.log").is_file() and (out / "sc-server-1.log").is_file() and (out / "sc-router-2.log").is_file()
 
 
 def test_pools_replay_one_gpus_draw_faster():

@@ -127,6 +127,12 @@ INVALID = [
     ({"gpu": {"tolerations": [{"key": "gpu", "operator": "Exists", "value": "x"}]}}, "operator Exists takes no value"),
     ({"gpu": {"tolerations": [{"operator": "Equal", "value": "x"}]}}, "without a key must use operator Exists"),
     ({"gpu": {"tolerations": [{"key": "gpu", "effect": "NoSchedule", "tolerationSeconds": 30}]}}, "tolerationSeconds needs effect NoExecute"),
+    ({"podTemplate": {"metadata": {"labels": {"synerdiff.io/pool": "other"}}}}, "labels: keys under synerdiff.io/ and app.kubernetes.io/ are the operator's"),
+    ({"podTemplate": {"metadata": {"annotations": {"synerdiff.io/config-hash": "x"}}}}, "annotations: keys under synerdiff.io/ are the operator's"),
+    ({"podTemplate": {"spec": {"env": [{"name": "SYNERDIFF_PORT", "value": "9"}]}}}, "are set by the operator; configure the engine through spec.engine"),
+    ({"podTemplate": {"spec": {"env": [{"name": "HF_HUB_OFFLINE", "value": "0"}]}}}, "are set by the operator; configure the engine through spec.engine"),
+    ({"podTemplate": {"spec": {"volumes": [{"name": "tmp", "emptyDir": {}}]}}}, "podTemplate.spec.volumes: the names"),
+    ({"podTemplate": {"spec": {"volumeMounts": [{"name": "data", "mountPath": "/models"}]}}}, "are mounted by the operator"),
 ]
 
 
@@ -145,7 +151,36 @@ def test_cel_rules_and_the_operator_refuse_the_same_specs(crd: dict[str, Any], p
         parse_spec(merged(patch))
 
 
+POD_TEMPLATE = {
+    "metadata": {"labels": {"team": "imaging"}, "annotations": {"karpenter.sh/do-not-disrupt": "true"}},
+    "spec": {
+        "imagePullSecrets": [{"name": "registry"}],
+        "serviceAccountName": "engine-identity",
+        "priorityClassName": "inference",
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [{"matchExpressions": [{"key": "gpu", "operator": "In", "values": ["h200"]}]}]
+                }
+            }
+        },
+        "topologySpreadConstraints": [
+            {
+                "maxSkew": 1,
+                "topologyKey": "topology.kubernetes.io/zone",
+                "whenUnsatisfiable": "DoNotSchedule",
+                "labelSelector": {"matchLabels": {"team": "imaging"}},
+            }
+        ],
+        "env": [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}, {"name": "LOG_SINK", "valueFrom": {"configMapKeyRef": {"name": "sinks", "key": "url"}}}],
+        "volumes": [{"name": "loras", "persistentVolumeClaim": {"claimName": "loras", "readOnly": True}}],
+        "volumeMounts": [{"name": "loras", "mountPath": "/loras", "readOnly": True}],
+    },
+}
+
 VALID_EDGES = [
+    {"podTemplate": POD_TEMPLATE},
+    {"podTemplate": {"spec": {"topologySpreadConstraints": []}}},
     {"minReplicas": 2, "maxReplicas": 2, "replicas": 2},
     {"replicas": 9, "maxReplicas": 4, "autoscaling": {"enabled": True}},  # the autoscaler's value is clamped
     {"model": {"path": "relative/dir", "pvc": "models"}},

@@ -280,3 +280,52 @@ def test_the_fetch_pin_follows_the_model_spec_not_the_rest() -> None:
     assert manifests.fetch_pin_key(META, base) == manifests.fetch_pin_key(META, parse_spec({**BASE, "replicas": 3, "drainTimeoutSeconds": 50}))
     assert manifests.fetch_pin_key(META, base) != manifests.fetch_pin_key(META, parse_spec({**BASE, "model": {"uri": "hf://org/model", "revision": "v2"}}))
     assert manifests.fetch_pin_key(META, base) != manifests.fetch_pin_key({**META, "uid": "another-pool"}, base)
+
+
+def test_the_pod_template_is_merged_into_the_engine_pods() -> None:
+    from .test_crd import POD_TEMPLATE
+
+    kids = build({**BASE, "podTemplate": POD_TEMPLATE})
+    kubernetes_validate.validate(kids["Deployment"], K8S_VERSION, strict=True)
+    template = kids["Deployment"]["spec"]["template"]
+    pod, meta = template["spec"], template["metadata"]
+    assert meta["labels"]["team"] == "imaging" and meta["labels"][manifests.LABEL_POOL] == "sd"
+    assert meta["annotations"]["karpenter.sh/do-not-disrupt"] == "true" and manifests.ANN_CONFIG_HASH in meta["annotations"]
+    t = POD_TEMPLATE["spec"]
+    assert pod["imagePullSecrets"] == t["imagePullSecrets"] and pod["affinity"] == t["affinity"]
+    assert pod["serviceAccountName"] == "engine-identity" and pod["priorityClassName"] == "inference"
+    assert pod["topologySpreadConstraints"] == t["topologySpreadConstraints"]  # replaces the default spread
+    assert {"name": "loras", "persistentVolumeClaim": {"claimName": "loras", "readOnly": True}} in pod["volumes"]
+    assert {v["name"] for v in pod["volumes"]} >= {"config", "tmp", "dshm", "models"}  # the operator's stay
+    engine, fetcher = container(kids["Deployment"]), container(kids["Deployment"], "model-fetch")
+    for c in (engine, fetcher):
+        names = [e["name"] for e in c["env"]]
+        assert names[-2:] == ["HTTPS_PROXY", "LOG_SINK"]
+    assert "SYNERDIFF_CONFIG_FILE" in [e["name"] for e in engine["env"]]
+    assert engine["volumeMounts"][-1] == {"name": "loras", "mountPath": "/loras", "readOnly": True}
+    assert engine["command"] == ["synerdiff", "serve"] and engine["readinessProbe"]["httpGet"]["path"] == "/readyz"
+
+
+def test_engines_spread_one_per_node_unless_the_template_says_otherwise() -> None:
+    pod = build(BASE)["Deployment"]["spec"]["template"]["spec"]
+    (spread,) = pod["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname" and spread["whenUnsatisfiable"] == "ScheduleAnyway"
+    assert spread["labelSelector"]["matchLabels"] == manifests.selector_labels("sd")
+    off = build({**BASE, "podTemplate": {"spec": {"topologySpreadConstraints": []}}})["Deployment"]["spec"]["template"]["spec"]
+    assert "topologySpreadConstraints" not in off
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        {"metadata": {"labels": {"app.kubernetes.io/name": "x"}}},
+        {"spec": {"env": [{"name": "SYNERDIFF_ENGINE__MODEL", "value": "/m"}]}},
+        {"spec": {"volumes": [{"name": "config", "emptyDir": {}}]}},
+        {"spec": {"volumeMounts": [{"name": "scratch", "mountPath": "/tmp"}]}},
+    ],
+)
+def test_an_owned_field_in_the_pod_template_is_refused_by_name(template: dict[str, Any]) -> None:
+    from synerdiff_operator.spec import InvalidSpec
+
+    with pytest.raises(InvalidSpec, match="podTemplate"):
+        parse_spec({**BASE, "podTemplate": template})
