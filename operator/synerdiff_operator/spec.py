@@ -251,8 +251,19 @@ class Toleration(_Spec):
         return self
 
 
+GPU_RULES = (
+    (
+        "self.count <= 1",
+        "gpu.count above 1 would be paid for and sit idle: an engine runs on one GPU; for more GPUs raise replicas "
+        "(the pool's router spreads requests over the engines)",
+    ),
+)
+
+
 class GPU(_Spec):
-    count: int = Field(1, ge=0, le=8, description="GPUs per engine pod; 0 runs the engine on CPU (testing only).")
+    model_config = ConfigDict(json_schema_extra=rules(*GPU_RULES))
+
+    count: int = Field(1, ge=0, le=8, description="GPUs per engine pod: 1, or 0 to run the engine on CPU (testing only).")
     resource_name: str = Field(
         "nvidia.com/gpu", alias="resourceName", min_length=1, max_length=317, pattern=RESOURCE_NAME, description="Extended resource that counts GPUs."
     )
@@ -261,6 +272,12 @@ class GPU(_Spec):
     )
     tolerations: list[Toleration] = Field(default_factory=list, max_length=32, description="Tolerations for tainted GPU nodes.")
     runtime_class_name: str | None = Field(None, alias="runtimeClassName", pattern=DNS_LABEL, description="RuntimeClass for GPU containers, e.g. `nvidia`.")
+
+    @model_validator(mode="after")
+    def _one_engine_one_gpu(self) -> GPU:
+        if self.count > 1:
+            raise ValueError(GPU_RULES[0][1])
+        return self
 
 
 Quantity = Annotated[str, StringConstraints(pattern=QUANTITY)]

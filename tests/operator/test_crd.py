@@ -127,6 +127,7 @@ INVALID = [
     ({"gpu": {"tolerations": [{"key": "gpu", "operator": "Exists", "value": "x"}]}}, "operator Exists takes no value"),
     ({"gpu": {"tolerations": [{"operator": "Equal", "value": "x"}]}}, "without a key must use operator Exists"),
     ({"gpu": {"tolerations": [{"key": "gpu", "effect": "NoSchedule", "tolerationSeconds": 30}]}}, "tolerationSeconds needs effect NoExecute"),
+    ({"gpu": {"count": 2}}, "raise replicas (the pool's router spreads requests over the engines)"),
     ({"podTemplate": {"metadata": {"labels": {"synerdiff.io/pool": "other"}}}}, "labels: keys under synerdiff.io/ and app.kubernetes.io/ are the operator's"),
     ({"podTemplate": {"metadata": {"annotations": {"synerdiff.io/config-hash": "x"}}}}, "annotations: keys under synerdiff.io/ are the operator's"),
     ({"podTemplate": {"spec": {"env": [{"name": "SYNERDIFF_PORT", "value": "9"}]}}}, "are set by the operator; configure the engine through spec.engine"),

@@ -30,7 +30,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "replicas": 3,
         "maxReplicas": 5,
         "gpu": {
-            "count": 2,
+            "count": 1,
             "resourceName": "amd.com/gpu",
             "nodeSelector": {"pool": "gpu"},
             "tolerations": [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}],
@@ -136,7 +136,7 @@ def test_gpu_requests_and_placement() -> None:
     kids = build(VARIANTS["everything"])
     pod = kids["Deployment"]["spec"]["template"]["spec"]
     res = container(kids["Deployment"])["resources"]
-    assert res["limits"]["amd.com/gpu"] == "2" and res["requests"]["amd.com/gpu"] == "2"
+    assert res["limits"]["amd.com/gpu"] == "1" and res["requests"]["amd.com/gpu"] == "1"
     assert res["requests"]["cpu"] == "4" and res["limits"]["memory"] == "20Gi"
     assert pod["nodeSelector"] == {"pool": "gpu"} and pod["runtimeClassName"] == "nvidia"
     assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]
