@@ -151,3 +151,15 @@ def test_mixed_batch_joining_and_leaving(xl_engine, xl_reference):
     for r, res in zip(first + later, results, strict=True):
         other = xl_reference(dataclasses.replace(r, seed=r.seed + 100))
         check(res, xl_reference(r), other, label=f"sdxl {r.sampler}/{r.steps} steps/{r.height}x{r.width}/n={r.n}")
+
+
+def test_force_upcast_keeps_the_vae_in_fp32(xl_dir, tmp_path):
+    m = load_model(xl_dir, "cpu", "float16")
+    assert m.unet.dtype == torch.float16 and m.text_encoder_2.dtype == torch.float16
+    assert m.vae_dtype == torch.float32  # the tiny VAE keeps AutoencoderKL's default force_upcast=True
+    import shutil
+
+    shutil.copytree(xl_dir, tmp_path / "m")
+    cfg_path = tmp_path / "m" / "vae" / "config.json"
+    cfg_path.write_text(json.dumps(json.loads(cfg_path.read_text()) | {"force_upcast": False}))
+    assert load_model(tmp_path / "m", "cpu", "float16").vae_dtype == torch.float16
