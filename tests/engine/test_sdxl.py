@@ -48,9 +48,15 @@ def xl_reference(xl_dir):
     cache: dict = {}
 
     def run(req: GenerationRequest) -> torch.Tensor:
-        key = (req.prompt, req.negative_prompt, req.n, req.height, req.width, req.steps, req.guidance_scale, req.seed, req.sampler)
+        key = (req.prompt, req.negative_prompt, req.n, req.height, req.width, req.steps, req.guidance_scale, req.seed, req.sampler, req.cfg_cutoff_ratio)
         if key not in cache:
             pipe.scheduler = DIFFUSERS_CLASSES[req.sampler].from_config(base_config)
+            kw = {}
+            if req.cfg_cutoff_ratio is not None:
+                from diffusers.callbacks import SDXLCFGCutoffCallback
+
+                cb = SDXLCFGCutoffCallback(cutoff_step_ratio=req.cfg_cutoff_ratio)
+                kw = dict(callback_on_step_end=cb, callback_on_step_end_tensor_inputs=cb.tensor_inputs)
             cache[key] = pipe(
                 req.prompt,
                 # The engine's empty negative prompt is the pipeline's absent one (zeros under
@@ -63,6 +69,7 @@ def xl_reference(xl_dir):
                 guidance_scale=req.guidance_scale,
                 generator=torch.Generator("cpu").manual_seed(req.seed),
                 output_type="pt",
+                **kw,
             ).images.float()
         return cache[key]
 
@@ -88,7 +95,7 @@ def test_unsupported_pipeline_is_refused(tmp_path, cls):
     with pytest.raises(ModelLoadError) as err:
         load_model(tmp_path, "cpu", "float32")
     msg = str(err.value)
-    assert (cls or "without a _class_name") in msg
+    assert (repr(cls) if cls else "no pipeline class") in msg
     assert "StableDiffusionPipeline" in msg and "StableDiffusionXLPipeline" in msg
 
 
@@ -115,6 +122,20 @@ def test_empty_negative_prompt_is_zeros(xl_engine, xl_reference):
     assert text.context.abs().sum() > 0  # an empty positive prompt is encoded
     off = SDXLConditioner(dataclasses.replace(xl_engine.model, pipeline_config={"force_zeros_for_empty_prompt": False}))
     assert off.encode([Prompt("", True, 64, 64)])[0].context.abs().sum() > 0
+
+
+def test_fixed_cutoff_equals_diffusers_sdxl_cfg_cutoff_callback(xl_engine, xl_reference):
+    """After the cutoff an image runs on its conditional row alone, pooled embedding and size ids
+    included, as SDXLCFGCutoffCallback leaves them."""
+    rows = []
+    xl_engine.observers.append(EngineObserver(on_iteration=lambda st: rows.append(st.rows) if st.rows else None))
+    try:
+        r = req(cfg_cutoff_ratio=0.4, sampler="euler", steps=10)
+        res = xl_engine.generate_sync(r, timeout=60)
+    finally:
+        xl_engine.observers.pop()
+    check(res, xl_reference(r), xl_reference(dataclasses.replace(r, cfg_cutoff_ratio=None)), label="sdxl cutoff 0.4 (other: full CFG)")
+    assert rows == [2] * 5 + [1] * 5
 
 
 def test_time_ids_follow_the_request_size(xl_engine):

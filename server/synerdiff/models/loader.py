@@ -90,7 +90,11 @@ def detect_family(root: str | Path) -> tuple[str, dict[str, Any]]:
         raise ModelLoadError(f"could not read {index}: {exc}") from exc
     cls = config.get("_class_name") if isinstance(config, dict) else None
     if cls not in FAMILIES:
-        raise ModelLoadError(f"{root} holds a {cls or 'pipeline without a _class_name'}; supported pipelines: {', '.join(FAMILIES)}")
+        found = f"the pipeline class {cls!r}" if cls else "no pipeline class (_class_name)"
+        raise ModelLoadError(
+            f"{root}: model_index.json names {found}, which is not served; supported: "
+            "StableDiffusionPipeline (Stable Diffusion 1.x and 2.x), StableDiffusionXLPipeline (SDXL)"
+        )
     return FAMILIES[cls], config
 
 
