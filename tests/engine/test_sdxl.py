@@ -184,3 +184,31 @@ def test_force_upcast_keeps_the_vae_in_fp32(xl_dir, tmp_path):
     cfg_path = tmp_path / "m" / "vae" / "config.json"
     cfg_path.write_text(json.dumps(json.loads(cfg_path.read_text()) | {"force_upcast": False}))
     assert load_model(tmp_path / "m", "cpu", "float16").vae_dtype == torch.float16
+
+
+def test_vae_latent_statistics_are_applied_as_the_pipeline_does(xl_dir, tmp_path):
+    """A VAE config with latents_mean/latents_std: the decode de-normalises by them, as
+    StableDiffusionXLPipeline does."""
+    import shutil
+
+    from diffusers import StableDiffusionXLPipeline
+
+    shutil.copytree(xl_dir, tmp_path / "m")
+    cfg_path = tmp_path / "m" / "vae" / "config.json"
+    stats = {"latents_mean": [0.3, -0.2, 0.1, 0.0], "latents_std": [0.8, 1.3, 0.6, 1.1]}
+    cfg_path.write_text(json.dumps(json.loads(cfg_path.read_text()) | stats))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path / "m", local_files_only=True, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+
+    def reference(seed: int) -> torch.Tensor:
+        gen = torch.Generator("cpu").manual_seed(seed)
+        return pipe("a red circle", negative_prompt="blurry", num_inference_steps=6, generator=gen, output_type="pt").images
+
+    eng = Engine(EngineConfig(model=str(tmp_path / "m"), device="cpu", dtype="float32", warmup=False)).start()
+    try:
+        res = eng.generate_sync(GenerationRequest(prompt="a red circle", negative_prompt="blurry", steps=6, guidance_scale=5.0, seed=7, sampler="euler"))
+    finally:
+        eng.shutdown()
+    check(res, reference(7), reference(8), label="sdxl latents_mean/std")

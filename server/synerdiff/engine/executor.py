@@ -62,6 +62,15 @@ class StepExecutor:
         self._vae_dtype = model.vae_dtype  # fp32 under an fp16 UNet where the VAE needs it (SDXL's force_upcast)
         self._vae_scale = float(model.vae.config.scaling_factor)
         self._vae_shift = getattr(model.vae.config, "shift_factor", None) or 0.0
+        # SDXL's pipeline de-normalises latents by the VAE's per-channel statistics where its
+        # config has them (latents * std / scale + mean); the SD pipeline never does.
+        mean, std = getattr(model.vae.config, "latents_mean", None), getattr(model.vae.config, "latents_std", None)
+        self._latent_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+        if model.family == "sdxl" and mean is not None and std is not None:
+            self._latent_stats = (
+                torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1),
+                torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1),
+            )
         self.graphed: GraphedUNet | None = None  # set by enable_fast_path
 
     def enable_fast_path(self, config: EngineConfig, sizes: list[tuple[int, int]], progress: Callable[[FastPathStart], None] | None = None) -> FastPathStart:
@@ -228,6 +237,9 @@ class StepExecutor:
         return self._image(self.model.vae.decode(self._vae_input(latents), return_dict=False)[0])
 
     def _vae_input(self, latents: torch.Tensor) -> torch.Tensor:
+        if self._latent_stats is not None:
+            mean, std = self._latent_stats
+            return (latents * std / self._vae_scale + mean).to(self._vae_dtype)
         return (latents / self._vae_scale + self._vae_shift).to(self._vae_dtype)
 
     @staticmethod
