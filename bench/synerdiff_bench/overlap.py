@@ -36,14 +36,13 @@ def measure_overlap(executor: StepExecutor, rows_list: list[int], images_list: l
     f = m.vae_scale_factor
     size = m.default_size
     lat_shape = (m.latent_channels, size // f, size // f)
-    ctx = (m.tokenizer.model_max_length, int(m.unet.config.cross_attention_dim))
     side = torch.cuda.Stream(dev)
     main = torch.cuda.current_stream(dev)
     out = []
     for rows in rows_list:
         x = torch.randn(rows, *lat_shape, device=dev, dtype=m.dtype)
         t = torch.full((rows,), 500.0, device=dev)
-        c = torch.randn(rows, *ctx, device=dev, dtype=m.dtype)
+        c = executor.example_conditioning(rows)
         for k in images_list:
             z = torch.randn(k, *lat_shape, device=dev, dtype=m.dtype)
 

@@ -72,7 +72,7 @@ def test_one_failing_request_does_not_fail_its_batch_mates():
     real = eng.executor.encode_prompts
 
     def encode(prompts):  # fault injection: this prompt breaks the text encoder
-        if any("poison" in p for p in prompts):
+        if any("poison" in p.text for p in prompts):
             raise RuntimeError("tokenizer failed")
         return real(prompts)
 

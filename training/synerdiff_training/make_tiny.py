@@ -5,7 +5,11 @@ and `merges.txt`), and SD1.5's noise schedule. `StableDiffusionPipeline.from_pre
 loads the result like any real model. The shapes model in `embedded/` (see
 docs/model.md) is trained from this layout. Run:
 
-    python -m synerdiff_training.make_tiny OUT_DIR [--seed 0]
+    python -m synerdiff_training.make_tiny OUT_DIR [--seed 0] [--xl]
+
+`--xl` writes a StableDiffusionXLPipeline-shaped directory instead: two CLIP text encoders (the
+second with a projection), a UNet conditioned on pooled text and size ids (`text_time`), and
+SDXL's Euler schedule.
 """
 
 from __future__ import annotations
@@ -47,6 +51,55 @@ TINY_CLIP = dict(
     max_position_embeddings=77,
     projection_dim=32,
 )
+
+# SDXL's layout in miniature: the UNet attends to both encoders' hidden states side by side
+# (32 + 32) and embeds the second encoder's pooled projection (32) with six size ids.
+TINY_XL_UNET = dict(
+    sample_size=16,
+    in_channels=4,
+    out_channels=4,
+    layers_per_block=1,
+    block_out_channels=(32, 64),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+    cross_attention_dim=64,
+    attention_head_dim=(2, 4),
+    use_linear_projection=True,
+    addition_embed_type="text_time",
+    addition_time_embed_dim=8,
+    projection_class_embeddings_input_dim=8 * 6 + 32,
+    norm_num_groups=8,
+)
+TINY_XL_CLIP_2 = dict(TINY_CLIP, hidden_size=32, projection_dim=32)
+# SDXL's scheduler config (EulerDiscreteScheduler); the engine picks its sampler per request.
+SDXL_SCHEDULER = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    set_alpha_to_one=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+    timestep_spacing="leading",
+    interpolation_type="linear",
+    use_karras_sigmas=False,
+    sample_max_value=1.0,
+)
+XL_MODEL_INDEX = {
+    "_class_name": "StableDiffusionXLPipeline",
+    "_diffusers_version": "0.30.0",
+    "feature_extractor": [None, None],
+    "force_zeros_for_empty_prompt": True,
+    "image_encoder": [None, None],
+    "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "tokenizer_2": ["transformers", "CLIPTokenizer"],
+    "unet": ["diffusers", "UNet2DConditionModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+}
 
 
 class SchedulerKwargs(TypedDict):
@@ -177,12 +230,43 @@ def build(out: Path, seed: int = 0) -> Path:
     return out
 
 
+def build_xl(out: Path, seed: int = 0, force_zeros_for_empty_prompt: bool = True) -> Path:
+    """A tiny StableDiffusionXLPipeline directory with random weights."""
+    import shutil
+
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    vocab_size = write_char_tokenizer(out)
+    shutil.copytree(out / "tokenizer", out / "tokenizer_2", dirs_exist_ok=True)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**TINY_XL_UNET)
+    vae = AutoencoderKL(**TINY_VAE)
+    ids = dict(vocab_size=vocab_size, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**ids, **TINY_CLIP))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**ids, **TINY_XL_CLIP_2))
+    with torch.no_grad():
+        vae.decoder.conv_out.weight.mul_(8.0)  # as in `build`: pixels that depend visibly on the latents
+    unet.save_pretrained(out / "unet")
+    vae.save_pretrained(out / "vae")
+    text_encoder.save_pretrained(out / "text_encoder")
+    text_encoder_2.save_pretrained(out / "text_encoder_2")
+    EulerDiscreteScheduler.from_config(SDXL_SCHEDULER).save_pretrained(out / "scheduler")
+    index = dict(XL_MODEL_INDEX, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
+    (out / "model_index.json").write_text(json.dumps(index, indent=1))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", help="where to write the model (not the embedded folder: that holds the trained model)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--xl", action="store_true", help="a StableDiffusionXLPipeline directory")
     args = ap.parse_args()
-    print(build(Path(args.out), args.seed))
+    print((build_xl if args.xl else build)(Path(args.out), args.seed))
 
 
 if __name__ == "__main__":

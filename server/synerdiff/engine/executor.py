@@ -1,8 +1,9 @@
 """The device-side work of one engine iteration: text encoding, one UNet forward, VAE decode.
 
 The executor knows tensors, not requests; the engine hands it stacked rows. It mirrors the
-arithmetic of diffusers' `StableDiffusionPipeline` (prompt encoding, CFG combination,
-latent scaling, decode and de-normalisation) so that batched results equal the pipeline's.
+arithmetic of the model family's diffusers pipeline (prompt encoding through the family's
+`Conditioner`, latent scaling, decode and de-normalisation) so that batched results equal the
+pipeline's.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import NamedTuple
 import torch
 
 from ..contract.config import EngineConfig
+from ..models.conditioning import Conditioning, Prompt, conditioner_for
 from ..models.loader import ModelBundle
 from .fastpath import Capture, GraphedUNet
 
@@ -56,10 +58,19 @@ class StepExecutor:
         self.model = model
         self.device = model.device
         self.dtype = model.dtype
-        te_cfg = model.text_encoder.config
-        self._use_attention_mask = bool(getattr(te_cfg, "use_attention_mask", False))
+        self.conditioner = conditioner_for(model)
+        self._vae_dtype = model.vae_dtype  # fp32 under an fp16 UNet where the VAE needs it (SDXL's force_upcast)
         self._vae_scale = float(model.vae.config.scaling_factor)
         self._vae_shift = getattr(model.vae.config, "shift_factor", None) or 0.0
+        # SDXL's pipeline de-normalises latents by the VAE's per-channel statistics where its
+        # config has them (latents * std / scale + mean); the SD pipeline never does.
+        mean, std = getattr(model.vae.config, "latents_mean", None), getattr(model.vae.config, "latents_std", None)
+        self._latent_stats: tuple[torch.Tensor, torch.Tensor] | None = None
+        if model.family == "sdxl" and mean is not None and std is not None:
+            self._latent_stats = (
+                torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, -1, 1, 1),
+                torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1),
+            )
         self.graphed: GraphedUNet | None = None  # set by enable_fast_path
 
     def enable_fast_path(self, config: EngineConfig, sizes: list[tuple[int, int]], progress: Callable[[FastPathStart], None] | None = None) -> FastPathStart:
@@ -75,7 +86,9 @@ class StepExecutor:
         compile = config.fast_path_compile
         max_rows = config.scheduler.max_rows
         rows = row_sizes_up_to(max_rows, config.fast_path_rows or (COMPILED_ROW_SIZES if compile else DEFAULT_ROW_SIZES))
-        ctx = (m.tokenizer.model_max_length, int(m.unet.config.cross_attention_dim))
+        example = self.conditioner.example(1, random=False)
+        ctx = (int(example.context.shape[1]), int(example.context.shape[2]))
+        added = {k: tuple(v.shape[1:]) for k, v in example.added.items()}
         f = m.vae_scale_factor
         shapes = [(m.latent_channels, h // f, w // f) for h, w in sizes]
         start = FastPathStart(compiled=compile, kernels_total=len(shapes) * len(rows), cache="off")
@@ -102,11 +115,20 @@ class StepExecutor:
             attn = cache.remembered("attention") if cache is not None and start.cache == "warm" else None
             if attn is None:
                 attn, start.attention_ms = fastest_attention(
-                    m.unet, shape=shapes[0], rows=min(8, max_rows), ctx_shape=ctx, dtype=self.dtype, device=self.device
+                    m.unet, shape=shapes[0], rows=min(8, max_rows), ctx_shape=ctx, added_shapes=added, dtype=self.dtype, device=self.device
                 )
                 log.info("attention backend %s (eager step of %d rows, ms: %s)", attn, min(8, max_rows), start.attention_ms)
         start.attention = attn or "torch"
-        g = GraphedUNet(m.unet, ctx_shape=ctx, dtype=self.dtype, device=self.device, compile=compile, mode=config.compile_mode, attention_backend=attn)
+        g = GraphedUNet(
+            m.unet,
+            ctx_shape=ctx,
+            added_shapes=added,
+            dtype=self.dtype,
+            device=self.device,
+            compile=compile,
+            mode=config.compile_mode,
+            attention_backend=attn,
+        )
 
         def captured(cap: Capture) -> None:
             start.kernels_ready += 1
@@ -140,13 +162,13 @@ class StepExecutor:
         return start
 
     @torch.inference_mode()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        """(len(prompts), L, D) embeddings, padded to the tokenizer's max length like diffusers."""
-        tok = self.model.tokenizer
-        inputs = tok(prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-        mask = inputs.attention_mask.to(self.device) if self._use_attention_mask else None
-        out = self.model.text_encoder(inputs.input_ids.to(self.device), attention_mask=mask)[0]
-        return out.to(self.dtype)
+    def encode_prompts(self, prompts: list[Prompt]) -> list[Conditioning]:
+        """One single-row `Conditioning` per prompt, as the family's pipeline encodes it."""
+        return self.conditioner.encode(prompts)
+
+    def example_conditioning(self, rows: int) -> Conditioning:
+        """Random conditions of the model's shapes for `rows` rows, for timing."""
+        return self.conditioner.example(rows)
 
     @property
     def padded_rows(self) -> int:
@@ -161,11 +183,11 @@ class StepExecutor:
         return {(h * f, w * f): tuple(self.graphed.sizes((c, h, w))) for c, h, w in self.graphed.shapes}
 
     @torch.inference_mode()
-    def unet(self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """One UNet forward; every row at its own timestep. Returns float32."""
+    def unet(self, sample: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """One UNet forward; every row at its own timestep and conditions. Returns float32."""
         if self.graphed is not None:
-            return self.graphed(sample.to(self.dtype), timesteps, context).float()
-        out = self.model.unet(sample.to(self.dtype), timesteps, encoder_hidden_states=context, return_dict=False)[0]
+            return self.graphed(sample.to(self.dtype), timesteps, cond.context, cond.added).float()
+        out = self.model.unet(sample.to(self.dtype), timesteps, return_dict=False, **cond.unet_kwargs())[0]
         return out.float()
 
     @torch.inference_mode()
@@ -215,7 +237,10 @@ class StepExecutor:
         return self._image(self.model.vae.decode(self._vae_input(latents), return_dict=False)[0])
 
     def _vae_input(self, latents: torch.Tensor) -> torch.Tensor:
-        return (latents / self._vae_scale + self._vae_shift).to(self.dtype)
+        if self._latent_stats is not None:
+            mean, std = self._latent_stats
+            return (latents * std / self._vae_scale + mean).to(self._vae_dtype)
+        return (latents / self._vae_scale + self._vae_shift).to(self._vae_dtype)
 
     @staticmethod
     def _image(vae_out: torch.Tensor) -> torch.Tensor:

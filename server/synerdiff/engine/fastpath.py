@@ -12,7 +12,10 @@ compile (40-50 s cold; seconds from a warm `compile_cache`), and the compiled li
 extra rows padded. Rows are independent in the UNet (group norm and attention are per
 sample), so padding never changes real rows; only the choice of GEMM kernel for the padded
 batch may move results by fp16 rounding. Rows beyond the largest size run the plain eager
-UNet: a serving step never triggers a compile.
+UNet: a serving step never triggers a compile. Every per-row input is a static buffer of the
+graph: the latents, timesteps, the cross-attention context and the family's added conditions
+(SDXL's `text_embeds` and `time_ids`, passed to the UNet as `added_cond_kwargs`), so the
+graph of a family with added conditions is captured with them and replays them per row.
 ("Bucket" in the planner means an image shape; here graphs are kept per row size.)
 """
 
@@ -22,7 +25,7 @@ import bisect
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -93,6 +96,7 @@ class _Graph:
     x: torch.Tensor
     t: torch.Tensor
     c: torch.Tensor
+    added: dict[str, torch.Tensor]
     graph: torch.cuda.CUDAGraph = field(default_factory=torch.cuda.CUDAGraph)
     out: torch.Tensor | None = None
 
@@ -103,6 +107,7 @@ class GraphedUNet:
         unet,
         *,
         ctx_shape: tuple[int, int],
+        added_shapes: Mapping[str, tuple[int, ...]] | None = None,
         dtype: torch.dtype,
         device: torch.device,
         compile: bool = False,
@@ -111,6 +116,7 @@ class GraphedUNet:
     ):
         self.unet = unet
         self.ctx_shape = ctx_shape
+        self.added_shapes = dict(added_shapes or {})  # per-row shape of each added condition
         self.dtype = dtype
         self.device = device
         self.compiled = compile
@@ -123,8 +129,8 @@ class GraphedUNet:
         self.padded_rows = 0  # replayed rows that held no request, since start
         self.captures: list[Capture] = []
 
-        def forward(x, t, c):
-            return unet(x, t, encoder_hidden_states=c, return_dict=False)[0]
+        def forward(x, t, c, added):
+            return unet(x, t, encoder_hidden_states=c, added_cond_kwargs=added or None, return_dict=False)[0]
 
         self._eager: Callable = forward
         self._fn: Callable = forward
@@ -159,16 +165,17 @@ class GraphedUNet:
                 x=torch.zeros(rows, *shape, dtype=self.dtype, device=self.device),
                 t=torch.full((rows,), 500.0, dtype=torch.float32, device=self.device),
                 c=torch.zeros(rows, *self.ctx_shape, dtype=self.dtype, device=self.device),
+                added={k: torch.zeros(rows, *s, dtype=self.dtype, device=self.device) for k, s in self.added_shapes.items()},
             )
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with attention(self.attention_backend):
                 with torch.cuda.stream(side):
                     for _ in range(2):  # outside the capture: the compile runs, cuDNN/cuBLAS pick kernels
-                        self._fn(g.x, g.t, g.c)
+                        self._fn(g.x, g.t, g.c, g.added)
                 torch.cuda.current_stream(self.device).wait_stream(side)
                 with torch.cuda.graph(g.graph, pool=self._pool):
-                    g.out = self._fn(g.x, g.t, g.c)
+                    g.out = self._fn(g.x, g.t, g.c, g.added)
             graphs[rows] = g
             self._sizes[shape] = sorted(graphs)
             torch.cuda.synchronize(self.device)
@@ -193,18 +200,23 @@ class GraphedUNet:
         return sizes is not None and bool(sizes) and rows <= sizes[-1]
 
     @torch.inference_mode()
-    def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def __call__(self, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, added: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        added = added or {}
+        if set(added) != set(self.added_shapes):
+            raise ValueError(f"added conditions {sorted(added)} differ from the captured ones {sorted(self.added_shapes)}")
         rows = sample.shape[0]
         shape = (sample.shape[1], sample.shape[2], sample.shape[3])
         sizes = self._sizes.get(shape)
         if not sizes or rows > sizes[-1]:
             self.eager_calls += 1
             with attention(self.attention_backend):
-                return self._eager(sample, timesteps, context)
+                return self._eager(sample, timesteps, context, dict(added))
         g = self._graphs[shape][sizes[bisect.bisect_left(sizes, rows)]]
         g.x[:rows].copy_(sample)
         g.t[:rows].copy_(timesteps)
         g.c[:rows].copy_(context)
+        for k, buf in g.added.items():
+            buf[:rows].copy_(added[k])
         g.graph.replay()
         self.replays += 1
         self.padded_rows += g.rows - rows
@@ -214,7 +226,14 @@ class GraphedUNet:
 
 
 def fastest_attention(
-    unet, *, shape: tuple[int, int, int], rows: int, ctx_shape: tuple[int, int], dtype: torch.dtype, device: torch.device
+    unet,
+    *,
+    shape: tuple[int, int, int],
+    rows: int,
+    ctx_shape: tuple[int, int],
+    added_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> tuple[str, dict[str, float]]:
     """The SDPA backend under which an eager UNet step of `rows` runs fastest, and each one's ms.
 
@@ -224,17 +243,18 @@ def fastest_attention(
     x = torch.randn(rows, *shape, dtype=dtype, device=device)
     t = torch.full((rows,), 500.0, dtype=torch.float32, device=device)
     c = torch.randn(rows, *ctx_shape, dtype=dtype, device=device)
+    added = {k: torch.randn(rows, *s, dtype=dtype, device=device) for k, s in (added_shapes or {}).items()} or None
     times: dict[str, float] = {}
     with torch.inference_mode():
         for name in ATTENTION_BACKENDS:
             try:
                 with attention(name):
                     for _ in range(2):
-                        unet(x, t, encoder_hidden_states=c, return_dict=False)
+                        unet(x, t, encoder_hidden_states=c, added_cond_kwargs=added, return_dict=False)
                     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                     start.record()
                     for _ in range(3):
-                        unet(x, t, encoder_hidden_states=c, return_dict=False)
+                        unet(x, t, encoder_hidden_states=c, added_cond_kwargs=added, return_dict=False)
                     end.record()
                     end.synchronize()
                 times[name] = start.elapsed_time(end) / 3

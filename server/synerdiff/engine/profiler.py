@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..models.conditioning import Prompt
 from ..scheduling.cost_model import Profile, bucket_key
 
 if TYPE_CHECKING:
@@ -66,7 +67,7 @@ def beside_step_s(executor: StepExecutor, rows: int, lat: tuple[int, int, int], 
     dev = m.device
     x = torch.randn(rows, *lat, device=dev, dtype=torch.float32)
     t = torch.full((rows,), 500.0, device=dev)
-    c = torch.randn(rows, int(m.tokenizer.model_max_length), m.text_hidden_size, device=dev, dtype=m.dtype)
+    c = executor.example_conditioning(rows)
     z = torch.randn(1, *lat, device=dev, dtype=torch.float32)
     side = torch.cuda.Stream(dev)
 
@@ -203,8 +204,6 @@ def profile_executor(
     sync = synchronizer(dev)
     f = m.vae_scale_factor
     sizes = sizes or [(m.default_size, m.default_size)]
-    hidden = m.text_hidden_size
-    ctx_len = int(m.tokenizer.model_max_length)
     unet: dict[str, list[tuple[int, float]]] = {}
     vae: dict[str, list[tuple[int, float]]] = {}
     beside: dict[str, list[tuple[int, float]]] = {}
@@ -214,7 +213,7 @@ def profile_executor(
         def time_unet(rows: int, lat: tuple[int, int, int] = lat) -> float:
             x = torch.randn(rows, *lat, device=dev, dtype=torch.float32)
             t = torch.full((rows,), 500.0, device=dev)
-            c = torch.randn(rows, ctx_len, hidden, device=dev, dtype=dt)
+            c = executor.example_conditioning(rows)
             return median_time(partial(executor.unet, x, t, c), sync, warmup, repeats)
 
         def time_vae(n: int, lat: tuple[int, int, int] = lat) -> float:
@@ -229,7 +228,7 @@ def profile_executor(
             beside[key] = [(r, max(0.0, beside_step_s(executor, r, lat, warmup, repeats) - measured[r])) for r in BESIDE_ROWS if r in measured]
     enc: list[tuple[int, float]] = []
     for n in encode_prompts:
-        prompts = [f"a photograph of object number {i}" for i in range(n)]
+        prompts = [Prompt(f"a photograph of object number {i}", height=m.default_size, width=m.default_size) for i in range(n)]
         enc.append((n, median_time(partial(executor.encode_prompts, prompts), sync, warmup, repeats)))
     return Profile(
         gpu=gpu_name(dev),

@@ -4,8 +4,10 @@ Admission encodes the prompts of the admitted requests in one batch and draws ea
 initial noise from its own generator. A step stacks the latents of every request of one shape
 bucket, adds the unconditional rows of those guided this step, runs ONE UNet forward (graph
 replay when the fast path is on), combines each image's guidance, and applies every row's
-sampler update in one tensor expression (`samplers.apply_update`). The arithmetic follows
-diffusers' `StableDiffusionPipeline`, so a request's image does not depend on its batch.
+sampler update in one tensor expression (`samplers.apply_update`). What conditions a row (text
+embeddings, and for SDXL the pooled embedding and size ids) is the model family's
+`Conditioning`, which the runner only repeats and stacks per row. The arithmetic follows the
+family's diffusers pipeline, so a request's image does not depend on its batch.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..models.conditioning import Conditioning, Prompt
 from ..models.loader import ModelBundle
 from ..samplers import SamplerPlan, apply_update, make_plan
 from .core import DecodeReport, DecodeWork, StepReport
@@ -33,8 +36,8 @@ class DeviceRows:
     request: GenerationRequest
     plan: SamplerPlan
     gen: torch.Generator  # the request's own: initial noise, then ancestral samplers' noise
-    cond: torch.Tensor  # (1, L, D) prompt embedding
-    uncond: torch.Tensor | None  # negative-prompt embedding, if guided
+    cond: Conditioning  # the prompt's, one row
+    uncond: Conditioning | None  # the negative prompt's, if guided
     latents: torch.Tensor  # (n, C, h, w) float32
     history: torch.Tensor  # the sampler's previous x0 (multistep samplers)
     # Plain lists, so the per-step gather touches no tensors.
@@ -74,8 +77,9 @@ class TorchRunner:
     def _admit(self, jobs: Sequence[JobSpec]) -> None:
         m = self.model
         reqs = [self._requests[j.id] for j in jobs]
-        prompts = [r.prompt for r, _ in reqs] + [r.negative_prompt for r, _ in reqs if r.guided]
-        emb = self.executor.encode_prompts(prompts)
+        prompts = [Prompt(r.prompt, False, r.height, r.width) for r, _ in reqs]
+        prompts += [Prompt(r.negative_prompt, True, r.height, r.width) for r, _ in reqs if r.guided]
+        conds = self.executor.encode_prompts(prompts)
         neg = iter(range(len(reqs), len(prompts)))
         made: dict[str, DeviceRows] = {}
         for i, (job, (req, seed)) in enumerate(zip(jobs, reqs, strict=True)):
@@ -90,8 +94,8 @@ class TorchRunner:
                 request=req,
                 plan=plan,
                 gen=gen,
-                cond=emb[i : i + 1],
-                uncond=emb[next(neg)][None] if req.guided else None,
+                cond=conds[i],
+                uncond=conds[next(neg)] if req.guided else None,
                 latents=latents,
                 history=torch.zeros_like(latents),
                 coeff_rows=plan.coeffs.tolist(),
@@ -116,17 +120,18 @@ class TorchRunner:
         hist = torch.cat([r.history for r in rows]) if len(rows) > 1 else rows[0].history
         per_image: list[list[float]] = []  # timestep, input scale, guidance, the sampler's coefficients
         guided_idx: list[int] = []
-        uncond_ctx, cond_ctx = [], []
+        uncond_ctx: list[tuple[Conditioning, int]] = []
+        cond_ctx: list[tuple[Conditioning, int]] = []
         off = 0
         for d, r, g in zip(jobs, rows, guided, strict=True):
             n = r.request.n
             row = [r.t_rows[d.step], r.scale_rows[d.step], r.request.guidance_scale if g else 1.0]
             per_image += [row + r.coeff_rows[d.step]] * n
-            cond_ctx.append(r.cond.expand(n, -1, -1))
+            cond_ctx.append((r.cond, n))
             if g:
                 assert r.uncond is not None  # guided requests have a negative-prompt embedding
                 guided_idx += range(off, off + n)
-                uncond_ctx.append(r.uncond.expand(n, -1, -1))
+                uncond_ctx.append((r.uncond, n))
             off += n
         table = torch.tensor(per_image, dtype=torch.float64).to(m.device, torch.float32, non_blocking=True)
         tsteps, scale, gscale, coeffs = table[:, 0], table[:, 1], table[:, 2], table[:, 3:]
@@ -136,9 +141,9 @@ class TorchRunner:
             # The unconditional rows of the guided images go first, as in diffusers' pipeline.
             model_in = torch.cat([model_in[gi], model_in])
             tsteps_all = torch.cat([tsteps[gi], tsteps])
-            ctx = torch.cat(uncond_ctx + cond_ctx)
+            ctx = Conditioning.stack(uncond_ctx + cond_ctx)
         else:
-            tsteps_all, ctx = tsteps, torch.cat(cond_ctx)
+            tsteps_all, ctx = tsteps, Conditioning.stack(cond_ctx)
         padded_before = ex.padded_rows
         out = ex.unet(model_in, tsteps_all, ctx)
         ex.synchronize()  # without it unet_s would time only the (asynchronous) launches

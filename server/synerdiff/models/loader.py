@@ -1,4 +1,9 @@
-"""Load a Stable-Diffusion-style diffusers directory with diffusers' and transformers' own loaders."""
+"""Load a diffusers pipeline directory with diffusers' and transformers' own loaders.
+
+The family comes from `model_index.json` (`_class_name`, the pipeline class diffusers itself would
+instantiate); it decides which components are loaded and how prompts become the denoiser's
+conditions (`models.conditioning`).
+"""
 
 from __future__ import annotations
 
@@ -10,7 +15,14 @@ from typing import Any
 import torch
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-REQUIRED = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+# Pipeline class -> family. Stable Diffusion 1.x and 2.x (epsilon or v-prediction, from the
+# scheduler config) share one pipeline class.
+FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+REQUIRED = {
+    "sd": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
+    "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
+}
 
 
 class ModelLoadError(RuntimeError):
@@ -27,6 +39,11 @@ class ModelBundle:
     scheduler_config: dict
     device: torch.device
     dtype: torch.dtype
+    family: str = "sd"
+    # SDXL's second text encoder (with projection: its pooled output conditions the UNet) and tokenizer.
+    text_encoder_2: Any = None
+    tokenizer_2: Any = None
+    pipeline_config: dict | None = None  # model_index.json: the pipeline's own settings
 
     @property
     def vae_scale_factor(self) -> int:
@@ -41,8 +58,8 @@ class ModelBundle:
         return int(self.unet.config.sample_size) * self.vae_scale_factor
 
     @property
-    def text_hidden_size(self) -> int:
-        return int(self.text_encoder.config.hidden_size)
+    def vae_dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
 
 
 def resolve_device(device: str) -> torch.device:
@@ -73,23 +90,41 @@ def weights_variant(folder: Path) -> str | None:
     return sorted(v for v in variants if v is not None)[0]
 
 
+def detect_family(root: str | Path) -> tuple[str, dict[str, Any]]:
+    """The family of the pipeline directory `root`, and its `model_index.json`."""
+    index = Path(root) / "model_index.json"
+    if not index.is_file():
+        raise ModelLoadError(f"{root} is not a diffusers model directory (no model_index.json)")
+    try:
+        config = json.loads(index.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"could not read {index}: {exc}") from exc
+    cls = config.get("_class_name") if isinstance(config, dict) else None
+    if cls not in FAMILIES:
+        found = f"the pipeline class {cls!r}" if cls else "no pipeline class (_class_name)"
+        raise ModelLoadError(
+            f"{root}: model_index.json names {found}, which is not served; supported: "
+            "StableDiffusionPipeline (Stable Diffusion 1.x and 2.x), StableDiffusionXLPipeline (SDXL)"
+        )
+    return FAMILIES[cls], config
+
+
 def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> ModelBundle:
-    """Load unet, vae, text encoder, tokenizer and scheduler config from a local directory.
+    """Load the components of a supported pipeline and its scheduler config from a local directory.
 
     Nothing is downloaded: the path must be a diffusers directory on disk.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     root = Path(path)
-    index = root / "model_index.json"
-    if not index.is_file():
-        raise ModelLoadError(f"{root} is not a diffusers model directory (no model_index.json)")
-    missing = [c for c in REQUIRED if not (root / c).is_dir()]
+    family, pipeline_config = detect_family(root)
+    missing = [c for c in REQUIRED[family] if not (root / c).is_dir()]
     if missing:
         raise ModelLoadError(f"{root} lacks the component folder(s): {', '.join(missing)}")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
+    text_encoder_2 = tokenizer_2 = None
     try:
         kw = dict(local_files_only=True, torch_dtype=dt)
         unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", variant=weights_variant(root / "unet"), **kw)
@@ -98,10 +133,19 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> M
             root, subfolder="text_encoder", local_files_only=True, dtype=dt, variant=weights_variant(root / "text_encoder")
         )
         tokenizer = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer", local_files_only=True)
+        if family == "sdxl":
+            text_encoder_2 = CLIPTextModelWithProjection.from_pretrained(
+                root, subfolder="text_encoder_2", local_files_only=True, dtype=dt, variant=weights_variant(root / "text_encoder_2")
+            )
+            tokenizer_2 = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer_2", local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load {root}: {exc}") from exc
+    if family == "sdxl" and vae.config.force_upcast and dt != torch.float32:
+        # SDXL's pipeline decodes in fp32 when the VAE asks for it (its fp16 decode overflows);
+        # keeping the VAE in fp32 does the same arithmetic without converting it at every decode.
+        vae = vae.to(torch.float32)
     sched_cfg: dict[str, Any] = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
-    modules: tuple[torch.nn.Module, ...] = (unet, vae, text_encoder)
+    modules = [m for m in (unet, vae, text_encoder, text_encoder_2) if m is not None]
     for m in modules:
         m.to(dev).eval().requires_grad_(False)
-    return ModelBundle(root, unet, vae, text_encoder, tokenizer, sched_cfg, dev, dt)
+    return ModelBundle(root, unet, vae, text_encoder, tokenizer, sched_cfg, dev, dt, family, text_encoder_2, tokenizer_2, pipeline_config)
