@@ -247,7 +247,11 @@ def run_scaling(args, log: Log = print) -> dict[str, Any]:
         servers = launch(model, 1, **launch_args)
         if args.gpus > 1:
             # The first engine compiles (cold) and writes the shared compile cache; the rest start from it.
-            wait_ready(servers, args.ready_timeout, log)
+            try:
+                wait_ready(servers, args.ready_timeout, log)
+            except BaseException:
+                stop(servers)
+                raise
             servers += launch(model, args.gpus, first=1, **launch_args)
     pools = pools or list(range(1, len(servers) + 1))
     if 1 not in pools or max(pools) > len(servers):
@@ -276,7 +280,7 @@ def run_scaling(args, log: Log = print) -> dict[str, Any]:
     slo_s = args.slo  # without one, one GPU's 3x-lone SLO holds for every pool: equal P99 means one bar
     try:
         if servers and servers[0].proc is not None:
-            wait_ready(servers, args.ready_timeout, log)
+            wait_ready([s for s in servers if s.ready_s is None], args.ready_timeout, log)  # server 0 keeps its cold start
             report["server_ready_s"] = [s.ready_s for s in servers]
         for n in pools:
             upstreams = [s.url for s in servers[:n]]

@@ -447,7 +447,8 @@ def deployment(meta: dict[str, Any], spec: PoolSpec) -> dict[str, Any]:
             },
             "template": {
                 "metadata": {
-                    # The spec refuses the operator's label and annotation keys, so these merges never override them.
+                    # The template comes first: the operator's labels and annotations win (the spec refuses
+                    # its synerdiff.io/ and app.kubernetes.io/ keys outright).
                     "labels": {**tmpl.labels, **labels(name)},
                     "annotations": {
                         **tmpl.annotations,
@@ -549,6 +550,8 @@ def router_deployment(meta: dict[str, Any], spec: PoolSpec) -> dict[str, Any]:
         "containers": [_router_container(meta, spec)],
         "volumes": [{"name": "tmp", "emptyDir": {}}],
     }
+    if spec.pod_template.spec.image_pull_secrets:  # the router runs the engine image unless told otherwise
+        pod_spec["imagePullSecrets"] = [{"name": r.name} for r in spec.pod_template.spec.image_pull_secrets]
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",

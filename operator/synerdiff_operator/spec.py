@@ -102,7 +102,7 @@ class ModelSource(_Spec):
 # tokens and the compile cache.
 OWNED_LABEL_PREFIXES = ("synerdiff.io/", "app.kubernetes.io/")
 OWNED_ANNOTATION_PREFIX = "synerdiff.io/"
-OWNED_ENV = ("HOME", "HF_HOME", "HF_HUB_OFFLINE", "HF_TOKEN", "OMP_WAIT_POLICY", "PYTHONUNBUFFERED")
+OWNED_ENV = ("HOME", "HF_HOME", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "HF_TOKEN", "OMP_WAIT_POLICY", "PYTHONUNBUFFERED")
 OWNED_ENV_PREFIX = "SYNERDIFF_"
 OWNED_VOLUMES = ("config", "tmp", "dshm", "models", "api-token", "compile-cache")
 OWNED_MOUNT_PATHS = ("/etc/synerdiff", "/tmp", "/dev/shm", "/models", "/var/run/secrets/synerdiff", "/var/cache/synerdiff/compile")
@@ -158,7 +158,8 @@ class Volume(BaseModel):
 
 class VolumeMount(_Spec):
     name: str = Field(pattern=DNS_LABEL, max_length=63)
-    mount_path: str = Field(alias="mountPath", min_length=1, max_length=4096, pattern=r"^/")
+    # Absolute, without a trailing slash, so that an owned path cannot come back as "/models/".
+    mount_path: str = Field(alias="mountPath", min_length=1, max_length=4096, pattern=r"^/(.*[^/])?$")
     read_only: bool | None = Field(None, alias="readOnly")
     sub_path: str | None = Field(None, alias="subPath")
     sub_path_expr: str | None = Field(None, alias="subPathExpr")
@@ -167,8 +168,11 @@ class VolumeMount(_Spec):
 class PodTemplateMeta(_Spec):
     model_config = ConfigDict(json_schema_extra=rules(*POD_META_RULES))
 
-    labels: dict[str, str] = Field(default_factory=dict, description="Added to the engine pods' labels.")
-    annotations: dict[str, str] = Field(default_factory=dict, description="Added to the engine pods' annotations (e.g. karpenter.sh/do-not-disrupt).")
+    # Bounded so that the API server's cost estimate of the CEL rules over them stays in budget.
+    labels: dict[str, str] = Field(default_factory=dict, max_length=64, description="Added to the engine pods' labels.")
+    annotations: dict[str, str] = Field(
+        default_factory=dict, max_length=64, description="Added to the engine pods' annotations (e.g. karpenter.sh/do-not-disrupt)."
+    )
 
     @model_validator(mode="after")
     def _not_owned(self) -> PodTemplateMeta:
@@ -193,9 +197,9 @@ class PodTemplateSpec(_Spec):
         alias="topologySpreadConstraints",
         description="As a pod's spec.topologySpreadConstraints; unset: engines spread one per node where possible; [] for none.",
     )
-    env: list[EnvVar] = Field(default_factory=list, description="Added to the engine and model-fetch containers (e.g. HTTPS_PROXY).")
-    volumes: list[Volume] = Field(default_factory=list, description="Added to the pod.")
-    volume_mounts: list[VolumeMount] = Field(default_factory=list, alias="volumeMounts", description="Added to the engine container.")
+    env: list[EnvVar] = Field(default_factory=list, max_length=64, description="Added to the engine and model-fetch containers (e.g. HTTPS_PROXY).")
+    volumes: list[Volume] = Field(default_factory=list, max_length=32, description="Added to the pod.")
+    volume_mounts: list[VolumeMount] = Field(default_factory=list, max_length=32, alias="volumeMounts", description="Added to the engine container.")
 
     @model_validator(mode="after")
     def _not_owned(self) -> PodTemplateSpec:

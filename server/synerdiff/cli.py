@@ -138,7 +138,7 @@ def _build_parser() -> argparse.ArgumentParser:
     f.add_argument("dest", help="folder to download into")
     f.add_argument("--revision", default="main", help="branch, tag or commit")
     f.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="picks the weights variant")
-    f.add_argument("--pin-key", default="", help="reuse a download made under this key (a pool's generation) instead of resolving REVISION again")
+    f.add_argument("--pin-key", default="", help="reuse a download made under this key (a pool and its model spec) instead of resolving REVISION again")
     f.add_argument("--timeout", type=float, default=0.0, help="give up after this many seconds (0: never)")
 
     # The benchmark tools keep their own parsers; these entries forward to them.
@@ -361,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _fetch(args: argparse.Namespace) -> int:
     import logging
-    import signal
+    import threading
 
     from .models.fetch import FetchError, fetch
 
@@ -369,21 +369,26 @@ def _fetch(args: argparse.Namespace) -> int:
     if not args.uri.startswith("hf://") or args.uri.count("/") != 3:
         print(f"synerdiff fetch: {args.uri!r} is not hf://org/name", file=sys.stderr)
         return 2
+    timer = None
     if args.timeout > 0:
-        # A hung download must end the init container with a message, not hold the pod forever.
-        def expired(signum: int, frame: object) -> None:
-            raise FetchError(f"download did not finish within {args.timeout:g} s")
+        # A hung download must end the init container with a message, not hold the pod until its
+        # start-up deadline; a timer thread can end the process while the main thread is inside a
+        # native download that no signal handler would interrupt.
+        def expired() -> None:
+            print(f"synerdiff fetch: the download did not finish within {args.timeout:g} s", file=sys.stderr, flush=True)
+            os._exit(1)
 
-        signal.signal(signal.SIGALRM, expired)
-        signal.setitimer(signal.ITIMER_REAL, args.timeout)
+        timer = threading.Timer(args.timeout, expired)
+        timer.daemon = True
+        timer.start()
     try:
         done = fetch(args.uri.removeprefix("hf://"), args.revision, args.dest, args.dtype, pin_key=args.pin_key, token=os.environ.get("HF_TOKEN") or None)
     except FetchError as exc:
         print(f"synerdiff fetch: {exc}", file=sys.stderr)
         return 1
     finally:
-        if args.timeout > 0:
-            signal.setitimer(signal.ITIMER_REAL, 0)
+        if timer is not None:
+            timer.cancel()
     verb = "already held" if done.reused else "downloaded"
     print(f"{done.repo}@{done.commit} ({done.revision}): {len(done.files)} files {verb} in {args.dest}")
     return 0

@@ -211,3 +211,19 @@ def test_sharded_variant_weights_come_with_their_index() -> None:
         "unet/diffusion_pytorch_model.fp16-00002-of-00002.safetensors",
     ]
     assert "unet/diffusion_pytorch_model.safetensors.index.fp16.json" in got
+
+
+def test_a_component_with_only_variant_weights_still_gets_them() -> None:
+    files = ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.ema.safetensors"]
+    index = {"unet": ["diffusers", "UNet2DConditionModel"]}
+    for dtype in ("float32", "bfloat16"):
+        assert "unet/diffusion_pytorch_model.fp16.safetensors" in pipeline_files(index, files, dtype)
+
+
+def test_an_unreachable_hub_is_a_clear_error(tmp_path: Path, free_port) -> None:
+    env = {**os.environ, "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "HF_HOME": str(tmp_path / "hf-home")}
+    env.pop("HF_HUB_OFFLINE", None)
+    cmd = [sys.executable, "-m", "synerdiff.cli", "fetch", f"hf://{REPO}", str(tmp_path / "model")]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and f"synerdiff fetch: could not download {REPO}@main" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -304,6 +304,13 @@ def test_the_pod_template_is_merged_into_the_engine_pods() -> None:
     assert "SYNERDIFF_CONFIG_FILE" in [e["name"] for e in engine["env"]]
     assert engine["volumeMounts"][-1] == {"name": "loras", "mountPath": "/loras", "readOnly": True}
     assert engine["command"] == ["synerdiff", "serve"] and engine["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    # The router runs the engine image by default: it pulls with the same secrets.
+    router = next(
+        c
+        for c in manifests.children(META, parse_spec({**BASE, "podTemplate": POD_TEMPLATE}))
+        if c["metadata"]["name"] == "sd-router" and c["kind"] == "Deployment"
+    )
+    assert router["spec"]["template"]["spec"]["imagePullSecrets"] == t["imagePullSecrets"]
 
 
 def test_engines_spread_one_per_node_unless_the_template_says_otherwise() -> None:
@@ -322,6 +329,8 @@ def test_engines_spread_one_per_node_unless_the_template_says_otherwise() -> Non
         {"spec": {"env": [{"name": "SYNERDIFF_ENGINE__MODEL", "value": "/m"}]}},
         {"spec": {"volumes": [{"name": "config", "emptyDir": {}}]}},
         {"spec": {"volumeMounts": [{"name": "scratch", "mountPath": "/tmp"}]}},
+        {"spec": {"volumeMounts": [{"name": "weights", "mountPath": "/models/"}]}},
+        {"spec": {"env": [{"name": "HF_HUB_DISABLE_TELEMETRY", "value": "0"}]}},
     ],
 )
 def test_an_owned_field_in_the_pod_template_is_refused_by_name(template: dict[str, Any]) -> None:

@@ -96,3 +96,24 @@ def test_the_synerdiff_policy_skips_for_the_replayed_size() -> None:
     waiting = (Waiting("w", B, 1, True, 50, 9.0),)
     plan = SynerDiffPolicy(SchedulerConfig(), COST).plan(view(active=active, waiting=waiting))
     assert len(plan.skip_cfg) == 16
+
+
+def test_the_skip_is_sized_on_the_step_after_admission() -> None:
+    # 20 guided images (40 rows), 8 of them late, and a queue: admission fills the step to 64 rows,
+    # so skipping the 8 late ones (56 rows) would still replay 64: nobody skips.
+    active = tuple(late(i, 45 if i < 8 else 5) for i in range(20))
+    waiting = tuple(Waiting(f"w{i}", B, 1, True, 50, 9.0 + i) for i in range(30))
+    plan = SynerDiffPolicy(SchedulerConfig(), COST).plan(view(active=active, waiting=waiting))
+    assert len(plan.admit) == 12 and plan.skip_cfg == frozenset()
+    # With 16 late ones the admitted 64-row step can reach 48: exactly 16 skip.
+    active = tuple(late(i, 45 if i < 16 else 5) for i in range(20))
+    plan = SynerDiffPolicy(SchedulerConfig(), COST).plan(view(active=active, waiting=waiting))
+    assert len(plan.admit) == 12 and len(plan.skip_cfg) == 16
+
+
+def test_a_many_image_request_alone_is_skipped_when_it_suffices() -> None:
+    # 26 rows: a lone-image request furthest along and a 4-image one; the 4-image one alone reaches 24.
+    a = Active("a", B, 1, True, 48, 50, cfg_skippable=True)
+    b = Active("b", B, 4, True, 40, 50, cfg_skippable=True)
+    rest = [Active(f"r{i}", B, 1, True, 5, 50, cfg_skippable=True) for i in range(8)]
+    assert skip_for_replay(view(), B, [a, b, *rest], 26) == {"b"}

@@ -52,6 +52,7 @@ def test_metrics_after_traffic(live: Live):
     assert metric_value(after, "synerdiff_fast_path_graphs") == 0 == metric_value(after, "synerdiff_fast_path_graphs_ready")
     assert delta("synerdiff_unet_padded_rows_total") == 0
     assert metric_value(after, "synerdiff_startup_seconds") > 0
+    assert metric_value(after, "synerdiff_compile_cache", state="off") == 1
     assert delta("synerdiff_vae_decode_seconds_count") >= 1
     assert delta("synerdiff_vae_chunks_total") >= 2
     for gauge in ("synerdiff_requests_waiting", "synerdiff_requests_running", "synerdiff_unet_rows_active"):

@@ -33,12 +33,21 @@ class FastPathStart:
     compiled: bool = False
     kernels_total: int = 0
     kernels_ready: int = 0
-    cache: str = "off"  # "warm": compiled kernels loaded from the compile cache; "cold": compiled here; "off"
+    # "warm": every graph from the compile cache; "partial": some compiled here and added to it;
+    # "cold": compiled here; "off": no compile cache
+    cache: str = "off"
     cache_path: str = ""
     cache_bytes: int = 0  # written after a cold compile
     attention: str = "torch"
     attention_ms: dict[str, float] = field(default_factory=dict)  # eager step time under each SDPA backend, when measured
     seconds: float = 0.0
+
+
+def _compile_misses() -> int:
+    """Graphs inductor compiled rather than found in its caches, in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["inductor"]["fxgraph_cache_miss"])
 
 
 def _version(dist: str) -> str:
@@ -85,13 +94,18 @@ class StepExecutor:
         t0 = time.perf_counter()
         compile = config.fast_path_compile
         max_rows = config.scheduler.max_rows
-        rows = row_sizes_up_to(max_rows, config.fast_path_rows or (COMPILED_ROW_SIZES if compile else DEFAULT_ROW_SIZES))
+        # A step of a larger image holds fewer rows (the planner's pixel bound, EngineView.row_cap):
+        # sizes it can never replay are not compiled.
+        step_pixels = config.scheduler.max_step_pixels or max_rows * m.default_size**2
+        size_list = config.fast_path_rows or (COMPILED_ROW_SIZES if compile else DEFAULT_ROW_SIZES)
+        rows_for = {(h, w): row_sizes_up_to(max(1, min(max_rows, step_pixels // (h * w))), size_list) for h, w in sizes}
         example = self.conditioner.example(1, random=False)
         ctx = (int(example.context.shape[1]), int(example.context.shape[2]))
         added = {k: tuple(v.shape[1:]) for k, v in example.added.items()}
         f = m.vae_scale_factor
         shapes = [(m.latent_channels, h // f, w // f) for h, w in sizes]
-        start = FastPathStart(compiled=compile, kernels_total=len(shapes) * len(rows), cache="off")
+        rows = {shape: rows_for[size] for shape, size in zip(shapes, sizes, strict=True)}
+        start = FastPathStart(compiled=compile, kernels_total=sum(len(r) for r in rows.values()), cache="off")
         cache = None
         if compile and config.compile_cache:
             facts: dict[str, object] = dict(
@@ -103,7 +117,7 @@ class StepExecutor:
                 unet=model_fingerprint(dict(m.unet.config)),
                 dtype=str(self.dtype),
                 shapes=shapes,
-                rows=rows,
+                rows=[rows[shape] for shape in shapes],
                 mode=config.compile_mode,
                 attention=config.attention_backend,
             )
@@ -113,6 +127,11 @@ class StepExecutor:
         attn: str | None = None if config.attention_backend == "torch" else config.attention_backend
         if attn == "auto":
             attn = cache.remembered("attention") if cache is not None and start.cache == "warm" else None
+            if attn is None and start.cache == "warm":
+                # Kernels without the backend they were compiled for: measuring again may pick
+                # another and miss every graph, so this start compiles and rewrites the entry.
+                log.warning("compile cache %s has no recorded attention backend; compiling as if cold", start.cache_path)
+                start.cache = "cold"
             if attn is None:
                 attn, start.attention_ms = fastest_attention(
                     m.unet, shape=shapes[0], rows=min(8, max_rows), ctx_shape=ctx, added_shapes=added, dtype=self.dtype, device=self.device
@@ -146,10 +165,15 @@ class StepExecutor:
             if progress is not None:
                 progress(start)
 
+        misses = _compile_misses()
         for shape in shapes:
-            g.capture(shape, rows, captured)
+            g.capture(shape, rows[shape], captured)
         self.graphed = g
-        if cache is not None and start.cache == "cold":
+        if start.cache == "warm" and _compile_misses() > misses:
+            # The entry did not hold every graph (written by a start that was cut short, or by
+            # another build): what compiled here goes back into it.
+            start.cache = "partial"
+        if cache is not None and start.cache in ("cold", "partial"):
             start.cache_bytes = cache.save({"attention": start.attention, "compile_s": time.perf_counter() - t0})
         start.seconds = time.perf_counter() - t0
         log.info(

@@ -208,9 +208,9 @@ class GraphedUNet:
         shape = (sample.shape[1], sample.shape[2], sample.shape[3])
         sizes = self._sizes.get(shape)
         if not sizes or rows > sizes[-1]:
+            # Unrestricted SDPA: the backend was chosen on the captured shapes, and another shape may not fit it.
             self.eager_calls += 1
-            with attention(self.attention_backend):
-                return self._eager(sample, timesteps, context, dict(added))
+            return self._eager(sample, timesteps, context, dict(added))
         g = self._graphs[shape][sizes[bisect.bisect_left(sizes, rows)]]
         g.x[:rows].copy_(sample)
         g.t[:rows].copy_(timesteps)

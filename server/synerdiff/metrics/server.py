@@ -74,7 +74,7 @@ class ServerMetrics:
         Gauge(names.STARTUP_SECONDS, "Seconds from the start of loading to ready (0 until ready).", registry=r).set_function(lambda: engine.startup.seconds)
         self._cache_state_shown = False
         self.compile_cache = Gauge(
-            names.COMPILE_CACHE, "1 for how this start got its compiled kernels: warm (from the compile cache), cold or off.", ["state"], registry=r
+            names.COMPILE_CACHE, "1 for how this start got its compiled kernels: warm (from the compile cache), partial, cold or off.", ["state"], registry=r
         )
         Gauge(names.OUTSTANDING, "UNet row-steps queued and still to run (rows x remaining steps; a router balances on it).", registry=r).set_function(
             lambda: engine.outstanding_work
@@ -146,9 +146,9 @@ class ServerMetrics:
             self.images.inc(images)
 
     def render(self) -> bytes:
-        fp = self.engine.startup.fast_path
-        if fp is not None and fp.kernels_ready == fp.kernels_total and not self._cache_state_shown:  # a start never changes it
-            self.compile_cache.labels(fp.cache).set(1)
+        if self.engine.ready and not self._cache_state_shown:  # a start never changes it
+            fp = self.engine.startup.fast_path
+            self.compile_cache.labels(fp.cache if fp is not None else "off").set(1)
             self._cache_state_shown = True
         return generate_latest(self.registry)
 

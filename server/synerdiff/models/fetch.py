@@ -7,7 +7,7 @@ engine never runs. `pipeline_files` picks, from the repository's file list and i
 loads, in the dtype's variant where the repository has it. `fetch` resolves the revision to a
 commit once, downloads those files at that commit (huggingface_hub does the HTTP, resumes and
 retries), and records what it did in `SOURCE_FILE` beside them. A later fetch into the same folder
-with the same pin key (a pool's generation) reuses the recorded commit without asking the Hub
+with the same pin key (a pool and its model spec) reuses the recorded commit without asking the Hub
 which commit a branch points to now, so replicas sharing a claim never serve different weights
 because a branch moved between their starts.
 """
@@ -60,7 +60,11 @@ def pipeline_files(model_index: Mapping[str, Any], files: Sequence[str], dtype: 
         out.update(f for f in inside if f.endswith(SMALL_FILES))
         for ext in WEIGHT_FORMATS:
             of_format = [f for f in inside if f.endswith(ext)]
-            chosen = [f for f in of_format if want is not None and weight_variant(f) == want] or [f for f in of_format if weight_variant(f) is None]
+            variants = {weight_variant(f) for f in of_format}
+            # The dtype's variant, else the plain weights, else the one variant there is (fp16 first):
+            # the loader loads a variant-only folder as that variant and casts to the dtype.
+            pick = want if want in variants else None if None in variants else min(variants, key=lambda v: (v != "fp16", v or ""), default=None)
+            chosen = [f for f in of_format if weight_variant(f) == pick]
             if chosen:
                 out.update(chosen)
                 break
@@ -93,7 +97,6 @@ def _complete(dest: Path, rec: Fetched) -> bool:
 def fetch(repo: str, revision: str, dest: str | Path, dtype: str = "float16", *, pin_key: str = "", token: str | None = None) -> Fetched:
     """Download what the engine loads of `repo` at `revision` into `dest`; see the module doc."""
     from huggingface_hub import HfApi, hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
@@ -119,8 +122,10 @@ def fetch(repo: str, revision: str, dest: str | Path, dtype: str = "float16", *,
         for k, name in enumerate(f for f in files if f != "model_index.json"):
             hf_hub_download(repo, name, revision=commit, local_dir=dest, token=token)
             log.info("file %d of %d: %s", k + 1, len(files) - 1, name)
-    except (HfHubHTTPError, OSError, ValueError) as exc:  # the Hub's errors, a full disk, a bad index
-        raise FetchError(f"could not download {repo}@{revision}: {exc}") from exc
+    except FetchError:
+        raise
+    except Exception as exc:  # the Hub's errors, its transport's, a full disk, a bad index: one message
+        raise FetchError(f"could not download {repo}@{revision}: {type(exc).__name__}: {exc}") from exc
     done = Fetched(repo=repo, revision=revision, commit=commit, dtype=dtype, files=files, pin_key=pin_key)
     missing = [f for f in files if not (dest / f).is_file()]
     if missing:

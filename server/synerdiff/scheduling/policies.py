@@ -26,13 +26,19 @@ def skip_for_replay(view: EngineView, bucket: Bucket, active: list[Active], rows
     need = rows - target
     if view.replayed(bucket, rows) == target or need <= 0:
         return set() if view.replay_rows.get(bucket) else {a.request_id for a in candidates}
-    chosen: set[str] = set()
+    chosen: list[Active] = []
     for a in candidates:
         if need <= 0:
             break
-        chosen.add(a.request_id)
+        chosen.append(a)
         need -= a.images * per_image
-    return chosen
+    # The greedy pass can overshoot with a many-image request; give guidance back to the least
+    # advanced of the chosen while the step still reaches the target size.
+    for a in sorted(chosen, key=lambda a: (a.step / max(a.steps, 1), a.request_id)):
+        if need + a.images * per_image <= 0:
+            chosen.remove(a)
+            need += a.images * per_image
+    return {a.request_id for a in chosen}
 
 
 class SynerDiffPolicy:
@@ -44,13 +50,14 @@ class SynerDiffPolicy:
     cost model). Past the knee a step's time grows with its rows; below it, it grows much less
     (H100, SD1.5 at 512²: 2 rows 12.4 ms, 4 rows 17.4 ms, 8 rows 28.5 ms).
 
-    1. Skip-CFG (adaptive): only while saturated, the guided requests inside the last
+    1. Admission: FIFO while rows fit (no starvation), counting skipped requests at their full
+       rows so the row cap holds whenever skipping stops.
+    2. Skip-CFG (adaptive): only while saturated, the guided requests inside the last
        `view.skip_fraction` of their steps drop their unconditional rows (the controller
        widens that fraction as the queue grows). Past the knee every dropped row shortens
        the step for everyone; below it a dropped row saves little, so nothing is
-       skipped and images stay exact at light load.
-    2. Admission: FIFO while rows fit (no starvation), counting skipped requests at their full
-       rows so the row cap holds whenever skipping stops.
+       skipped and images stay exact at light load. Where steps replay compiled row sizes, the
+       fewest requests skip that bring the admitted step down to a smaller size, or none.
     3. VAE: every finished image is decoded this iteration, oldest first. The engine runs
        UNet and VAE on one GPU, and a decode is the shortest job waiting, so holding one back
        only moves its time onto the requests behind it. (An earlier version held decodes to a
@@ -79,13 +86,15 @@ class SynerDiffPolicy:
             queue = sorted((w for w in view.waiting if w.bucket == bucket), key=lambda w: w.arrival)
             knee = self.cost.rows_for_throughput(view.threshold, bucket, view.row_cap(bucket))
             saturated = bool(queue) or rows + sum(w.rows for w in queue) > knee
+            # Admission counts skipped requests at their full rows: skipping can stop on the next
+            # step (the queue drains, the controller lowers the bound), and the row cap must hold then too.
+            admit = admit_fifo(view, bucket, rows, view.row_cap(bucket))
+            rows += sum(w.rows for w in queue if w.request_id in admit)
+            # Skipping is sized on the step as admission filled it: where steps replay fixed sizes,
+            # only a skip that still reaches a smaller one after admission saves anything.
             if saturated and view.skip_fraction > 0:
                 skip = skip_for_replay(view, bucket, active, rows)
                 rows -= sum(a.images for a in active if a.request_id in skip) * (rows_per_image(True) - rows_per_image(False))
-            # Admission counts skipped requests at their full rows: skipping can stop on the next
-            # step (the queue drains, the controller lowers the bound), and the row cap must hold then too.
-            admit = admit_fifo(view, bucket, sum(a.rows for a in active), view.row_cap(bucket))
-            rows += sum(w.rows for w in queue if w.request_id in admit)
         beside, after = self._decodes(view, bucket, rows)
         return IterationPlan(admit=admit, step_bucket=bucket, skip_cfg=frozenset(skip), decode=after, decode_beside=beside)
 
