@@ -95,7 +95,8 @@ def test_scale_command_starts_two_servers_and_compares_pools(tmp_path):
         p = pool["points"][0]
         assert p["completed"] == p["measured"] > 0, p["statuses"]
     # Pool 2 went through one router to both engines, and each served part of the load.
-    assert two["urls"].count("http") == 1 and len(two["upstreams"]) == 2
+    assert len(two["urls"]) == 1 and len(two["upstreams"]) == 2
+    assert not any(two["urls"][0].startswith(u) for u in two["upstreams"])  # the driver spoke to the router only
     assert all(k > 0 for k in two["served_by_engine"]), two["served_by_engine"]
     assert sum(two["served_by_engine"]) >= two["points"][0]["completed"]
     assert one["served_by_engine"][0] >= one["points"][0]["completed"]
