@@ -34,6 +34,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from synerdiff_operator import GROUP, PLURAL, VERSION, kube, manifests
 from synerdiff_operator.autoscaler import Autoscaler
 from synerdiff_operator.kube import ApiException, Kube
+from synerdiff_operator.peering import Peering
 from synerdiff_operator.reconciler import Outcome, Reconciler
 from synerdiff_operator.telemetry import Telemetry
 
@@ -47,6 +48,9 @@ class OperatorOptions(BaseSettings):
     resync_seconds: float = Field(30.0, gt=0, description="How often every known pool is reconciled regardless of events.")
     scrape_timeout_seconds: float = Field(1.0, gt=0, description="Timeout of one GET /metrics on an engine pod.")
     autoscale_tick_seconds: float = Field(1.0, gt=0, description="How often the autoscaling task looks for pools whose period is due.")
+    peering_lifetime_seconds: int = Field(
+        20, ge=2, le=3600, description="With peering: how long a silent replica's record counts; a standby takes over at most this long after the leader dies."
+    )
     metrics_port: int = Field(0, ge=0, le=65535, description="Port of the operator's /metrics and /readyz server; 0 runs none.")
     scan_crds: bool = Field(True, description="Let kopf watch CustomResourceDefinitions (cluster-scoped); off where the operator only has namespaced Roles.")
     max_parallel_pools: int = Field(8, ge=1, le=256, description="Pools reconciled or autoscaled at once by the periodic tasks (each in a worker thread).")
@@ -74,6 +78,7 @@ class State:
     autoscale_task: asyncio.Task[None] | None = None
     executor: concurrent.futures.ThreadPoolExecutor | None = None
     telemetry: Telemetry = field(default_factory=Telemetry)
+    peering: Peering | None = None  # None: standalone, this replica always does the work
 
     def get_executor(self) -> concurrent.futures.ThreadPoolExecutor:
         with self.lock:
@@ -125,10 +130,13 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     options = OperatorOptions()
     # Without cluster-wide rights kopf finds the CRD once through discovery instead of a watch.
     settings.scanning.disabled = not options.scan_crds
+    settings.peering.lifetime = options.peering_lifetime_seconds
     state = State(options=options)
+    if not settings.peering.standalone:
+        state.peering = Peering(settings.peering.name, settings.peering.priority, clusterwide=settings.peering.clusterwide)
     if options.metrics_port:
         state.telemetry.serve("0.0.0.0", options.metrics_port)  # noqa: S104 - scraped from inside the cluster
-    state.telemetry.leader.set(1)
+    state.telemetry.leader.set(1 if state.peering is None else 0)
     state.telemetry.set_ready(True)
     memo.state = state
 
@@ -259,12 +267,21 @@ async def _every_pool_forever(state: State, period_s: float, work: Callable[[Sta
     busy: set[tuple[str, str]] = set()
     tasks: set[asyncio.Task[None]] = set()
 
+    def guarded(namespace: str, name: str) -> object:
+        # kopf pauses its own handlers on a standby replica; these tasks are ours to pause.
+        if state.peering is not None:
+            leading = state.peering.leading(state.get_reconciler().kube, namespace)
+            state.telemetry.leader.set(1 if leading else 0)
+            if not leading:
+                return None
+        return work(state, namespace, name, logger)
+
     async def one(namespace: str, name: str) -> None:
         try:
             async with limit:
                 # copy_context: kopf.event() finds kopf's event queue through context variables.
                 ctx = contextvars.copy_context()
-                await loop.run_in_executor(state.get_executor(), ctx.run, work, state, namespace, name, logger)
+                await loop.run_in_executor(state.get_executor(), ctx.run, guarded, namespace, name)
         except kopf.TemporaryError as exc:
             logger.warning(f"{what} of {namespace}/{name}: {exc}")
         except Exception:  # one broken pool must not stop the others

@@ -207,7 +207,9 @@ class OperatorThread:
     which would include pytest-asyncio's own.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, **run: Any) -> None:
+        """`run`: more of kopf.run's arguments (peering_name, priority, memo)."""
+        self.run_args = {"standalone": True, **run}
         self.stop_flag = threading.Event()
         self.ready_flag = threading.Event()
         self.error: BaseException | None = None
@@ -215,7 +217,7 @@ class OperatorThread:
 
     def _run(self) -> None:
         try:
-            kopf.run(standalone=True, clusterwide=True, stop_flag=self.stop_flag, ready_flag=self.ready_flag)
+            kopf.run(clusterwide=True, stop_flag=self.stop_flag, ready_flag=self.ready_flag, **self.run_args)
         except BaseException as exc:  # surfaced by stop()
             self.error = exc
 

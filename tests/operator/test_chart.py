@@ -20,7 +20,7 @@ K8S_VERSION = "1.33.0"
 CHART = REPO_ROOT / "charts" / "synerdiff-operator"
 MONITORING = ["--set", "serviceMonitor.enabled=true", "--set", "dashboard.enabled=true"]
 # Kinds whose schemas ship with Kubernetes; others (CRD-defined kinds) are checked by hand below.
-CUSTOM_KINDS = {"ServiceMonitor"}
+CUSTOM_KINDS = {"ServiceMonitor", "ClusterKopfPeering", "KopfPeering"}
 ENGINE_METRICS = {
     "synerdiff_requests_waiting",
     "synerdiff_requests_running",
@@ -57,7 +57,8 @@ def test_helm_lint_strict(extra: list[str]) -> None:
 def test_rendered_objects_validate(extra: list[str]) -> None:
     objs = render("--include-crds", *extra)
     kinds = sorted(o["kind"] for o in objs)
-    expected = ["ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "Deployment", "Service", "ServiceAccount"]
+    crds = ["CustomResourceDefinition"] * 3  # the pools', and kopf's two peering resources
+    expected = sorted(["ClusterKopfPeering", "ClusterRole", "ClusterRoleBinding", *crds, "Deployment", "Service", "ServiceAccount"])
     if extra:
         expected = sorted(expected + ["ConfigMap", "ServiceMonitor", "ServiceMonitor"])
     assert kinds == expected
@@ -71,18 +72,25 @@ def test_rendered_objects_validate(extra: list[str]) -> None:
 
 def test_chart_ships_the_generated_crd() -> None:
     assert (CHART / "crds" / "diffusionpool.yaml").read_bytes() == CRD_FILE.read_bytes()
-    crd = by_kind(render("--include-crds"))["CustomResourceDefinition"]
+    crd = next(o for o in render("--include-crds") if o["kind"] == "CustomResourceDefinition" and o["spec"]["group"] == "synerdiff.io")
     assert crd == yaml.safe_load(CRD_FILE.read_text())
 
 
 def test_operator_deployment() -> None:
     dep = by_kind(render("--set", "watchNamespaces={ml,prod}"))["Deployment"]
-    assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"] == {"type": "Recreate"}
+    assert dep["spec"]["replicas"] == 2 and dep["spec"]["strategy"]["type"] == "RollingUpdate"
     pod = dep["spec"]["template"]["spec"]
     container = pod["containers"][0]
     assert container["command"] == ["python", "-m", "synerdiff_operator"]
     args = build_parser().parse_args(container["args"])  # the operator's real CLI accepts them
     assert args.namespace == ["ml", "prod"] and args.liveness == "http://0.0.0.0:8080/healthz"
+    assert args.peering == "rel-synerdiff-operator" and args.priority is None  # each replica draws its own
+    affinity = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]
+    assert affinity["topologyKey"] == "kubernetes.io/hostname"
+    single = by_kind(render("--set", "replicas=1"))["Deployment"]
+    assert single["spec"]["replicas"] == 1 and single["spec"]["strategy"] == {"type": "Recreate"}
+    assert build_parser().parse_args(single["spec"]["template"]["spec"]["containers"][0]["args"]).peering == ""  # standalone
+    assert "ClusterKopfPeering" not in by_kind(render("--set", "replicas=1"))
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "health"}
     assert {"name": "health", "containerPort": 8080, "protocol": "TCP"} in container["ports"]
     assert container["securityContext"]["readOnlyRootFilesystem"] is True and pod["securityContext"]["runAsNonRoot"] is True
@@ -131,6 +139,8 @@ def test_watch_namespaces_render_only_namespaced_roles() -> None:
     kinds = sorted((o["kind"], o["metadata"].get("namespace")) for o in objs)
     assert kinds == [
         ("Deployment", "ops"),
+        ("KopfPeering", "ml"),
+        ("KopfPeering", "prod"),
         ("Role", "ml"),
         ("Role", "prod"),
         ("RoleBinding", "ml"),
@@ -139,11 +149,14 @@ def test_watch_namespaces_render_only_namespaced_roles() -> None:
         ("ServiceAccount", "ops"),
     ]
     for obj in objs:
-        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        if obj["kind"] not in CUSTOM_KINDS:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
     # Everything the operator does in a pool's namespace, there and nowhere else.
     ml = chart_rules("ml", "--set", "watchNamespaces={ml,prod}", "--set", "rbac.readTokenSecrets=true")
-    crds = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
-    assert ml == (chart_rules("default") | {("", "pods", "patch"), ("", "secrets", "get")}) - crds
+    cluster_only = {("apiextensions.k8s.io", "customresourcedefinitions", v) for v in ("list", "watch")}
+    cluster_only |= {("kopf.dev", "clusterkopfpeerings", v) for v in ("get", "list", "watch", "patch")}
+    namespaced_peering = {("kopf.dev", "kopfpeerings", v) for v in ("get", "list", "watch", "patch")}
+    assert ml == (chart_rules("default") | {("", "pods", "patch"), ("", "secrets", "get")} | namespaced_peering) - cluster_only
     assert chart_rules("elsewhere", "--set", "watchNamespaces={ml,prod}") == set()
     # Without a ClusterRole kopf must not watch CRDs.
     env = {e["name"]: e["value"] for e in by_kind(objs)["Deployment"]["spec"]["template"]["spec"]["containers"][0]["env"]}
@@ -191,7 +204,7 @@ def test_dashboard_covers_the_engine_metrics() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", [["--set", "serviceMonitor.enabled=maybe"], ["--set", "replicas=2"], ["--set", "watchNamespaces={Bad_NS}"], ["--set", "image.pullPolicy=Sometimes"]]
+    "bad", [["--set", "serviceMonitor.enabled=maybe"], ["--set", "replicas=0"], ["--set", "watchNamespaces={Bad_NS}"], ["--set", "image.pullPolicy=Sometimes"]]
 )
 def test_values_schema_rejects_bad_values(bad: list[str]) -> None:
     result = helm("template", "rel", str(CHART), *bad, check=False)
