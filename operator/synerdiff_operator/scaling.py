@@ -19,8 +19,8 @@ Replicas (KPA-style, on a capacity model instead of a concurrency target):
   scale-up goes to at most maxScaleUpRate x (ready + on the way), and panic compares the load
   with them too; in panic the loop asks at once for what the load needs, up to maxReplicas (with
   a node autoscaler the Pending pods are what makes it add nodes);
-- while any pod waits for a cause the status names (Unschedulable, image pull, crash loop,
-  volume), the loop does not ask for more: more pods would wait the same way;
+- while any pod waits for a cause its status shows (Unschedulable, image pull, config error,
+  crash loop), the loop does not ask for more: more pods would wait the same way;
 - a GPU budget (the pool's `autoscaling.gpuBudget`, the operator's `SYNERDIFF_OPERATOR_GPU_BUDGET`
   across pools) caps scale-ups; it never forces a scale-down;
 - one decision scales down by at most maxScaleDownRate;

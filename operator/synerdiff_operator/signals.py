@@ -173,8 +173,8 @@ class PoolMetrics:
     time: float
     ready: int  # pods Ready per Kubernetes: the only pods that can count as capacity
     pending: int = 0  # pods that exist but are not ready (starting, Pending for a GPU, failing)
-    # Of those, pods held up for a reason the status names (Unschedulable, image pull, crash
-    # loop, volume): more pods would wait the same way.
+    # Of those, pods held up for a reason their status shows (Unschedulable, image pull, config
+    # error, crash loop): more pods would wait the same way.
     blocked: int = 0
     blocked_reason: str | None = None
     scraped: int = 0  # ready pods whose /metrics answered now

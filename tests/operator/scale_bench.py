@@ -11,6 +11,7 @@ on loopback) the operator reads each period, as in a cluster at rest. Measured:
 - pod latency: a Pending pod (no GPU) added to every pool at once, until the pool's `Degraded`
   condition names `InsufficientGPU` (nothing but the pods changed: no pool event triggers it).
 
+The operator runs as `python -m synerdiff_operator` in a process of its own, as the chart runs it.
 Not a test: the numbers depend on the machine. `test_scale_e2e.py` checks the behaviour.
 """
 
@@ -33,7 +34,7 @@ from typing import Any
 
 import kmock
 
-from .harness import POOLS, REPO_ROOT, LeanEmulator, OperatorThread, pool_body
+from .harness import POOLS, REPO_ROOT, LeanEmulator, pool_body
 
 METRICS_TEXT = (Path(__file__).parent / "data" / "engine_metrics_idle.txt").read_bytes()
 
@@ -146,6 +147,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     port = metrics.server_address[1]
     os.environ["SYNERDIFF_OPERATOR_RESYNC_SECONDS"] = str(args.resync)
     os.environ.setdefault("SYNERDIFF_OPERATOR_AUTOSCALE_TICK_SECONDS", "1")
+    # The operator process imports the package from the same tree as this benchmark.
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (os.environ.get("PYTHONPATH", ""), str(REPO_ROOT / "operator"), str(REPO_ROOT / "server")) if p)
     async with LeanEmulator() as k, kmock.Server(k):
         k.resources.load_bundled()
         k.resources[POOLS] = kmock.ResourceInfo(
@@ -170,11 +173,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
             )
             os.environ["KUBECONFIG"] = str(kubeconfig)
-            import synerdiff_operator.handlers  # noqa: F401  registers the handlers
-
             bench = Bench(k, args.pools, args.namespaces)
-            operator = OperatorThread()
-            await operator.start()
+            # The operator in a process of its own, as in a cluster: it and the emulator (the API
+            # server here) do not share an interpreter lock.
+            log = open(Path(tmp) / "operator.log", "wb")
+            operator = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "synerdiff_operator", "--liveness=", stdout=log, stderr=asyncio.subprocess.STDOUT, env=dict(os.environ)
+            )
             try:
                 t0 = time.monotonic()
                 for ns, name in bench.names:
@@ -218,7 +223,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     await bench.send("POST", bench.path("v1/pods", ns), pod(name, ns, f"{name}-b", port, ready=False))
                 pod_lat = await bench.until_all(lambda ns, n: bench.condition(ns, n, "Degraded").get("reason") == "InsufficientGPU", 300, "Degraded", sent)
             finally:
-                await operator.stop()
+                operator.terminate()
+                await asyncio.wait_for(operator.wait(), timeout=60)
+                log.close()
     metrics.shutdown()
 
     def summary(values: list[float]) -> dict[str, float]:
