@@ -79,12 +79,18 @@ class State:
     executor: concurrent.futures.ThreadPoolExecutor | None = None
     telemetry: Telemetry = field(default_factory=Telemetry)
     peering: Peering | None = None  # None: standalone, this replica always does the work
+    periodic_limit: asyncio.Semaphore | None = None  # shared by the resync and autoscaling tasks
+    foreground: int = 0  # event-driven reconciles in flight (a pool or its Deployment changed)
+
+    def enter_foreground(self, delta: int) -> None:
+        with self.lock:
+            self.foreground += delta
 
     def get_executor(self) -> concurrent.futures.ThreadPoolExecutor:
         with self.lock:
             if self.executor is None:
-                # Both periodic tasks share it; each bounds itself to max_parallel_pools.
-                self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=2 * self.options.max_parallel_pools, thread_name_prefix="pool")
+                # Both periodic tasks share it and one bound, max_parallel_pools.
+                self.executor = concurrent.futures.ThreadPoolExecutor(max_workers=self.options.max_parallel_pools, thread_name_prefix="pool")
             return self.executor
 
     def get_reconciler(self) -> Reconciler:
@@ -175,6 +181,9 @@ def run_reconcile(state: State, namespace: str, name: str, logger: kopf.Logger, 
     """Reconcile and post events; API trouble becomes kopf.TemporaryError (kopf retries it)."""
     telemetry = state.telemetry
     started = time.perf_counter()
+    foreground = trigger != "resync"
+    if foreground:
+        state.enter_foreground(1)
     try:
         outcome = state.get_reconciler().reconcile(namespace, name)
     except ApiException as exc:
@@ -189,6 +198,8 @@ def run_reconcile(state: State, namespace: str, name: str, logger: kopf.Logger, 
         raise kopf.TemporaryError(f"cannot reach the API server: {exc}", delay=5) from exc
     finally:
         telemetry.reconcile_seconds.observe(time.perf_counter() - started)
+        if foreground:
+            state.enter_foreground(-1)
     telemetry.reconciles.labels(trigger, "ok").inc()
     if outcome is not None:
         telemetry.pool(namespace, name, desired=outcome.desired_replicas, ready=outcome.status.get("readyReplicas"))
@@ -259,11 +270,15 @@ def deployment_changed(body: kopf.Body, namespace: str | None, memo: kopf.Memo, 
 
 async def _every_pool_forever(state: State, period_s: float, work: Callable[[State, str, str, kopf.Logger], object], what: str, logger: logging.Logger) -> None:
     """Every `period_s`, run `work(state, namespace, name, logger)` for each known pool in a worker
-    thread, at most `max_parallel_pools` at once. A pool whose previous run has not finished is
-    skipped this period: one slow pool (an API call timing out, engines not answering) delays
-    only itself, never the others, and never piles up."""
+    thread, at most `max_parallel_pools` at once across both periodic tasks. A pool whose previous
+    run has not finished is skipped this period: one slow pool (an API call timing out, engines
+    not answering) delays only itself, never the others, and never piles up. Reconciles that an
+    event started (a spec change, a Deployment change) go first: a periodic pass waits for them,
+    up to one period, so that the API server's capacity serves a change before a routine check."""
     loop = asyncio.get_running_loop()
-    limit = asyncio.Semaphore(state.options.max_parallel_pools)
+    if state.periodic_limit is None:
+        state.periodic_limit = asyncio.Semaphore(state.options.max_parallel_pools)
+    limit = state.periodic_limit
     busy: set[tuple[str, str]] = set()
     tasks: set[asyncio.Task[None]] = set()
 
@@ -278,6 +293,9 @@ async def _every_pool_forever(state: State, period_s: float, work: Callable[[Sta
 
     async def one(namespace: str, name: str) -> None:
         try:
+            deadline = loop.time() + period_s
+            while state.foreground > 0 and loop.time() < deadline:
+                await asyncio.sleep(0.05)
             async with limit:
                 # copy_context: kopf.event() finds kopf's event queue through context variables.
                 ctx = contextvars.copy_context()

@@ -93,11 +93,12 @@ class Reconciler:
 
         actions: list[str] = []
         child_error: tuple[str, str] | None = None
+        seen: dict[str, dict[str, Any]] = {}  # kind -> the child as the API server last returned it
         if spec is not None:
             child_meta = {"name": name, "namespace": namespace, "uid": meta["uid"], "generation": meta.get("generation")}
             for child in manifests.children(child_meta, spec):
                 try:
-                    action = self.apply(child, meta["uid"])
+                    action = self.apply(child, meta["uid"], seen)
                 except ChildConflict as exc:
                     child_error = ("ChildConflict", str(exc))
                     break
@@ -109,7 +110,8 @@ class Reconciler:
                 if action:
                     actions.append(action)
 
-        deployment = self.kube.get(KIND_REFS["Deployment"].path(namespace, name))
+        # The Deployment as apply() just read or wrote it: one GET less per pass.
+        deployment = seen["Deployment"] if "Deployment" in seen else self.kube.get(KIND_REFS["Deployment"].path(namespace, name))
         if deployment is not None and patching.controller_uid(deployment) != meta["uid"]:
             deployment = None  # someone else's; never report its pods as ours
         pods = self.kube.list(KIND_REFS["Pod"].path(namespace), manifests.selector_labels(name)) if deployment else []
@@ -164,21 +166,26 @@ class Reconciler:
             last = self._written.get((namespace, name))
         return last is None or self.monotonic() - last >= self.heartbeat_seconds
 
-    def apply(self, desired: dict[str, Any], owner_uid: str) -> str | None:
-        """Create or patch one child; returns what was done ("created Service x"), None if in sync."""
+    def apply(self, desired: dict[str, Any], owner_uid: str, seen: dict[str, dict[str, Any]] | None = None) -> str | None:
+        """Create or patch one child; returns what was done ("created Service x"), None if in sync.
+        `seen[kind]` gets the child as the API server last returned it (read, created or patched)."""
         ref = KIND_REFS[desired["kind"]]
         namespace, name = desired["metadata"]["namespace"], desired["metadata"]["name"]
         live = self.kube.get(ref.path(namespace, name))
         if live is not None and patching.controller_uid(live) != owner_uid:
             raise ChildConflict(f"{desired['kind']} {name} exists but is not controlled by this DiffusionPool; rename or delete it")
         body = patching.plan(live, desired)
-        if body is None:
-            return None
-        if live is None:
-            self.kube.create(ref.path(namespace), body)
-            return f"created {desired['kind']} {name}"
-        self.kube.patch(ref.path(namespace, name), body)
-        return f"updated {desired['kind']} {name}"
+        result: dict[str, Any] | None = live
+        action = None
+        if body is not None and live is None:
+            result = self.kube.create(ref.path(namespace), body)
+            action = f"created {desired['kind']} {name}"
+        elif body is not None:
+            result = self.kube.patch(ref.path(namespace, name), body)
+            action = f"updated {desired['kind']} {name}"
+        if seen is not None and isinstance(result, dict):
+            seen[desired["kind"]] = result
+        return action
 
 
 def _api_message(exc: ApiException) -> str:

@@ -356,9 +356,11 @@ async def test_every_api_call_is_allowed_by_the_charts_clusterrole(operator: Clu
     # Deployments are listed and watched through a label selector the API server applies.
     deployment_reads = [r for r in operator.requests() if r.resource is not None and r.resource.plural == "deployments" and r.method == "GET" and not r.name]
     assert deployment_reads and all(r.params.get("labelSelector") == "app.kubernetes.io/managed-by=synerdiff-operator" for r in deployment_reads)
-    # And nothing granted goes unused, except what only the admission plugin checks and what
-    # only the autoscaler uses (test_autoscale_e2e.py checks those).
-    assert allowed - used == {("synerdiff.io", "diffusionpools/finalizers", "update"), ("", "pods", "patch")}
+    # And nothing granted goes unused, except what only the admission plugin checks, what only
+    # the autoscaler uses (test_autoscale_e2e.py checks those) and the peering of several
+    # replicas (this operator runs alone; test_ha_e2e.py checks those).
+    peering = {("kopf.dev", "clusterkopfpeerings", v) for v in ("get", "list", "watch", "patch")}
+    assert allowed - used == {("synerdiff.io", "diffusionpools/finalizers", "update"), ("", "pods", "patch")} | peering
 
 
 async def test_the_container_entrypoint_runs_the_operator(cluster: Cluster, free_port: Callable[[], int], tmp_path: Path) -> None:

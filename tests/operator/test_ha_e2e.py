@@ -59,7 +59,17 @@ async def test_two_replicas_exactly_one_works_and_the_other_takes_over(cluster: 
     first = OperatorThread(standalone=False, peering_name="synerdiff", priority=200, memo=high)
     second = OperatorThread(standalone=False, peering_name="synerdiff", priority=100, memo=low)
     await first.start()
+
+    def peers() -> dict[str, Any]:
+        try:
+            return dict(cluster.k.objects[PEERINGS, None, "synerdiff"].raw.get("status") or {})
+        except KeyError:
+            return {}
+
+    # The second replica starts once the first has announced itself, as in a rolling start.
+    await cluster.eventually(lambda: len(peers()) == 1, what="the first replica's keep-alive")
     await second.start()
+    await cluster.eventually(lambda: len(peers()) == 2, what="both keep-alives")
     stopped_first = False
     try:
         await cluster.create_pool("sd", SPEC)
