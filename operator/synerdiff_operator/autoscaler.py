@@ -31,7 +31,7 @@ from typing import Any
 
 from synerdiff.contract.admin import ADMIN_SCHEDULER_PATH
 from synerdiff.contract.metrics import ROUTER_BUFFERED
-from synerdiff_operator import engine_client, manifests, prometheus, scaling, signals
+from synerdiff_operator import engine_client, manifests, prometheus, scaling, signals, status
 from synerdiff_operator.kube import KIND_REFS, ApiException, Kube
 from synerdiff_operator.reconciler import POOL_REF, utc_now
 from synerdiff_operator.spec import InvalidSpec, PoolSpec, parse_spec
@@ -44,6 +44,13 @@ ANN_SCALE_DOWN = "synerdiff.io/scale-down-candidate"
 DELETION_COST = "-1000"
 HISTORY_LEN = 10
 IDLE_RECHECK_S = 30.0  # how soon a pool without autoscaling or tuning is looked at again
+# Readings that move with every scrape (rates, percentiles, and the messages quoting them): written
+# when something else in the status changes, else at most once per heartbeat. The reason, the pod
+# counts, the queue (waiting, running) and the knobs are written as soon as they change; at rest
+# none of them moves.
+HEARTBEAT_FIELDS = frozenset(
+    {"message", "arrivalRate", "throughput", "queueWaitP99Seconds", "latencyP99Seconds", "sloAttainment", "tuningMessage", "capacityPerReplica"}
+)
 
 
 @dataclass
@@ -63,6 +70,7 @@ class PoolLoop:
     tuner: scaling.TuneState = field(default_factory=scaling.TuneState)
     pushed: dict[str, dict[str, float]] = field(default_factory=dict)  # pod uid -> knobs it runs with
     next_due: float = 0.0
+    last_write: float | None = None  # when the loop last wrote the status (the loop's clock)
     last_scale_time: str | None = None
     events: list[dict[str, Any]] | None = None  # status history, seeded from the pool's status
 
@@ -103,10 +111,24 @@ def scale_down_candidates(pods: list[dict[str, Any]], running: dict[str, float],
 
 class Autoscaler:
     def __init__(
-        self, kube: Kube, *, scrape_timeout: float = 1.0, clock: Callable[[], float] = time.monotonic, wall: Callable[[], str] = utc_now, workers: int = 8
+        self,
+        kube: Kube,
+        *,
+        scrape_timeout: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], str] = utc_now,
+        workers: int = 8,
+        gpu_budget: int | None = None,
+        heartbeat_seconds: float = 60.0,
+        scrape_budget_seconds: float | None = None,
     ) -> None:
         self.kube = kube
+        self.heartbeat_seconds = heartbeat_seconds
+        # The longest one pool's scrape round may take; pods not answered by then are unknown.
+        self.scrape_budget_seconds = scrape_budget_seconds if scrape_budget_seconds is not None else 2 * scrape_timeout
         self.scrape_timeout = scrape_timeout
+        self.gpu_budget = gpu_budget
+        self._gpus: dict[tuple[str, str], int] = {}  # GPUs each pool asks for (spec.replicas x gpu.count), as last seen
         self.clock = clock
         self.wall = wall
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="scrape")
@@ -119,6 +141,16 @@ class Autoscaler:
     def forget(self, namespace: str, name: str) -> None:
         with self._guard:
             self._loops.pop((namespace, name), None)
+            self._gpus.pop((namespace, name), None)
+
+    def gpu_room(self, namespace: str, name: str) -> int | None:
+        """GPUs the operator-wide budget leaves to this pool: the budget less what the other
+        pools ask for (as last seen by their own steps)."""
+        if self.gpu_budget is None:
+            return None
+        with self._guard:
+            others = sum(g for key, g in self._gpus.items() if key != (namespace, name))
+        return max(0, self.gpu_budget - others)
 
     def due(self, namespace: str, name: str) -> bool:
         with self._guard:
@@ -152,9 +184,14 @@ class Autoscaler:
             loop.events = list(((previous.get("autoscaler") or {}).get("history")) or [])[-HISTORY_LEN:]
             loop.last_scale_time = previous.get("lastScaleTime")
 
+        with self._guard:
+            self._gpus[(namespace, name)] = spec.desired_replicas() * spec.gpu.count
         pods = [p for p in self.kube.list(KIND_REFS["Pod"].path(namespace), manifests.selector_labels(name)) if not is_terminating(p)]
         ready = [p for p in pods if is_ready(p)]
-        metrics, running = self._observe(loop, spec, ready, pending=len(pods) - len(ready), now=now)
+        blocked = [problems[0] for p in pods if not is_ready(p) and (problems := status.diagnose_pods([p], spec.gpu.resource_name))]
+        metrics, running = self._observe(
+            loop, spec, ready, pending=len(pods) - len(ready), blocked=len(blocked), blocked_reason=blocked[0].message if blocked else None, now=now
+        )
         if spec.router.enabled:
             metrics = replace(metrics, buffered=self._buffered(namespace, name))
         loop.history.append(metrics)
@@ -164,13 +201,15 @@ class Autoscaler:
 
         report = StepReport(pool=pool, decision=None, tuning=None, metrics=metrics)
         if a.enabled:
-            decision = scaling.decide(spec, list(loop.history), now, loop.scaler)
+            decision = scaling.decide(spec, list(loop.history), now, loop.scaler, gpu_room=self.gpu_room(namespace, name))
             loop.scaler = decision.state
             report.decision = decision
             if decision.changed:
                 if decision.replicas < decision.current:
                     self._mark_for_removal(namespace, pods, running, decision.current - decision.replicas)
                 self.kube.patch(POOL_REF.path(namespace, name), {"spec": {"replicas": decision.replicas}})
+                with self._guard:
+                    self._gpus[(namespace, name)] = decision.replicas * spec.gpu.count
                 loop.last_scale_time = self.wall()
                 self._remember(loop, decision.reason, decision.message, replicas=decision.replicas)
                 report.events.append(("Normal", "Scaled", decision.message))
@@ -181,7 +220,15 @@ class Autoscaler:
         return report
 
     def _observe(
-        self, loop: PoolLoop, spec: PoolSpec, ready: list[dict[str, Any]], *, pending: int, now: float
+        self,
+        loop: PoolLoop,
+        spec: PoolSpec,
+        ready: list[dict[str, Any]],
+        *,
+        pending: int,
+        now: float,
+        blocked: int = 0,
+        blocked_reason: str | None = None,
     ) -> tuple[signals.PoolMetrics, dict[str, float]]:
         stale = scaling.stale_after(spec)
         taken = self._read(spec, ready, now, stale)
@@ -217,7 +264,10 @@ class Autoscaler:
         for uid in [u for u in loop.pods if u not in alive]:
             loop.pods.pop(uid, None)
             loop.pushed.pop(uid, None)
-        return signals.aggregate(now, readings, pending=pending, slo_seconds=spec.autoscaling.latency_slo_seconds), running
+        metrics = signals.aggregate(
+            now, readings, pending=pending, slo_seconds=spec.autoscaling.latency_slo_seconds, blocked=blocked, blocked_reason=blocked_reason
+        )
+        return metrics, running
 
     def _read(self, spec: PoolSpec, ready: list[dict[str, Any]], now: float, stale: float) -> dict[str, tuple[signals.EngineSample | None, float]]:
         """Each ready pod's newest sample and when it was taken (the loop's clock): from its own
@@ -232,7 +282,12 @@ class Autoscaler:
             return {uid: ((ps.sample, now - ps.age_s) if (ps := got.get(n)) else (None, now)) for n, uid in names.items()}
         urls = {self._uid(p): engine_client.pod_base_url(p) for p in ready}
         futures = {uid: self._pool.submit(self._scrape, url) for uid, url in urls.items() if url}
-        return {uid: (f.result(), now) for uid, f in futures.items()}
+        concurrent.futures.wait(futures.values(), timeout=self.scrape_budget_seconds)
+        # A pod still queued or answering past the budget is unknown this period: one pool with
+        # many slow pods must not hold the loop, nor the other pools' scrapes behind it.
+        for f in futures.values():
+            f.cancel()
+        return {uid: (f.result() if f.done() and not f.cancelled() else None, now) for uid, f in futures.items()}
 
     def _buffered(self, namespace: str, name: str) -> float | None:
         """Requests the pool's routers hold for want of a ready engine (None: no router answered)."""
@@ -265,10 +320,21 @@ class Autoscaler:
             name = pod["metadata"]["name"]
             path = KIND_REFS["Pod"].path(namespace, name)
             if name in chosen:
-                self.kube.patch(path, {"metadata": {"annotations": {ANN_DELETION_COST: DELETION_COST, ANN_SCALE_DOWN: stamp}}})
+                body: dict[str, Any] = {"metadata": {"annotations": {ANN_DELETION_COST: DELETION_COST, ANN_SCALE_DOWN: stamp}}}
             elif ANN_SCALE_DOWN in annotations:
                 # A candidate of an earlier scale-down that survived it: busy again, maybe.
-                self.kube.patch(path, {"metadata": {"annotations": {ANN_DELETION_COST: None, ANN_SCALE_DOWN: None}}})
+                body = {"metadata": {"annotations": {ANN_DELETION_COST: None, ANN_SCALE_DOWN: None}}}
+            else:
+                continue
+            try:
+                self.kube.patch(path, body)
+            except ApiException as exc:
+                if exc.status != 403:
+                    raise
+                # No right to patch pods in this namespace (the chart grants it per namespace):
+                # the scale-down goes ahead, and the ReplicaSet picks the pod.
+                log.warning(f"cannot mark pod {namespace}/{name} for scale-down: {exc.status} {exc.reason}")
+                return
 
     def _remember(self, loop: PoolLoop, reason: str, message: str, **extra: Any) -> None:
         assert loop.events is not None
@@ -360,7 +426,25 @@ class Autoscaler:
         for key in previous.get("autoscaler") or {}:
             if key not in status["autoscaler"]:
                 status["autoscaler"][key] = None
+        if not needs_write(previous, status, loop.last_write, report.metrics.time, self.heartbeat_seconds):
+            return
         self.kube.patch(POOL_REF.path(namespace, name, "status"), {"status": status})
+        loop.last_write = report.metrics.time
+
+
+def needs_write(previous: dict[str, Any], status: dict[str, Any], last_write: float | None, now: float, heartbeat_s: float) -> bool:
+    """Whether merging `status` into `previous` is worth a write: at once when anything but the
+    moving readings would change, else when those would and the heartbeat is due."""
+    old_auto = previous.get("autoscaler") or {}
+    new_auto = status.get("autoscaler") or {}
+    changed = {k for k, v in status.items() if k != "autoscaler" and previous.get(k) != v}
+    changed |= {k for k, v in new_auto.items() if old_auto.get(k) != v}
+    if not changed:
+        return False
+    # A reading that became unknown is cleared at once: a stale number would be read as a fact.
+    if changed - HEARTBEAT_FIELDS or any(new_auto.get(k) is None for k in changed):
+        return True
+    return last_write is None or now - last_write >= heartbeat_s
 
 
 def _failed(decision: scaling.TuneDecision, message: str) -> scaling.TuneDecision:

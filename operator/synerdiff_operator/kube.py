@@ -46,6 +46,7 @@ KIND_REFS: dict[str, Ref] = {
     "Service": Ref("v1", "services"),
     "Pod": Ref("v1", "pods"),
     "Secret": Ref("v1", "secrets"),
+    "Event": Ref("v1", "events"),
     "PodDisruptionBudget": Ref("policy/v1", "poddisruptionbudgets"),
     "Deployment": Ref("apps/v1", "deployments"),
 }
@@ -79,6 +80,13 @@ def connection_info(config: kubernetes.client.Configuration) -> kopf.ConnectionI
         certificate_path=config.cert_file,
         private_key_path=config.key_file,
     )
+
+
+def _field(obj: dict[str, Any], dotted: str) -> Any:
+    value: Any = obj
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
 
 
 class Kube:
@@ -117,12 +125,18 @@ class Kube:
             raise
         return found
 
-    def list(self, path: str, labels: dict[str, str] | None = None) -> list[dict[str, Any]]:
-        query = [("labelSelector", ",".join(f"{k}={v}" for k, v in sorted(labels.items())))] if labels else None
-        items: list[dict[str, Any]] = (self._call("GET", path, query=query) or {}).get("items") or []
+    def list(self, path: str, labels: dict[str, str] | None = None, fields: dict[str, str] | None = None) -> list[dict[str, Any]]:
+        query = []
         if labels:
-            # Filter again locally: cheap, and correct even where the server ignores the selector.
+            query.append(("labelSelector", ",".join(f"{k}={v}" for k, v in sorted(labels.items()))))
+        if fields:
+            query.append(("fieldSelector", ",".join(f"{k}={v}" for k, v in sorted(fields.items()))))
+        items: list[dict[str, Any]] = (self._call("GET", path, query=query or None) or {}).get("items") or []
+        # Filter again locally: cheap, and correct even where the server ignores a selector.
+        if labels:
             items = [i for i in items if all(((i.get("metadata") or {}).get("labels") or {}).get(k) == v for k, v in labels.items())]
+        if fields:
+            items = [i for i in items if all(_field(i, k) == v for k, v in fields.items())]
         return items
 
     def create(self, path: str, body: dict[str, Any]) -> dict[str, Any]:

@@ -133,7 +133,7 @@ def engine_settings(pool: str, spec: PoolSpec) -> dict[str, Any]:
         engine["compile_cache_dir"] = COMPILE_CACHE_DIR
     return {
         "engine": engine,
-        "drain_timeout_s": spec.drain_timeout_seconds,
+        "drain_timeout_s": spec.drain_seconds(),
         "served_model_name": spec.served_model_name or pool,
     }
 
@@ -365,7 +365,7 @@ def _volumes(meta: dict[str, Any], spec: PoolSpec) -> list[dict[str, Any]]:
 
 def termination_grace_seconds(spec: PoolSpec) -> int:
     """Longer than preStop + the engine's drain, so the kubelet never SIGKILLs a draining engine."""
-    return PRESTOP_SLEEP_S + math.ceil(spec.drain_timeout_seconds) + GRACE_MARGIN_S
+    return PRESTOP_SLEEP_S + math.ceil(spec.drain_seconds()) + GRACE_MARGIN_S
 
 
 def default_spread(pool: str) -> list[dict[str, Any]]:

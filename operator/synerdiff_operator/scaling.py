@@ -15,8 +15,15 @@ Replicas (KPA-style, on a capacity model instead of a concurrency target):
   scales down until a stable window passes without panic;
 - a scale-down takes the highest recommendation of the last scaleDownDelaySeconds, and only
   after the loop has watched that long (an operator restart forgets its history: it waits);
-- one decision moves at most maxScaleUpRate / maxScaleDownRate, relative to the ready pods
-  (pods Pending for a GPU are no capacity, and piling more Pending pods on them helps nobody);
+- pods that exist but are not ready are capacity on the way, never serving capacity: a stable
+  scale-up goes to at most maxScaleUpRate x (ready + on the way), and panic compares the load
+  with them too; in panic the loop asks at once for what the load needs, up to maxReplicas (with
+  a node autoscaler the Pending pods are what makes it add nodes);
+- while any pod waits for a cause its status shows (Unschedulable, image pull, config error,
+  crash loop), the loop does not ask for more: more pods would wait the same way;
+- a GPU budget (the pool's `autoscaling.gpuBudget`, the operator's `SYNERDIFF_OPERATOR_GPU_BUDGET`
+  across pools) caps scale-ups; it never forces a scale-down;
+- one decision scales down by at most maxScaleDownRate;
 - nothing scales on a stale or empty reading, and nothing scales down while any ready pod is
   unknown (its metrics failed or it has no rates yet): an unknown is never read as zero.
 """
@@ -103,13 +110,25 @@ def stale_after(spec: PoolSpec) -> float:
     return STALE_PERIODS * spec.autoscaling.period_seconds
 
 
-def decide(spec: PoolSpec, history: Sequence[PoolMetrics], now: float, state: ScalerState) -> Decision:
+def budget_replicas(spec: PoolSpec, gpu_room: int | None = None) -> int | None:
+    """The most replicas the GPU budgets allow: the pool's own `autoscaling.gpuBudget` and
+    `gpu_room`, the GPUs the operator-wide budget leaves to this pool. None: no budget applies."""
+    per_pod = spec.gpu.count
+    caps = [b for b in (spec.autoscaling.gpu_budget, gpu_room) if b is not None]
+    if per_pod <= 0 or not caps:
+        return None
+    return max(0, min(caps) // per_pod)
+
+
+def decide(spec: PoolSpec, history: Sequence[PoolMetrics], now: float, state: ScalerState, *, gpu_room: int | None = None) -> Decision:
+    """`gpu_room`: GPUs this pool may hold under the operator-wide budget (None: no such budget)."""
     a = spec.autoscaling
     current = spec.desired_replicas()
     # Zero only with the router: it buffers requests while the pool has no engine, and its
     # buffered count is what wakes the pool (without it nothing would ever scale a pool from 0).
     lo = 0 if spec.min_replicas == 0 and spec.router.enabled else max(spec.min_replicas, 1)
     hi = max(spec.max_replicas, 1)
+    budget = budget_replicas(spec, gpu_room)
 
     def hold(reason: str, message: str, st: ScalerState = state, **kw: Any) -> Decision:
         return Decision(current, current, reason, message, st, **kw)
@@ -139,6 +158,9 @@ def decide(spec: PoolSpec, history: Sequence[PoolMetrics], now: float, state: Sc
         st = replace(st, learned_capacity=latest.saturated_rate if old is None else (1 - CAPACITY_EMA) * old + CAPACITY_EMA * latest.saturated_rate)
     capacity = a.capacity_per_replica or st.learned_capacity
     ready = latest.ready
+    # Pods that exist but are not ready yet (Pending for a node, pulling, loading) are capacity on
+    # the way: they bound how fast the loop asks for more, but never count as serving.
+    have = ready + latest.pending
     unrated = latest.ready - latest.rated  # kept as they are: neither capacity for, nor load of, what we see
     tolerated = a.target_queue_per_replica * max(ready, 1)
     backlog = max(0.0, (latest.waiting or 0.0) - tolerated)
@@ -147,8 +169,8 @@ def decide(spec: PoolSpec, history: Sequence[PoolMetrics], now: float, state: Sc
     if capacity is None:
         # Before any pod was seen saturated there is no capacity to divide by: add one pod per
         # period while the queue exceeds its tolerance, and never scale down on a guess.
-        if backlog > 0 and latest.rated > 0:
-            desired = min(hi, max(current, ready + 1))
+        if backlog > 0 and latest.rated > 0 and latest.blocked == 0:
+            desired = min(hi if budget is None else min(hi, max(budget, current)), max(current, ready + 1))
             if desired > current:
                 return _done(spec, desired, current, "ScaleUp", f"{latest.waiting:.0f} waiting > {tolerated:.0f} tolerated; capacity not known yet", st, now)
         return hold("CapacityUnknown", "capacityPerReplica unset and no pod seen saturated yet; scaling up on queue only", st)
@@ -170,7 +192,7 @@ def decide(spec: PoolSpec, history: Sequence[PoolMetrics], now: float, state: Sc
     panic_pods = unrated + _pods_for(rate_p + drain, capacity, a.target_utilization)
 
     panic = st.panic_until is not None and now < st.panic_until
-    if panic_pods >= a.panic_threshold * max(ready, 1) and panic_pods > current:
+    if panic_pods >= a.panic_threshold * max(have, 1) and panic_pods > current:
         panic = True
         st = replace(st, panic_until=now + stable_s)
     elif not panic:
@@ -203,11 +225,24 @@ def decide(spec: PoolSpec, history: Sequence[PoolMetrics], now: float, state: Sc
         return _done(spec, desired, current, "ScaleDown", load, st, now, **detail)
 
     if want > current:
-        limit = max(ready + 1, math.ceil(ready * a.max_scale_up_rate))
-        desired = min(want, max(current, limit), hi)
+        if latest.blocked > 0:
+            # Pods already asked for wait on something more pods cannot fix (no node fits, the
+            # image does not pull, the model does not load); a node autoscaler sees them already.
+            why = latest.blocked_reason or "a known cause"
+            return hold("ScaleUpBlocked", f"load asks for {want}; {latest.blocked} pod(s) not ready: {why}; {load}", st, **detail)
+        top = hi if budget is None else min(hi, max(budget, current))
+        if panic:
+            # A burst: ask at once for what the load needs; pods Pending for nodes are how a node
+            # autoscaler learns how many to add.
+            desired = min(want, top)
+        else:
+            limit = max(have + 1, math.ceil(have * a.max_scale_up_rate))
+            desired = min(want, max(current, limit), top)
         if desired <= current:
+            if budget is not None and current >= budget and budget < hi:
+                return hold("AtGPUBudget", f"load asks for {want}; the GPU budget allows {budget} pod(s) of {spec.gpu.count} GPU(s); {load}", st, **detail)
             reason = "AtMaxReplicas" if current >= hi else "ScaleUpLimited"
-            extra = f"maxReplicas is {hi}" if current >= hi else f"only {ready} pod(s) ready (maxScaleUpRate {a.max_scale_up_rate:g})"
+            extra = f"maxReplicas is {hi}" if current >= hi else f"{ready} pod(s) ready, {latest.pending} on the way (maxScaleUpRate {a.max_scale_up_rate:g})"
             return hold(reason, f"load asks for {want}; {extra}; {load}", st, **detail)
         return _done(spec, desired, current, "PanicScaleUp" if panic else "ScaleUp", load, st, now, **detail)
 

@@ -173,6 +173,10 @@ class PoolMetrics:
     time: float
     ready: int  # pods Ready per Kubernetes: the only pods that can count as capacity
     pending: int = 0  # pods that exist but are not ready (starting, Pending for a GPU, failing)
+    # Of those, pods held up for a reason their status shows (Unschedulable, image pull, config
+    # error, crash loop): more pods would wait the same way.
+    blocked: int = 0
+    blocked_reason: str | None = None
     scraped: int = 0  # ready pods whose /metrics answered now
     rated: int = 0  # of those, pods with a usable previous sample (rates known)
     waiting: float | None = None
@@ -198,7 +202,15 @@ class PoolMetrics:
         return self.ready > 0 and self.rated == self.ready
 
 
-def aggregate(time: float, readings: Sequence[PodReading], *, pending: int = 0, slo_seconds: float | None = None) -> PoolMetrics:
+def aggregate(
+    time: float,
+    readings: Sequence[PodReading],
+    *,
+    pending: int = 0,
+    slo_seconds: float | None = None,
+    blocked: int = 0,
+    blocked_reason: str | None = None,
+) -> PoolMetrics:
     scraped = [r for r in readings if r.sample is not None]
     rated = []
     for r in scraped:
@@ -213,7 +225,7 @@ def aggregate(time: float, readings: Sequence[PodReading], *, pending: int = 0, 
     def mean(values: list[float]) -> float | None:
         return sum(values) / len(values) if values else None
 
-    out = PoolMetrics(time=time, ready=len(readings), pending=pending, scraped=len(scraped), rated=len(rated))
+    out = PoolMetrics(time=time, ready=len(readings), pending=pending, blocked=blocked, blocked_reason=blocked_reason, scraped=len(scraped), rated=len(rated))
     if not scraped:
         return out
     samples = [r.sample for r in scraped if r.sample is not None]

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError, create_model, field_validator, model_validator
 
-from synerdiff.contract.config import EngineConfig, ServerSettings
+from synerdiff.contract.config import EngineConfig
 
 # Derived from spec.model and spec.gpu, so a user-set value would only contradict them.
 ENGINE_OWNED_FIELDS = frozenset({"model", "device", "dtype"})
@@ -360,7 +360,20 @@ class Autoscaling(_Spec):
         le=86400,
         description="A scale-down takes the highest recommendation of this window, so load must stay low this long.",
     )
-    max_scale_up_rate: float = Field(2.0, alias="maxScaleUpRate", ge=1, le=1000, description="One decision sets at most max(ready+1, ceil(ready x this)) pods.")
+    max_scale_up_rate: float = Field(
+        2.0,
+        alias="maxScaleUpRate",
+        ge=1,
+        le=1000,
+        description="A stable-window decision sets at most max(n+1, ceil(n x this)) pods, n = ready pods + pods on the way; panic asks for what the load needs.",
+    )
+    gpu_budget: int | None = Field(
+        None,
+        alias="gpuBudget",
+        ge=0,
+        le=100000,
+        description="Most GPUs (replicas x gpu.count) the autoscaler may ask for in this pool; it never scales down to meet it. The operator may have a budget across pools too.",
+    )
     max_scale_down_rate: float = Field(
         2.0, alias="maxScaleDownRate", ge=1, le=1000, description="One decision removes at most half (for 2) of the pods, and at least one."
     )
@@ -463,8 +476,6 @@ if TYPE_CHECKING:
 else:
     EngineSpec = _engine_spec_model()
 
-_DRAIN = ServerSettings.model_fields["drain_timeout_s"]
-
 SPEC_RULES = (
     ("self.minReplicas <= self.maxReplicas", "minReplicas must be <= maxReplicas"),
     (
@@ -473,6 +484,12 @@ SPEC_RULES = (
     ),
     ("self.gpu.count > 0 || self.model.dtype != 'float16'", "model.dtype float16 needs gpu.count >= 1"),
     ("self.engine.default_steps <= self.engine.limits.max_steps", "engine.default_steps must be <= engine.limits.max_steps"),
+    (
+        "!has(self.drainTimeoutSeconds) || self.drainTimeoutSeconds >= self.engine.limits.request_timeout_s",
+        "drainTimeoutSeconds must be at least engine.limits.request_timeout_s: a pod stopping (scale-down, rollout, node drain) would cut off "
+        "requests still within their deadline. Raise drainTimeoutSeconds, lower engine.limits.request_timeout_s, or leave drainTimeoutSeconds "
+        "unset to drain for the request timeout",
+    ),
 )
 
 
@@ -515,8 +532,12 @@ class PoolSpec(_Spec):
     served_model_name: str | None = Field(
         None, alias="servedModelName", min_length=1, max_length=256, description="Model name in the OpenAI API; defaults to the pool's name."
     )
-    drain_timeout_seconds: float = Field(
-        _DRAIN.default, alias="drainTimeoutSeconds", ge=0, le=3600, description="On shutdown, how long in-flight requests may take to finish."
+    drain_timeout_seconds: float | None = Field(
+        None,
+        alias="drainTimeoutSeconds",
+        ge=0,
+        le=3600,
+        description="On shutdown, how long in-flight requests may take to finish; at least engine.limits.request_timeout_s. Unset: that timeout.",
     )
     startup_timeout_seconds: int = Field(
         1800, alias="startupTimeoutSeconds", ge=60, le=86400, description="Longest model download + load + warm-up before a pod is restarted."
@@ -532,7 +553,14 @@ class PoolSpec(_Spec):
             raise ValueError(SPEC_RULES[2][1])
         if self.engine.default_steps > self.engine.limits.max_steps:
             raise ValueError(SPEC_RULES[3][1])
+        if self.drain_timeout_seconds is not None and self.drain_timeout_seconds < self.engine.limits.request_timeout_s:
+            raise ValueError(SPEC_RULES[4][1])
         return self
+
+    def drain_seconds(self) -> float:
+        """How long a stopping pod drains: the spec's, else the request timeout, which every request
+        admitted before SIGTERM finishes (or fails) within."""
+        return self.drain_timeout_seconds if self.drain_timeout_seconds is not None else self.engine.limits.request_timeout_s
 
     def desired_replicas(self) -> int:
         """Pods to run: the autoscaler's choice is clamped to the bounds it must respect."""

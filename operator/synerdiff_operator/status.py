@@ -7,6 +7,8 @@ keeps its lastTransitionTime while its status stays the same.
 
 from __future__ import annotations
 
+import datetime
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -19,6 +21,11 @@ CONDITION_TYPES = ("Ready", "Progressing", "Degraded", "ModelLoaded")
 # Container waiting reasons that will not fix themselves without a change somewhere.
 _IMAGE_REASONS = {"ImagePullBackOff", "ErrImagePull", "InvalidImageName"}
 _CONFIG_REASONS = {"CreateContainerConfigError", "CreateContainerError"}
+# Waiting reasons of a container the kubelet has not started yet (volumes, sandbox, init containers).
+_CREATING_REASONS = {"ContainerCreating", "PodInitializing"}
+# A pod still creating its containers this long has a problem nothing else names (a volume that
+# never attaches, a CSI driver that hangs, a sandbox that keeps failing).
+STUCK_CREATING_SECONDS = 600.0
 
 
 class Condition(BaseModel):
@@ -114,6 +121,10 @@ class Observation:
     live_threshold: float | None = None
     previous: dict[str, Any] = field(default_factory=dict)
     child_error: tuple[str, str] | None = None  # (reason, message) when a child could not be applied
+    # Warning Events of the pool's pods (FailedMount, FailedAttachVolume): the only place the
+    # kubelet and the attach/detach controller say why a volume is missing.
+    pod_events: Sequence[dict[str, Any]] = ()
+    stuck_creating_seconds: float = STUCK_CREATING_SECONDS
 
 
 @dataclass(frozen=True)
@@ -122,9 +133,117 @@ class Problem:
     message: str
 
 
-def diagnose_pods(pods: list[dict[str, Any]], gpu_resource: str = "nvidia.com/gpu") -> list[Problem]:
+PROBLEM_ORDER = (
+    "ConfigError",
+    "ImagePullFailed",
+    "VolumeMultiAttach",
+    "VolumeMountFailed",
+    "ModelDownloadFailed",
+    "ModelLoadFailed",
+    "InsufficientGPU",
+    "Unschedulable",
+    "StuckCreating",
+)
+
+
+def parse_time(value: str | None) -> datetime.datetime | None:
+    if not value:
+        return None
+    try:
+        parsed = datetime.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=datetime.UTC)
+
+
+def is_creating(pod: dict[str, Any]) -> bool:
+    """Scheduled, but some container has not started: volumes, sandbox or init containers pending."""
+    status = pod.get("status") or {}
+    if status.get("phase") not in (None, "Pending", "Running"):
+        return False
+    scheduled = any(c.get("type") == "PodScheduled" and c.get("status") == "True" for c in status.get("conditions") or [])
+    waiting = [
+        ((cs.get("state") or {}).get("waiting") or {}).get("reason") for key in ("initContainerStatuses", "containerStatuses") for cs in status.get(key) or []
+    ]
+    return scheduled and any(r in _CREATING_REASONS for r in waiting)
+
+
+def _stuck_creating(pod: dict[str, Any], now: datetime.datetime | None, bound: float) -> Problem | None:
+    """A container waiting to be created for longer than `bound` since the pod was scheduled.
+
+    A running init container (the model download) is progress, not a stuck pod: the engine
+    waits in PodInitializing for as long as the download takes, bounded by its own deadline.
+    """
+    status = pod.get("status") or {}
+    if now is None or not is_creating(pod):
+        return None
+    if any("running" in (cs.get("state") or {}) for cs in status.get("initContainerStatuses") or []):
+        return None
+    since = next(
+        (parse_time(c.get("lastTransitionTime")) for c in status.get("conditions") or [] if c.get("type") == "PodScheduled" and c.get("status") == "True"),
+        None,
+    ) or parse_time(status.get("startTime"))
+    if since is None or (now - since).total_seconds() < bound:
+        return None
+    waiting = next(
+        (cs.get("name", "?"), ((cs.get("state") or {}).get("waiting") or {}).get("reason"))
+        for key in ("initContainerStatuses", "containerStatuses")
+        for cs in status.get(key) or []
+        if ((cs.get("state") or {}).get("waiting") or {}).get("reason") in _CREATING_REASONS
+    )
+    minutes = (now - since).total_seconds() / 60
+    name = (pod.get("metadata") or {}).get("name", "?")
+    return Problem(
+        "StuckCreating",
+        f"pod {name} container {waiting[0]} has been {waiting[1]} for {minutes:.0f} min (bound {bound / 60:.0f} min): "
+        f"see `kubectl describe pod {name}` for its volume or sandbox events",
+    )
+
+
+def _volume_problems(pods: list[dict[str, Any]], events: Sequence[dict[str, Any]]) -> list[Problem]:
+    """FailedMount / FailedAttachVolume Events of pods that still wait for their containers.
+
+    Events outlive the trouble (a mount that failed twice, then worked); only pods still
+    creating count, so a pod that got its volume clears the problem.
+    """
+    creating = {(p.get("metadata") or {}).get("name"): (p.get("metadata") or {}).get("uid") for p in pods if is_creating(p)}
+    found: dict[str, Problem] = {}
+    for event in events:
+        involved = event.get("involvedObject") or {}
+        pod = involved.get("name")
+        if involved.get("kind") != "Pod" or pod not in creating:
+            continue
+        if involved.get("uid") and creating[pod] and involved["uid"] != creating[pod]:
+            continue  # an earlier pod of the same name
+        reason, message = event.get("reason"), (event.get("message") or "").strip()
+        if reason == "FailedAttachVolume" and "Multi-Attach" in message:
+            found.setdefault(
+                "VolumeMultiAttach",
+                Problem(
+                    "VolumeMultiAttach",
+                    f"pod {pod}: {message} (a ReadWriteOnce claim is attached to another node; use ReadOnlyMany or ReadWriteMany for model.pvc shared by several pods)"[
+                        :2000
+                    ],
+                ),
+            )
+        elif reason in ("FailedMount", "FailedAttachVolume"):
+            found.setdefault("VolumeMountFailed", Problem("VolumeMountFailed", f"pod {pod}: {reason}: {message}"[:2000]))
+    return list(found.values())
+
+
+def diagnose_pods(
+    pods: list[dict[str, Any]],
+    gpu_resource: str = "nvidia.com/gpu",
+    *,
+    events: Sequence[dict[str, Any]] = (),
+    now: str | None = None,
+    stuck_creating_seconds: float = STUCK_CREATING_SECONDS,
+) -> list[Problem]:
     """Why engine pods are not serving, most actionable first."""
     found: dict[str, Problem] = {}
+    at = parse_time(now)
+    for problem in _volume_problems(pods, events):
+        found.setdefault(problem.reason, problem)
     for pod in pods:
         name = pod.get("metadata", {}).get("name", "?")
         status = pod.get("status") or {}
@@ -135,11 +254,15 @@ def diagnose_pods(pods: list[dict[str, Any]], gpu_resource: str = "nvidia.com/gp
                 found.setdefault(reason, Problem(reason, f"pod {name} is Pending: {msg}"))
         for key, is_init in (("initContainerStatuses", True), ("containerStatuses", False)):
             for cs in status.get(key) or []:
-                problem = _container_problem(name, cs, is_init)
-                if problem is not None:
-                    found.setdefault(problem.reason, problem)
-    order = ("ConfigError", "ImagePullFailed", "ModelDownloadFailed", "ModelLoadFailed", "InsufficientGPU", "Unschedulable")
-    return [found[r] for r in order if r in found]
+                failing = _container_problem(name, cs, is_init)
+                if failing is not None:
+                    found.setdefault(failing.reason, failing)
+        stuck = _stuck_creating(pod, at, stuck_creating_seconds)
+        if stuck is not None:
+            found.setdefault(stuck.reason, stuck)
+    if "StuckCreating" in found and ({"VolumeMultiAttach", "VolumeMountFailed"} & found.keys()):
+        del found["StuckCreating"]  # the volume is why; one cause, named once
+    return [found[r] for r in PROBLEM_ORDER if r in found]
 
 
 def _container_problem(pod: str, cs: dict[str, Any], is_init: bool) -> Problem | None:
@@ -208,7 +331,7 @@ def compute(obs: Observation, gpu_resource: str = "nvidia.com/gpu") -> dict[str,
     applied = (dep.get("metadata") or {}).get("annotations", {}).get(manifests.ANN_GENERATION)
     observed_generation = obs.generation if obs.spec_error else (int(applied) if applied and applied.isdigit() else None)
 
-    problems = diagnose_pods(obs.pods, gpu_resource)
+    problems = diagnose_pods(obs.pods, gpu_resource, events=obs.pod_events, now=obs.now, stuck_creating_seconds=obs.stuck_creating_seconds)
     stalled = _deployment_stalled(dep) if dep else None
     if stalled:
         problems.append(stalled)
@@ -217,7 +340,14 @@ def compute(obs: Observation, gpu_resource: str = "nvidia.com/gpu") -> dict[str,
         problems.insert(0, uncreatable)
     if obs.child_error:
         problems.insert(0, Problem(*obs.child_error))
-    crash = next((p for p in problems if p.reason in ("ModelLoadFailed", "ModelDownloadFailed", "ImagePullFailed", "ConfigError")), None)
+    crash = next(
+        (
+            p
+            for p in problems
+            if p.reason in ("ModelLoadFailed", "ModelDownloadFailed", "ImagePullFailed", "ConfigError", "VolumeMountFailed", "VolumeMultiAttach")
+        ),
+        None,
+    )
     serving = f"{ready}/{desired} replicas ready"
 
     if obs.spec_error:
@@ -302,22 +432,35 @@ def compute(obs: Observation, gpu_resource: str = "nvidia.com/gpu") -> dict[str,
 
 
 def transitions(previous: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """Events worth posting, as (type, reason, message): a new Degraded cause, a recovery, readiness.
+    """Events for condition transitions, as (type, reason, message): computed from the status
+    before and after a reconcile, so a condition that holds posts nothing on later periods.
 
-    Progressing and Loading flip on every rollout; posting them would bury the events that matter.
+    - Degraded: a Warning for each new cause (a change of reason counts), `Recovered` when it clears;
+    - Ready: `Ready` when the pool starts serving, a `NotReady` Warning when it stops;
+    - ModelLoaded turns True with Ready, and False with a Degraded cause: both are posted already.
+    Progressing flips on every rollout and scale; posting it would bury the events that matter.
     """
     before = {c["type"]: c for c in previous.get("conditions") or []}
     after = {c["type"]: c for c in current.get("conditions") or []}
+
+    def moved(type_: str) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+        old, new = before.get(type_), after.get(type_)
+        if new is None or (old is not None and (old.get("status"), old.get("reason")) == (new.get("status"), new.get("reason"))):
+            return old, None
+        return old, new
+
     events = []
-    old, new = before.get("Degraded"), after.get("Degraded")
+    old, new = moved("Degraded")
     if new is not None:
-        if new["status"] == "True" and (old is None or (old.get("status"), old.get("reason")) != ("True", new["reason"])):
+        if new["status"] == "True":
             events.append(("Warning", new["reason"], new["message"]))
         elif new["status"] == "False" and old is not None and old.get("status") == "True":
             events.append(("Normal", "Recovered", f"no longer degraded ({old.get('reason')}): {new['message']}"))
-    old, new = before.get("Ready"), after.get("Ready")
+    old, new = moved("Ready")
     if new is not None and new["status"] == "True" and (old is None or old.get("status") != "True"):
         events.append(("Normal", "Ready", new["message"]))
+    elif new is not None and new["status"] == "False" and old is not None and old.get("status") == "True":
+        events.append(("Warning", "NotReady", f"{new['reason']}: {new['message']}"))
     return events
 
 

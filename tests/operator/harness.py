@@ -14,6 +14,7 @@ import datetime
 import itertools
 import json
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -25,8 +26,10 @@ import kopf
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 POOLS = "synerdiff.io/v1alpha1/diffusionpools"
+WRITES = {"POST", "PATCH", "PUT", "DELETE"}
 NS = "default"
 _names = itertools.count(1)
+_versions = itertools.count(1)
 
 
 def merge(base: Any, patch: Any) -> Any:
@@ -46,8 +49,9 @@ class Emulator(kmock.KubernetesEmulator):
     """kmock's emulator plus the object metadata a real API server maintains.
 
     uid, creationTimestamp and generation on create, generateName (kopf names its events that
-    way), and a generation bump when a patch changes the spec: the operator's ownerReferences
-    and observedGeneration depend on them.
+    way), a generation bump when a patch changes the spec, and a new resourceVersion on every
+    write: the operator's ownerReferences and observedGeneration, and kopf's own bookkeeping,
+    depend on them.
     """
 
     async def _handle(self, request: Any) -> Any:
@@ -66,7 +70,39 @@ class Emulator(kmock.KubernetesEmulator):
                     current = self.objects[key].raw
                     if merge(current.get("spec"), data["spec"]) != current.get("spec"):
                         data.setdefault("metadata", {})["generation"] = current["metadata"].get("generation", 1) + 1
+            if request.action in (kmock.action.CREATE, kmock.action.UPDATE):
+                # kopf tells its own patches from watch events queued before them by the
+                # resourceVersion; without one, it handles a pool again for each stale event.
+                data.setdefault("metadata", {})["resourceVersion"] = str(next(_versions))
         return await super()._handle(request)
+
+
+class LeanEmulator(Emulator):
+    """The test emulator with a short request log: kmock matches every request against its whole
+    log, which makes a long run with many pools quadratic in the emulator rather than in the
+    operator. The operator's calls are recorded in `calls` instead."""
+
+    KEEP = 64
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # (time, method, plural[/subresource], namespace, name) of each call the operator made
+        self.calls: list[tuple[float, str, str, str | None, str | None]] = []
+        self.bodies: list[tuple[float, Any]] = []  # (time, what) each write sent
+
+    async def _handle(self, request: Any) -> Any:
+        method = str(getattr(request.method, "value", request.method))
+        if request.resource is not None and request.headers.get("Authorization") == "Bearer test-token":
+            sub = f"/{request.subresource}" if request.subresource else ""
+            self.calls.append((time.monotonic(), method, f"{request.resource.plural}{sub}", request.namespace, request.name))
+            if method in WRITES:
+                self.bodies.append((time.monotonic(), request.data))
+        if len(self._requests) > 2 * self.KEEP:
+            del self._requests[: -self.KEEP]
+        return await super()._handle(request)
+
+    def writes(self, since: float, until: float = float("inf")) -> list[tuple[float, str, str, str | None, str | None]]:
+        return [c for c in self.calls if since <= c[0] < until and c[1] in WRITES]
 
 
 def pool_body(name: str, spec: dict[str, Any], *, namespace: str = NS) -> dict[str, Any]:
@@ -171,7 +207,9 @@ class OperatorThread:
     which would include pytest-asyncio's own.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, **run: Any) -> None:
+        """`run`: more of kopf.run's arguments (peering_name, priority, memo)."""
+        self.run_args = {"standalone": True, **run}
         self.stop_flag = threading.Event()
         self.ready_flag = threading.Event()
         self.error: BaseException | None = None
@@ -179,7 +217,7 @@ class OperatorThread:
 
     def _run(self) -> None:
         try:
-            kopf.run(standalone=True, clusterwide=True, stop_flag=self.stop_flag, ready_flag=self.ready_flag)
+            kopf.run(clusterwide=True, stop_flag=self.stop_flag, ready_flag=self.ready_flag, **self.run_args)
         except BaseException as exc:  # surfaced by stop()
             self.error = exc
 

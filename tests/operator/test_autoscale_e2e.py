@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import subprocess
 import threading
 import time
 import urllib.request
@@ -23,15 +22,14 @@ from typing import Any
 import aiohttp
 import pytest
 import uvicorn
-import yaml
 
 from synerdiff.api import create_app
 from synerdiff.contract.config import EngineConfig, SchedulerConfig, ServerSettings
 from synerdiff.engine import Engine
 from synerdiff_operator import autoscaler, manifests
 
-from .harness import POOLS, REPO_ROOT, Cluster
-from .tools import tool
+from .harness import POOLS, Cluster
+from .tools import chart_rules
 
 DEPLOYMENTS = "apps/v1/deployments"
 PODS = "v1/pods"
@@ -190,14 +188,7 @@ async def test_load_scales_up_and_tunes_then_idle_scales_down_but_never_on_unkno
 
     # Every call the operator made is allowed by the chart's ClusterRole, and it used the
     # rules that exist for the autoscaler only.
-    rendered = subprocess.run(
-        [str(tool("helm")), "template", "t", "charts/synerdiff-operator", "--show-only", "templates/clusterrole.yaml", "--set", "rbac.readTokenSecrets=true"],
-        cwd=REPO_ROOT,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    allowed = {(g, r, v) for rule in yaml.safe_load(rendered)["rules"] for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    allowed = chart_rules("default", "--set", "rbac.readTokenSecrets=true", "--set", "rbac.poolNamespaces={default}")
     used = set()
     for request in operator.requests():
         if request.resource is None or request.headers.get("Authorization") != "Bearer test-token" or not request.resource.plural:

@@ -121,6 +121,8 @@ INVALID = [
     ({"engine": {"limits": {"min_side": 512, "max_side": 256}}}, "min_side must be <= max_side"),
     ({"engine": {"limits": {"min_guidance": 9, "max_guidance": 3}}}, "min_guidance must be <= max_guidance"),
     ({"engine": {"default_steps": 50, "limits": {"max_steps": 20}}}, "engine.default_steps must be <= engine.limits.max_steps"),
+    ({"drainTimeoutSeconds": 30}, "drainTimeoutSeconds must be at least engine.limits.request_timeout_s"),
+    ({"drainTimeoutSeconds": 60, "engine": {"limits": {"request_timeout_s": 90}}}, "drainTimeoutSeconds must be at least engine.limits.request_timeout_s"),
     ({"resources": {"limits": {"memory": "32 GB"}}}, "does not match"),
     ({"resources": {"requests": {"cpu": "two"}}}, "does not match"),
     ({"gpu": {"resourceName": "bad name!"}}, "does not match"),
@@ -188,6 +190,7 @@ VALID_EDGES = [
     {"gpu": {"count": 0}, "model": {"uri": "hf://org/model", "dtype": "float32"}},
     {"engine": {"scheduler": {"threshold": 0.95, "threshold_max": 0.95}, "limits": {"min_side": 256, "max_side": 256}}},
     {"engine": {"default_steps": 20, "limits": {"max_steps": 20}}},
+    {"drainTimeoutSeconds": 90, "engine": {"limits": {"request_timeout_s": 90}}},
     {"resources": {"requests": {"cpu": "500m", "memory": "32Gi", "ephemeral-storage": "1e9"}, "limits": {"cpu": 4, "memory": "64Gi"}}},
     {"gpu": {"resourceName": "amd.com/gpu", "tolerations": [{"operator": "Exists"}, {"key": "k", "effect": "NoExecute", "tolerationSeconds": 30}]}},
 ]

@@ -11,7 +11,6 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 import sys
 import urllib.request
 from collections.abc import Callable
@@ -19,20 +18,20 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from synerdiff.contract.config import ServerSettings
 from synerdiff_operator import manifests
 
 from .harness import POOLS, REPO_ROOT, Cluster, OperatorThread
-from .tools import tool
+from .tools import chart_rules
 
 DEPLOYMENTS = "apps/v1/deployments"
 SERVICES = "v1/services"
 CONFIGMAPS = "v1/configmaps"
 PDBS = "policy/v1/poddisruptionbudgets"
 PODS = "v1/pods"
+EVENTS = "v1/events"
 
 SPEC: dict[str, Any] = {
     "image": "synerdiff-engine:test",
@@ -182,6 +181,47 @@ async def test_a_crash_looping_model_load_is_reported(operator: Cluster) -> None
     assert ready["status"] == "False" and ready["reason"] == "ModelLoadFailed"
 
 
+async def test_a_volume_that_never_mounts_is_named_from_the_pods_events(operator: Cluster) -> None:
+    await operator.create_pool("sd", {**SPEC, "model": {"uri": "hf://stabilityai/sd-turbo", "pvc": "models"}})
+    await operator.eventually(lambda: operator.exists(DEPLOYMENTS, "sd"))
+    creating = pod(
+        "sd",
+        "sd-1",
+        status={
+            "phase": "Pending",
+            "conditions": [{"type": "PodScheduled", "status": "True"}],
+            "initContainerStatuses": [{"name": "model-fetch", "state": {"waiting": {"reason": "PodInitializing"}}}],
+            "containerStatuses": [{"name": "engine", "state": {"waiting": {"reason": "PodInitializing"}}}],
+        },
+    )
+    await operator.create(PODS, creating)
+    await operator.patch(DEPLOYMENTS, "sd", {"status": {"replicas": 1, "readyReplicas": 0, "updatedReplicas": 1}}, "status")
+    multi = 'Multi-Attach error for volume "pvc-7" Volume is already used by pod(s) sd-0'
+    await operator.create(
+        EVENTS,
+        {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"name": "sd-1.attach", "namespace": "default"},
+            "involvedObject": {"kind": "Pod", "name": "sd-1", "namespace": "default"},
+            "reason": "FailedAttachVolume",
+            "type": "Warning",
+            "message": multi,
+        },
+    )
+    degraded = await operator.eventually(
+        lambda: (c := operator.condition("sd", "Degraded")) and c["reason"] == "VolumeMultiAttach" and c, what="Degraded=VolumeMultiAttach"
+    )
+    assert multi in degraded["message"]
+    assert operator.condition("sd", "Ready")["reason"] == "VolumeMultiAttach"
+    # One Warning for the transition, however many periods the condition then holds.
+    await asyncio.sleep(1.0)  # > 3 resync periods
+    warnings = [e for e in operator.events("sd") if e["reason"] == "VolumeMultiAttach"]
+    assert len(warnings) == 1 and warnings[0]["type"] == "Warning"
+    lists = [r for r in operator.requests() if r.resource is not None and r.resource.plural == "events" and r.method == "GET"]
+    assert lists and all(r.params.get("fieldSelector") == "involvedObject.kind=Pod,type=Warning" for r in lists)
+
+
 async def test_a_spec_update_rolls_the_children(operator: Cluster) -> None:
     await operator.create_pool("sd", SPEC)
     await operator.eventually(lambda: operator.exists(DEPLOYMENTS, "sd"))
@@ -290,6 +330,12 @@ async def test_every_api_call_is_allowed_by_the_charts_clusterrole(operator: Clu
     await operator.create_pool("sd", SPEC)
     await operator.eventually(lambda: operator.exists(DEPLOYMENTS, "sd"))
     await operator.create(PODS, pod("sd", "sd-1", ready=True, port=1))
+    starting = {
+        "phase": "Pending",
+        "conditions": [{"type": "PodScheduled", "status": "True"}],
+        "containerStatuses": [{"name": "engine", "state": {"waiting": {"reason": "ContainerCreating"}}}],
+    }
+    await operator.create(PODS, pod("sd", "sd-2", status=starting))  # its Events are read
     await operator.patch(DEPLOYMENTS, "sd", {"status": {"replicas": 1, "readyReplicas": 1, "updatedReplicas": 1}}, "status")
     await operator.update_spec("sd", {"replicas": 2, "service": {"port": 8080}, "engine": {"scheduler": {"threshold": 0.7}}})
     await operator.eventually(lambda: operator.obj(DEPLOYMENTS, "sd")["spec"]["replicas"] == 2)
@@ -299,15 +345,7 @@ async def test_every_api_call_is_allowed_by_the_charts_clusterrole(operator: Clu
     await operator.eventually(lambda: operator.exists(DEPLOYMENTS, "sd"))
     await asyncio.sleep(0.5)
 
-    rendered = subprocess.run(
-        [str(tool("helm")), "template", "t", "charts/synerdiff-operator", "--show-only", "templates/clusterrole.yaml"],
-        cwd=REPO_ROOT,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    rules = yaml.safe_load(rendered)["rules"]
-    allowed = {(g, r, v) for rule in rules for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    allowed = chart_rules("default", "--set", "rbac.poolNamespaces={default}")
 
     used = set()
     for request in operator.requests():
@@ -316,16 +354,21 @@ async def test_every_api_call_is_allowed_by_the_charts_clusterrole(operator: Clu
         resource = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
         used.add((request.resource.group, resource, _verb(request)))
     assert used - allowed == set()
-    # And nothing granted goes unused, except what only the admission plugin checks and what
-    # only the autoscaler uses (test_autoscale_e2e.py checks those).
-    assert allowed - used == {("synerdiff.io", "diffusionpools/finalizers", "update"), ("", "pods", "patch")}
+    # Deployments are listed and watched through a label selector the API server applies.
+    deployment_reads = [r for r in operator.requests() if r.resource is not None and r.resource.plural == "deployments" and r.method == "GET" and not r.name]
+    assert deployment_reads and all(r.params.get("labelSelector") == "app.kubernetes.io/managed-by=synerdiff-operator" for r in deployment_reads)
+    # And nothing granted goes unused, except what only the admission plugin checks, what only
+    # the autoscaler uses (test_autoscale_e2e.py checks those) and the peering of several
+    # replicas (this operator runs alone; test_ha_e2e.py checks those).
+    peering = {("kopf.dev", "clusterkopfpeerings", v) for v in ("get", "list", "watch", "patch")}
+    assert allowed - used == {("synerdiff.io", "diffusionpools/finalizers", "update"), ("", "pods", "patch")} | peering
 
 
 async def test_the_container_entrypoint_runs_the_operator(cluster: Cluster, free_port: Callable[[], int], tmp_path: Path) -> None:
     """`python -m synerdiff_operator`, as the chart runs it: serves pools, answers liveness, stops on SIGTERM."""
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     path = os.pathsep.join([str(REPO_ROOT / "operator"), str(REPO_ROOT / "server"), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "SYNERDIFF_OPERATOR_RESYNC_SECONDS": "0.5", "PYTHONPATH": path}
+    env = {**os.environ, "SYNERDIFF_OPERATOR_RESYNC_SECONDS": "0.5", "SYNERDIFF_OPERATOR_METRICS_PORT": str(metrics_port), "PYTHONPATH": path}
     log = open(tmp_path / "operator.log", "wb")  # a file, not a pipe nobody drains
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "synerdiff_operator", f"--liveness=http://127.0.0.1:{port}/healthz", env=env, stdout=log, stderr=asyncio.subprocess.STDOUT
@@ -347,6 +390,22 @@ async def test_the_container_entrypoint_runs_the_operator(cluster: Cluster, free
             await asyncio.sleep(0.2)
         else:
             raise AssertionError("the liveness endpoint never answered 200")
+
+        def get(path: str) -> tuple[int, str]:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}{path}", timeout=2) as resp:
+                    return resp.status, resp.read().decode()
+            except OSError:
+                return 0, ""
+
+        assert (await asyncio.to_thread(get, "/readyz"))[0] == 200
+        await cluster.eventually(
+            lambda: 'synerdiff_operator_pool_desired_replicas{namespace="default",pool="sd"} 1.0' in get("/metrics")[1], what="per-pool metrics"
+        )
+        text = (await asyncio.to_thread(get, "/metrics"))[1]
+        reconciles = [line for line in text.splitlines() if line.startswith("synerdiff_operator_reconciles_total{")]
+        assert any('trigger="pool"' in line and 'result="ok"' in line and not line.endswith(" 0.0") for line in reconciles), reconciles
+        assert "synerdiff_operator_leader 1.0" in text and "synerdiff_operator_reconcile_seconds_count" in text
     finally:
         proc.send_signal(signal.SIGTERM)
         await asyncio.wait_for(proc.wait(), timeout=30)

@@ -40,6 +40,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "auth": {"apiTokenSecret": {"name": "api", "key": "t"}, "adminTokenSecret": {"name": "adm"}},
         "service": {"type": "LoadBalancer", "port": 8080, "annotations": {"lb": "internal"}},
         "servedModelName": "sd-xl",
+        "engine": {"limits": {"request_timeout_s": 90}},
         "drainTimeoutSeconds": 90,
         "compileCache": {"pvc": "sd-kernels"},
     },
@@ -95,8 +96,9 @@ def test_the_engine_loads_the_config_the_way_the_pod_gives_it(tmp_path: Path, mo
 
 
 def test_engine_container_probes_and_shutdown() -> None:
-    spec = parse_spec({**BASE, "drainTimeoutSeconds": 45, "startupTimeoutSeconds": 1200})
-    dep = build({**BASE, "drainTimeoutSeconds": 45, "startupTimeoutSeconds": 1200})["Deployment"]
+    raw = {**BASE, "engine": {"limits": {"request_timeout_s": 40}}, "drainTimeoutSeconds": 45, "startupTimeoutSeconds": 1200}
+    spec = parse_spec(raw)
+    dep = build(raw)["Deployment"]
     engine = container(dep)
     assert engine["command"] == ["synerdiff", "serve"]
     assert engine["ports"] == [{"name": "http", "containerPort": 8000, "protocol": "TCP"}]
@@ -107,7 +109,7 @@ def test_engine_container_probes_and_shutdown() -> None:
     assert engine["livenessProbe"]["httpGet"]["path"] == "/healthz"
     sleep = engine["lifecycle"]["preStop"]["sleep"]["seconds"]
     grace = dep["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    assert sleep >= 3 and grace > sleep + spec.drain_timeout_seconds
+    assert sleep >= 3 and grace > sleep + 45 and spec.drain_seconds() == 45
     assert dep["spec"]["progressDeadlineSeconds"] > 1200
     env = {e["name"]: e.get("value") for e in engine["env"]}
     assert env["SYNERDIFF_HOST"] == "0.0.0.0" and env["SYNERDIFF_PORT"] == "8000"
@@ -205,13 +207,23 @@ def test_selectors_match_the_pods_and_are_stable() -> None:
     assert kids["PodDisruptionBudget"]["spec"]["maxUnavailable"] == 1
 
 
+def test_drain_covers_the_request_timeout() -> None:
+    """Unset, a stopping pod drains for the request timeout: no admitted request is cut off."""
+    dep = build({**BASE, "engine": {"limits": {"request_timeout_s": 120}}})
+    assert json.loads(dep["ConfigMap"]["data"]["config.json"])["drain_timeout_s"] == 120
+    grace = dep["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace == manifests.PRESTOP_SLEEP_S + 120 + manifests.GRACE_MARGIN_S
+    with pytest.raises(InvalidSpec, match="drainTimeoutSeconds must be at least engine.limits.request_timeout_s"):
+        parse_spec({**BASE, "drainTimeoutSeconds": 30})  # the default request timeout is 300 s
+
+
 def test_config_changes_roll_pods_but_scaling_does_not() -> None:
     def template_hash(spec: dict[str, Any]) -> str:
         return build(spec)["Deployment"]["spec"]["template"]["metadata"]["annotations"][manifests.ANN_CONFIG_HASH]
 
     base = template_hash(BASE)
     assert template_hash({**BASE, "engine": {"scheduler": {"threshold": 0.7}}}) != base
-    assert template_hash({**BASE, "drainTimeoutSeconds": 10}) != base
+    assert template_hash({**BASE, "drainTimeoutSeconds": 600}) != base
     assert template_hash({**BASE, "replicas": 3, "maxReplicas": 4}) == base
     assert build({**BASE, "replicas": 3, "maxReplicas": 4})["Deployment"]["spec"]["replicas"] == 3
     assert build(BASE)["Deployment"]["metadata"]["annotations"][manifests.ANN_GENERATION] == "7"
@@ -277,7 +289,7 @@ def test_the_router_fronts_the_pool_hardened_as_the_engines() -> None:
 
 def test_the_fetch_pin_follows_the_model_spec_not_the_rest() -> None:
     base = parse_spec(BASE)
-    assert manifests.fetch_pin_key(META, base) == manifests.fetch_pin_key(META, parse_spec({**BASE, "replicas": 3, "drainTimeoutSeconds": 50}))
+    assert manifests.fetch_pin_key(META, base) == manifests.fetch_pin_key(META, parse_spec({**BASE, "replicas": 3, "drainTimeoutSeconds": 400}))
     assert manifests.fetch_pin_key(META, base) != manifests.fetch_pin_key(META, parse_spec({**BASE, "model": {"uri": "hf://org/model", "revision": "v2"}}))
     assert manifests.fetch_pin_key(META, base) != manifests.fetch_pin_key({**META, "uid": "another-pool"}, base)
 

@@ -83,13 +83,13 @@ def test_a_burst_panics_and_panic_never_scales_down() -> None:
     hist = steady(1.0, until=55) + [reading(60, 9.0)]  # the panic window (55, 60] sees 5 img/s, the stable one 2.3
     d = decide(spec(2), hist, 60.0, ScalerState())
     assert (d.stable_pods, d.panic_pods) == (3, 5)
-    assert d.panic and d.reason == "PanicScaleUp" and d.replicas == 4  # 5 >= 2 x 2 ready; at most 2 x ready
+    assert d.panic and d.reason == "PanicScaleUp" and d.replicas == 5  # 5 >= 2 x 2 ready: what the burst needs, at once
     # The burst is gone at once: still no scale-down while in panic (a stable window long).
     calm = hist + steady(0.1, until=85, start=65)
-    d2 = decide(spec(4), calm, 85.0, d.state)
-    assert d2.panic and d2.replicas == 4
+    d2 = decide(spec(5), calm, 85.0, d.state)
+    assert d2.panic and d2.replicas == 5
     later = calm + steady(0.1, until=200, start=90)
-    d3 = decide(spec(4), later, 200.0, d2.state)
+    d3 = decide(spec(5), later, 200.0, d2.state)
     assert not d3.panic and d3.reason == "ScaleDown"
 
 
@@ -175,10 +175,47 @@ def test_a_pool_at_zero_wakes_on_buffered_requests() -> None:
     assert decide(spec(9, max_r=4), steady(4.0, until=60, ready=4), 60.0, ScalerState()).replicas == 4
 
 
-def test_pending_pods_are_no_capacity_and_do_not_pile_up() -> None:
-    # 2 ready + 4 Pending (no GPU): the load wants 8, but more Pending pods would help nobody.
-    d = decide(spec(6), steady(8.0, until=60, ready=2, pending=4), 60.0, ScalerState())
-    assert (d.replicas, d.reason) == (6, "ScaleUpLimited")
+def test_pods_blocked_for_a_known_cause_hold_the_ask() -> None:
+    # 2 ready + 4 Pending with no node for them: the load wants 8, but more Pending pods would wait the same way.
+    why = "pod sd-5 is Pending: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+    d = decide(spec(6), steady(8.0, until=60, ready=2, pending=4, blocked=4, blocked_reason=why), 60.0, ScalerState())
+    assert (d.replicas, d.reason) == (6, "ScaleUpBlocked") and why in d.message
+    # Even a burst does not pile more on them.
+    burst = steady(1.0, until=55, ready=2, pending=4, blocked=4, blocked_reason=why) + [reading(60, 40.0, pending=4, blocked=4, blocked_reason=why)]
+    assert decide(spec(6), burst, 60.0, ScalerState()).reason == "ScaleUpBlocked"
+
+
+def test_pending_pods_are_capacity_on_the_way_not_serving() -> None:
+    # 2 ready + 2 starting (scheduled, loading the model): the load wants 8 pods (8 img/s at 2 x 0.5 each).
+    d = decide(spec(4, panicThreshold=10), steady(8.0, until=60, ready=2, pending=2), 60.0, ScalerState())
+    # Stable mode goes to maxScaleUpRate x (ready + on the way) = 8, not 2 x ready = 4 (which would hold).
+    assert (d.replicas, d.reason) == (8, "ScaleUp")
+    # ...but they serve nothing: the same load asks for the same 8 pods, whatever part of them is ready.
+    assert d.stable_pods == decide(spec(4, panicThreshold=10), steady(8.0, until=60, ready=4), 60.0, ScalerState()).stable_pods == 8
+    # With none on the way, 2 ready pods may only double.
+    assert decide(spec(4, panicThreshold=10), steady(8.0, until=60, ready=2), 60.0, ScalerState()).reason == "ScaleUpLimited"
+
+
+def test_panic_asks_for_what_the_load_needs_up_to_max_replicas() -> None:
+    burst = steady(1.0, until=55) + [reading(60, 40.0)]  # the panic window sees 20.5 img/s: 21 pods
+    d = decide(spec(2, max_r=12), burst, 60.0, ScalerState())
+    assert d.panic and (d.replicas, d.reason) == (12, "PanicScaleUp")  # not 2 x 2 ready
+    assert decide(spec(2, max_r=40), burst, 60.0, ScalerState()).replicas == d.panic_pods == 21
+
+
+def test_a_gpu_budget_caps_scale_ups_and_never_forces_a_scale_down() -> None:
+    burst = steady(1.0, until=55) + [reading(60, 40.0)]
+    s = parse_spec({**spec(2, max_r=40).model_dump(by_alias=True, exclude_none=True), "autoscaling": {**AUTO, "gpuBudget": 6}})
+    d = decide(s, burst, 60.0, ScalerState())
+    assert (d.replicas, d.reason) == (6, "PanicScaleUp")  # 6 GPUs hold 6 one-GPU pods
+    assert decide(s.model_copy(update={"replicas": 6}), burst, 60.0, ScalerState()).reason == "AtGPUBudget"
+    # The operator-wide budget: what the other pools leave.
+    assert decide(spec(2, max_r=40), burst, 60.0, ScalerState(), gpu_room=9).replicas == 9
+    assert decide(spec(2, max_r=40), burst, 60.0, ScalerState(), gpu_room=1).reason == "AtGPUBudget"
+    assert scaling.budget_replicas(spec(2), gpu_room=None) is None
+    # Over the budget already (it shrank): held, not scaled down for it.
+    over = decide(spec(9, max_r=40), steady(18.0, until=60, ready=9), 60.0, ScalerState(), gpu_room=4)
+    assert over.replicas == 9
 
 
 def test_without_a_capacity_it_learns_one_from_saturated_pods() -> None:
@@ -286,3 +323,18 @@ def test_scale_down_marks_the_idlest_ready_pods_after_the_unready_ones() -> None
     # A Pending pod goes first anyway (ReplicaSet), so it takes one removal without any mark.
     assert scale_down_candidates(pods + [_pod("p", ready=False)], running, 2) == ["c"]
     assert scale_down_candidates(pods + [_pod("t", terminating=True)], running, 1) == ["c"]
+
+
+def test_status_is_written_when_it_changes_and_moving_readings_only_on_a_heartbeat() -> None:
+    from synerdiff_operator.autoscaler import needs_write
+
+    base = {"desiredReplicas": 2, "autoscaler": {"reason": "Steady", "waiting": 0.0, "arrivalRate": 1.0, "message": "1.00 img/s"}}
+    same = {"desiredReplicas": 2, "autoscaler": dict(base["autoscaler"])}
+    assert not needs_write(base, same, last_write=None, now=20.0, heartbeat_s=60.0)  # at rest: nothing
+    moved = {"desiredReplicas": 2, "autoscaler": {**base["autoscaler"], "arrivalRate": 1.2, "message": "1.20 img/s"}}
+    assert not needs_write(base, moved, last_write=10.0, now=20.0, heartbeat_s=60.0)  # only readings moved
+    assert needs_write(base, moved, last_write=10.0, now=70.0, heartbeat_s=60.0)  # ... until the heartbeat
+    assert needs_write(base, moved, last_write=None, now=20.0, heartbeat_s=60.0)  # never written by this loop
+    for change in ({"reason": "ScaleUp"}, {"waiting": 3.0}, {"arrivalRate": None}):  # a reading turned unknown is cleared at once
+        assert needs_write(base, {"desiredReplicas": 2, "autoscaler": {**base["autoscaler"], **change}}, last_write=10.0, now=11.0, heartbeat_s=60.0)
+    assert needs_write(base, {"desiredReplicas": 3, "autoscaler": dict(base["autoscaler"])}, last_write=10.0, now=11.0, heartbeat_s=60.0)

@@ -17,7 +17,8 @@ def test_defaults() -> None:
     assert spec.model.dtype == "float16" and spec.model.revision == "main"
     assert spec.service.type == "ClusterIP" and spec.service.port == 80
     assert spec.engine.scheduler == EngineConfig().scheduler and spec.engine.limits == EngineConfig().limits
-    assert spec.drain_timeout_seconds == 30 and not spec.autoscaling.enabled
+    assert spec.drain_timeout_seconds is None and spec.drain_seconds() == spec.engine.limits.request_timeout_s == 300
+    assert not spec.autoscaling.enabled
 
 
 def test_errors_name_the_fields() -> None:

@@ -209,3 +209,97 @@ def test_events_on_new_causes_recovery_and_readiness_only() -> None:
     ready = observe(deployment=deployment(ready=2), previous=gpu)
     assert [(t, r) for t, r, _ in transitions(gpu, ready)] == [("Normal", "Recovered"), ("Normal", "Ready")]
     assert transitions(ready, observe(deployment=deployment(ready=2), previous=ready)) == []
+
+
+SCHEDULED_AT = "2026-01-01T00:00:00Z"
+
+
+def creating(name: str = "p-new", *, init: str | None = None, engine: str = "ContainerCreating", uid: str = "u1") -> dict[str, Any]:
+    """A scheduled pod whose containers have not started: `init` is the model-fetch container's state."""
+    status: dict[str, Any] = {
+        "phase": "Pending",
+        "startTime": SCHEDULED_AT,
+        "conditions": [{"type": "PodScheduled", "status": "True", "lastTransitionTime": SCHEDULED_AT}],
+        "containerStatuses": [{"name": "engine", "state": {"waiting": {"reason": engine}}}],
+    }
+    if init == "running":
+        status["initContainerStatuses"] = [{"name": manifests.FETCH_CONTAINER, "state": {"running": {"startedAt": SCHEDULED_AT}}}]
+    elif init is not None:
+        status["initContainerStatuses"] = [{"name": manifests.FETCH_CONTAINER, "state": {"waiting": {"reason": init}}}]
+    return {"metadata": {"name": name, "uid": uid}, "status": status}
+
+
+def event(pod: str, reason: str, message: str, uid: str | None = "u1") -> dict[str, Any]:
+    involved = {"kind": "Pod", "name": pod, **({"uid": uid} if uid else {})}
+    return {"type": "Warning", "reason": reason, "message": message, "involvedObject": involved}
+
+
+MULTI = 'Multi-Attach error for volume "pvc-1" Volume is already exclusively attached to one node and can\'t be attached to another'
+MOUNT = 'MountVolume.SetUp failed for volume "models" : nfs: access denied by server'
+
+
+@pytest.mark.parametrize(
+    ("reason", "message", "expected"),
+    [("FailedAttachVolume", MULTI, "VolumeMultiAttach"), ("FailedMount", MOUNT, "VolumeMountFailed"), ("FailedAttachVolume", "timed out", "VolumeMountFailed")],
+)
+def test_volume_events_of_a_creating_pod_name_the_cause(reason: str, message: str, expected: str) -> None:
+    s = observe(deployment=deployment(ready=0), pods=[creating()], pod_events=[event("p-new", reason, message)], now=T1)
+    assert cond(s, "Degraded") == ("True", expected) and cond(s, "Ready") == ("False", expected)
+    assert cond(s, "ModelLoaded") == ("False", expected)
+    assert message in next(c["message"] for c in s["conditions"] if c["type"] == "Degraded")
+
+
+def test_volume_events_count_only_for_pods_still_creating() -> None:
+    running = {"metadata": {"name": "p-new", "uid": "u1"}, "status": {"phase": "Running", "containerStatuses": [{"name": "engine", "state": {"running": {}}}]}}
+    old_events = [event("p-new", "FailedMount", MOUNT)]
+    assert diagnose_pods([running], events=old_events, now=T1) == []  # mounted after all
+    assert diagnose_pods([creating(uid="u2")], events=old_events, now=T0) == []  # an earlier pod of that name
+    assert diagnose_pods([creating()], events=[event("someone-else", "FailedMount", MOUNT)], now=T0) == []
+    assert [p.reason for p in diagnose_pods([creating()], events=[event("p-new", "FailedMount", MOUNT, uid=None)], now=T0)] == ["VolumeMountFailed"]
+
+
+def test_a_pod_creating_past_the_bound_is_stuck_but_a_running_download_is_not() -> None:
+    ten_min = "2026-01-01T00:10:00Z"
+    assert diagnose_pods([creating()], now="2026-01-01T00:09:59Z") == []  # within the bound
+    stuck = diagnose_pods([creating()], now=ten_min)
+    assert [p.reason for p in stuck] == ["StuckCreating"] and "ContainerCreating for 10 min" in stuck[0].message
+    # The engine waits in PodInitializing while model-fetch downloads: that is progress.
+    assert diagnose_pods([creating(init="running", engine="PodInitializing")], now="2026-01-01T05:00:00Z") == []
+    # model-fetch itself cannot be created (its volume never came): stuck, and named.
+    stuck = diagnose_pods([creating(init="ContainerCreating", engine="PodInitializing")], now=ten_min)
+    assert [p.reason for p in stuck] == ["StuckCreating"] and manifests.FETCH_CONTAINER in stuck[0].message
+    assert diagnose_pods([creating()], now=T1, stuck_creating_seconds=3600) == []
+    # A volume event explains the wait: one cause, not two.
+    explained = diagnose_pods([creating()], events=[event("p-new", "FailedMount", MOUNT)], now=ten_min)
+    assert [p.reason for p in explained] == ["VolumeMountFailed"]
+    s = observe(deployment=deployment(ready=0), pods=[creating()], now=ten_min)
+    assert cond(s, "Degraded") == ("True", "StuckCreating") and cond(s, "Ready") == ("False", "StuckCreating")
+
+
+def test_a_failed_download_without_restarts_is_named() -> None:
+    """The init container failed once and waits to be retried: no CrashLoopBackOff yet."""
+    pod = {
+        "metadata": {"name": "p"},
+        "status": {
+            "phase": "Pending",
+            "initContainerStatuses": [
+                {"name": manifests.FETCH_CONTAINER, "restartCount": 0, "state": {"terminated": {"exitCode": 1, "message": "404 Repository Not Found"}}}
+            ],
+            "containerStatuses": [{"name": "engine", "state": {"waiting": {"reason": "PodInitializing"}}}],
+        },
+    }
+    s = observe(deployment=deployment(ready=0), pods=[pod])
+    assert cond(s, "Degraded") == ("True", "ModelDownloadFailed") and cond(s, "ModelLoaded") == ("False", "ModelDownloadFailed")
+    assert "404 Repository Not Found" in next(c["message"] for c in s["conditions"] if c["type"] == "Degraded")
+
+
+def test_each_transition_posts_one_event_and_a_held_condition_none() -> None:
+    ready = observe(deployment=deployment(ready=2))
+    assert [(t, r) for t, r, _ in transitions({}, ready)] == [("Normal", "Ready")]
+    mount = [event("p-new", "FailedMount", MOUNT)]
+    lost = observe(deployment=deployment(ready=0), pods=[creating()], pod_events=mount, previous=ready, now=T1)
+    assert [(t, r) for t, r, _ in transitions(ready, lost)] == [("Warning", "VolumeMountFailed"), ("Warning", "NotReady")]
+    again = observe(deployment=deployment(ready=0), pods=[creating()], pod_events=mount, previous=lost, now=T1)
+    assert transitions(lost, again) == []  # the next period: nothing new
+    multi = observe(deployment=deployment(ready=0), pods=[creating()], pod_events=[event("p-new", "FailedAttachVolume", MULTI)], previous=again, now=T1)
+    assert [(t, r) for t, r, _ in transitions(again, multi)] == [("Warning", "VolumeMultiAttach")]  # a new cause is news

@@ -94,3 +94,29 @@ def prometheus() -> Path:
                 tmp_bin.chmod(0o755)
                 os.replace(tmp_bin, target)
     return target
+
+
+def chart_rules(namespace: str, *helm_args: str) -> set[tuple[str, str, str]]:
+    """(apiGroup, resource, verb) the chart grants its service account in `namespace`: its
+    ClusterRoles bound cluster-wide, plus the Roles and ClusterRoles bound there by RoleBindings."""
+    import subprocess
+
+    import yaml
+
+    out = subprocess.run(
+        [str(tool("helm")), "template", "t", str(REPO_ROOT / "charts" / "synerdiff-operator"), *helm_args],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    roles = {(d["kind"], d["metadata"].get("namespace"), d["metadata"]["name"]): d.get("rules") or [] for d in docs if d["kind"] in ("Role", "ClusterRole")}
+    granted: set[tuple[str, str, str]] = set()
+    for binding in docs:
+        if binding["kind"] == "ClusterRoleBinding" or (binding["kind"] == "RoleBinding" and binding["metadata"]["namespace"] == namespace):
+            ref = binding["roleRef"]
+            key = (ref["kind"], None if ref["kind"] == "ClusterRole" else binding["metadata"]["namespace"], ref["name"])
+            for rule in roles[key]:
+                granted |= {(g, r, v) for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    return granted
