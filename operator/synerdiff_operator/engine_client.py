@@ -69,6 +69,37 @@ def live_threshold(pods: list[dict[str, Any]], *, timeout: float = 1.0, sample: 
     return statistics.fmean(readings) if readings else None
 
 
+def engine_start(text: str) -> dict[str, Any] | None:
+    """{"startupSeconds", "compileCache"} from an engine's /metrics; None before it is ready."""
+    seconds = gauge_values(text, metrics.STARTUP_SECONDS)
+    if not seconds or seconds[0] <= 0:
+        return None
+    state = None
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == metrics.COMPILE_CACHE and sample.value == 1:
+                state = sample.labels.get("state")
+    return {"startupSeconds": round(seconds[0], 1), "compileCache": state}
+
+
+def new_engine_starts(pods: list[dict[str, Any]], known: set[str], *, timeout: float = 1.0) -> dict[str, dict[str, Any]]:
+    """The starts of ready pods not in `known`, by pod name: one scrape per pod, once in its life."""
+    out: dict[str, dict[str, Any]] = {}
+    for pod in pods:
+        name = (pod.get("metadata") or {}).get("name")
+        url = pod_base_url(pod)
+        if not name or name in known or url is None:
+            continue
+        text = fetch_metrics(url, timeout)
+        try:
+            reading = engine_start(text) if text is not None else None
+        except ValueError:
+            reading = None
+        if reading is not None:
+            out[name] = reading
+    return out
+
+
 def put_scheduler(base_url: str, body: dict[str, Any], token: str, timeout: float) -> str | None:
     """PUT /v1/admin/scheduler; None on success, else why it failed (for the pool's status)."""
     request = urllib.request.Request(

@@ -116,6 +116,8 @@ class Reconciler:
             deployment = None  # someone else's; never report its pods as ours
         pods = self.kube.list(KIND_REFS["Pod"].path(namespace), manifests.selector_labels(name)) if deployment else []
         live = engine_client.live_threshold(pods, timeout=self.scrape_timeout) if pods else None
+        known_starts = {str(e.get("pod")) for e in (pool.get("status") or {}).get("engineStarts") or [] if isinstance(e, dict)}
+        new_starts = engine_client.new_engine_starts(pods, known_starts, timeout=self.scrape_timeout) if pods else {}
         # Volume trouble is only in Events; read them only while some pod still waits for its
         # containers, so a pool at rest costs no list of the namespace's Events.
         pod_events = (
@@ -138,6 +140,7 @@ class Reconciler:
             previous=previous,
             child_error=child_error,
             pod_events=pod_events,
+            new_starts=new_starts,
             stuck_creating_seconds=self.stuck_creating_seconds,
         )
         new_status = status.compute(observation, spec.gpu.resource_name if spec else "nvidia.com/gpu")

@@ -82,6 +82,18 @@ class AutoscalerStatus(BaseModel):
     history: list[ScalingEvent] | None = Field(None, max_length=10, description="The last scaling and tuning decisions that changed something, oldest first.")
 
 
+class EngineStart(BaseModel):
+    """How one engine pod came up, read once from its /metrics when it first turns ready."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    pod: str = Field(max_length=253)
+    startup_seconds: float | None = Field(None, alias="startupSeconds", ge=0, description="Model load, compile (or compile-cache load) and warm-up.")
+    compile_cache: Literal["warm", "partial", "cold", "off"] | None = Field(
+        None, alias="compileCache", description="warm: compiled kernels from the compile cache; partial: some compiled; cold: all compiled; off: none."
+    )
+
+
 class PoolStatus(BaseModel):
     """What the operator observed; `selector` and `replicas` back the /scale subresource."""
 
@@ -99,6 +111,12 @@ class PoolStatus(BaseModel):
         None, alias="lastScaleTime", json_schema_extra={"format": "date-time"}, description="When the autoscaler last changed spec.replicas."
     )
     autoscaler: AutoscalerStatus | None = None
+    engine_starts: list[EngineStart] | None = Field(
+        None,
+        alias="engineStarts",
+        max_length=1000,
+        description="Per running engine pod: how long its start took and whether its compiled kernels came from the compile cache.",
+    )
     conditions: list[Condition] | None = Field(
         None,
         max_length=16,
@@ -121,6 +139,8 @@ class Observation:
     live_threshold: float | None = None
     previous: dict[str, Any] = field(default_factory=dict)
     child_error: tuple[str, str] | None = None  # (reason, message) when a child could not be applied
+    # Pod name -> {"startupSeconds", "compileCache"} read from pods that turned ready since the last pass.
+    new_starts: dict[str, dict[str, Any]] = field(default_factory=dict)
     # Warning Events of the pool's pods (FailedMount, FailedAttachVolume): the only place the
     # kubelet and the attach/detach controller say why a volume is missing.
     pod_events: Sequence[dict[str, Any]] = ()
@@ -428,7 +448,18 @@ def compute(obs: Observation, gpu_resource: str = "nvidia.com/gpu") -> dict[str,
     if threshold is not None:
         status["threshold"] = round(float(threshold), 4)
         status["thresholdSource"] = source
+    starts = engine_starts(obs)
+    if starts or obs.previous.get("engineStarts"):
+        status["engineStarts"] = starts
     return status
+
+
+def engine_starts(obs: Observation) -> list[dict[str, Any]]:
+    """The start of every engine pod that still exists: those known before, and those read now."""
+    alive = {(p.get("metadata") or {}).get("name") for p in obs.pods}
+    known = {e["pod"]: e for e in obs.previous.get("engineStarts") or [] if isinstance(e, dict) and e.get("pod") in alive}
+    known.update({pod: {"pod": pod, **reading} for pod, reading in obs.new_starts.items() if pod in alive})
+    return [known[p] for p in sorted(known)]
 
 
 def transitions(previous: dict[str, Any], current: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -456,6 +487,11 @@ def transitions(previous: dict[str, Any], current: dict[str, Any]) -> list[tuple
             events.append(("Warning", new["reason"], new["message"]))
         elif new["status"] == "False" and old is not None and old.get("status") == "True":
             events.append(("Normal", "Recovered", f"no longer degraded ({old.get('reason')}): {new['message']}"))
+    seen = {e.get("pod") for e in previous.get("engineStarts") or [] if isinstance(e, dict)}
+    for start in current.get("engineStarts") or []:
+        if start.get("pod") not in seen:
+            took = f"{start['startupSeconds']:.0f} s" if start.get("startupSeconds") is not None else "an unknown time"
+            events.append(("Normal", "EngineStarted", f"{start['pod']} ready after {took}, compile cache {start.get('compileCache') or 'unknown'}"))
     old, new = moved("Ready")
     if new is not None and new["status"] == "True" and (old is None or old.get("status") != "True"):
         events.append(("Normal", "Ready", new["message"]))

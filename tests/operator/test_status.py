@@ -303,3 +303,44 @@ def test_each_transition_posts_one_event_and_a_held_condition_none() -> None:
     assert transitions(lost, again) == []  # the next period: nothing new
     multi = observe(deployment=deployment(ready=0), pods=[creating()], pod_events=[event("p-new", "FailedAttachVolume", MULTI)], previous=again, now=T1)
     assert [(t, r) for t, r, _ in transitions(again, multi)] == [("Warning", "VolumeMultiAttach")]  # a new cause is news
+
+
+def running_pod(name: str) -> dict[str, Any]:
+    return {"metadata": {"name": name}, "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}}
+
+
+def test_engine_starts_are_recorded_once_and_follow_the_pods() -> None:
+    first = observe(pods=[running_pod("a")], deployment=deployment(1, ready=1), new_starts={"a": {"startupSeconds": 409.1, "compileCache": "cold"}})
+    assert first["engineStarts"] == [{"pod": "a", "startupSeconds": 409.1, "compileCache": "cold"}]
+    assert ("Normal", "EngineStarted", "a ready after 409 s, compile cache cold") in transitions({}, first)
+    # A second pod comes up warm; the first is remembered without being read again.
+    second = observe(
+        pods=[running_pod("a"), running_pod("b")],
+        deployment=deployment(2, ready=2),
+        previous=first,
+        new_starts={"b": {"startupSeconds": 78.2, "compileCache": "warm"}},
+    )
+    assert [e["pod"] for e in second["engineStarts"]] == ["a", "b"]
+    events = transitions(first, second)
+    assert [e for e in events if e[1] == "EngineStarted"] == [("Normal", "EngineStarted", "b ready after 78 s, compile cache warm")]
+    # Gone pods leave the list, and an unchanged list posts nothing.
+    third = observe(pods=[running_pod("b")], deployment=deployment(1, ready=1), previous=second)
+    assert third["engineStarts"] == [{"pod": "b", "startupSeconds": 78.2, "compileCache": "warm"}]
+    assert not [e for e in transitions(second, third) if e[1] == "EngineStarted"]
+    # A start read for a pod that is already gone is not recorded.
+    assert observe(pods=[], previous={}, new_starts={"x": {"startupSeconds": 1.0, "compileCache": "off"}}).get("engineStarts") is None
+
+
+def test_an_engines_start_is_read_from_its_metrics() -> None:
+    from prometheus_client import CollectorRegistry, Gauge, generate_latest
+
+    from synerdiff.contract import metrics
+    from synerdiff_operator.engine_client import engine_start
+
+    registry = CollectorRegistry()
+    seconds = Gauge(metrics.STARTUP_SECONDS, "s", registry=registry)
+    cache = Gauge(metrics.COMPILE_CACHE, "c", ["state"], registry=registry)
+    assert engine_start(generate_latest(registry).decode()) is None  # not ready yet: 0 s
+    seconds.set(78.24)
+    cache.labels("warm").set(1)
+    assert engine_start(generate_latest(registry).decode()) == {"startupSeconds": 78.2, "compileCache": "warm"}
