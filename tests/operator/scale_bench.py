@@ -5,8 +5,8 @@
 Every pool has autoscaling on and one ready pod whose `/metrics` (a static engine scrape, served
 on loopback) the operator reads each period, as in a cluster at rest. Measured:
 
-- steady state: API writes the operator makes (POST/PATCH/PUT/DELETE, events included) per pool
-  per minute over a window in which nothing changes;
+- steady state: API writes the operator makes (POST/PATCH/PUT/DELETE, events included) and reads
+  (GET) per pool per minute over a window in which nothing changes;
 - spec latency: every pool's `service.port` changed at once, until its Service carries the port;
 - pod latency: a Pending pod (no GPU) added to every pool at once, until the pool's `Degraded`
   condition names `InsufficientGPU` (nothing but the pods changed: no pool event triggers it).
@@ -202,8 +202,10 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
                 mark = time.monotonic()
                 await asyncio.sleep(args.window)
-                writes = bench.operator_writes(mark, time.monotonic())
+                until = time.monotonic()
+                writes = bench.operator_writes(mark, until)
                 by_kind = Counter(writes)
+                reads = [c for c in k.calls if mark <= c[0] < until and c[1] == "GET"]
                 per_pool_min = len(writes) / args.pools / (args.window / 60.0)
 
                 sent: dict[tuple[str, str], float] = {}
@@ -242,6 +244,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "steady_window_s": args.window,
         "steady_writes_per_pool_per_minute": round(per_pool_min, 3),
         "steady_writes_by_kind": dict(sorted(by_kind.items())),
+        # Watches count once, when opened; these are the gets and lists of the periodic passes.
+        "steady_reads_per_pool_per_minute": round(len(reads) / args.pools / (args.window / 60.0), 2),
         "spec_change_to_child": summary(spec_lat),
         "pod_change_to_status": summary(pod_lat),
     }
