@@ -109,6 +109,10 @@ class Reconciler:
                     break
                 if action:
                     actions.append(action)
+            if child_error is None and not spec.router.enabled:
+                parked = self._park_router(namespace, name, meta["uid"])
+                if parked:
+                    actions.append(parked)
 
         # The Deployment as apply() just read or wrote it: one GET less per pass.
         deployment = seen["Deployment"] if "Deployment" in seen else self.kube.get(KIND_REFS["Deployment"].path(namespace, name))
@@ -168,6 +172,16 @@ class Reconciler:
         with self._guard:
             last = self._written.get((namespace, name))
         return last is None or self.monotonic() - last >= self.heartbeat_seconds
+
+    def _park_router(self, namespace: str, pool: str, owner_uid: str) -> str | None:
+        """A pool that turned its router off keeps the router's objects (the operator deletes
+        nothing; the pool's own deletion removes them) but runs no router pod."""
+        path = KIND_REFS["Deployment"].path(namespace, manifests.router_name(pool))
+        live = self.kube.get(path)
+        if live is None or patching.controller_uid(live) != owner_uid or (live.get("spec") or {}).get("replicas") == 0:
+            return None
+        self.kube.patch(path, {"spec": {"replicas": 0}})
+        return f"scaled Deployment {manifests.router_name(pool)} to 0 (router disabled)"
 
     def apply(self, desired: dict[str, Any], owner_uid: str, seen: dict[str, dict[str, Any]] | None = None) -> str | None:
         """Create or patch one child; returns what was done ("created Service x"), None if in sync.

@@ -249,6 +249,21 @@ async def test_a_spec_update_rolls_the_children(operator: Cluster) -> None:
     assert all(c["observedGeneration"] == generation for c in operator.obj(POOLS, "sd")["status"]["conditions"])
 
 
+async def test_turning_the_router_off_parks_it_and_points_the_service_at_the_engines(operator: Cluster) -> None:
+    await operator.create_pool("sd", SPEC)
+    router = manifests.router_name("sd")
+    await operator.eventually(lambda: operator.exists(DEPLOYMENTS, router) and operator.exists(DEPLOYMENTS, "sd"), what="router")
+    assert operator.obj(DEPLOYMENTS, router)["spec"]["replicas"] >= 2
+    assert operator.obj(SERVICES, "sd")["spec"]["selector"] == manifests.router_selector_labels("sd")
+
+    await operator.update_spec("sd", {"router": {"enabled": False}})
+    await operator.eventually(lambda: operator.obj(DEPLOYMENTS, router)["spec"]["replicas"] == 0, what="router parked")
+    assert operator.obj(SERVICES, "sd")["spec"]["selector"] == manifests.selector_labels("sd")
+    # Back on: the router runs again.
+    await operator.update_spec("sd", {"router": {"enabled": True}})
+    await operator.eventually(lambda: operator.obj(DEPLOYMENTS, router)["spec"]["replicas"] >= 2, what="router back")
+
+
 async def test_an_invalid_spec_gives_a_condition_and_an_event_not_a_crash(operator: Cluster) -> None:
     await operator.create_pool("bad", {**SPEC, "minReplicas": 3, "maxReplicas": 2, "replicas": 2})
     ready = await operator.eventually(lambda: operator.condition("bad", "Ready"), what="status")
