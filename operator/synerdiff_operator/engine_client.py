@@ -70,16 +70,21 @@ def live_threshold(pods: list[dict[str, Any]], *, timeout: float = 1.0, sample: 
 
 
 def engine_start(text: str) -> dict[str, Any] | None:
-    """{"startupSeconds", "compileCache"} from an engine's /metrics; None before it is ready."""
+    """{"startupSeconds", "compileCache"[, "modelCommit"]} from an engine's /metrics; None before it is ready."""
     seconds = gauge_values(text, metrics.STARTUP_SECONDS)
     if not seconds or seconds[0] <= 0:
         return None
-    state = None
+    state = commit = None
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == metrics.COMPILE_CACHE and sample.value == 1:
                 state = sample.labels.get("state")
-    return {"startupSeconds": round(seconds[0], 1), "compileCache": state}
+            elif sample.name == metrics.MODEL_INFO and sample.value == 1:
+                commit = sample.labels.get("commit") or None
+    out: dict[str, Any] = {"startupSeconds": round(seconds[0], 1), "compileCache": state}
+    if commit:
+        out["modelCommit"] = commit
+    return out
 
 
 def new_engine_starts(pods: list[dict[str, Any]], known: set[str], *, timeout: float = 1.0) -> dict[str, dict[str, Any]]:

@@ -92,6 +92,7 @@ class EngineStart(BaseModel):
     compile_cache: Literal["warm", "partial", "cold", "off"] | None = Field(
         None, alias="compileCache", description="warm: compiled kernels from the compile cache; partial: some compiled; cold: all compiled; off: none."
     )
+    model_commit: str | None = Field(None, alias="modelCommit", max_length=64, description="The Hub commit the pod's model was fetched at (model.uri pools).")
 
 
 class PoolStatus(BaseModel):
@@ -491,7 +492,8 @@ def transitions(previous: dict[str, Any], current: dict[str, Any]) -> list[tuple
     for start in current.get("engineStarts") or []:
         if start.get("pod") not in seen:
             took = f"{start['startupSeconds']:.0f} s" if start.get("startupSeconds") is not None else "an unknown time"
-            events.append(("Normal", "EngineStarted", f"{start['pod']} ready after {took}, compile cache {start.get('compileCache') or 'unknown'}"))
+            commit = f", model at {start['modelCommit'][:12]}" if start.get("modelCommit") else ""
+            events.append(("Normal", "EngineStarted", f"{start['pod']} ready after {took}, compile cache {start.get('compileCache') or 'unknown'}{commit}"))
     old, new = moved("Ready")
     if new is not None and new["status"] == "True" and (old is None or old.get("status") != "True"):
         events.append(("Normal", "Ready", new["message"]))

@@ -344,3 +344,8 @@ def test_an_engines_start_is_read_from_its_metrics() -> None:
     seconds.set(78.24)
     cache.labels("warm").set(1)
     assert engine_start(generate_latest(registry).decode()) == {"startupSeconds": 78.2, "compileCache": "warm"}
+    info = Gauge(metrics.MODEL_INFO, "m", ["family", "repo", "commit"], registry=registry)
+    info.labels("sdxl", "org/model", "a" * 40).set(1)
+    assert engine_start(generate_latest(registry).decode()) == {"startupSeconds": 78.2, "compileCache": "warm", "modelCommit": "a" * 40}
+    start = observe(pods=[running_pod("p")], deployment=deployment(1, ready=1), new_starts={"p": engine_start(generate_latest(registry).decode())})
+    assert ("Normal", "EngineStarted", f"p ready after 78 s, compile cache warm, model at {'a' * 12}") in transitions({}, start)

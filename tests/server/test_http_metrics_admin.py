@@ -53,6 +53,7 @@ def test_metrics_after_traffic(live: Live):
     assert delta("synerdiff_unet_padded_rows_total") == 0
     assert metric_value(after, "synerdiff_startup_seconds") > 0
     assert metric_value(after, "synerdiff_compile_cache", state="off") == 1
+    assert metric_value(after, "synerdiff_model_info", family="sd", repo="", commit="") == 1  # the embedded model: not fetched
     assert delta("synerdiff_vae_decode_seconds_count") >= 1
     assert delta("synerdiff_vae_chunks_total") >= 2
     for gauge in ("synerdiff_requests_waiting", "synerdiff_requests_running", "synerdiff_unet_rows_active"):

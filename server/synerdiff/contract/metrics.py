@@ -18,7 +18,8 @@ MAX_ROWS = "synerdiff_scheduler_max_rows"
 GRAPHS_READY = "synerdiff_fast_path_graphs_ready"
 GRAPHS = "synerdiff_fast_path_graphs"
 STARTUP_SECONDS = "synerdiff_startup_seconds"
-COMPILE_CACHE = "synerdiff_compile_cache"  # 1 for the label state = warm | cold | off the start used
+COMPILE_CACHE = "synerdiff_compile_cache"  # 1 for the label state = warm | partial | cold | off the start used
+MODEL_INFO = "synerdiff_model_info"  # 1, labels family, repo and commit (repo and commit of a `synerdiff fetch` download, else empty)
 OUTSTANDING = "synerdiff_outstanding_row_steps"  # UNet rows x steps queued and still to run (what a router balances)
 
 # Histograms.

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from ..contract import metrics as names
 from ..contract.metrics import INFLATION_BUCKETS, LATENCY_BUCKETS, ROW_BUCKETS, STEP_BUCKETS
 from ..engine import Engine, EngineObserver, IterationStats
+from ..models.fetch import recorded
 
 # Series that exist from the first scrape so that rate() and alerts see zeros, not gaps.
 _INITIAL_OUTCOMES = (
@@ -73,6 +74,12 @@ class ServerMetrics:
         )
         Gauge(names.STARTUP_SECONDS, "Seconds from the start of loading to ready (0 until ready).", registry=r).set_function(lambda: engine.startup.seconds)
         self._cache_state_shown = False
+        self.model_info = Gauge(
+            names.MODEL_INFO,
+            "1; the served model's family, and the repository and commit it was fetched from (empty when not fetched).",
+            ["family", "repo", "commit"],
+            registry=r,
+        )
         self.compile_cache = Gauge(
             names.COMPILE_CACHE, "1 for how this start got its compiled kernels: warm (from the compile cache), partial, cold or off.", ["state"], registry=r
         )
@@ -146,9 +153,11 @@ class ServerMetrics:
             self.images.inc(images)
 
     def render(self) -> bytes:
-        if self.engine.ready and not self._cache_state_shown:  # a start never changes it
+        if self.engine.ready and not self._cache_state_shown:  # a start never changes these
             fp = self.engine.startup.fast_path
             self.compile_cache.labels(fp.cache if fp is not None else "off").set(1)
+            source = recorded(self.engine.model.path)
+            self.model_info.labels(self.engine.model.family, source.repo if source else "", source.commit if source else "").set(1)
             self._cache_state_shown = True
         return generate_latest(self.registry)
 
