@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..models.conditioning import Conditioning, Prompt
@@ -53,6 +54,7 @@ class TorchRunner:
         self.decoder = Decoder(executor, tiling)
         self._requests: dict[str, tuple[GenerationRequest, int]] = {}  # queued: the request and its seed
         self._rows: dict[str, DeviceRows] = {}
+        self._image_processor: VaeImageProcessor | None = None
 
     def expect(self, job_id: str, request: GenerationRequest, seed: int) -> None:
         """Hold a queued request's inputs until it is admitted."""
@@ -83,13 +85,16 @@ class TorchRunner:
         neg = iter(range(len(reqs), len(prompts)))
         made: dict[str, DeviceRows] = {}
         for i, (job, (req, seed)) in enumerate(zip(jobs, reqs, strict=True)):
-            plan = make_plan(req.sampler, m.scheduler_config, req.steps)
+            plan = make_plan(req.sampler, m.scheduler_config, req.steps, req.start_step)
             gen = torch.Generator("cpu").manual_seed(seed)
             f = m.vae_scale_factor
             shape = (req.n, m.latent_channels, req.height // f, req.width // f)
-            # diffusers' prepare_latents: one draw of all n images from the request's generator.
-            noise = randn_tensor(shape, generator=gen, device=m.device, dtype=m.dtype)
-            latents = noise.float() * plan.init_noise_sigma
+            if req.image is None:
+                # diffusers' prepare_latents: one draw of all n images from the request's generator.
+                noise = randn_tensor(shape, generator=gen, device=m.device, dtype=m.dtype)
+                latents = noise.float() * plan.init_noise_sigma
+            else:
+                latents = self._image_latents(req, plan, gen, shape)
             made[job.id] = DeviceRows(
                 request=req,
                 plan=plan,
@@ -103,6 +108,23 @@ class TorchRunner:
                 scale_rows=plan.input_scale.tolist(),
             )
         self._rows.update(made)
+
+    def _image_latents(self, req: GenerationRequest, plan: SamplerPlan, gen: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
+        """diffusers' img2img prepare_latents: the image encoded once (a sample of the VAE's
+        latent distribution drawn from the request's generator), scaled, repeated for its n
+        images, then noised to the first timestep the request runs by one draw of noise."""
+        image = req.image.convert("RGB") if getattr(req.image, "mode", "RGB") != "RGB" else req.image
+        pixels = self._processor().preprocess(image, height=req.height, width=req.width)
+        encoded = self.executor.encode_image(pixels, gen)
+        init = encoded.repeat(req.n, 1, 1, 1) if req.n > 1 else encoded
+        noise = randn_tensor(shape, generator=gen, device=self.model.device, dtype=self.model.dtype).float()
+        signal, sigma = plan.renoise[0].tolist()
+        return (signal * init + sigma * noise).float()
+
+    def _processor(self) -> VaeImageProcessor:
+        if self._image_processor is None:
+            self._image_processor = VaeImageProcessor(vae_scale_factor=self.model.vae_scale_factor)
+        return self._image_processor
 
     # ------------------------------------------------------------------ one step
     def step(self, jobs: Sequence[Denoising], guided: Sequence[bool]) -> StepReport:
