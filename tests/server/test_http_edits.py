@@ -155,3 +155,37 @@ def test_upload_limits_bytes_and_pixels(live: Live, small_limits: str):
     assert len(flat) < 4096
     r = post(live, {"image": ("p.png", flat, "image/png")}, {"prompt": "x"}, url=small_limits)
     assert r.status_code == 413 and r.json()["error"]["param"] == "image", r.text
+
+
+def test_mask_transparent_pixels_are_repainted(client: OpenAI, live: Live):
+    mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (16, 16, 48, 48))  # OpenAI's convention: transparent = repaint
+    resp = client.images.edit(
+        image=("picture.png", png(PICTURE), "image/png"),
+        mask=("mask.png", png(mask), "image/png"),
+        prompt="a red circle",
+        extra_body={"strength": 0.9, "seed": 8, "num_inference_steps": 5, "sampler": "euler"},
+    )
+    got = decode_png(resp.data[0].b64_json)
+    white_repaints = Image.new("L", (64, 64), 0)
+    white_repaints.paste(255, (16, 16, 48, 48))
+    kw = dict(prompt="a red circle", steps=5, seed=8, sampler="euler", image=PICTURE, strength=0.9, guidance_scale=live.engine.config.default_guidance)
+    direct = live.engine.generate_sync(GenerationRequest(mask=white_repaints, **kw)).to_pil()[0]
+    unmasked = live.engine.generate_sync(GenerationRequest(**kw)).to_pil()[0]
+    assert psnr(got, direct) >= 40
+    assert psnr(got, unmasked) < psnr(got, direct) - 15
+
+
+def test_cli_generate_with_image_and_mask(live: Live, tmp_path, capsys):
+    from synerdiff.cli import main
+
+    (tmp_path / "in.png").write_bytes(png(PICTURE))
+    mask = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
+    mask.paste((0, 0, 0, 0), (0, 0, 32, 64))
+    (tmp_path / "mask.png").write_bytes(png(mask))
+    out = tmp_path / "out.png"
+    args = ["generate", "a red circle", "--url", live.url, "--image", str(tmp_path / "in.png"), "--steps", "4", "--seed", "3", "-o", str(out), "-q"]
+    assert main([*args, "--mask", str(tmp_path / "mask.png"), "--strength", "0.5"]) == 0
+    assert Image.open(out).size == (64, 64)
+    assert main([*args, "--strength", "2"]) == 1
+    assert "strength" in capsys.readouterr().err

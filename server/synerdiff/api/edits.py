@@ -228,10 +228,30 @@ async def _read_form(request: Request) -> EditForm:
     return EditForm(form)
 
 
+def _form_schema() -> dict[str, Any]:
+    text = {"type": "string"}
+    props: dict[str, Any] = {name: text for name in sorted(_TEXT_FIELDS)}
+    props["n"] = {"type": "integer", "minimum": 1}
+    props["num_inference_steps"] = {"type": "integer", "minimum": 1}
+    props["seed"] = {"type": "integer", "minimum": 0}
+    props["guidance_scale"] = {"type": "number", "minimum": 0}
+    props["strength"] = {"type": "number", "minimum": 0, "maximum": 1, "default": 0.8}
+    props["sampler"] = {"type": "string", "enum": list(SAMPLER_NAMES)}
+    props["image"] = {"type": "string", "format": "binary", "description": "PNG, JPEG or WebP"}
+    props["mask"] = {"type": "string", "format": "binary", "description": "PNG with alpha: fully transparent pixels are repainted"}
+    return {
+        "requestBody": {
+            "required": True,
+            "content": {"multipart/form-data": {"schema": {"type": "object", "required": ["image", "prompt"], "properties": props}}},
+        }
+    }
+
+
 @router.post(
     EDITS_PATH,
     response_model=ImagesResponse,
     response_model_exclude_none=True,
+    openapi_extra=_form_schema(),
     summary="Edit an image (OpenAI-compatible multipart): image-to-image, or repaint a mask's transparent pixels",
 )
 async def edit(request: Request) -> Response:

@@ -234,8 +234,8 @@ class Engine:
             raise RequestError("size", f"height and width must be multiples of {lat} for this model")
         if request.image is not None and self.model.family != "sd":
             raise RequestError("image", f"image edits are served for Stable Diffusion (sd) models; this model is {self.model.family}")
-        if request.mask is not None:
-            raise RequestError("mask", "masked inpainting is not served by this engine yet; send the image without a mask")
+        if request.mask is not None and self.model.vae.config.latent_channels != self.model.unet.config.in_channels:
+            raise RequestError("mask", "masked inpainting is served for UNets that take the plain latents; this model's UNet is an inpainting UNet, not served")
         try:  # cached; refuses step counts the sampler's schedule cannot produce
             make_plan(request.sampler, self.model.scheduler_config, request.steps, request.start_step)
         except ValueError as exc:
