@@ -219,8 +219,11 @@ class StepExecutor:
         """Pixels (1, 3, H, W) in [-1, 1] -> scaled latents (1, C, h, w) float32: a sample of the
         VAE's latent distribution drawn from `generator`, as diffusers' img2img pipeline draws it."""
         pixels = pixels.to(self.device, self._vae_dtype)
-        latents = self.model.vae.encode(pixels).latent_dist.sample(generator)
-        return (latents * self._vae_scale).float()
+        latents = self.model.vae.encode(pixels).latent_dist.sample(generator).float()
+        if self._latent_stats is not None:  # SDXL's img2img normalises by the VAE's statistics
+            mean, std = self._latent_stats
+            return (latents - mean) * self._vae_scale / std
+        return latents * self._vae_scale
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, tiled: bool = False) -> torch.Tensor:
