@@ -68,6 +68,7 @@ class EditForm:
     """The form's parts, read with the checks a multipart body needs."""
 
     def __init__(self, form: FormData):
+        self.form = form
         self.files: dict[str, UploadFile] = {}
         self.text: dict[str, str] = {}
         for key, value in form.multi_items():
@@ -85,6 +86,10 @@ class EditForm:
                 if not isinstance(value, str):
                     raise _invalid(name, "must be a text field, not a file")
                 self.text[name] = value
+
+    async def close(self) -> None:
+        """Let go of the spooled uploads now rather than at garbage collection."""
+        await self.form.close()
 
     def str_(self, name: str) -> str | None:
         return self.text.get(name)
@@ -225,7 +230,11 @@ async def _read_form(request: Request) -> EditForm:
         form = await request.form(max_files=4, max_fields=64)
     except Exception as exc:  # a malformed body: its parser's words name the problem
         raise APIError(400, f"the multipart body could not be parsed: {exc}", param="body", code="invalid_multipart") from None
-    return EditForm(form)
+    try:
+        return EditForm(form)
+    except APIError:
+        await form.close()
+        raise
 
 
 def _form_schema() -> dict[str, Any]:
@@ -260,7 +269,10 @@ async def edit(request: Request) -> Response:
     try:
         check_available(state)
         form = await _read_form(request)
-        greq = await build_edit(form, state)
+        try:
+            greq = await build_edit(form, state)
+        finally:
+            await form.close()
         handle = submit(state, greq)
     except APIError as err:
         record(state, err.status, err.code)
