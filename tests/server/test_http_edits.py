@@ -85,6 +85,12 @@ def test_size_defaults_to_the_pictures_own_and_jpeg_webp_are_read(live: Live):
         assert decode_png(r.json()["data"][0]["b64_json"]).size == (72, 56)
 
 
+def test_grey_and_palette_pictures_are_read_as_rgb(live: Live):
+    for img in (Image.new("I;16", (64, 64), 3000), picture().convert("P"), picture().convert("RGBA")):
+        r = post(live, {"image": ("p.png", png(img), "image/png")}, {"prompt": "x", "num_inference_steps": "2"})
+        assert r.status_code == 200, (img.mode, r.text)
+
+
 def test_an_upload_above_the_body_limit_is_accepted(live: Live):
     # Noise does not compress: a PNG well over the 1 MiB JSON body limit.
     big = Image.fromarray(np.random.default_rng(0).integers(0, 256, (640, 640, 3), dtype=np.uint8))

@@ -148,8 +148,20 @@ def repaint_mask(mask: Image.Image, image: Image.Image) -> Image.Image:
         raise _invalid(
             "mask", f"has mode {mask.mode} without an alpha channel; the fully transparent pixels of an RGBA PNG mark what to repaint", code="invalid_mask"
         )
-    alpha = mask.convert("RGBA").getchannel("A")
+    try:
+        alpha = mask.convert("RGBA").getchannel("A")
+    except (ValueError, OSError):
+        raise _invalid("mask", f"has mode {mask.mode}, whose alpha cannot be read", code="invalid_mask") from None
     return alpha.point(lambda a: 255 if a == 0 else 0)
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    try:
+        return image.convert("RGB")
+    except (ValueError, OSError):
+        raise _invalid("image", f"has mode {image.mode}, which cannot be read as RGB", code="invalid_image") from None
 
 
 def _choice(form: EditForm, name: str, allowed: tuple[str, ...], default: str | None) -> str | None:
@@ -215,7 +227,7 @@ async def build_edit(form: EditForm, state: AppState) -> GenerationRequest:
         seed=form.int_("seed"),
         sampler=_choice(form, "sampler", SAMPLER_NAMES, cfg.default_sampler) or cfg.default_sampler,
         cfg_skip="never" if _choice(form, "cfg_skip", ("auto", "never"), "auto") == "never" else "auto",
-        image=image.convert("RGB") if image.mode != "RGB" else image,
+        image=_rgb(image),
         mask=mask,
         strength=strength if strength is not None else 0.8,
     )
