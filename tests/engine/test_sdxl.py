@@ -212,3 +212,37 @@ def test_vae_latent_statistics_are_applied_as_the_pipeline_does(xl_dir, tmp_path
     finally:
         eng.shutdown()
     check(res, reference(7), reference(8), label="sdxl latents_mean/std")
+
+
+@pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
+def test_img2img_matches_diffusers(xl_dir, xl_engine, sampler):
+    """SDXL image-to-image equals StableDiffusionXLImg2ImgPipeline; a mask is refused."""
+    from diffusers import StableDiffusionXLImg2ImgPipeline
+
+    from .test_img2img import MASK, PICTURE
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = StableDiffusionXLImg2ImgPipeline.from_pretrained(xl_dir, local_files_only=True, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = DIFFUSERS_CLASSES[sampler].from_config(dict(pipe.scheduler.config))
+
+    def reference(seed: int) -> torch.Tensor:
+        return pipe(
+            "a red circle on a blue background",
+            image=PICTURE,
+            strength=0.6,
+            negative_prompt="blurry",
+            num_inference_steps=10,
+            guidance_scale=7.5,
+            generator=torch.Generator("cpu").manual_seed(seed),
+            output_type="pt",
+        ).images.float()
+
+    r = req(sampler=sampler, seed=61, image=PICTURE, strength=0.6)
+    check(xl_engine.generate_sync(r), reference(61), reference(62), label=f"sdxl img2img {sampler}")
+    from synerdiff.engine import RequestError
+
+    with pytest.raises(RequestError) as err:
+        xl_engine.submit(req(image=PICTURE, mask=MASK))
+    assert err.value.field == "mask"

@@ -40,6 +40,22 @@ def test_images_and_models_through_the_router(pool):
     assert bad.status_code == 422 and bad.json()["error"]["param"] == "n"  # the engine's own answer, passed through
 
 
+def test_image_edits_through_the_router(pool):
+    import io
+
+    from PIL import Image
+
+    router, _ = pool
+    buf = io.BytesIO()
+    Image.new("RGB", (72, 56), (200, 30, 30)).save(buf, format="PNG")
+    form = {"prompt": "a red circle", "num_inference_steps": "3", "strength": "0.7", "seed": "1"}
+    r = httpx.post(router.url + "/v1/images/edits", files={"image": ("p.png", buf.getvalue(), "image/png")}, data=form, timeout=60)
+    assert r.status_code == 200, r.text
+    assert decode_png(r.json()["data"][0]["b64_json"]).size == (72, 56)
+    bad = httpx.post(router.url + "/v1/images/edits", files={"image": ("p.png", b"not a picture", "image/png")}, data=form, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "image"  # the engine's own answer
+
+
 def test_concurrent_requests_spread_over_both_engines(pool):
     router, engines = pool
     before = httpx.get(router.url + "/metrics").text

@@ -40,7 +40,7 @@ def test_no_generated_input_causes_a_server_error(fuzz_app):
     original = engine.config.scheduler
     schema = schemathesis.openapi.from_asgi("/openapi.json", fuzz_app, headers=AUTH)  # the docs are behind the token
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/v1/images/generations", "/v1/admin/scheduler", "/readyz", "/metrics"}
+    assert {op.path for op in operations} >= {"/v1/images/generations", "/v1/images/edits", "/v1/admin/scheduler", "/readyz", "/metrics"}
     seen: dict[str, set[int]] = {}
     try:
         for op in operations:
@@ -84,4 +84,5 @@ def test_no_generated_input_causes_a_server_error(fuzz_app):
     # The fuzzer got past validation too, not only into 4xx.
     assert 200 in seen["POST /v1/images/generations"]
     assert 422 in seen["POST /v1/images/generations"]
+    assert any(400 <= code < 500 for code in seen["POST /v1/images/edits"]), seen["POST /v1/images/edits"]
     assert 200 in seen["PUT /v1/admin/scheduler"]

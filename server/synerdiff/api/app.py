@@ -14,7 +14,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from ..contract.config import ServerSettings
 from ..engine import Engine
-from . import admin, generation
+from . import admin, edits, generation
 from .auth import require_api_token
 from .errors import APIError, install_handlers
 from .guard import RequestGuard
@@ -42,7 +42,7 @@ class _TrackInflight:
         self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope.get("path") == generation.GENERATIONS_PATH:
+        if scope["type"] == "http" and scope.get("path") in (generation.GENERATIONS_PATH, edits.EDITS_PATH):
             with self.state.track():
                 await self.app(scope, receive, send)
         else:
@@ -87,6 +87,7 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
     app.include_router(_ops_router())
     app.include_router(_models_router())
     app.include_router(generation.router)
+    app.include_router(edits.router)
     app.include_router(admin.router)
     return app
 
@@ -94,12 +95,12 @@ def create_app(settings: ServerSettings | None = None, engine: Engine | None = N
 def _count_guard_rejection(state: AppState, path: str, err: APIError) -> None:
     # A refused body counts as a rejected generation request; a missing token does not (as
     # before the guard), so scanners do not move the error ratio.
-    if path == generation.GENERATIONS_PATH and err.code == "body_too_large":
+    if path in (generation.GENERATIONS_PATH, edits.EDITS_PATH) and err.code == "body_too_large":
         generation.record(state, err.status, err.code)
 
 
 def _count_rejection(state: AppState, request: Request, err: APIError) -> None:
-    if request.url.path == generation.GENERATIONS_PATH:
+    if request.url.path in (generation.GENERATIONS_PATH, edits.EDITS_PATH):
         generation.record(state, err.status, err.code)
 
 

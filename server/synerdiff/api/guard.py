@@ -4,7 +4,8 @@ FastAPI reads and parses a request's body before its dependencies run, so a toke
 dependency comes after a client has made the server hold (and parse) whatever it sent. This
 ASGI middleware runs first: on protected paths it checks the bearer token from the headers,
 refuses a declared `Content-Length` over `max_body_bytes` with 413 at once, and reads a body
-of unknown length only up to that limit before handing it on.
+of unknown length only up to that limit before handing it on. Image uploads (the edits
+endpoint) are bounded by the larger `max_upload_bytes` instead.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..contract.config import ServerSettings
 from .auth import check
+from .edits import EDITS_PATH
 from .errors import APIError
 
 DOCS_PATHS = ("/docs", "/redoc", "/openapi.json")
@@ -37,7 +39,7 @@ class RequestGuard:
                 check(self.settings, _bearer(scope), admin=path.startswith("/v1/admin"))
             elif path.startswith(DOCS_PATHS):
                 check(self.settings, _bearer(scope))
-            receive = await self._bounded(scope, receive)
+            receive = await self._bounded(scope, receive, path)
         except APIError as err:
             if self.on_rejected is not None:
                 self.on_rejected(path, err)
@@ -48,9 +50,11 @@ class RequestGuard:
             return
         await self.app(scope, receive, send)
 
-    async def _bounded(self, scope: Scope, receive: Receive) -> Receive:
+    async def _bounded(self, scope: Scope, receive: Receive, path: str) -> Receive:
         """A `receive` that replays a body read up to the limit; raises 413 past it."""
-        limit = self.settings.max_body_bytes
+        upload = path == EDITS_PATH
+        limit = self.settings.max_upload_bytes if upload else self.settings.max_body_bytes
+        setting = "SYNERDIFF_MAX_UPLOAD_BYTES" if upload else "SYNERDIFF_MAX_BODY_BYTES"
         declared = _header(scope, b"content-length")
         if declared is not None:
             try:
@@ -58,7 +62,7 @@ class RequestGuard:
             except ValueError:
                 raise APIError(400, "Content-Length is not a number", code="invalid_content_length") from None
             if size > limit:
-                raise _too_large(size, limit)
+                raise _too_large(size, limit, setting)
         if scope["method"] in ("GET", "HEAD", "DELETE", "OPTIONS") and declared is None:
             return receive
         chunks: list[bytes] = []
@@ -71,7 +75,7 @@ class RequestGuard:
             body = message.get("body", b"")
             total += len(body)
             if total > limit:
-                raise _too_large(total, limit, streamed=True)
+                raise _too_large(total, limit, setting, streamed=True)
             chunks.append(body)
             if not message.get("more_body", False):
                 first = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
@@ -107,11 +111,11 @@ def _bearer(scope: Scope) -> str | None:
     return credentials if scheme.lower() == "bearer" and credentials else None
 
 
-def _too_large(size: int, limit: int, streamed: bool = False) -> APIError:
+def _too_large(size: int, limit: int, setting: str, streamed: bool = False) -> APIError:
     what = f"more than {limit}" if streamed else str(size)
     return APIError(
         413,
-        f"request body is {what} bytes; the limit is {limit} (SYNERDIFF_MAX_BODY_BYTES)",
+        f"request body is {what} bytes; the limit is {limit} ({setting})",
         param="body",
         code="body_too_large",
         headers={"Connection": "close"},

@@ -208,6 +208,16 @@ class ServerSettings(BaseSettings):
         ge=1024,
         description="Largest request body accepted, in bytes; larger ones get 413 before they are read into memory.",
     )
+    max_upload_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1024,
+        description="Largest body of an image upload (POST /v1/images/edits: image, mask and fields), in bytes; larger ones get 413 before they are read.",
+    )
+    max_upload_pixels: int = Field(
+        4096 * 4096,
+        ge=1,
+        description="Largest uploaded image or mask, in pixels (width x height); larger ones get 413 before they are decoded.",
+    )
     api_docs: bool = Field(True, description="Serve /docs, /redoc and /openapi.json (behind the API token when one is set).")
     served_model_name: str = "synerdiff-default"
     log_level: Literal["debug", "info", "warning", "error"] = "info"

@@ -232,8 +232,12 @@ class Engine:
         lat = self.model.vae_scale_factor
         if request.height % lat or request.width % lat:
             raise RequestError("size", f"height and width must be multiples of {lat} for this model")
+        if request.mask is not None and self.model.family != "sd":
+            raise RequestError("mask", f"masked inpainting is served for Stable Diffusion (sd) models; this model is {self.model.family}")
+        if request.mask is not None and self.model.vae.config.latent_channels != self.model.unet.config.in_channels:
+            raise RequestError("mask", "masked inpainting is served for UNets that take the plain latents; this model's UNet is an inpainting UNet, not served")
         try:  # cached; refuses step counts the sampler's schedule cannot produce
-            make_plan(request.sampler, self.model.scheduler_config, request.steps)
+            make_plan(request.sampler, self.model.scheduler_config, request.steps, request.start_step)
         except ValueError as exc:
             raise RequestError("num_inference_steps", f"{request.steps} steps with sampler {request.sampler}: {exc}") from exc
         seed = request.seed if request.seed is not None else random.randrange(2**63)
@@ -397,11 +401,11 @@ class Engine:
 
 
 def _row_steps(request: GenerationRequest) -> int:
-    return request.n * rows_per_image(request.guided) * request.steps
+    return request.n * rows_per_image(request.guided) * request.steps_run
 
 
 def _spec(request: GenerationRequest, now: float, timeout_s: float) -> JobSpec:
-    steps = request.steps
+    steps = request.steps_run
     cutoff = None if request.cfg_cutoff_ratio is None else int(steps * request.cfg_cutoff_ratio)
     return JobSpec(
         id=request.request_id,

@@ -215,6 +215,17 @@ class StepExecutor:
         return out.float()
 
     @torch.inference_mode()
+    def encode_image(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Pixels (1, 3, H, W) in [-1, 1] -> scaled latents (1, C, h, w) float32: a sample of the
+        VAE's latent distribution drawn from `generator`, as diffusers' img2img pipeline draws it."""
+        pixels = pixels.to(self.device, self._vae_dtype)
+        latents = self.model.vae.encode(pixels).latent_dist.sample(generator).float()
+        if self._latent_stats is not None:  # SDXL's img2img normalises by the VAE's statistics
+            mean, std = self._latent_stats
+            return (latents - mean) * self._vae_scale / std
+        return latents * self._vae_scale
+
+    @torch.inference_mode()
     def decode(self, latents: torch.Tensor, tiled: bool = False) -> torch.Tensor:
         """Latents (N, C, h, w) -> images (N, 3, H, W) float32 in [0, 1] on the CPU.
 

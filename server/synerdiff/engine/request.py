@@ -31,6 +31,13 @@ class GenerationRequest:
     # int(steps * ratio) run unguided). None = let the scheduler decide within its bound.
     cfg_cutoff_ratio: float | None = None
     timeout_s: float | None = None
+    # Image-to-image: the starting picture (a PIL image, resized to height x width as
+    # diffusers' image processor resizes), how far it is noised (diffusers' img2img
+    # `strength`: the share of the schedule that runs), and an optional mask (a PIL
+    # image, white = repaint, as diffusers' inpaint pipeline reads it).
+    image: Any = None
+    strength: float = 0.8
+    mask: Any = None
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
 
     def validate(self, limits: LimitsConfig) -> None:
@@ -77,6 +84,28 @@ class GenerationRequest:
             raise RequestError("seed", "must be between 0 and 2**63-1")
         if self.timeout_s is not None and self.timeout_s <= 0:
             raise RequestError("timeout_s", "must be positive")
+        if self.image is not None:
+            if not 0.0 <= self.strength <= 1.0:
+                raise RequestError("strength", f"must be between 0 and 1, got {self.strength}")
+            if self.steps_run < 1:
+                raise RequestError(
+                    "strength",
+                    f"{self.strength} of {self.steps} steps runs no step (int(steps * strength) must be at least 1); raise strength or steps",
+                )
+        elif self.mask is not None:
+            raise RequestError("mask", "needs an image")
+
+    @property
+    def start_step(self) -> int:
+        """Where the request enters its schedule: diffusers' img2img `get_timesteps`."""
+        return self.steps - self.steps_run
+
+    @property
+    def steps_run(self) -> int:
+        """The UNet steps the request runs: all of them, or the tail that `strength` keeps."""
+        if self.image is None:
+            return self.steps
+        return min(int(self.steps * self.strength), self.steps)
 
     @property
     def guided(self) -> bool:

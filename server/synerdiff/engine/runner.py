@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..models.conditioning import Conditioning, Prompt
@@ -44,6 +45,18 @@ class DeviceRows:
     coeff_rows: list[list[float]]
     t_rows: list[float]
     scale_rows: list[float]
+    blend: Blend | None = None  # masked inpainting: what the known region is reset to each step
+
+
+@dataclass
+class Blend:
+    """diffusers' inpaint pipeline on a 4-channel UNet: after each step the region outside the
+    mask is replaced by the original image's latents noised to the next step's level."""
+
+    mask: torch.Tensor  # (1, 1, h, w): 1 = repaint
+    image: torch.Tensor  # (n, C, h, w) the encoded picture
+    noise: torch.Tensor  # (n, C, h, w) the request's initial noise, reused to renoise the picture
+    renoise: list[list[float]]  # per step: (signal, noise) of the scheduler's add_noise
 
 
 class TorchRunner:
@@ -53,6 +66,8 @@ class TorchRunner:
         self.decoder = Decoder(executor, tiling)
         self._requests: dict[str, tuple[GenerationRequest, int]] = {}  # queued: the request and its seed
         self._rows: dict[str, DeviceRows] = {}
+        self._image_processor: VaeImageProcessor | None = None
+        self._mask_processor: VaeImageProcessor | None = None
 
     def expect(self, job_id: str, request: GenerationRequest, seed: int) -> None:
         """Hold a queued request's inputs until it is admitted."""
@@ -83,13 +98,19 @@ class TorchRunner:
         neg = iter(range(len(reqs), len(prompts)))
         made: dict[str, DeviceRows] = {}
         for i, (job, (req, seed)) in enumerate(zip(jobs, reqs, strict=True)):
-            plan = make_plan(req.sampler, m.scheduler_config, req.steps)
+            plan = make_plan(req.sampler, m.scheduler_config, req.steps, req.start_step)
             gen = torch.Generator("cpu").manual_seed(seed)
             f = m.vae_scale_factor
             shape = (req.n, m.latent_channels, req.height // f, req.width // f)
-            # diffusers' prepare_latents: one draw of all n images from the request's generator.
-            noise = randn_tensor(shape, generator=gen, device=m.device, dtype=m.dtype)
-            latents = noise.float() * plan.init_noise_sigma
+            blend = None
+            if req.image is None:
+                # diffusers' prepare_latents: one draw of all n images from the request's generator.
+                noise = randn_tensor(shape, generator=gen, device=m.device, dtype=m.dtype)
+                latents = noise.float() * plan.init_noise_sigma
+            elif req.mask is None:
+                latents = self._image_latents(req, plan, gen, shape)
+            else:
+                latents, blend = self._inpaint_latents(req, plan, gen, shape)
             made[job.id] = DeviceRows(
                 request=req,
                 plan=plan,
@@ -101,8 +122,50 @@ class TorchRunner:
                 coeff_rows=plan.coeffs.tolist(),
                 t_rows=plan.timesteps.tolist(),
                 scale_rows=plan.input_scale.tolist(),
+                blend=blend,
             )
         self._rows.update(made)
+
+    def _image_latents(self, req: GenerationRequest, plan: SamplerPlan, gen: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
+        """diffusers' img2img prepare_latents: the image encoded once (a sample of the VAE's
+        latent distribution drawn from the request's generator), scaled, repeated for its n
+        images, then noised to the first timestep the request runs by one draw of noise."""
+        image = req.image.convert("RGB") if getattr(req.image, "mode", "RGB") != "RGB" else req.image
+        pixels = self._processor().preprocess(image, height=req.height, width=req.width)
+        encoded = self.executor.encode_image(pixels, gen)
+        init = encoded.repeat(req.n, 1, 1, 1) if req.n > 1 else encoded
+        noise = randn_tensor(shape, generator=gen, device=self.model.device, dtype=self.model.dtype).float()
+        signal, sigma = plan.renoise[0].tolist()
+        return (signal * init + sigma * noise).float()
+
+    def _inpaint_latents(self, req: GenerationRequest, plan: SamplerPlan, gen: torch.Generator, shape: tuple[int, ...]) -> tuple[torch.Tensor, Blend]:
+        """diffusers' StableDiffusionInpaintPipeline for a 4-channel UNet: the picture encoded,
+        one draw of noise, the picture noised to the first timestep (or pure noise at strength
+        1), then the masked picture's encode, whose only effect here is the draw it takes from
+        the generator (a 4-channel UNet does not read it)."""
+        m = self.model
+        image = req.image.convert("RGB") if getattr(req.image, "mode", "RGB") != "RGB" else req.image
+        pixels = self._processor().preprocess(image, height=req.height, width=req.width)
+        encoded = self.executor.encode_image(pixels, gen)
+        init = encoded.repeat(req.n, 1, 1, 1) if req.n > 1 else encoded
+        noise = randn_tensor(shape, generator=gen, device=m.device, dtype=m.dtype).float()
+        if req.strength == 1.0:
+            latents = noise * plan.init_noise_sigma
+        else:
+            signal, sigma = plan.renoise[0].tolist()
+            latents = signal * init + sigma * noise
+        # The masked picture's latent sample: one (1, C, h, w) draw in the VAE's dtype.
+        randn_tensor((1, *shape[1:]), generator=gen, device=m.device, dtype=m.vae_dtype)
+        if self._mask_processor is None:
+            self._mask_processor = VaeImageProcessor(vae_scale_factor=m.vae_scale_factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
+        mask = self._mask_processor.preprocess(req.mask, height=req.height, width=req.width)
+        mask = torch.nn.functional.interpolate(mask, size=tuple(shape[2:])).to(m.device, torch.float32)
+        return latents.float(), Blend(mask=mask, image=init, noise=noise, renoise=plan.renoise.tolist())
+
+    def _processor(self) -> VaeImageProcessor:
+        if self._image_processor is None:
+            self._image_processor = VaeImageProcessor(vae_scale_factor=self.model.vae_scale_factor)
+        return self._image_processor
 
     # ------------------------------------------------------------------ one step
     def step(self, jobs: Sequence[Denoising], guided: Sequence[bool]) -> StepReport:
@@ -175,6 +238,8 @@ class TorchRunner:
             n = r.request.n
             r.latents, r.history = x_next[off : off + n], x0[off : off + n]
             off += n
+            if r.blend is not None:
+                r.latents = _blend(r.latents, r.blend, d.step)
             if d.step + 1 == d.spec.steps and not bool(torch.isfinite(r.latents).all()):
                 nonfinite.add(d.spec.id)
         return StepReport(
@@ -197,3 +262,14 @@ class TorchRunner:
 
     def decode(self, work: DecodeWork) -> DecodeReport:
         return self.decoder.decode(self._chunks(work))
+
+
+def _blend(latents: torch.Tensor, blend: Blend, step: int) -> torch.Tensor:
+    """The known region back from the picture, noised to the level of the step that comes next
+    (clean after the last step), as diffusers' inpaint pipeline does after each step."""
+    if step + 1 < len(blend.renoise):
+        signal, sigma = blend.renoise[step + 1]
+        known = signal * blend.image + sigma * blend.noise
+    else:
+        known = blend.image
+    return (1 - blend.mask) * known + blend.mask * latents

@@ -38,6 +38,7 @@ from .upstreams import UpstreamPool
 log = logging.getLogger("synerdiff.router")
 
 GENERATIONS_PATH = "/v1/images/generations"
+EDITS_PATH = "/v1/images/edits"
 # Hop-by-hop headers (RFC 9110 7.6.1) and those the ASGI server sets itself.
 _HOP = {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade", "host", "content-length"}
 
@@ -52,6 +53,7 @@ class RouterConfig:
     buffer_timeout_s: float = 300.0  # longest a request waits for a ready engine
     request_timeout_s: float = 600.0  # longest an upstream answer may take (the engine's own deadline is shorter)
     max_body_bytes: int = 1 << 20
+    max_upload_bytes: int = 16 << 20  # image edits carry their pictures
     tolerance: float = 0.25
     defaults: Defaults = field(default_factory=Defaults)
 
@@ -112,20 +114,28 @@ class Router:
     async def generations(self, request: Request) -> Response:
         self.in_flight += 1
         try:
-            return await self._generations(request)
+            return await self._route(request, GENERATIONS_PATH, self.config.max_body_bytes)
         finally:
             self.in_flight -= 1
 
-    async def _generations(self, request: Request) -> Response:
-        body = await _read_body(request, self.config.max_body_bytes)
-        if body is None:
-            return _error(
-                413, f"request body larger than {self.config.max_body_bytes} bytes", "body_too_large", {"Connection": "close"}, type="invalid_request_error"
-            )
+    async def edits(self, request: Request) -> Response:
+        self.in_flight += 1
         try:
-            parsed: Any = json.loads(body)
-        except ValueError:
-            parsed = None  # the engine answers 422 with details
+            return await self._route(request, EDITS_PATH, self.config.max_upload_bytes)
+        finally:
+            self.in_flight -= 1
+
+    async def _route(self, request: Request, path: str, limit: int) -> Response:
+        body = await _read_body(request, limit)
+        if body is None:
+            return _error(413, f"request body larger than {limit} bytes", "body_too_large", {"Connection": "close"}, type="invalid_request_error")
+        parsed: Any = None
+        if path == GENERATIONS_PATH:
+            try:
+                parsed = json.loads(body)
+            except ValueError:
+                pass  # the engine answers 422 with details
+        # An edit's form is not parsed here: it is balanced at the default cost.
         cost = request_cost(parsed if isinstance(parsed, dict) else None, self.config.defaults)
         headers = _forward_headers(request)
         full: dict[str, httpx.Response] = {}  # engines that answered 429, and their answers
@@ -154,7 +164,7 @@ class Router:
                     released = True
                     up.release(cost)
 
-            req = self.client.build_request("POST", up.url + GENERATIONS_PATH, content=body, headers=headers)
+            req = self.client.build_request("POST", up.url + path, content=body, headers=headers)
             try:
                 resp = await _send_watching(self.client, req, request)
             except asyncio.CancelledError:  # the router itself is stopping
@@ -390,6 +400,7 @@ def create_app(config: RouterConfig, pool: UpstreamPool | None = None) -> Starle
 
     routes = [
         Route(GENERATIONS_PATH, router.generations, methods=["POST"]),
+        Route(EDITS_PATH, router.edits, methods=["POST"]),
         Route("/healthz", router.healthz, methods=["GET", "HEAD"]),
         Route("/readyz", router.readyz, methods=["GET", "HEAD"]),
         Route("/metrics", router.metrics_endpoint, methods=["GET"]),

@@ -38,6 +38,13 @@ class SamplerPlan:
     coeffs: torch.Tensor  # (steps, 7) float64: p q a b c d e
     init_noise_sigma: float
     ancestral: bool  # draws fresh noise each step (d != 0)
+    # (steps, 2) float64: the scheduler's add_noise at each step, x = signal * x0 + noise * z;
+    # an image-to-image request starts from its encoded image noised by its first row.
+    renoise: torch.Tensor
+
+    def from_step(self, start: int) -> SamplerPlan:
+        """The schedule's tail from step `start` (diffusers' img2img `get_timesteps`)."""
+        return SamplerPlan(self.timesteps[start:], self.input_scale[start:], self.coeffs[start:], self.init_noise_sigma, self.ancestral, self.renoise[start:])
 
     @property
     def steps(self) -> int:

@@ -40,8 +40,10 @@ def _ddim(cfg: Mapping[str, Any], steps: int) -> SamplerPlan:
     pred = s.config.prediction_type
     stride = s.config.num_train_timesteps // s.num_inference_steps
     k = torch.zeros(steps, NCOEF, dtype=torch.float64)
+    renoise = torch.zeros(steps, 2, dtype=torch.float64)
     for i, t in enumerate(s.timesteps.tolist()):
         a_t = float(ac[t])
+        renoise[i, 0], renoise[i, 1] = math.sqrt(a_t), math.sqrt(1 - a_t)
         prev = t - stride
         a_prev = float(ac[prev]) if prev >= 0 else final
         sa, s1a = math.sqrt(a_t), math.sqrt(1 - a_t)
@@ -63,6 +65,7 @@ def _ddim(cfg: Mapping[str, Any], steps: int) -> SamplerPlan:
         coeffs=k,
         init_noise_sigma=float(s.init_noise_sigma),
         ancestral=False,
+        renoise=renoise,
     )
 
 
@@ -95,12 +98,14 @@ def _euler_like(
             coeffs=k,
             init_noise_sigma=float(s.init_noise_sigma),
             ancestral=ancestral,
+            # Euler's add_noise: x0 + sigma * z (its samples live in the VE space).
+            renoise=torch.tensor([[1.0, v] for v in sig[:steps]], dtype=torch.float64),
         )
 
     return build
 
 
-def _dpmpp_2m(cfg: Mapping[str, Any], steps: int) -> SamplerPlan:
+def _dpmpp_2m(cfg: Mapping[str, Any], steps: int, start: int = 0) -> SamplerPlan:
     s = DPMSolverMultistepScheduler.from_config(cfg)
     c = s.config
     if c.algorithm_type != "dpmsolver++":
@@ -115,8 +120,12 @@ def _dpmpp_2m(cfg: Mapping[str, Any], steps: int) -> SamplerPlan:
         return float(1 / (v**2 + 1) ** 0.5)  # float ** float is typed Any: a negative base gives a complex
 
     k = torch.zeros(n, NCOEF, dtype=torch.float64)
+    # add_noise in VP space: alpha_t * x0 + sigma_t * z, sigma_t = sigma * alpha_t.
+    renoise = torch.tensor([[alpha(v), v * alpha(v)] for v in sig[:n]], dtype=torch.float64)
+    # A schedule entered at `start` (img2img) begins with an empty history, so its first
+    # step is first order, as the scheduler's own counter has it.
     lower_order_nums = 0
-    for i in range(n):
+    for i in range(start, n):
         k[i, P], k[i, Q] = x0_from_sigma(sig[i], c.prediction_type, vp_scaled_input=True)
         lower_order_final = (i == n - 1) and (c.euler_at_final or (c.lower_order_final and n < 15) or c.final_sigmas_type == "zero")
         s0, t = sig[i], sig[i + 1]
@@ -146,6 +155,7 @@ def _dpmpp_2m(cfg: Mapping[str, Any], steps: int) -> SamplerPlan:
         coeffs=k,
         init_noise_sigma=float(s.init_noise_sigma),
         ancestral=False,
+        renoise=renoise,
     )
 
 
@@ -162,16 +172,20 @@ def _freeze(cfg: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
 
 
 @lru_cache(maxsize=256)
-def _cached(name: str, frozen_cfg: tuple[tuple[str, Any], ...], steps: int) -> SamplerPlan:
-    return BUILDERS[name](dict(frozen_cfg), steps)
+def _cached(name: str, frozen_cfg: tuple[tuple[str, Any], ...], steps: int, start: int) -> SamplerPlan:
+    if name == "dpmpp_2m":  # multistep: its orders depend on where the schedule is entered
+        return _dpmpp_2m(dict(frozen_cfg), steps, start).from_step(start)
+    plan = BUILDERS[name](dict(frozen_cfg), steps)
+    return plan.from_step(start) if start else plan
 
 
-def make_plan(name: str, scheduler_config: Mapping[str, Any], steps: int) -> SamplerPlan:
-    """The plan for `steps` steps of sampler `name`; cached, since most requests repeat a few."""
+def make_plan(name: str, scheduler_config: Mapping[str, Any], steps: int, start: int = 0) -> SamplerPlan:
+    """The plan for `steps` steps of sampler `name`, entered at step `start` (image-to-image
+    runs only the tail of its schedule); cached, since most requests repeat a few."""
     if name not in BUILDERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(BUILDERS)}")
     cfg = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
     try:
-        return _cached(name, _freeze(cfg), steps)
+        return _cached(name, _freeze(cfg), steps, start)
     except (IndexError, ArithmeticError) as exc:  # e.g. DDIM at steps == num_train_timesteps
         raise ValueError(f"{name} cannot schedule {steps} steps with this model's scheduler ({type(exc).__name__}: {exc})") from exc
