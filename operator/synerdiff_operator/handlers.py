@@ -80,8 +80,7 @@ class State:
     telemetry: Telemetry = field(default_factory=Telemetry)
     peering: Peering | None = None  # None: standalone, this replica always does the work
     periodic_limit: asyncio.Semaphore | None = None  # shared by the resync and autoscaling tasks
-    foreground: int = 0  # event-driven reconciles in flight (a pool, its Deployment or a pod changed)
-    pod_summaries: dict[tuple[str, str], tuple[Any, ...]] = field(default_factory=dict)  # what status last read of each engine pod
+    foreground: int = 0  # event-driven reconciles in flight (a pool or its Deployment changed)
 
     def enter_foreground(self, delta: int) -> None:
         with self.lock:
@@ -134,7 +133,6 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) ->
     # kopf's `labels=` filters run in the operator, after every Deployment of the cluster has been
     # listed and streamed to it; the API server applies this selector before anything is sent.
     settings.watching.label_selectors["apps", "v1", "deployments"] = f"{manifests.LABEL_MANAGED_BY}={manifests.MANAGER}"
-    settings.watching.label_selectors["v1", "pods"] = f"{manifests.LABEL_MANAGED_BY}={manifests.MANAGER},{manifests.LABEL_COMPONENT}=engine"
     options = OperatorOptions()
     # Without cluster-wide rights kopf finds the CRD once through discovery instead of a watch.
     settings.scanning.disabled = not options.scan_crds
@@ -266,44 +264,6 @@ def deployment_changed(body: kopf.Body, namespace: str | None, memo: kopf.Memo, 
         return
     try:
         run_reconcile(memo.state, namespace, pool, logger, "deployment")
-    except kopf.TemporaryError as exc:
-        logger.warning(f"pool {namespace}/{pool}: {exc}; the periodic resync retries")
-
-
-def pod_summary(body: dict[str, Any]) -> tuple[Any, ...]:
-    """What the pool's status reads of a pod: phase, conditions, container states and restarts."""
-    st = body.get("status") or {}
-    conditions = tuple(sorted((c.get("type"), c.get("status"), c.get("reason")) for c in st.get("conditions") or []))
-    containers = tuple(
-        sorted(
-            (c.get("name"), tuple(sorted((c.get("state") or {}).keys())), ((c.get("state") or {}).get("waiting") or {}).get("reason"), c.get("restartCount"))
-            for c in (st.get("initContainerStatuses") or []) + (st.get("containerStatuses") or [])
-        )
-    )
-    return (st.get("phase"), conditions, containers, bool((body.get("metadata") or {}).get("deletionTimestamp")))
-
-
-@kopf.on.event("v1", "pods", labels={manifests.LABEL_MANAGED_BY: manifests.MANAGER, manifests.LABEL_COMPONENT: "engine"})
-def pod_changed(event: kopf.RawEvent, body: kopf.Body, namespace: str | None, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
-    """A pod's trouble (Pending for GPUs, an image pull, a crash loop) shows in the pool's status
-    at once rather than at the next resync. Only a change of what status reads reconciles: a
-    pod's other updates (its IP, timestamps) do not."""
-    assert namespace is not None, "pods are namespaced"
-    pool = (body.metadata.labels or {}).get(manifests.LABEL_POOL)
-    if not pool:
-        return
-    state: State = memo.state
-    key = (namespace, str(body.metadata.name))
-    summary = pod_summary(dict(body))
-    with state.lock:
-        if event.get("type") == "DELETED":
-            state.pod_summaries.pop(key, None)
-        elif state.pod_summaries.get(key) == summary:
-            return
-        else:
-            state.pod_summaries[key] = summary
-    try:
-        run_reconcile(state, namespace, pool, logger, "pod")
     except kopf.TemporaryError as exc:
         logger.warning(f"pool {namespace}/{pool}: {exc}; the periodic resync retries")
 

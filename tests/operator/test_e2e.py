@@ -428,31 +428,3 @@ async def test_the_container_entrypoint_runs_the_operator(cluster: Cluster, free
     out = (tmp_path / "operator.log").read_text()
     assert proc.returncode == 0, out[-3000:]
     assert '"message"' in out  # JSON logs
-
-
-async def test_a_pods_trouble_shows_without_waiting_for_a_resync(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With the resync ten minutes away, a pod turning Pending for GPUs degrades the pool through the pod watch."""
-    monkeypatch.setenv("SYNERDIFF_OPERATOR_RESYNC_SECONDS", "600")
-    monkeypatch.setenv("SYNERDIFF_OPERATOR_SCRAPE_TIMEOUT_SECONDS", "1")
-    import synerdiff_operator.handlers  # noqa: F401  registers the handlers in kopf's default registry
-
-    runner = OperatorThread()
-    await runner.start()
-    try:
-        await cluster.create_pool("sd", SPEC)
-        await cluster.eventually(lambda: cluster.exists(DEPLOYMENTS, "sd") and cluster.condition("sd", "Degraded"), what="reconciled")
-        assert cluster.condition("sd", "Degraded")["status"] == "False"
-        message = "0/2 nodes are available: 2 Insufficient nvidia.com/gpu."
-        pending = {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": message}]}
-        await cluster.create(PODS, pod("sd", "sd-1", status=pending))
-        degraded = await cluster.eventually(
-            lambda: (c := cluster.condition("sd", "Degraded")) and c["status"] == "True" and c, timeout=10, what="Degraded from the pod watch"
-        )
-        assert degraded["reason"] == "InsufficientGPU"
-        # The pod's watch list went to the API server with the engine pods' selector.
-        watches = [
-            r for r in cluster.requests() if r.resource is not None and r.resource.plural == "pods" and r.method == "GET" and r.params.get("watch") == "true"
-        ]
-        assert watches and all("app.kubernetes.io/component=engine" in r.params.get("labelSelector", "") for r in watches)
-    finally:
-        await runner.stop()

@@ -172,8 +172,7 @@ async def test_pools_at_rest_cost_no_writes_and_a_slow_pool_holds_up_no_other(le
         assert lean.writes(start, end) == [], [summary(b) for t, b in lean.bodies if start <= t < end][:6]
         # Yet every pool was looked at each period, the one with the silent pod included: its
         # scrape waits out the timeout without holding up the others.
-        # (Namespaced pod lists: the cluster-wide pod watch may reconnect in the window too.)
-        looked = {(c[3], c[2]) for c in lean.calls if start <= c[0] < end and c[1] == "GET" and c[2] == "pods" and c[3] is not None}
+        looked = {(c[3], c[2]) for c in lean.calls if start <= c[0] < end and c[1] == "GET" and c[2] == "pods"}
         assert looked == {(ns, "pods") for ns in NAMESPACES}
         reads = [c for c in lean.calls if start <= c[0] < end and c[1] == "GET" and c[2] == "diffusionpools" and c[4]]
         per_pool = {(ns, n): sum(1 for c in reads if (c[3], c[4]) == (ns, n)) for ns, n in pools}
