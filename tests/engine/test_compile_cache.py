@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from synerdiff.engine.compile_cache import CompileCache, cache_key, default_cache_dir, model_fingerprint
+from synerdiff.engine.compile_cache import STALE_TEMP_S, CompileCache, cache_key, default_cache_dir, model_fingerprint, prune
 
 FACTS: dict[str, object] = dict(
     gpu="NVIDIA H200",
@@ -123,3 +123,21 @@ def test_a_fresh_process_starts_warm_from_what_another_wrote(tmp_path: Path) -> 
     assert warm["sum"] == pytest.approx(cold["sum"])
     cache = CompileCache(root, {"what": "a small pointwise function", "shape": [64]})
     assert cache.remembered("attention") == "flash"
+
+
+def test_pruning_keeps_the_newest_entries_and_the_current_one(tmp_path: Path) -> None:
+    for i, key in enumerate(["k0", "k1", "k2", "k3", "k4", "k5"]):
+        for suffix in (".bin", ".json"):
+            path = tmp_path / f"{key}{suffix}"
+            path.write_bytes(b"x")
+            os.utime(path, (1000.0 + i, 1000.0 + i))  # k5 newest, k0 oldest
+    fresh, stale = tmp_path / ".k9.bin.abc.tmp", tmp_path / ".k8.bin.def.tmp"
+    fresh.write_bytes(b"partial")
+    stale.write_bytes(b"partial")
+    os.utime(fresh, (9000.0, 9000.0))
+    os.utime(stale, (9000.0 - STALE_TEMP_S - 1, 9000.0 - STALE_TEMP_S - 1))
+    removed = prune(tmp_path, keep=3, current="k0", now=9000.0)
+    # The current entry (just written by this start) stays; with it, the two newest others.
+    assert sorted(removed) == ["k1", "k2", "k3"]
+    assert sorted(p.name for p in tmp_path.glob("k*")) == ["k0.bin", "k0.json", "k4.bin", "k4.json", "k5.bin", "k5.json"]
+    assert fresh.exists() and not stale.exists()  # a writer may still be busy with the fresh one

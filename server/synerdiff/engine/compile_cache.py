@@ -116,7 +116,41 @@ class CompileCache:
             log.warning("compile cache not written to %s: %s", self.root, exc)
             return 0
         log.info("compile cache written: %s (%.1f MB)", self.blob_path, len(blob) / 1e6)
+        prune(self.root, keep=KEEP_ENTRIES, current=self.key)
         return len(blob)
+
+
+# Entries kept in a folder: each upgrade of torch, the model or the row sizes writes a new one
+# (hundreds of MB for an SD-sized UNet), and a rollout runs two versions side by side for a while.
+KEEP_ENTRIES = 4
+STALE_TEMP_S = 3600.0  # a temporary file this old belongs to a writer that died
+
+
+def prune(root: Path, keep: int = KEEP_ENTRIES, current: str = "", now: float | None = None) -> list[str]:
+    """Remove all but the `keep` most recently written entries (never `current`) and abandoned
+    temporary files; the keys removed. Best effort: a file another pod removed first is fine."""
+    import time
+
+    now = time.time() if now is None else now
+    removed: list[str] = []
+    try:
+        blobs = sorted(root.glob("*.bin"), key=lambda p: p.stat().st_mtime, reverse=True)
+        temps = list(root.glob(".*.tmp"))
+    except OSError:
+        return removed
+    for blob in [b for b in blobs if b.stem != current][max(0, keep - 1) :]:
+        for path in (blob, blob.with_suffix(".json")):
+            path.unlink(missing_ok=True)
+        removed.append(blob.stem)
+    for tmp in temps:
+        try:
+            if now - tmp.stat().st_mtime > STALE_TEMP_S:
+                tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+    if removed:
+        log.info("compile cache: removed %d older entries from %s", len(removed), root)
+    return removed
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
