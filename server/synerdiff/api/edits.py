@@ -16,17 +16,15 @@ import warnings
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from PIL import Image
 from starlette.datastructures import FormData, UploadFile
 
-from ..contract.metrics import NOT_STARTED_HEADER
 from ..contract.requests import SAMPLER_NAMES
-from ..engine import EngineError, GenerationRequest
+from ..engine import GenerationRequest
 from .auth import require_api_token
-from .errors import APIError, from_engine_error
-from .generation import ClientGone, await_result, check_available, submit
-from .outputs import encode_png, record, synerdiff_info
+from .errors import APIError
+from .generation import check_available, json_response, refused, submit
 from .schemas import ImagesResponse
 from .state import AppState
 
@@ -287,26 +285,5 @@ async def edit(request: Request) -> Response:
             await form.close()
         handle = submit(state, greq)
     except APIError as err:
-        record(state, err.status, err.code)
-        if err.status in (429, 503):
-            err.headers[NOT_STARTED_HEADER] = "1"
-        raise
-    try:
-        result = await await_result(request, handle)
-    except ClientGone:
-        record(state, 499, "cancelled")
-        return Response(status_code=499)
-    except EngineError as exc:
-        failure = from_engine_error(exc)
-        record(state, failure.status, failure.code)
-        return failure.response()
-    images = await asyncio.to_thread(encode_png, result)
-    record(state, 200, None, started, len(images))
-    payload: dict[str, Any] = {
-        "created": int(time.time()),
-        "data": [{"b64_json": b} for b in images],
-        "size": f"{greq.width}x{greq.height}",
-        "output_format": "png",
-        "synerdiff": synerdiff_info(greq, result),
-    }
-    return JSONResponse(payload)
+        raise refused(state, err) from None
+    return await json_response(request, state, greq, handle, started)

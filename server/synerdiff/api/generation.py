@@ -145,13 +145,23 @@ async def generate(body: ImageGenerationRequest, request: Request) -> Response:
         greq = build_request(body, state)
         handle = submit(state, greq)
     except APIError as err:
-        record(state, err.status, err.code)
-        if err.status in (429, 503):
-            # Refused before the engine queued it: a router may send it to another engine.
-            err.headers[NOT_STARTED_HEADER] = "1"
-        raise
+        raise refused(state, err) from None
     if body.stream:
         return stream_response(request, state, greq, handle, started)
+    return await json_response(request, state, greq, handle, started)
+
+
+def refused(state: AppState, err: APIError) -> APIError:
+    """Count a refusal before the engine queued the request, and mark it as never started, so
+    that a router may send it to another engine."""
+    record(state, err.status, err.code)
+    if err.status in (429, 503):
+        err.headers[NOT_STARTED_HEADER] = "1"
+    return err
+
+
+async def json_response(request: Request, state: AppState, greq: GenerationRequest, handle: RequestHandle, started: float) -> Response:
+    """Wait for a submitted request and answer with its images as JSON (generations and edits alike)."""
     try:
         result = await await_result(request, handle)
     except ClientGone:
