@@ -153,8 +153,10 @@ def _observe(hist: list[float], value: float) -> None:
     hist[bisect.bisect_left(LATENCY_BUCKETS, value)] += 1
 
 
-class Pool:
+class Pool(poolsim.EventPods):
     """poolsim.Pool's interface (live, _advance, scale_to, pods) for mixed requests and a routing choice."""
+
+    pod_type = Pod
 
     def __init__(self, service: Service, startup_s: float, routing: str, kinds: list[Kind], seed: int, clients: int = 8, keepalive_s: float = 5.0) -> None:
         self.service = service
@@ -174,20 +176,6 @@ class Pool:
         self.idle: list[list[tuple[int, float]]] = [[] for _ in range(clients)]  # per caller: (pod, idle since)
         self.conn: dict[int, tuple[int, int]] = {}  # request -> (caller, pod) while in flight
         self.joined = 0
-
-    def push(self, t: float, kind: str, payload: Any) -> None:
-        self.seq += 1
-        heapq.heappush(self.events, (t, self.seq, kind, payload))
-
-    def add_pod(self, now: float, ready_now: bool = False) -> Pod:
-        pod = Pod(len(self.pods), created=now, ready_at=now if ready_now else now + self.startup_s, last=now)
-        self.pods.append(pod)
-        if not ready_now:
-            self.push(pod.ready_at, "ready", pod.id)
-        return pod
-
-    def live(self) -> list[Pod]:
-        return [p for p in self.pods if not p.draining and p.gone_at is None]
 
     def _iteration(self, pod: Pod) -> float:
         return self.service.iteration_s(pod.rows_by_shape, pod.extra)

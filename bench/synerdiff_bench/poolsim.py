@@ -244,7 +244,34 @@ class Result:
         return out
 
 
-class Pool:
+class EventPods:
+    """The event queue and pod list a simulated pool keeps (this module's Pool and the routing
+    simulator's): `pod_type` is the pod record it makes."""
+
+    pod_type: Any
+    pods: list[Any]
+    events: list[tuple[float, int, str, Any]]
+    seq: int
+    startup_s: float
+
+    def push(self, t: float, kind: str, payload: Any) -> None:
+        self.seq += 1
+        heapq.heappush(self.events, (t, self.seq, kind, payload))
+
+    def add_pod(self, now: float, ready_now: bool = False) -> Any:
+        pod = self.pod_type(len(self.pods), created=now, ready_at=now if ready_now else now + self.startup_s, last=now)
+        self.pods.append(pod)
+        if not ready_now:
+            self.push(pod.ready_at, "ready", pod.id)
+        return pod
+
+    def live(self) -> list[Any]:
+        return [p for p in self.pods if not p.draining and p.gone_at is None]
+
+
+class Pool(EventPods):
+    pod_type = Pod
+
     def __init__(self, service: ServiceModel, startup_s: float) -> None:
         self.service = service
         self.startup_s = startup_s
@@ -255,20 +282,6 @@ class Pool:
         self.done: list[float] = []
         self.backlog: deque[int] = deque()  # requests that found no ready pod
         self.scale_events = 0
-
-    def push(self, t: float, kind: str, payload: Any) -> None:
-        self.seq += 1
-        heapq.heappush(self.events, (t, self.seq, kind, payload))
-
-    def add_pod(self, now: float, ready_now: bool = False) -> Pod:
-        pod = Pod(len(self.pods), created=now, ready_at=now if ready_now else now + self.startup_s, last=now)
-        self.pods.append(pod)
-        if not ready_now:
-            self.push(pod.ready_at, "ready", pod.id)
-        return pod
-
-    def live(self) -> list[Pod]:
-        return [p for p in self.pods if not p.draining and p.gone_at is None]
 
     def _advance(self, pod: Pod, now: float) -> None:
         if pod.active:
