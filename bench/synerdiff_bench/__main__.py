@@ -19,8 +19,12 @@ from pathlib import Path
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny", help="'tiny' (embedded), 'sd15' (build/reuse the SD1.5-shaped model in --model-dir) or a diffusers directory")
-    p.add_argument("--model-dir", default=None, help="where --model sd15 is built (default /tmp/synerdiff-sd15)")
+    p.add_argument(
+        "--model",
+        default="tiny",
+        help="'tiny' (embedded), 'sd15' or 'sdxl' (build/reuse the shaped random-weight model in --model-dir) or a diffusers directory",
+    )
+    p.add_argument("--model-dir", default=None, help="where --model sd15/sdxl is built (default /tmp/synerdiff-<shape>)")
     p.add_argument("--model-seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
@@ -49,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m synerdiff_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    b = sub.add_parser("build-model", help="write the SD1.5-shaped random-weight model")
+    b = sub.add_parser("build-model", help="write the SD1.5- or SDXL-shaped random-weight model")
     b.add_argument("out", nargs="?", default=None)
+    b.add_argument("--shape", default="sd15", choices=["sd15", "sdxl"])
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--device", default="auto")
 
@@ -130,9 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve(args: argparse.Namespace) -> str:
-    from .sdmodels import DEFAULT_SD15_DIR, resolve_model
+    from .sdmodels import resolve_model
 
-    return resolve_model(args.model, args.model_dir or DEFAULT_SD15_DIR, seed=args.model_seed, device=args.device)
+    return resolve_model(args.model, args.model_dir, seed=args.model_seed, device=args.device)
 
 
 def _load(args: argparse.Namespace):
@@ -170,9 +175,9 @@ def _specs(args: argparse.Namespace) -> list[tuple[str, dict[str, str]]]:
 
 
 def cmd_build_model(args: argparse.Namespace) -> None:
-    from .sdmodels import DEFAULT_SD15_DIR, build_sd15
+    from .sdmodels import resolve_model
 
-    print(build_sd15(args.out or DEFAULT_SD15_DIR, seed=args.seed, device=args.device))
+    print(resolve_model(args.shape, args.out, seed=args.seed, device=args.device))
 
 
 def cmd_profile(args: argparse.Namespace) -> None:

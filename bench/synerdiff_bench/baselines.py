@@ -28,7 +28,7 @@ from .systems import DoneFn, EngineSystem, HttpSystem, System
 from .workload import BenchRequest
 
 if TYPE_CHECKING:
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 log = logging.getLogger("synerdiff_bench")
 
@@ -42,16 +42,32 @@ STATIC_BATCH = 8
 STATIC_WAIT_S = 1.0
 
 
-def make_pipeline(model: ModelBundle) -> StableDiffusionPipeline:
-    """A diffusers pipeline over the very modules the engines use (no second copy of the weights)."""
-    from diffusers import StableDiffusionPipeline
+def make_pipeline(model: ModelBundle) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """A diffusers pipeline over the very modules the engines use (no second copy of the weights):
+    StableDiffusionXLPipeline for an SDXL model, else StableDiffusionPipeline."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    scheduler = DIFFUSERS_CLASSES["euler"].from_config(model.scheduler_config)
+    if model.family == "sdxl":
+        xl = StableDiffusionXLPipeline(
+            vae=model.vae,
+            text_encoder=model.text_encoder,
+            text_encoder_2=model.text_encoder_2,
+            tokenizer=model.tokenizer,
+            tokenizer_2=model.tokenizer_2,
+            unet=model.unet,
+            scheduler=scheduler,
+            force_zeros_for_empty_prompt=bool((model.pipeline_config or {}).get("force_zeros_for_empty_prompt", True)),
+            add_watermarker=False,
+        )
+        xl.set_progress_bar_config(disable=True)
+        return xl
     pipe = StableDiffusionPipeline(
         vae=model.vae,
         text_encoder=model.text_encoder,
         tokenizer=model.tokenizer,
         unet=model.unet,
-        scheduler=DIFFUSERS_CLASSES["euler"].from_config(model.scheduler_config),
+        scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,

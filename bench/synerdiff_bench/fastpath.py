@@ -26,6 +26,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from synerdiff.engine import Engine, EngineObserver, GenerationRequest, Iteratio
 from .baselines import make_pipeline
 from .quality import psnr
 from .report import command_line, new_report, result_path, write_json
-from .sdmodels import DEFAULT_SD15_DIR, resolve_model
+from .sdmodels import resolve_model
 
 PROMPT = "a photo of an astronaut riding a horse on the moon"
 
@@ -48,7 +49,9 @@ def engine_config(args: argparse.Namespace, policy: str) -> EngineConfig:
         device="cuda",
         dtype="float16",
         compile_cache_dir=args.cache_dir,
+        fast_path_compile=args.engine_compile == "on",
         scheduler=SchedulerConfig(policy=policy, max_rows=args.max_rows),  # type: ignore[arg-type]
+        profile_path=args.profile_path,
     )
 
 
@@ -121,8 +124,16 @@ def ceiling(model, args: argparse.Namespace) -> dict[str, float]:
     f = model.vae_scale_factor
     x = torch.randn(1, model.latent_channels, args.size // f, args.size // f, device="cuda", dtype=torch.float16)
     c = torch.randn(1, model.tokenizer.model_max_length, int(model.unet.config.cross_attention_dim), device="cuda", dtype=torch.float16)
+    kw: dict[str, Any] = {}
+    cfg = model.unet.config
+    if cfg.addition_embed_type == "text_time":  # SDXL: the pooled text embedding and six time ids per row
+        pooled = int(cfg.projection_class_embeddings_input_dim) - 6 * int(cfg.addition_time_embed_dim)
+        kw["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(1, pooled, device="cuda", dtype=torch.float16),
+            "time_ids": torch.tensor([[args.size, args.size, 0, 0, args.size, args.size]], device="cuda", dtype=torch.float16),
+        }
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model.unet(x, torch.tensor([500.0], device="cuda"), encoder_hidden_states=c, return_dict=False)
+        model.unet(x, torch.tensor([500.0], device="cuda"), encoder_hidden_states=c, return_dict=False, **kw)
     flops_row = float(counter.get_total_flops())
     n = 8192
     a = torch.randn(n, n, device="cuda", dtype=torch.float16)
@@ -169,19 +180,15 @@ def diffusers_runs(model, args: argparse.Namespace, compiled: bool) -> dict[str,
         s, imgs = call(1, args.seed)
         lone.append(s)
         image = imgs[0].float().cpu()
-    call(args.static_batch, 100)  # the batch shape's compile
-    batch_s = [call(args.static_batch, 100 + i)[0] for i in range(2)]
+    out: dict[str, Any] = {"lone_s": statistics.median(lone), "lone_s_all": lone, "first_call_s": first_s, "image": image}
+    batch = args.static_batch if not compiled or args.compiled_static else 0
+    if batch:
+        call(batch, 100)  # the batch shape's compile
+        batch_s = [call(batch, 100 + i)[0] for i in range(2)]
+        out.update(static_batch=batch, static_batch_s=batch_s, static_images_per_s=batch / statistics.median(batch_s))
     if compiled:
         pipe.unet = pipe.unet._orig_mod
-    return {
-        "lone_s": statistics.median(lone),
-        "lone_s_all": lone,
-        "static_batch": args.static_batch,
-        "static_batch_s": batch_s,
-        "static_images_per_s": args.static_batch / statistics.median(batch_s),
-        "first_call_s": first_s,
-        "image": image,
-    }
+    return out
 
 
 # ---------------------------------------------------------------------------------- engine
@@ -204,12 +211,14 @@ def engine_runs(args: argparse.Namespace, policy: str, lone: bool) -> dict[str, 
     try:
         if lone:
             eng.generate_sync(request(args, args.seed), timeout=600)  # lazy initialisation
-            lat, image = [], None
+            lat, decode, image = [], [], None
             for _ in range(args.repeats):
                 res = eng.generate_sync(request(args, args.seed), timeout=600)
                 lat.append(res.timings.total_s)
+                decode.append(res.timings.decode_s)
                 image = res.images[0]
-            out.update(lone_s=statistics.median(lat), lone_s_all=lat, image=image)
+            out.update(lone_s=statistics.median(lat), lone_s_all=lat, lone_decode_s=statistics.median(decode), image=image)
+            out["vae_share_lone"] = out["lone_decode_s"] / out["lone_s"]
         tally = Tally()
         eng.observers.append(EngineObserver(on_iteration=tally))
         n = args.saturation_requests
@@ -237,49 +246,70 @@ def engine_runs(args: argparse.Namespace, policy: str, lone: bool) -> dict[str, 
     return out
 
 
-def compare(args: argparse.Namespace) -> dict[str, Any]:
+def compare(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] = lambda _: None) -> dict[str, Any]:
+    """Each system in turn; `save` gets the results so far after each, so a run cut short keeps them."""
     from synerdiff.models.loader import load_model
 
     model = load_model(args.model_path, "cuda", "float16")
-    result: dict[str, Any] = {"ceiling": ceiling(model, args)}
+    result: dict[str, Any] = {"ceiling": ceiling(model, args), "details": {}, "errors": {}}
+    result["ceiling_images_per_s"] = result["ceiling"]["ceiling_images_per_s"]
     print(f"ceiling: {result['ceiling']}", flush=True)
-    eager = diffusers_runs(model, args, compiled=False)
-    print(f"diffusers eager: lone {eager['lone_s']:.3f} s, static {eager['static_images_per_s']:.2f} img/s", flush=True)
-    del model  # the engines load their own copy; the diffusers' compiled run below gets a fresh one
-    torch.cuda.empty_cache()
-    exact = engine_runs(args, "continuous", lone=True)
-    print(
-        f"engine exact: lone {exact['lone_s']:.3f} s, saturated {exact['saturated_images_per_s']:.2f} img/s, padding {exact['padding_fraction']:.3f}",
-        flush=True,
-    )
-    torch.cuda.empty_cache()
-    syner = engine_runs(args, "synerdiff", lone=False)
-    print(f"engine synerdiff: saturated {syner['saturated_images_per_s']:.2f} img/s, padding {syner['padding_fraction']:.3f}", flush=True)
-    fidelity = [psnr(syner["images"][i].float() / 255, exact["images"][i].float() / 255) for i in exact["images"]]
-    torch.cuda.empty_cache()
-    model = load_model(args.model_path, "cuda", "float16")
-    compiled = diffusers_runs(model, args, compiled=True)
-    print(f"diffusers compiled: lone {compiled['lone_s']:.3f} s, static {compiled['static_images_per_s']:.2f} img/s", flush=True)
-    result.update(
-        lone_s={"engine": exact["lone_s"], "diffusers_eager": eager["lone_s"], "diffusers_compiled": compiled["lone_s"]},
-        saturated_images_per_s={
-            "engine_exact": exact["saturated_images_per_s"],
-            "engine_synerdiff": syner["saturated_images_per_s"],
-            "diffusers_eager_static": eager["static_images_per_s"],
-            "diffusers_compiled_static": compiled["static_images_per_s"],
-        },
-        padding_fraction=exact["padding_fraction"],
-        agreement_db={
-            "engine_vs_diffusers_eager_lone": psnr(exact["image"], eager["image"]),
-            "diffusers_compiled_vs_eager_lone": psnr(compiled["image"], eager["image"]),
-        },
-        synerdiff_fidelity_db={"median": statistics.median(fidelity), "min": min(fidelity), "vs": "the exact engine's images, same seeds"},
-        details={
-            name: {k: v for k, v in d.items() if k not in ("image", "images")}
-            for name, d in (("engine_exact", exact), ("engine_synerdiff", syner), ("diffusers_eager", eager), ("diffusers_compiled", compiled))
-        },
-    )
+    runs: dict[str, dict[str, Any]] = {}
+
+    def phase(name: str, fn: Callable[[], dict[str, Any]]) -> None:
+        try:
+            runs[name] = fn()
+        except Exception as exc:  # recorded; the other systems still get their turn on the GPU
+            logging.getLogger("synerdiff_bench").exception("%s failed", name)
+            result["errors"][name] = f"{type(exc).__name__}: {exc}"
+        else:
+            d = runs[name]
+            print(
+                f"{name}: " + ", ".join(f"{k} {d[k]:.3f}" for k in ("lone_s", "saturated_images_per_s", "static_images_per_s", "vae_share_lone") if k in d),
+                flush=True,
+            )
+            result["details"][name] = {k: v for k, v in d.items() if k not in ("image", "images")}
+        torch.cuda.empty_cache()
+        summarize(result, runs)
+        save(result)
+
+    eager = [model]  # handed over, so that the engines below do not share the GPU with this copy
+    del model
+    phase("diffusers_eager", lambda: diffusers_runs(eager.pop(), args, compiled=False))  # the engines load their own copy
+    phase("engine_exact", lambda: engine_runs(args, "continuous", lone=True))
+    phase("engine_synerdiff", lambda: engine_runs(args, "synerdiff", lone=False))
+    phase("diffusers_compiled", lambda: diffusers_runs(load_model(args.model_path, "cuda", "float16"), args, compiled=True))
     return result
+
+
+def summarize(result: dict[str, Any], runs: dict[str, dict[str, Any]]) -> None:
+    """The headline figures from the systems that have run."""
+
+    def pick(system: str, key: str) -> Any:
+        return runs.get(system, {}).get(key)
+
+    result["lone_s"] = {
+        "engine": pick("engine_exact", "lone_s"),
+        "diffusers_eager": pick("diffusers_eager", "lone_s"),
+        "diffusers_compiled": pick("diffusers_compiled", "lone_s"),
+    }
+    result["vae_share_lone"] = pick("engine_exact", "vae_share_lone")
+    result["saturated_images_per_s"] = {
+        "engine_exact": pick("engine_exact", "saturated_images_per_s"),
+        "engine_synerdiff": pick("engine_synerdiff", "saturated_images_per_s"),
+        "diffusers_eager_static": pick("diffusers_eager", "static_images_per_s"),
+        "diffusers_compiled_static": pick("diffusers_compiled", "static_images_per_s"),
+    }
+    result["padding_fraction"] = pick("engine_exact", "padding_fraction")
+    eager, exact, compiled = (runs.get(k, {}).get("image") for k in ("diffusers_eager", "engine_exact", "diffusers_compiled"))
+    result["agreement_db"] = {
+        "engine_vs_diffusers_eager_lone": psnr(exact, eager) if exact is not None and eager is not None else None,
+        "diffusers_compiled_vs_eager_lone": psnr(compiled, eager) if compiled is not None and eager is not None else None,
+    }
+    syner, ref = pick("engine_synerdiff", "images"), pick("engine_exact", "images")
+    if syner and ref:
+        fidelity = [psnr(syner[i].float() / 255, ref[i].float() / 255) for i in ref]
+        result["synerdiff_fidelity_db"] = {"median": statistics.median(fidelity), "min": min(fidelity), "vs": "the exact engine's images, same seeds"}
 
 
 # ---------------------------------------------------------------------------------- compile modes
@@ -318,8 +348,8 @@ def main(argv: list[str] | None = None, stamp: list[str] | None = None) -> None:
     ap.add_argument("phase", choices=["startup", "compare", "modes", "start"])
     ap.add_argument("--modes", default="default,max-autotune-no-cudagraphs", help="modes: torch.compile modes to compare at --max-rows rows")
     ap.add_argument("--attention", default="cudnn", help="modes: the SDPA backend to compile with")
-    ap.add_argument("--model", default="sd15", help="'sd15' (built from a seed in --model-dir), 'tiny' or a diffusers directory")
-    ap.add_argument("--model-dir", default=DEFAULT_SD15_DIR)
+    ap.add_argument("--model", default="sd15", help="'sd15' or 'sdxl' (built from a seed in --model-dir), 'tiny' or a diffusers directory")
+    ap.add_argument("--model-dir", default=None, help="where 'sd15'/'sdxl' are built (default: /tmp/synerdiff-<shape>)")
     ap.add_argument("--cache-dir", required=True, help="compile cache folder (startup: must be empty)")
     ap.add_argument("--max-rows", type=int, default=64)
     ap.add_argument("--size", type=int, default=512)
@@ -327,6 +357,16 @@ def main(argv: list[str] | None = None, stamp: list[str] | None = None) -> None:
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--static-batch", type=int, default=16)
+    ap.add_argument(
+        "--compiled-static",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="compare: also time diffusers compiled at --static-batch (a second compile)",
+    )
+    ap.add_argument(
+        "--engine-compile", default="on", choices=["on", "off"], help="the engine's fast path: compiled CUDA graphs (on, the default) or plain CUDA graphs"
+    )
+    ap.add_argument("--profile-path", default=None, help="the synerdiff policy's cost model (profiled at its start when absent)")
     ap.add_argument("--saturation-requests", type=int, default=128)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--out", default="bench/results")
@@ -347,8 +387,13 @@ def main(argv: list[str] | None = None, stamp: list[str] | None = None) -> None:
         report["startup_s"] = {k: v["process_to_ready_s"] for k, v in runs.items()}
         report["startup_details"] = runs
     else:
-        report.update(compare(args))
         report["command_compare"] = command_line(stamp)
+
+        def save(partial: dict[str, Any]) -> None:
+            report.update(partial)
+            write_json(report, path)
+
+        compare(args, save)
     report["settings"] = {k: getattr(args, k) for k in ("max_rows", "size", "steps", "guidance", "static_batch", "saturation_requests")}
     write_json(report, path)
     print(f"wrote {path}", flush=True)

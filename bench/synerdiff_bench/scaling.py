@@ -240,9 +240,9 @@ def run_scaling(args, log: Log = print) -> dict[str, Any]:
         servers = [ServerProcess(i, u.strip().rstrip("/")) for i, u in enumerate(args.urls.split(";")) if u.strip()]
         model = args.model
     else:
-        from .sdmodels import DEFAULT_SD15_DIR, resolve_model
+        from .sdmodels import resolve_model
 
-        model = resolve_model(args.model, args.model_dir or DEFAULT_SD15_DIR, seed=args.model_seed, device=args.device)
+        model = resolve_model(args.model, args.model_dir, seed=args.model_seed, device=args.device)
         launch_args = dict(device=args.device, dtype=args.dtype, base_port=args.base_port, work_dir=work_dir, policy=args.policy)
         servers = launch(model, 1, **launch_args)
         if args.gpus > 1:
@@ -348,7 +348,7 @@ def add_parser(sub) -> None:
     s.add_argument("--gpus", type=int, default=2, help="servers to start, one per GPU (cuda) or all on the CPU")
     s.add_argument("--urls", default=None, help="drive these running servers ('http://a:8000;http://b:8000') instead of starting any")
     s.add_argument("--pools", default=None, help="pool sizes to measure, e.g. 1,2,4 (default 1..N)")
-    s.add_argument("--model", default="sd15", help="'tiny', 'sd15' or a diffusers directory (as for run)")
+    s.add_argument("--model", default="sd15", help="'tiny', 'sd15', 'sdxl' or a diffusers directory (as for run)")
     s.add_argument("--model-dir", default=None)
     s.add_argument("--model-seed", type=int, default=0)
     s.add_argument("--device", default="cuda", help="cuda (one GPU per server) or cpu")
