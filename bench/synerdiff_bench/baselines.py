@@ -11,6 +11,7 @@ NAME:k=v,.. any further engine config (`kind=engine`, the default), keys from
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import time
@@ -49,8 +50,11 @@ def make_pipeline(model: ModelBundle) -> StableDiffusionPipeline | StableDiffusi
 
     scheduler = DIFFUSERS_CLASSES["euler"].from_config(model.scheduler_config)
     if model.family == "sdxl":
+        # The engine keeps a force_upcast VAE in fp32; diffusers' SDXL pipeline expects the
+        # pipeline's dtype and upcasts around each decode itself, as its users run it.
+        vae = model.vae if model.vae_dtype == model.dtype else copy.deepcopy(model.vae).to(model.dtype)
         xl = StableDiffusionXLPipeline(
-            vae=model.vae,
+            vae=vae,
             text_encoder=model.text_encoder,
             text_encoder_2=model.text_encoder_2,
             tokenizer=model.tokenizer,

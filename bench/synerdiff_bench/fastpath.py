@@ -257,6 +257,8 @@ def compare(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] = l
     runs: dict[str, dict[str, Any]] = {}
 
     def phase(name: str, fn: Callable[[], dict[str, Any]]) -> None:
+        if args.only and name not in args.only.split(","):
+            return
         try:
             runs[name] = fn()
         except Exception as exc:  # recorded; the other systems still get their turn on the GPU
@@ -366,6 +368,7 @@ def main(argv: list[str] | None = None, stamp: list[str] | None = None) -> None:
     ap.add_argument(
         "--engine-compile", default="on", choices=["on", "off"], help="the engine's fast path: compiled CUDA graphs (on, the default) or plain CUDA graphs"
     )
+    ap.add_argument("--only", default="", help="compare: run only these systems (engine_exact, engine_synerdiff, diffusers_eager, diffusers_compiled)")
     ap.add_argument("--profile-path", default=None, help="the synerdiff policy's cost model (profiled at its start when absent)")
     ap.add_argument("--saturation-requests", type=int, default=128)
     ap.add_argument("--seed", type=int, default=42)
