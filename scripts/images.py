@@ -89,11 +89,11 @@ def is_cuda_build_package(name: str) -> bool:
 
 
 def dockerfile_extras(text: str) -> list[str]:
-    """The extras of the project the Dockerfile installs: `".[server]"` -> ["server"]."""
+    """The extras of the project the Dockerfile installs, over all its `".[...]"`: `".[server]"` -> ["server"]."""
     found = re.findall(r"""["']\.\[([A-Za-z0-9_,\- ]+)\]["']""", text)
-    if len(found) != 1:
-        raise ValueError(f'expected one `pip install ".[EXTRAS]"` in the Dockerfile, found {len(found)}')
-    return [e.strip() for e in found[0].split(",") if e.strip()]
+    if not found:
+        raise ValueError('the Dockerfile installs no `".[EXTRAS]"` of the project')
+    return list(dict.fromkeys(e.strip() for group in found for e in group.split(",") if e.strip()))
 
 
 def dockerfile_args(text: str) -> dict[str, str]:
@@ -225,6 +225,16 @@ def check(image: Image) -> None:
     print(f"{image.name}: {len(resolved)} packages, all pinned")
 
 
+def interpreter(image: Image) -> str:
+    """A Python of the image's version: this one when it is, else `pythonX.Y` from PATH."""
+    if f"{sys.version_info.major}.{sys.version_info.minor}" == image.python:
+        return sys.executable
+    found = shutil.which(f"python{image.python}")
+    if found is None:
+        raise SystemExit(f"the {image.name} image runs Python {image.python}; no python{image.python} found to replay its install with")
+    return found
+
+
 def replay(image: Image) -> dict[str, str]:
     """The Dockerfile's install in a fresh venv: its COPY'd sources, its pip install, its entry point."""
     text = image.dockerfile.read_text()
@@ -241,7 +251,7 @@ def replay(image: Image) -> dict[str, str]:
                     shutil.copytree(origin, target, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
                 else:
                     shutil.copy2(origin, target)
-        run([sys.executable, "-m", "venv", str(venv)])
+        run([interpreter(image), "-m", "venv", str(venv)])
         env = {**os.environ, "PATH": f"{venv / 'bin'}{os.pathsep}{os.environ.get('PATH', '')}", "VIRTUAL_ENV": str(venv)}
         env.pop("PYTHONPATH", None)
         constraints = src / image.constraints.relative_to(ROOT)

@@ -34,10 +34,10 @@ images = _load()
 
 
 def test_each_dockerfile_installs_its_extras_under_its_copied_constraints() -> None:
-    for name, extras in (("engine", ["server"]), ("router", ["router"]), ("operator", ["operator"])):
+    for name, extra in (("engine", "server"), ("router", "router"), ("operator", "operator")):
         image = images.IMAGES[name]
         text = image.dockerfile.read_text()
-        assert images.dockerfile_extras(text) == extras
+        assert extra in images.dockerfile_extras(text)
         assert f"-c docker/{name}.constraints.txt" in text
         copied = [src for sources, _ in images.dockerfile_copies(text) for src in sources]
         assert f"docker/{name}.constraints.txt" in copied and "pyproject.toml" in copied and "server" in copied
@@ -77,16 +77,18 @@ def test_every_direct_requirement_is_pinned_within_its_range(name: str) -> None:
     for line in images.requirements(pyproject, images.dockerfile_extras(image.dockerfile.read_text())):
         req = Requirement(line)
         pinned = pins.get(images.canonical(req.name))
-        assert pinned is not None, f"{req.name} is not pinned in {image.constraints.name}"
-        assert req.specifier.contains(pinned, prereleases=True), f"{image.constraints.name} pins {req.name}=={pinned}, outside {req}"
+        relock = f"run scripts/images.py lock {name}"
+        assert pinned is not None, f"{req.name} is not pinned in {image.constraints.name}: {relock}"
+        assert req.specifier.contains(pinned, prereleases=True), f"{image.constraints.name} pins {req.name}=={pinned}, outside {req}: {relock}"
 
 
 def test_pure_helpers() -> None:
     assert images.parse_constraints("# header\nFoo_Bar==1.0  # why\n\ntorch==2.13.0\n") == {"foo-bar": "1.0", "torch": "2.13.0"}
     with pytest.raises(ValueError, match="not a `name==version` pin: 'numpy>=2'"):
         images.parse_constraints("numpy>=2\n")
-    with pytest.raises(ValueError, match="found 0"):
+    with pytest.raises(ValueError, match="installs no"):
         images.dockerfile_extras('RUN pip install "."')
+    assert images.dockerfile_extras('RUN pip install ".[server, objectstore]" && pip install ".[server]"') == ["server", "objectstore"]
     with pytest.raises(ValueError, match="no extra nosuch"):
         images.requirements({"project": {"dependencies": [], "optional-dependencies": {"server": []}}}, ["nosuch"])
     engine, router = images.IMAGES["engine"], images.IMAGES["router"]
