@@ -5,10 +5,11 @@ FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY docker/operator.constraints.txt ./docker/
 COPY server ./server
 COPY operator ./operator
 # `.[operator]` = the base deps (pydantic) + kopf and the Kubernetes client; no engine extras.
-RUN pip install ".[operator]" && rm -rf /src \
+RUN pip install -c docker/operator.constraints.txt ".[operator]" && rm -rf /src \
  && python -c "import synerdiff_operator.handlers" \
  && ! python -c "import torch" 2>/dev/null
 

@@ -7,9 +7,10 @@ FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY docker/router.constraints.txt ./docker/
 COPY server ./server
 COPY operator ./operator
-RUN pip install ".[router]" && rm -rf /src \
+RUN pip install -c docker/router.constraints.txt ".[router]" && rm -rf /src \
  && synerdiff route --help >/dev/null \
  && python -c "import synerdiff.router.server" \
  && ! python -c "import torch" 2>/dev/null

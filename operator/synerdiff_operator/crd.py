@@ -56,6 +56,7 @@ PRINTER_COLUMNS = [
     {"name": "Desired", "type": "integer", "jsonPath": ".status.desiredReplicas", "priority": 1},
     {"name": "Threshold", "type": "number", "jsonPath": ".status.threshold"},
     {"name": "Reason", "type": "string", "jsonPath": '.status.conditions[?(@.type=="Ready")].reason', "priority": 1},
+    {"name": "Commit", "type": "string", "jsonPath": ".status.model.commit", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 

@@ -146,6 +146,7 @@ class Reconciler:
             pod_events=pod_events,
             new_starts=new_starts,
             stuck_creating_seconds=self.stuck_creating_seconds,
+            model_source=spec.model.identity() if spec else None,
         )
         new_status = status.compute(observation, spec.gpu.resource_name if spec else "nvidia.com/gpu")
         if self._worth_writing(namespace, name, previous, new_status):

@@ -95,6 +95,10 @@ class ModelSource(_Spec):
             raise ValueError(MODEL_RULES[1][1])
         return self
 
+    def identity(self) -> dict[str, str]:
+        """How status.model names the model: {"uri", "revision"} or {"path"}."""
+        return {"uri": self.uri, "revision": self.revision} if self.uri is not None else {"path": self.path or ""}
+
 
 # What the operator sets in an engine pod, and so a pod template may not: its labels (selectors
 # find pods by them), annotations under its prefix, the engine's environment (the engine is

@@ -95,6 +95,35 @@ class EngineStart(BaseModel):
     model_commit: str | None = Field(None, alias="modelCommit", max_length=64, description="The Hub commit the pod's model was fetched at (model.uri pools).")
 
 
+class CommitPods(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+    commit: str = Field(max_length=64)
+    ready_pods: int = Field(alias="readyPods", ge=0)
+
+
+class ModelStatus(BaseModel):
+    """The model a pool serves: its source as the spec names it, and the commit its ready pods report."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    uri: str | None = Field(None, max_length=512, description="spec.model.uri.")
+    path: str | None = Field(None, max_length=1024, description="spec.model.path.")
+    revision: str | None = Field(None, max_length=128, description="spec.model.revision as asked (a branch, tag or commit).")
+    commit: str | None = Field(
+        None,
+        max_length=64,
+        description="The commit every ready engine pod reports having loaded (model.uri pools, or a path downloaded by `synerdiff fetch`). "
+        "Absent while ready pods disagree; kept while no ready pod reports one and the model spec is unchanged.",
+    )
+    commits: list[CommitPods] | None = Field(
+        None,
+        max_length=16,
+        description="Only while ready pods disagree: each commit with its number of ready pods, most pods first (a rollout to another revision, "
+        "or, once no rollout explains it, Degraded=True with reason ModelCommitMismatch).",
+    )
+
+
 class PoolStatus(BaseModel):
     """What the operator observed; `selector` and `replicas` back the /scale subresource."""
 
@@ -112,6 +141,7 @@ class PoolStatus(BaseModel):
         None, alias="lastScaleTime", json_schema_extra={"format": "date-time"}, description="When the autoscaler last changed spec.replicas."
     )
     autoscaler: AutoscalerStatus | None = None
+    model: ModelStatus | None = None
     engine_starts: list[EngineStart] | None = Field(
         None,
         alias="engineStarts",
@@ -146,6 +176,8 @@ class Observation:
     # kubelet and the attach/detach controller say why a volume is missing.
     pod_events: Sequence[dict[str, Any]] = ()
     stuck_creating_seconds: float = STUCK_CREATING_SECONDS
+    # The spec's model source: {"uri", "revision"} or {"path"}; None while the spec is invalid.
+    model_source: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -165,6 +197,8 @@ PROBLEM_ORDER = (
     "Unschedulable",
     "StuckCreating",
 )
+# Not a pod's failure: every pod serves, but not the same weights.
+COMMIT_MISMATCH = "ModelCommitMismatch"
 
 
 def parse_time(value: str | None) -> datetime.datetime | None:
@@ -361,6 +395,11 @@ def compute(obs: Observation, gpu_resource: str = "nvidia.com/gpu") -> dict[str,
         problems.insert(0, uncreatable)
     if obs.child_error:
         problems.insert(0, Problem(*obs.child_error))
+    rolling_out = bool(dep) and (updated < desired or replicas > updated)
+    starts = engine_starts(obs)
+    model_state, mismatch = model_status(obs.model_source, obs.pods, starts, obs.previous.get("model"), rolling_out=rolling_out)
+    if mismatch is not None and not obs.spec_error:
+        problems.append(mismatch)
     crash = next(
         (
             p
@@ -449,10 +488,59 @@ def compute(obs: Observation, gpu_resource: str = "nvidia.com/gpu") -> dict[str,
     if threshold is not None:
         status["threshold"] = round(float(threshold), 4)
         status["thresholdSource"] = source
-    starts = engine_starts(obs)
     if starts or obs.previous.get("engineStarts"):
         status["engineStarts"] = starts
+    if model_state is not None:
+        status["model"] = model_state
     return status
+
+
+def is_ready(pod: dict[str, Any]) -> bool:
+    status = pod.get("status") or {}
+    ready = any(c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or [])
+    return ready and not (pod.get("metadata") or {}).get("deletionTimestamp")
+
+
+def model_status(
+    source: dict[str, str] | None,
+    pods: list[dict[str, Any]],
+    starts: list[dict[str, Any]],
+    previous: dict[str, Any] | None,
+    *,
+    rolling_out: bool,
+) -> tuple[dict[str, Any] | None, Problem | None]:
+    """`status.model` from the spec's source and the commits ready pods reported at their start,
+    and a problem when ready pods disagree with no rollout to explain it: two sets of weights
+    behind one Service, so one prompt and seed gives different images from pod to pod."""
+    if source is None:
+        return previous or None, None
+    out: dict[str, Any] = dict(source)
+    ready = {(p.get("metadata") or {}).get("name") for p in pods if is_ready(p)}
+    by_commit: dict[str, list[str]] = {}
+    for start in starts:
+        if start.get("pod") in ready and start.get("modelCommit"):
+            by_commit.setdefault(str(start["modelCommit"]), []).append(str(start["pod"]))
+    if len(by_commit) == 1:
+        out["commit"] = next(iter(by_commit))
+        return out, None
+    if not by_commit:
+        same_model = previous is not None and all(previous.get(k) == source.get(k) for k in ("uri", "path", "revision"))
+        if same_model and previous and previous.get("commit"):
+            out["commit"] = previous["commit"]
+        return out, None
+    ranked = sorted(by_commit.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    out["commits"] = [{"commit": commit, "readyPods": len(names)} for commit, names in ranked[:16]]
+    if rolling_out:
+        return out, None
+    what = f"{source['uri']}@{source.get('revision', 'main')}" if source.get("uri") else source.get("path", "the model")
+    listed = "; ".join(f"{commit[:12]} on {len(names)} pod(s): {', '.join(sorted(names)[:3])}{', ...' if len(names) > 3 else ''}" for commit, names in ranked)
+    advice = (
+        "the revision was resolved at different times (a branch that moved): set model.revision to a commit, or give the pool a model.pvc "
+        "whose first download every pod reuses, then delete the pods on the other commit"
+        if source.get("uri")
+        else "the pods loaded different contents of model.path: make them agree, then delete the pods on the other commit"
+    )
+    return out, Problem(COMMIT_MISMATCH, f"ready engine pods serve {len(ranked)} commits of {what} behind one Service: {listed}. {advice}"[:2000])
 
 
 def engine_starts(obs: Observation) -> list[dict[str, Any]]:
@@ -469,7 +557,9 @@ def transitions(previous: dict[str, Any], current: dict[str, Any]) -> list[tuple
 
     - Degraded: a Warning for each new cause (a change of reason counts), `Recovered` when it clears;
     - Ready: `Ready` when the pool starts serving, a `NotReady` Warning when it stops;
-    - ModelLoaded turns True with Ready, and False with a Degraded cause: both are posted already.
+    - ModelLoaded turns True with Ready, and False with a Degraded cause: both are posted already;
+    - `EngineStarted` for each engine pod read for the first time, `ModelCommit` when the commit
+      the ready pods agree on appears or changes.
     Progressing flips on every rollout and scale; posting it would bury the events that matter.
     """
     before = {c["type"]: c for c in previous.get("conditions") or []}
@@ -494,6 +584,13 @@ def transitions(previous: dict[str, Any], current: dict[str, Any]) -> list[tuple
             took = f"{start['startupSeconds']:.0f} s" if start.get("startupSeconds") is not None else "an unknown time"
             commit = f", model at {start['modelCommit'][:12]}" if start.get("modelCommit") else ""
             events.append(("Normal", "EngineStarted", f"{start['pod']} ready after {took}, compile cache {start.get('compileCache') or 'unknown'}{commit}"))
+    before_model, after_model = previous.get("model") or {}, current.get("model") or {}
+    agreed = after_model.get("commit")
+    if agreed and agreed != before_model.get("commit"):
+        what = after_model.get("uri") or after_model.get("path") or "the model"
+        asked = f" (revision {after_model['revision']})" if after_model.get("revision") else ""
+        was = f", was {before_model['commit'][:12]}" if before_model.get("commit") else ""
+        events.append(("Normal", "ModelCommit", f"ready pods serve {what} at {agreed}{asked}{was}"))
     old, new = moved("Ready")
     if new is not None and new["status"] == "True" and (old is None or old.get("status") != "True"):
         events.append(("Normal", "Ready", new["message"]))

@@ -76,6 +76,7 @@ def test_subresources_and_printer_columns(crd: dict[str, Any]) -> None:
     for name in ("Ready", "Replicas", "Min", "Max", "Threshold", "Age"):
         assert name in columns and columns[name].get("priority", 0) == 0
     assert columns["Ready"]["jsonPath"] == '.status.conditions[?(@.type=="Ready")].status'
+    assert columns["Commit"] == {"name": "Commit", "type": "string", "jsonPath": ".status.model.commit", "priority": 1}
 
 
 def test_engine_section_is_engineconfig(crd: dict[str, Any]) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
+from synerdiff.contract import metrics
 from synerdiff.contract.config import ServerSettings
 from synerdiff_operator import manifests
 
@@ -179,6 +180,51 @@ async def test_a_crash_looping_model_load_is_reported(operator: Cluster) -> None
     assert "CUDA out of memory" in loaded["message"]
     ready = operator.condition("sd", "Ready")
     assert ready["status"] == "False" and ready["reason"] == "ModelLoadFailed"
+
+
+def fake_engine(commit: str) -> tuple[Any, Any]:
+    """A ready engine's /metrics on loopback: started in 78 s, model fetched at `commit`."""
+    registry = CollectorRegistry()
+    Gauge(metrics.STARTUP_SECONDS, "s", registry=registry).set(78.2)
+    Gauge(metrics.COMPILE_CACHE, "c", ["state"], registry=registry).labels("warm").set(1)
+    Gauge(metrics.MODEL_INFO, "m", ["family", "repo", "commit"], registry=registry).labels("sd", "stabilityai/sd-turbo", commit).set(1)
+    return start_http_server(0, addr="127.0.0.1", registry=registry)
+
+
+async def test_the_pool_reports_its_models_commit_and_pods_that_disagree(operator: Cluster) -> None:
+    first, second = "1" * 40, "2" * 40
+    engines = [fake_engine(first), fake_engine(second), fake_engine(first)]
+    try:
+        await operator.create_pool("sd", SPEC)
+        await operator.eventually(lambda: operator.exists(DEPLOYMENTS, "sd"))
+        await operator.create(PODS, pod("sd", "sd-a", ready=True, port=engines[0][0].server_port))
+        await operator.create(PODS, pod("sd", "sd-b", ready=True, port=engines[1][0].server_port))
+        await operator.patch(DEPLOYMENTS, "sd", {"status": {"replicas": 2, "readyReplicas": 2, "updatedReplicas": 2}}, "status")
+
+        degraded = await operator.eventually(
+            lambda: (c := operator.condition("sd", "Degraded")) and c["reason"] == "ModelCommitMismatch" and c, what="Degraded=ModelCommitMismatch"
+        )
+        assert degraded["status"] == "True" and "2 commits of hf://stabilityai/sd-turbo@main behind one Service" in degraded["message"]
+        model = operator.obj(POOLS, "sd")["status"]["model"]
+        assert model["uri"] == "hf://stabilityai/sd-turbo" and model["revision"] == "main" and "commit" not in model
+        assert sorted(c["commit"] for c in model["commits"]) == [first, second]
+        await operator.eventually(lambda: any(e["reason"] == "ModelCommitMismatch" and e["type"] == "Warning" for e in operator.events("sd")), what="event")
+
+        # The odd pod replaced by one on the first commit: one commit, recovered.
+        await operator.delete(PODS, "sd-b")
+        await operator.create(PODS, pod("sd", "sd-c", ready=True, port=engines[2][0].server_port))
+        await operator.eventually(lambda: operator.obj(POOLS, "sd")["status"]["model"].get("commit") == first, what="agreed commit")
+        assert operator.condition("sd", "Degraded")["reason"] == "AsExpected"
+        await operator.eventually(
+            lambda: any(e["reason"] == "ModelCommit" and first in e["message"] for e in operator.events("sd")) and operator.events("sd"),
+            what="ModelCommit event",
+        )
+        assert any(e["reason"] == "Recovered" for e in operator.events("sd"))
+    finally:
+        for server, thread in engines:
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=5)
 
 
 async def test_a_volume_that_never_mounts_is_named_from_the_pods_events(operator: Cluster) -> None:

@@ -349,3 +349,62 @@ def test_an_engines_start_is_read_from_its_metrics() -> None:
     assert engine_start(generate_latest(registry).decode()) == {"startupSeconds": 78.2, "compileCache": "warm", "modelCommit": "a" * 40}
     start = observe(pods=[running_pod("p")], deployment=deployment(1, ready=1), new_starts={"p": engine_start(generate_latest(registry).decode())})
     assert ("Normal", "EngineStarted", f"p ready after 78 s, compile cache warm, model at {'a' * 12}") in transitions({}, start)
+
+
+A, B = "a" * 40, "b" * 40
+HUB = {"uri": "hf://org/sd", "revision": "main"}
+
+
+def started(*pairs: tuple[str, str | None]) -> dict[str, dict[str, Any]]:
+    return {pod: {"startupSeconds": 80.0, "compileCache": "warm", **({"modelCommit": c} if c else {})} for pod, c in pairs}
+
+
+def test_the_pool_reports_the_commit_its_ready_pods_agree_on() -> None:
+    pods = [running_pod("p1"), running_pod("p2")]
+    agreed = observe(pods=pods, deployment=deployment(2, ready=2), new_starts=started(("p1", A), ("p2", A)), model_source=HUB)
+    assert agreed["model"] == {"uri": "hf://org/sd", "revision": "main", "commit": A}
+    assert cond(agreed, "Degraded") == ("False", "AsExpected")
+    assert ("Normal", "ModelCommit", f"ready pods serve hf://org/sd at {A} (revision main)") in transitions({}, agreed)
+    # Held: no new event on the next pass.
+    again = observe(pods=pods, deployment=deployment(2, ready=2), previous=agreed, model_source=HUB)
+    assert again["model"]["commit"] == A and not [e for e in transitions(agreed, again) if e[1] == "ModelCommit"]
+    # A pod that is not ready (a probe failing, or terminating) does not vote.
+    unready = {"metadata": {"name": "p3"}, "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "False"}]}}
+    leaving = {**running_pod("p4"), "metadata": {"name": "p4", "deletionTimestamp": T1}}
+    three = observe(
+        pods=[*pods, unready, leaving], deployment=deployment(2, ready=2), previous=agreed, new_starts=started(("p3", B), ("p4", B)), model_source=HUB
+    )
+    assert three["model"] == {"uri": "hf://org/sd", "revision": "main", "commit": A}
+
+
+def test_pods_on_two_commits_degrade_the_pool_unless_a_rollout_explains_them() -> None:
+    pods = [running_pod("p1"), running_pod("p2"), running_pod("p3")]
+    split = observe(pods=pods, deployment=deployment(3, ready=3), new_starts=started(("p1", A), ("p2", B), ("p3", A)), model_source=HUB)
+    assert split["model"] == {"uri": "hf://org/sd", "revision": "main", "commits": [{"commit": A, "readyPods": 2}, {"commit": B, "readyPods": 1}]}
+    assert cond(split, "Degraded") == ("True", "ModelCommitMismatch")
+    assert cond(split, "Ready") == ("True", "Available")  # every pod serves: the pool is up, just not uniform
+    message = next(c["message"] for c in split["conditions"] if c["type"] == "Degraded")
+    assert f"2 commits of hf://org/sd@main behind one Service: {A[:12]} on 2 pod(s): p1, p3; {B[:12]} on 1 pod(s): p2" in message
+    assert "set model.revision to a commit" in message
+    assert ("Warning", "ModelCommitMismatch", message) in transitions({}, split)
+    # The odd pod replaced by one on the majority's commit: recovered, and the agreed commit is news.
+    fixed_pods = [running_pod("p1"), running_pod("p3"), running_pod("p4")]
+    fixed = observe(pods=fixed_pods, deployment=deployment(3, ready=3), previous=split, new_starts=started(("p4", A)), model_source=HUB, now=T1)
+    assert fixed["model"] == {"uri": "hf://org/sd", "revision": "main", "commit": A}
+    assert [(t, r) for t, r, _ in transitions(split, fixed) if r != "EngineStarted"] == [("Normal", "Recovered"), ("Normal", "ModelCommit")]
+    # During a rollout to another revision two commits are expected: reported, not degraded.
+    rolling = observe(pods=pods, deployment=deployment(3, ready=3, updated=1), new_starts=started(("p1", A), ("p2", B), ("p3", A)), model_source=HUB)
+    assert len(rolling["model"]["commits"]) == 2 and cond(rolling, "Degraded") == ("False", "AsExpected")
+
+
+def test_the_commit_outlives_its_pods_only_while_the_model_spec_is_unchanged() -> None:
+    served = observe(pods=[running_pod("p1")], deployment=deployment(1, ready=1), new_starts=started(("p1", A)), model_source=HUB)
+    zero = observe(pods=[], deployment=deployment(0), previous=served, model_source=HUB)
+    assert zero["model"] == {"uri": "hf://org/sd", "revision": "main", "commit": A}  # scaled to zero: still the pool's commit
+    moved = observe(pods=[], deployment=deployment(1), previous=zero, model_source={"uri": "hf://org/sd", "revision": "v2"})
+    assert moved["model"] == {"uri": "hf://org/sd", "revision": "v2"}  # another revision: unknown until a pod says
+    # A path pool whose pods report no commit: the source alone.
+    local = observe(pods=[running_pod("p1")], deployment=deployment(1, ready=1), new_starts=started(("p1", None)), model_source={"path": "/models/sd"})
+    assert local["model"] == {"path": "/models/sd"} and not [e for e in transitions({}, local) if e[1] == "ModelCommit"]
+    # An invalid spec names no source: the last status stays.
+    assert observe(spec_error="bad", previous=served, deployment=deployment(1, ready=1))["model"] == served["model"]
