@@ -152,3 +152,11 @@ def test_mixed_batch_of_edits(engine9, reference9):
     assert max(shared) >= 4, "edits never shared a forward"
     for r, res in zip(first + later, results, strict=True):
         check(res, reference9(r), reference9(other_seed(r)), label=f"inpaint9 mixed {r.sampler}/{r.steps}/{r.height}x{r.width}/n={r.n}/s={r.strength}")
+
+
+def test_the_profiler_times_steps_at_the_unets_input_width(engine9, model_dir):
+    """Timed steps carry mask channels, as served steps do (a 4-channel input would not run)."""
+    from synerdiff.engine.profiler import profile_executor
+
+    p = profile_executor(engine9.executor, str(model_dir), max_rows=2, repeats=1, warmup=1)
+    assert [rows for rows, _ in p.unet["64x64"]] == [1, 2]
