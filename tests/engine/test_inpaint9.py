@@ -160,3 +160,17 @@ def test_the_profiler_times_steps_at_the_unets_input_width(engine9, model_dir):
 
     p = profile_executor(engine9.executor, str(model_dir), max_rows=2, repeats=1, warmup=1)
     assert [rows for rows, _ in p.unet["64x64"]] == [1, 2]
+
+
+def test_mask_channels_stack_per_row_and_never_half():
+    from synerdiff.models.conditioning import Conditioning
+
+    a = Conditioning(torch.zeros(1, 2, 3), channels=torch.arange(20.0).view(1, 5, 2, 2))
+    b = Conditioning(torch.ones(1, 2, 3), channels=-torch.ones(1, 5, 2, 2))
+    stacked = Conditioning.stack([(a, 2), (b, 1)])
+    assert stacked.channels is not None and stacked.channels.shape == (3, 5, 2, 2)
+    assert torch.equal(stacked.channels[1], a.channels[0]) and torch.equal(stacked.channels[2], b.channels[0])
+    assert stacked.unet_input(torch.zeros(3, 4, 2, 2)).shape == (3, 9, 2, 2)
+    for parts in ([(a, 1), (Conditioning(torch.zeros(1, 2, 3)), 1)], [(Conditioning(torch.zeros(1, 2, 3)), 1), (a, 1)]):
+        with pytest.raises(ValueError, match="extra input channels"):
+            Conditioning.stack(parts)

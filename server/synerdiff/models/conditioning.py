@@ -56,7 +56,7 @@ class Conditioning:
         keys = parts[0][0].added.keys()
         added = {k: torch.cat([c.added[k].expand(n, *c.added[k].shape[1:]) for c, n in parts]) for k in keys}
         channels = None
-        if parts[0][0].channels is not None:
+        if any(c.channels is not None for c, _ in parts):
             channels = torch.cat([_rows(c.channels, n) for c, n in parts])
         return Conditioning(context, added, channels)
 
