@@ -122,7 +122,7 @@ def ceiling(model, args: argparse.Namespace) -> dict[str, float]:
     from torch.utils.flop_counter import FlopCounterMode
 
     f = model.vae_scale_factor
-    x = torch.randn(1, model.latent_channels, args.size // f, args.size // f, device="cuda", dtype=torch.float16)
+    x = torch.randn(1, model.unet_in_channels, args.size // f, args.size // f, device="cuda", dtype=torch.float16)
     c = torch.randn(1, model.tokenizer.model_max_length, int(model.unet.config.cross_attention_dim), device="cuda", dtype=torch.float16)
     kw: dict[str, Any] = {}
     cfg = model.unet.config
@@ -324,7 +324,7 @@ def modes(args: argparse.Namespace) -> dict[str, Any]:
 
     model = load_model(args.model_path, "cuda", "float16")
     f = model.vae_scale_factor
-    shape = (model.latent_channels, args.size // f, args.size // f)
+    shape = (model.unet_in_channels, args.size // f, args.size // f)
     ctx = (model.tokenizer.model_max_length, int(model.unet.config.cross_attention_dim))
     out: dict[str, Any] = {}
     for mode in args.modes.split(","):

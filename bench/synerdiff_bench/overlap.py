@@ -42,7 +42,7 @@ def measure_overlap(executor: StepExecutor, rows_list: list[int], images_list: l
     for rows in rows_list:
         x = torch.randn(rows, *lat_shape, device=dev, dtype=m.dtype)
         t = torch.full((rows,), 500.0, device=dev)
-        c = executor.example_conditioning(rows)
+        c = executor.example_conditioning(rows, lat_shape)
         for k in images_list:
             z = torch.randn(k, *lat_shape, device=dev, dtype=m.dtype)
 

@@ -216,10 +216,10 @@ def test_vae_latent_statistics_are_applied_as_the_pipeline_does(xl_dir, tmp_path
 
 @pytest.mark.parametrize("sampler", ["euler", "dpmpp_2m"])
 def test_img2img_matches_diffusers(xl_dir, xl_engine, sampler):
-    """SDXL image-to-image equals StableDiffusionXLImg2ImgPipeline; a mask is refused."""
+    """SDXL image-to-image equals StableDiffusionXLImg2ImgPipeline."""
     from diffusers import StableDiffusionXLImg2ImgPipeline
 
-    from .test_img2img import MASK, PICTURE
+    from .test_img2img import PICTURE
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -241,8 +241,3 @@ def test_img2img_matches_diffusers(xl_dir, xl_engine, sampler):
 
     r = req(sampler=sampler, seed=61, image=PICTURE, strength=0.6)
     check(xl_engine.generate_sync(r), reference(61), reference(62), label=f"sdxl img2img {sampler}")
-    from synerdiff.engine import RequestError
-
-    with pytest.raises(RequestError) as err:
-        xl_engine.submit(req(image=PICTURE, mask=MASK))
-    assert err.value.field == "mask"

@@ -5,11 +5,12 @@ and `merges.txt`), and SD1.5's noise schedule. `StableDiffusionPipeline.from_pre
 loads the result like any real model. The shapes model in `embedded/` (see
 docs/model.md) is trained from this layout. Run:
 
-    python -m synerdiff_training.make_tiny OUT_DIR [--seed 0] [--xl]
+    python -m synerdiff_training.make_tiny OUT_DIR [--seed 0] [--xl] [--inpainting]
 
 `--xl` writes a StableDiffusionXLPipeline-shaped directory instead: two CLIP text encoders (the
 second with a projection), a UNet conditioned on pooled text and size ids (`text_time`), and
-SDXL's Euler schedule.
+SDXL's Euler schedule. `--inpainting` makes the UNet an inpainting UNet (9 input channels:
+latents, mask, masked-picture latents) and names the family's inpaint pipeline.
 """
 
 from __future__ import annotations
@@ -205,7 +206,11 @@ def write_char_tokenizer(out: Path, words: Sequence[str] = ()) -> int:
     return len(vocab)
 
 
-def build(out: Path, seed: int = 0) -> Path:
+# An inpainting UNet's input: the 4 latent channels, the mask, the masked picture's 4 latent channels.
+INPAINT_IN_CHANNELS = 9
+
+
+def build(out: Path, seed: int = 0, inpainting: bool = False) -> Path:
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -214,7 +219,7 @@ def build(out: Path, seed: int = 0) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     vocab_size = write_char_tokenizer(out)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**TINY_UNET)
+    unet = UNet2DConditionModel(**dict(TINY_UNET, in_channels=INPAINT_IN_CHANNELS if inpainting else TINY_UNET["in_channels"]))
     vae = AutoencoderKL(**TINY_VAE)
     text_cfg = CLIPTextConfig(vocab_size=vocab_size, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, **TINY_CLIP)
     text_encoder = CLIPTextModel(text_cfg)
@@ -227,11 +232,14 @@ def build(out: Path, seed: int = 0) -> Path:
     text_encoder.save_pretrained(out / "text_encoder")
     DDIMScheduler(**SD15_SCHEDULER).save_pretrained(out / "scheduler")
     write_model_index(out)
+    if inpainting:
+        (out / "model_index.json").write_text(json.dumps(dict(MODEL_INDEX, _class_name="StableDiffusionInpaintPipeline"), indent=1))
     return out
 
 
-def build_xl(out: Path, seed: int = 0, force_zeros_for_empty_prompt: bool = True) -> Path:
-    """A tiny StableDiffusionXLPipeline directory with random weights."""
+def build_xl(out: Path, seed: int = 0, force_zeros_for_empty_prompt: bool = True, inpainting: bool = False) -> Path:
+    """A tiny StableDiffusionXLPipeline directory with random weights (StableDiffusionXLInpaintPipeline
+    with an inpainting UNet when `inpainting`)."""
     import shutil
 
     import torch
@@ -243,7 +251,7 @@ def build_xl(out: Path, seed: int = 0, force_zeros_for_empty_prompt: bool = True
     vocab_size = write_char_tokenizer(out)
     shutil.copytree(out / "tokenizer", out / "tokenizer_2", dirs_exist_ok=True)
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**TINY_XL_UNET)
+    unet = UNet2DConditionModel(**dict(TINY_XL_UNET, in_channels=INPAINT_IN_CHANNELS if inpainting else TINY_XL_UNET["in_channels"]))
     vae = AutoencoderKL(**TINY_VAE)
     ids = dict(vocab_size=vocab_size, bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
     text_encoder = CLIPTextModel(CLIPTextConfig(**ids, **TINY_CLIP))
@@ -256,6 +264,8 @@ def build_xl(out: Path, seed: int = 0, force_zeros_for_empty_prompt: bool = True
     text_encoder_2.save_pretrained(out / "text_encoder_2")
     EulerDiscreteScheduler.from_config(SDXL_SCHEDULER).save_pretrained(out / "scheduler")
     index = dict(XL_MODEL_INDEX, force_zeros_for_empty_prompt=force_zeros_for_empty_prompt)
+    if inpainting:
+        index.update(_class_name="StableDiffusionXLInpaintPipeline", requires_aesthetics_score=False)
     (out / "model_index.json").write_text(json.dumps(index, indent=1))
     return out
 
@@ -265,8 +275,9 @@ def main() -> None:
     ap.add_argument("out", help="where to write the model (not the embedded folder: that holds the trained model)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--xl", action="store_true", help="a StableDiffusionXLPipeline directory")
+    ap.add_argument("--inpainting", action="store_true", help="an inpainting UNet (9 input channels) and the inpaint pipeline's class")
     args = ap.parse_args()
-    print((build_xl if args.xl else build)(Path(args.out), args.seed))
+    print((build_xl if args.xl else build)(Path(args.out), args.seed, inpainting=args.inpainting))
 
 
 if __name__ == "__main__":

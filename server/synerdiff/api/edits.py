@@ -1,4 +1,5 @@
-"""POST /v1/images/edits: OpenAI's multipart image edit, served as image-to-image.
+"""POST /v1/images/edits: OpenAI's multipart image edit, served as image-to-image or, with a
+mask, as inpainting (how depends on the model's UNet: the engine's business).
 
 The form carries the picture (`image`), an optional `mask` (OpenAI's convention: its fully
 transparent pixels are the ones to repaint), the generation fields and SynerDiff's

@@ -232,10 +232,6 @@ class Engine:
         lat = self.model.vae_scale_factor
         if request.height % lat or request.width % lat:
             raise RequestError("size", f"height and width must be multiples of {lat} for this model")
-        if request.mask is not None and self.model.family != "sd":
-            raise RequestError("mask", f"masked inpainting is served for Stable Diffusion (sd) models; this model is {self.model.family}")
-        if request.mask is not None and self.model.vae.config.latent_channels != self.model.unet.config.in_channels:
-            raise RequestError("mask", "masked inpainting is served for UNets that take the plain latents; this model's UNet is an inpainting UNet, not served")
         try:  # cached; refuses step counts the sampler's schedule cannot produce
             make_plan(request.sampler, self.model.scheduler_config, request.steps, request.start_step)
         except ValueError as exc:

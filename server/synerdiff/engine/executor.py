@@ -103,7 +103,8 @@ class StepExecutor:
         ctx = (int(example.context.shape[1]), int(example.context.shape[2]))
         added = {k: tuple(v.shape[1:]) for k, v in example.added.items()}
         f = m.vae_scale_factor
-        shapes = [(m.latent_channels, h // f, w // f) for h, w in sizes]
+        # The UNet's input: an inpainting UNet's graphs take its mask channels beside the latents.
+        shapes = [(m.unet_in_channels, h // f, w // f) for h, w in sizes]
         rows = {shape: rows_for[size] for shape, size in zip(shapes, sizes, strict=True)}
         start = FastPathStart(compiled=compile, kernels_total=sum(len(r) for r in rows.values()), cache="off")
         cache = None
@@ -190,9 +191,16 @@ class StepExecutor:
         """One single-row `Conditioning` per prompt, as the family's pipeline encodes it."""
         return self.conditioner.encode(prompts)
 
-    def example_conditioning(self, rows: int) -> Conditioning:
-        """Random conditions of the model's shapes for `rows` rows, for timing."""
-        return self.conditioner.example(rows)
+    def example_conditioning(self, rows: int, latents: tuple[int, int, int] | None = None) -> Conditioning:
+        """Random conditions of the model's shapes for `rows` rows of `latents` (C, h, w), for
+        timing: an inpainting UNet's rows carry mask channels of that size too."""
+        cond = self.conditioner.example(rows)
+        if not self.model.inpainting_unet:
+            return cond
+        if latents is None:
+            raise ValueError("an inpainting UNet's example rows need the latent shape")
+        extra = self.model.unet_in_channels - latents[0]
+        return cond.with_channels(torch.randn(rows, extra, *latents[1:], device=self.device, dtype=self.dtype))
 
     @property
     def padded_rows(self) -> int:
@@ -208,19 +216,24 @@ class StepExecutor:
 
     @torch.inference_mode()
     def unet(self, sample: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """One UNet forward; every row at its own timestep and conditions. Returns float32."""
+        """One UNet forward; every row at its own timestep and conditions (and, for an inpainting
+        UNet, its mask channels beside the latents). Returns float32."""
+        sample = cond.unet_input(sample.to(self.dtype))
         if self.graphed is not None:
-            return self.graphed(sample.to(self.dtype), timesteps, cond.context, cond.added).float()
-        out = self.model.unet(sample.to(self.dtype), timesteps, return_dict=False, **cond.unet_kwargs())[0]
+            return self.graphed(sample, timesteps, cond.context, cond.added).float()
+        out = self.model.unet(sample, timesteps, return_dict=False, **cond.unet_kwargs())[0]
         return out.float()
 
     @torch.inference_mode()
-    def encode_image(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def encode_image(self, pixels: torch.Tensor, generator: torch.Generator, statistics: bool = True) -> torch.Tensor:
         """Pixels (1, 3, H, W) in [-1, 1] -> scaled latents (1, C, h, w) float32: a sample of the
-        VAE's latent distribution drawn from `generator`, as diffusers' img2img pipeline draws it."""
+        VAE's latent distribution drawn from `generator`, as diffusers' img2img pipeline draws it.
+
+        statistics: normalise by the VAE's latent statistics where its config has them (SDXL's
+        img2img pipeline does; the inpaint pipelines scale only)."""
         pixels = pixels.to(self.device, self._vae_dtype)
         latents = self.model.vae.encode(pixels).latent_dist.sample(generator).float()
-        if self._latent_stats is not None:  # SDXL's img2img normalises by the VAE's statistics
+        if statistics and self._latent_stats is not None:  # SDXL's img2img normalises by the VAE's statistics
             mean, std = self._latent_stats
             return (latents - mean) * self._vae_scale / std
         return latents * self._vae_scale

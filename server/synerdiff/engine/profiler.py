@@ -67,7 +67,7 @@ def beside_step_s(executor: StepExecutor, rows: int, lat: tuple[int, int, int], 
     dev = m.device
     x = torch.randn(rows, *lat, device=dev, dtype=torch.float32)
     t = torch.full((rows,), 500.0, device=dev)
-    c = executor.example_conditioning(rows)
+    c = executor.example_conditioning(rows, lat)
     z = torch.randn(1, *lat, device=dev, dtype=torch.float32)
     side = torch.cuda.Stream(dev)
 
@@ -213,7 +213,7 @@ def profile_executor(
         def time_unet(rows: int, lat: tuple[int, int, int] = lat) -> float:
             x = torch.randn(rows, *lat, device=dev, dtype=torch.float32)
             t = torch.full((rows,), 500.0, device=dev)
-            c = executor.example_conditioning(rows)
+            c = executor.example_conditioning(rows, lat)
             return median_time(partial(executor.unet, x, t, c), sync, warmup, repeats)
 
         def time_vae(n: int, lat: tuple[int, int, int] = lat) -> float:

@@ -5,8 +5,9 @@ initial noise from its own generator. A step stacks the latents of every request
 bucket, adds the unconditional rows of those guided this step, runs ONE UNet forward (graph
 replay when the fast path is on), combines each image's guidance, and applies every row's
 sampler update in one tensor expression (`samplers.apply_update`). What conditions a row (text
-embeddings, and for SDXL the pooled embedding and size ids) is the model family's
-`Conditioning`, which the runner only repeats and stacks per row. The arithmetic follows the
+embeddings, for SDXL the pooled embedding and size ids, for an inpainting UNet the mask
+channels) is the model's `Conditioning`, which the runner only repeats and stacks per row; how
+a masked edit starts is `models.inpainting`'s. The arithmetic follows the
 family's diffusers pipeline, so a request's image does not depend on its batch.
 """
 
@@ -21,6 +22,7 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..models.conditioning import Conditioning, Prompt
+from ..models.inpainting import Blend, Inpainter, InpaintStart
 from ..models.loader import ModelBundle
 from ..samplers import SamplerPlan, apply_update, make_plan
 from .core import DecodeReport, DecodeWork, StepReport
@@ -45,18 +47,7 @@ class DeviceRows:
     coeff_rows: list[list[float]]
     t_rows: list[float]
     scale_rows: list[float]
-    blend: Blend | None = None  # masked inpainting: what the known region is reset to each step
-
-
-@dataclass
-class Blend:
-    """diffusers' inpaint pipeline on a 4-channel UNet: after each step the region outside the
-    mask is replaced by the original image's latents noised to the next step's level."""
-
-    mask: torch.Tensor  # (1, 1, h, w): 1 = repaint
-    image: torch.Tensor  # (n, C, h, w) the encoded picture
-    noise: torch.Tensor  # (n, C, h, w) the request's initial noise, reused to renoise the picture
-    renoise: list[list[float]]  # per step: (signal, noise) of the scheduler's add_noise
+    blend: Blend | None = None  # masked inpainting on a 4-channel UNet: the known region reset each step
 
 
 class TorchRunner:
@@ -67,7 +58,7 @@ class TorchRunner:
         self._requests: dict[str, tuple[GenerationRequest, int]] = {}  # queued: the request and its seed
         self._rows: dict[str, DeviceRows] = {}
         self._image_processor: VaeImageProcessor | None = None
-        self._mask_processor: VaeImageProcessor | None = None
+        self._inpainter: Inpainter | None = None
 
     def expect(self, job_id: str, request: GenerationRequest, seed: int) -> None:
         """Hold a queued request's inputs until it is admitted."""
@@ -102,21 +93,25 @@ class TorchRunner:
             gen = torch.Generator("cpu").manual_seed(seed)
             f = m.vae_scale_factor
             shape = (req.n, m.latent_channels, req.height // f, req.width // f)
-            blend = None
-            if req.image is None:
+            blend = channels = None
+            if req.mask is not None or m.inpainting_unet:
+                # An inpainting UNet takes mask channels on every row: a request without a
+                # mask (or picture) is an inpaint that repaints everything.
+                start = self._inpaint_start(req, plan, gen)
+                latents, blend, channels = start.latents, start.blend, start.channels
+            elif req.image is None:
                 # diffusers' prepare_latents: one draw of all n images from the request's generator.
                 noise = randn_tensor(shape, generator=gen, device=m.device, dtype=m.dtype)
                 latents = noise.float() * plan.init_noise_sigma
-            elif req.mask is None:
-                latents = self._image_latents(req, plan, gen, shape)
             else:
-                latents, blend = self._inpaint_latents(req, plan, gen, shape)
+                latents = self._image_latents(req, plan, gen, shape)
+            uncond = conds[next(neg)] if req.guided else None
             made[job.id] = DeviceRows(
                 request=req,
                 plan=plan,
                 gen=gen,
-                cond=conds[i],
-                uncond=conds[next(neg)] if req.guided else None,
+                cond=conds[i].with_channels(channels),
+                uncond=uncond.with_channels(channels) if uncond is not None else None,
                 latents=latents,
                 history=torch.zeros_like(latents),
                 coeff_rows=plan.coeffs.tolist(),
@@ -138,29 +133,23 @@ class TorchRunner:
         signal, sigma = plan.renoise[0].tolist()
         return (signal * init + sigma * noise).float()
 
-    def _inpaint_latents(self, req: GenerationRequest, plan: SamplerPlan, gen: torch.Generator, shape: tuple[int, ...]) -> tuple[torch.Tensor, Blend]:
-        """diffusers' StableDiffusionInpaintPipeline for a 4-channel UNet: the picture encoded,
-        one draw of noise, the picture noised to the first timestep (or pure noise at strength
-        1), then the masked picture's encode, whose only effect here is the draw it takes from
-        the generator (a 4-channel UNet does not read it)."""
-        m = self.model
-        image = req.image.convert("RGB") if getattr(req.image, "mode", "RGB") != "RGB" else req.image
-        pixels = self._processor().preprocess(image, height=req.height, width=req.width)
-        encoded = self.executor.encode_image(pixels, gen)
-        init = encoded.repeat(req.n, 1, 1, 1) if req.n > 1 else encoded
-        noise = randn_tensor(shape, generator=gen, device=m.device, dtype=m.dtype).float()
-        if req.strength == 1.0:
-            latents = noise * plan.init_noise_sigma
-        else:
-            signal, sigma = plan.renoise[0].tolist()
-            latents = signal * init + sigma * noise
-        # The masked picture's latent sample: one (1, C, h, w) draw in the VAE's dtype.
-        randn_tensor((1, *shape[1:]), generator=gen, device=m.device, dtype=m.vae_dtype)
-        if self._mask_processor is None:
-            self._mask_processor = VaeImageProcessor(vae_scale_factor=m.vae_scale_factor, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
-        mask = self._mask_processor.preprocess(req.mask, height=req.height, width=req.width)
-        mask = torch.nn.functional.interpolate(mask, size=tuple(shape[2:])).to(m.device, torch.float32)
-        return latents.float(), Blend(mask=mask, image=init, noise=noise, renoise=plan.renoise.tolist())
+    def _inpaint_start(self, req: GenerationRequest, plan: SamplerPlan, gen: torch.Generator) -> InpaintStart:
+        """The model's inpaint pipeline's preparation (models.inpainting): first latents, and the
+        blend (4-channel UNet) or the mask channels (inpainting UNet) of the request's rows."""
+        if self._inpainter is None:
+            self._inpainter = Inpainter(self.model)
+        return self._inpainter.start(
+            image=req.image,
+            mask=req.mask,
+            n=req.n,
+            height=req.height,
+            width=req.width,
+            strength=req.strength,
+            renoise=plan.renoise.tolist(),
+            init_noise_sigma=float(plan.init_noise_sigma),
+            generator=gen,
+            encode=lambda pixels, g: self.executor.encode_image(pixels, g, statistics=False),
+        )
 
     def _processor(self) -> VaeImageProcessor:
         if self._image_processor is None:
@@ -239,7 +228,7 @@ class TorchRunner:
             r.latents, r.history = x_next[off : off + n], x0[off : off + n]
             off += n
             if r.blend is not None:
-                r.latents = _blend(r.latents, r.blend, d.step)
+                r.latents = r.blend.apply(r.latents, d.step)
             if d.step + 1 == d.spec.steps and not bool(torch.isfinite(r.latents).all()):
                 nonfinite.add(d.spec.id)
         return StepReport(
@@ -262,14 +251,3 @@ class TorchRunner:
 
     def decode(self, work: DecodeWork) -> DecodeReport:
         return self.decoder.decode(self._chunks(work))
-
-
-def _blend(latents: torch.Tensor, blend: Blend, step: int) -> torch.Tensor:
-    """The known region back from the picture, noised to the level of the step that comes next
-    (clean after the last step), as diffusers' inpaint pipeline does after each step."""
-    if step + 1 < len(blend.renoise):
-        signal, sigma = blend.renoise[step + 1]
-        known = signal * blend.image + sigma * blend.noise
-    else:
-        known = blend.image
-    return (1 - blend.mask) * known + blend.mask * latents

@@ -1,8 +1,10 @@
 """The model boundary between prompts and the denoiser: each family turns prompts into the
 conditions one UNet row needs, and the runner stacks them per row without knowing what they are.
 
-A `Conditioning` holds one row's conditions: the sequence cross-attention attends to, and any
-further per-row inputs of the denoiser (SDXL's pooled text embedding and size/crop ids). The
+A `Conditioning` holds one row's conditions: the sequence cross-attention attends to, any
+further per-row inputs of the denoiser (SDXL's pooled text embedding and size/crop ids), and
+input channels that go beside the latents (an inpainting UNet's mask and masked-picture
+latents, `models.inpainting`). The
 runner repeats and concatenates them for the rows of a step (`Conditioning.stack`), and the
 executor hands them to the UNet (`unet_kwargs`). A new family adds a `Conditioner`, not a change
 to the batcher. Each conditioner follows its diffusers pipeline's `encode_prompt` arithmetic, so
@@ -36,10 +38,16 @@ class Conditioning:
 
     context: torch.Tensor  # (rows, L, D): what cross-attention attends to
     added: Mapping[str, torch.Tensor] = field(default_factory=dict)  # (rows, ...) each: further per-row inputs
+    # (rows, K, h, w) in the model's dtype: concatenated after the scaled latents on the channel
+    # axis. Every row of a model has them or none does (the UNet's input width is fixed).
+    channels: torch.Tensor | None = None
 
     @property
     def rows(self) -> int:
         return int(self.context.shape[0])
+
+    def with_channels(self, channels: torch.Tensor | None) -> Conditioning:
+        return Conditioning(self.context, self.added, channels)
 
     @staticmethod
     def stack(parts: Sequence[tuple[Conditioning, int]]) -> Conditioning:
@@ -47,13 +55,28 @@ class Conditioning:
         context = torch.cat([c.context.expand(n, *c.context.shape[1:]) for c, n in parts])
         keys = parts[0][0].added.keys()
         added = {k: torch.cat([c.added[k].expand(n, *c.added[k].shape[1:]) for c, n in parts]) for k in keys}
-        return Conditioning(context, added)
+        channels = None
+        if any(c.channels is not None for c, _ in parts):
+            channels = torch.cat([_rows(c.channels, n) for c, n in parts])
+        return Conditioning(context, added, channels)
+
+    def unet_input(self, latents: torch.Tensor) -> torch.Tensor:
+        """The UNet's input for these rows: the scaled latents, then any further channels."""
+        if self.channels is None:
+            return latents
+        return torch.cat([latents, self.channels.to(latents.dtype)], dim=1)
 
     def unet_kwargs(self) -> dict[str, Any]:
         kw: dict[str, Any] = {"encoder_hidden_states": self.context}
         if self.added:
             kw["added_cond_kwargs"] = dict(self.added)
         return kw
+
+
+def _rows(t: torch.Tensor | None, n: int) -> torch.Tensor:
+    if t is None:
+        raise ValueError("rows with extra input channels were stacked with rows without them")
+    return t.expand(n, *t.shape[1:])
 
 
 class Conditioner(Protocol):

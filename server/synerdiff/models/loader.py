@@ -17,8 +17,15 @@ import torch
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # Pipeline class -> family. Stable Diffusion 1.x and 2.x (epsilon or v-prediction, from the
-# scheduler config) share one pipeline class.
-FAMILIES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+# scheduler config) share one pipeline class. An inpainting checkpoint names the inpaint
+# pipeline; its components are the family's, and what its UNet takes (the plain latents, or
+# latents, mask and masked-picture latents) is read from the UNet config, as the pipeline does.
+FAMILIES = {
+    "StableDiffusionPipeline": "sd",
+    "StableDiffusionInpaintPipeline": "sd",
+    "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusionXLInpaintPipeline": "sdxl",
+}
 REQUIRED = {
     "sd": ("unet", "vae", "text_encoder", "tokenizer", "scheduler"),
     "sdxl": ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"),
@@ -51,7 +58,19 @@ class ModelBundle:
 
     @property
     def latent_channels(self) -> int:
+        """Channels of the latents the sampler updates (the VAE's)."""
+        return int(self.vae.config.latent_channels)
+
+    @property
+    def unet_in_channels(self) -> int:
+        """Channels of the UNet's input: the latents, plus an inpainting UNet's mask and masked picture."""
         return int(self.unet.config.in_channels)
+
+    @property
+    def inpainting_unet(self) -> bool:
+        """A UNet that takes the mask (1 channel) and the masked picture's latents beside the
+        latents (9 channels for a 4-channel VAE), as diffusers' inpaint pipelines check it."""
+        return self.unet_in_channels == 2 * self.latent_channels + 1
 
     @property
     def default_size(self) -> int:
@@ -104,8 +123,12 @@ def detect_family(root: str | Path) -> tuple[str, dict[str, Any]]:
         found = f"the pipeline class {cls!r}" if cls else "no pipeline class (_class_name)"
         raise ModelLoadError(
             f"{root}: model_index.json names {found}, which is not served; supported: "
-            "StableDiffusionPipeline (Stable Diffusion 1.x and 2.x), StableDiffusionXLPipeline (SDXL)"
+            "StableDiffusionPipeline and StableDiffusionInpaintPipeline (Stable Diffusion 1.x and 2.x), "
+            "StableDiffusionXLPipeline and StableDiffusionXLInpaintPipeline (SDXL)"
         )
+    if config.get("requires_aesthetics_score"):
+        # A refiner conditions on an aesthetic score instead of the target size: other time ids.
+        raise ModelLoadError(f"{root}: model_index.json sets requires_aesthetics_score (an SDXL refiner), which is not served")
     return FAMILIES[cls], config
 
 
@@ -144,6 +167,12 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> M
         # SDXL's pipeline decodes in fp32 when the VAE asks for it (its fp16 decode overflows);
         # keeping the VAE in fp32 does the same arithmetic without converting it at every decode.
         vae = vae.to(torch.float32)
+    latent, unet_in = int(vae.config.latent_channels), int(unet.config.in_channels)
+    if unet_in not in (latent, 2 * latent + 1):
+        raise ModelLoadError(
+            f"{root}: the UNet takes {unet_in} input channels; served are {latent} (the VAE's latents) "
+            f"and {2 * latent + 1} (an inpainting UNet: latents, mask, masked-picture latents)"
+        )
     sched_cfg: dict[str, Any] = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
     modules = [m for m in (unet, vae, text_encoder, text_encoder_2) if m is not None]
     for m in modules:
