@@ -67,6 +67,7 @@ def test_graphs_take_the_mask_channels(model_dir, reference, tmp_path, compile):
         fast_path=True,
         fast_path_compile=compile,
         fast_path_rows=[2, 4, 8],
+        fast_path_sizes=[f"{PICTURE.width}x{PICTURE.height}"],  # the edits' size, not the model's native one
         compile_cache_dir=str(tmp_path / "cache"),
         attention_backend="torch",
         scheduler=SchedulerConfig(policy="continuous", max_rows=8),
@@ -74,7 +75,7 @@ def test_graphs_take_the_mask_channels(model_dir, reference, tmp_path, compile):
     eng = Engine(cfg).start()
     try:
         g = eng.executor.graphed
-        assert g is not None and g.shapes == [(9, 8, 8)]
+        assert g is not None and g.shapes == [(9, PICTURE.height // 8, PICTURE.width // 8)]
         replays = g.replays
         base = dict(prompt="a red circle", negative_prompt="blurry", image=PICTURE, mask=MASK, steps=8, guidance_scale=7.5)
         requests = [
