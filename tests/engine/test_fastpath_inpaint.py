@@ -75,7 +75,8 @@ def test_graphs_take_the_mask_channels(model_dir, reference, tmp_path, compile):
     eng = Engine(cfg).start()
     try:
         g = eng.executor.graphed
-        assert g is not None and g.shapes == [(9, PICTURE.height // 8, PICTURE.width // 8)]
+        f = eng.model.vae_scale_factor
+        assert g is not None and g.shapes == [(9, PICTURE.height // f, PICTURE.width // f)]
         replays = g.replays
         base = dict(prompt="a red circle", negative_prompt="blurry", image=PICTURE, mask=MASK, steps=8, guidance_scale=7.5)
         requests = [
