@@ -4,6 +4,7 @@ through HTTP, and a 4xx naming the part for each client mistake."""
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Iterator
 
 import httpx
@@ -13,6 +14,7 @@ from openai import OpenAI
 from PIL import Image
 
 from synerdiff.api import create_app
+from synerdiff.cli import _sse_events
 from synerdiff.contract.config import ServerSettings
 from synerdiff.engine import GenerationRequest
 
@@ -195,3 +197,44 @@ def test_cli_generate_with_image_and_mask(live: Live, tmp_path, capsys):
     assert Image.open(out).size == (64, 64)
     assert main([*args, "--strength", "2"]) == 1
     assert "strength" in capsys.readouterr().err
+
+
+def test_streamed_edit_progress_then_images_then_done(live: Live):
+    files = {"image": ("a.png", png(PICTURE), "image/png"), "mask": ("m.png", _mask("RGBA"), "image/png")}
+    data = {"prompt": "a red circle", "n": "2", "num_inference_steps": "6", "strength": "0.5", "seed": "4", "sampler": "euler"}
+    with httpx.stream("POST", live.url + "/v1/images/edits", files=files, data={**data, "stream": "true"}, timeout=60) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [(ev, json.loads(body)) for ev, body in _sse_events(r.iter_lines())]
+    # strength 0.5 of 6 steps runs the schedule's last 3
+    assert [ev for ev, _ in events] == ["progress"] * 3 + ["image", "image", "done"]
+    assert [(d["step"], d["total"]) for ev, d in events if ev == "progress"] == [(1, 3), (2, 3), (3, 3)]
+    images = [d for ev, d in events if ev == "image"]
+    assert [d["type"] for d in images] == ["image_edit.completed"] * 2 and [d["index"] for d in images] == [0, 1]
+    plain = post(live, files, data).json()["data"]
+    for got, want in zip(images, plain, strict=True):
+        assert decode_png(got["b64_json"]).tobytes() == decode_png(want["b64_json"]).tobytes()
+
+
+def test_openai_client_reads_a_streamed_edit(client: OpenAI, live: Live):
+    stream = client.images.edit(
+        image=("picture.png", png(PICTURE), "image/png"),
+        prompt="a red circle",
+        size="64x64",
+        stream=True,
+        extra_body={"strength": 0.6, "seed": 7, "num_inference_steps": 5, "sampler": "ddim"},
+    )
+    completed = [ev for ev in stream if ev.type == "image_edit.completed"]
+    assert len(completed) == 1
+    want = live.engine.generate_sync(
+        GenerationRequest(
+            prompt="a red circle", steps=5, seed=7, sampler="ddim", image=PICTURE, strength=0.6, guidance_scale=live.engine.config.default_guidance
+        )
+    ).to_pil()[0]
+    assert psnr(decode_png(completed[0].b64_json), want) >= 40
+
+
+def test_a_bad_streamed_edit_is_refused_before_the_stream(live: Live):
+    r = post(live, {"image": ("a.png", png(PICTURE), "image/png")}, {"prompt": "x", "stream": "yes"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stream"
+    r = post(live, {"image": ("a.png", png(PICTURE), "image/png")}, {"prompt": "x", "stream": "true", "strength": "2"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "strength"

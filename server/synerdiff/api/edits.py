@@ -28,6 +28,7 @@ from .errors import APIError
 from .generation import check_available, json_response, refused, submit
 from .schemas import ImagesResponse
 from .state import AppState
+from .streaming import stream_response
 
 EDITS_PATH = "/v1/images/edits"
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
@@ -187,8 +188,6 @@ async def build_edit(form: EditForm, state: AppState) -> GenerationRequest:
         raise APIError(400, "output_format: only 'png' is produced", param="output_format", code="unsupported_value")
     if _choice(form, "background", ("auto", "opaque", "transparent"), None) == "transparent":
         raise APIError(400, "background 'transparent' is not supported", param="background", code="unsupported_value")
-    if _choice(form, "stream", ("true", "false"), "false") == "true":
-        raise APIError(400, "stream is not supported for edits", param="stream", code="unsupported_value")
     model = form.str_("model")
     if model is not None and model != settings.served_model_name:
         raise APIError(404, f"model {model!r} does not exist; this server serves {settings.served_model_name!r}", param="model", code="model_not_found")
@@ -272,6 +271,12 @@ def _form_schema() -> dict[str, Any]:
     response_model=ImagesResponse,
     response_model_exclude_none=True,
     openapi_extra=_form_schema(),
+    responses={
+        200: {
+            "description": "The images (JSON), or with `stream` = `true` a `text/event-stream` of `progress`, `image` (`image_edit.completed`), `done` and `error` events.",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+    },
     summary="Edit an image (OpenAI-compatible multipart): image-to-image, or repaint a mask's transparent pixels",
 )
 async def edit(request: Request) -> Response:
@@ -282,9 +287,12 @@ async def edit(request: Request) -> Response:
         form = await _read_form(request)
         try:
             greq = await build_edit(form, state)
+            stream = _choice(form, "stream", ("true", "false"), "false") == "true"
         finally:
             await form.close()
         handle = submit(state, greq)
     except APIError as err:
         raise refused(state, err) from None
+    if stream:
+        return stream_response(request, state, greq, handle, started, completed="image_edit.completed")
     return await json_response(request, state, greq, handle, started)

@@ -3,10 +3,11 @@
 Events (each `data` is JSON with a `type`):
   progress  {"type": "progress", "step": k, "total": T}           after every denoising step
   image     {"type": "image_generation.completed", "index": i, "b64_json": ..., ...}   one per image
+            (for an edit: "image_edit.completed")
   done      {"type": "done", "created": ..., "synerdiff": {...}}  last event on success
   error     {"type": "error", "error": {message, type, param, code}, "status": 5xx/504}
-The image event carries the fields of OpenAI's `image_generation.completed` event so
-OpenAI-style stream readers find `b64_json` where they expect it.
+The image event carries the fields of OpenAI's `image_generation.completed` (or
+`image_edit.completed`) event so OpenAI-style stream readers find `b64_json` where they expect it.
 """
 
 from __future__ import annotations
@@ -33,7 +34,10 @@ def _event(name: str, data: dict[str, Any]) -> ServerSentEvent:
     return ServerSentEvent(data=json.dumps(data), event=name)
 
 
-def stream_response(request: Request, state: AppState, greq: GenerationRequest, handle: RequestHandle, started: float) -> EventSourceResponse:
+def stream_response(
+    request: Request, state: AppState, greq: GenerationRequest, handle: RequestHandle, started: float, completed: str = "image_generation.completed"
+) -> EventSourceResponse:
+    """`completed`: the `type` of each image event, after OpenAI's stream of the same endpoint."""
     loop = asyncio.get_running_loop()
     inbox: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
@@ -47,10 +51,12 @@ def stream_response(request: Request, state: AppState, greq: GenerationRequest, 
     # and call_soon_threadsafe keeps that order.
     handle.add_progress_callback(lambda step, total: post(("progress", (step, total))))
     handle.future.add_done_callback(lambda fut: post(("done", fut)))
-    return EventSourceResponse(_events(state, greq, handle, inbox, started), ping=10, headers={"Cache-Control": "no-store"})
+    return EventSourceResponse(_events(state, greq, handle, inbox, started, completed), ping=10, headers={"Cache-Control": "no-store"})
 
 
-async def _events(state: AppState, greq: GenerationRequest, handle: RequestHandle, inbox: asyncio.Queue, started: float) -> AsyncIterator[ServerSentEvent]:
+async def _events(
+    state: AppState, greq: GenerationRequest, handle: RequestHandle, inbox: asyncio.Queue, started: float, completed: str
+) -> AsyncIterator[ServerSentEvent]:
     finished = False
     last = 0
     try:
@@ -83,7 +89,7 @@ async def _events(state: AppState, greq: GenerationRequest, handle: RequestHandl
             yield _event(
                 "image",
                 {
-                    "type": "image_generation.completed",
+                    "type": completed,
                     "index": i,
                     "b64_json": b64,
                     "created_at": created,
