@@ -266,12 +266,9 @@ def _error_message(body: bytes) -> str:
         return body.decode(errors="replace")[:500] or "no details"
 
 
-def _edit(args: argparse.Namespace) -> int:
-    """POST /v1/images/edits (multipart, answered in one response: no progress bar)."""
-    import httpx
-
-    data: dict[str, str] = {"prompt": args.prompt, "n": str(args.n)}
-    for key, value in (
+def _extensions(args: argparse.Namespace) -> dict[str, Any]:
+    """The request's optional fields that were given, by their API names."""
+    fields = (
         ("size", args.size),
         ("num_inference_steps", args.steps),
         ("seed", args.seed),
@@ -279,66 +276,42 @@ def _edit(args: argparse.Namespace) -> int:
         ("negative_prompt", args.negative),
         ("sampler", args.sampler),
         ("strength", args.strength),
-    ):
-        if value is not None:
-            data[key] = str(value)
-    headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
-    url = args.url.rstrip("/") + "/v1/images/edits"
-    try:
-        files = {"image": (Path(args.image).name, Path(args.image).read_bytes())}
-        if args.mask is not None:
-            files["mask"] = (Path(args.mask).name, Path(args.mask).read_bytes())
-    except OSError as exc:
-        print(f"synerdiff generate: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
-        return 1
-    started = time.monotonic()
-    try:
-        with httpx.Client(timeout=httpx.Timeout(args.timeout, connect=10.0)) as client:
-            resp = client.post(url, data=data, files=files, headers=headers)
-    except httpx.HTTPError as exc:
-        print(f"synerdiff generate: cannot complete the request to {url}: {exc}", file=sys.stderr)
-        return 1
-    if resp.status_code != 200:
-        print(f"synerdiff generate: HTTP {resp.status_code}: {_error_message(resp.content)}", file=sys.stderr)
-        return 1
-    payload = resp.json()
-    paths = _output_paths(args.output, args.n)
-    for path, item in zip(paths, payload["data"], strict=True):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(base64.b64decode(item["b64_json"]))
-        print(path)
-    if not args.quiet:
-        print(f"done in {time.monotonic() - started:.1f}s, seed {payload.get('synerdiff', {}).get('seed')}", file=sys.stderr)
-    return 0
+    )
+    return {key: value for key, value in fields if value is not None}
+
+
+def _edit_request(args: argparse.Namespace) -> dict[str, Any]:
+    """POST /v1/images/edits as multipart; raises OSError when a file cannot be read."""
+    data = {k: str(v) for k, v in {"prompt": args.prompt, "n": args.n, "stream": "true", **_extensions(args)}.items()}
+    files = {"image": (Path(args.image).name, Path(args.image).read_bytes())}
+    if args.mask is not None:
+        files["mask"] = (Path(args.mask).name, Path(args.mask).read_bytes())
+    return {"url": args.url.rstrip("/") + "/v1/images/edits", "data": data, "files": files}
 
 
 def _generate(args: argparse.Namespace) -> int:
+    """Generations (JSON) or, with --image, edits (multipart); both answered as an event stream."""
     import httpx
 
-    if args.image is not None:
-        return _edit(args)
-    if args.mask is not None or args.strength is not None:
+    if args.image is None and (args.mask is not None or args.strength is not None):
         print("synerdiff generate: --mask and --strength need --image", file=sys.stderr)
         return 2
-    body: dict[str, Any] = {"prompt": args.prompt, "n": args.n, "stream": True}
-    for key, value in (
-        ("size", args.size),
-        ("num_inference_steps", args.steps),
-        ("seed", args.seed),
-        ("guidance_scale", args.guidance),
-        ("negative_prompt", args.negative),
-        ("sampler", args.sampler),
-    ):
-        if value is not None:
-            body[key] = value
+    if args.image is not None:
+        try:
+            request = _edit_request(args)
+        except OSError as exc:
+            print(f"synerdiff generate: cannot read {exc.filename}: {exc.strerror}", file=sys.stderr)
+            return 1
+    else:
+        request = {"url": args.url.rstrip("/") + "/v1/images/generations", "json": {"prompt": args.prompt, "n": args.n, "stream": True, **_extensions(args)}}
     headers = {"Authorization": f"Bearer {args.token}"} if args.token else {}
-    url = args.url.rstrip("/") + "/v1/images/generations"
+    url = request["url"]
     paths = _output_paths(args.output, args.n)
     started = time.monotonic()
     written: list[Path] = []
     try:
         with httpx.Client(timeout=httpx.Timeout(args.timeout, connect=10.0)) as client:
-            with client.stream("POST", url, json=body, headers=headers) as resp:
+            with client.stream("POST", headers=headers, **request) as resp:
                 if resp.status_code != 200:
                     print(f"synerdiff generate: HTTP {resp.status_code}: {_error_message(resp.read())}", file=sys.stderr)
                     return 1

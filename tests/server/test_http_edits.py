@@ -195,6 +195,9 @@ def test_cli_generate_with_image_and_mask(live: Live, tmp_path, capsys):
     args = ["generate", "a red circle", "--url", live.url, "--image", str(tmp_path / "in.png"), "--steps", "4", "--seed", "3", "-o", str(out), "-q"]
     assert main([*args, "--mask", str(tmp_path / "mask.png"), "--strength", "0.5"]) == 0
     assert Image.open(out).size == (64, 64)
+    capsys.readouterr()
+    assert main([a for a in args if a != "-q"] + ["--strength", "0.5"]) == 0
+    assert "2/2 steps" in capsys.readouterr().err  # the edit's progress: half of 4 steps run
     assert main([*args, "--strength", "2"]) == 1
     assert "strength" in capsys.readouterr().err
 
