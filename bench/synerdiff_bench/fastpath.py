@@ -315,9 +315,22 @@ def summarize(result: dict[str, Any], runs: dict[str, dict[str, Any]]) -> None:
 
 
 # ---------------------------------------------------------------------------------- compile modes
-def modes(args: argparse.Namespace) -> dict[str, Any]:
-    """Cold compile seconds and replay ms of one row size under each torch.compile mode."""
+# Inductor settings and model changes that keep the math (fp16 rounding aside), each added on top
+# of the ones before it in --variants order: diffusers' own recipe for a compiled SDXL.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "conv1x1": {"conv_1x1_as_mm": True},
+    "fuseqkv": {"fuse_qkv": True},
+    "noepilogue": {"epilogue_fusion": False},
+    "coord": {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True},
+}
+
+
+def modes(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] = lambda _: None) -> dict[str, Any]:
+    """Cold compile seconds and replay ms of one row size under each torch.compile mode, then
+    under each inductor variant (cumulative, default mode); `save` gets the results after each."""
     import torch._dynamo
+    import torch._inductor.config as inductor
 
     from synerdiff.engine.fastpath import GraphedUNet
     from synerdiff.models.loader import load_model
@@ -327,20 +340,34 @@ def modes(args: argparse.Namespace) -> dict[str, Any]:
     shape = (model.unet_in_channels, args.size // f, args.size // f)
     ctx = (model.tokenizer.model_max_length, int(model.unet.config.cross_attention_dim))
     out: dict[str, Any] = {}
-    for mode in args.modes.split(","):
+
+    def measure(name: str, mode: str) -> None:
         torch._dynamo.reset()
         g = GraphedUNet(model.unet, ctx_shape=ctx, dtype=torch.float16, device=torch.device("cuda"), compile=True, mode=mode, attention_backend=args.attention)
         g.capture(shape, [args.max_rows])
         cap = g.captures[0]
-        out[mode] = {
+        out[name] = {
             "rows": cap.rows,
             "compile_and_capture_s": cap.seconds,
             "replay_ms": cap.replay_ms,
             "replay_ms_again": g._replay_ms(g._graphs[shape][args.max_rows], 10),
         }
-        print(f"{mode}: {out[mode]}", flush=True)
+        print(f"{name}: {out[name]}", flush=True)
         del g
         torch.cuda.empty_cache()
+        save(out)
+
+    for mode in filter(None, args.modes.split(",")):
+        measure(mode, mode)
+    applied: dict[str, Any] = {}
+    for variant in filter(None, args.variants.split(",")):
+        for key, value in VARIANTS[variant].items():
+            if key == "fuse_qkv":
+                model.unet.fuse_qkv_projections()
+            else:
+                setattr(inductor, key, value)
+            applied[key] = value
+        measure("+".join(["variants", *applied]) if applied else "variants:default", "default")
     return out
 
 
@@ -349,6 +376,7 @@ def main(argv: list[str] | None = None, stamp: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m synerdiff_bench fastpath", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("phase", choices=["startup", "compare", "modes", "start"])
     ap.add_argument("--modes", default="default,max-autotune-no-cudagraphs", help="modes: torch.compile modes to compare at --max-rows rows")
+    ap.add_argument("--variants", default="", help=f"modes: then these inductor variants, cumulative ({', '.join(VARIANTS)})")
     ap.add_argument("--attention", default="cudnn", help="modes: the SDPA backend to compile with")
     ap.add_argument("--model", default="sd15", help="'sd15' or 'sdxl' (built from a seed in --model-dir), 'tiny' or a diffusers directory")
     ap.add_argument("--model-dir", default=None, help="where 'sd15'/'sdxl' are built (default: /tmp/synerdiff-<shape>)")
@@ -384,7 +412,12 @@ def main(argv: list[str] | None = None, stamp: list[str] | None = None) -> None:
     path = result_path(args.out, args.name)
     report = json.loads(path.read_text()) if path.is_file() else new_report("fastpath", args.name, stamp, model=args.model, dtype="float16")
     if args.phase == "modes":
-        report["compile_modes"] = modes(args)
+
+        def save_modes(partial: dict[str, Any]) -> None:
+            report["compile_modes"] = partial
+            write_json(report, path)
+
+        modes(args, save_modes)
     elif args.phase == "startup":
         runs = startup(args)
         report["startup_s"] = {k: v["process_to_ready_s"] for k, v in runs.items()}
