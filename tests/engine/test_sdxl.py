@@ -186,6 +186,38 @@ def test_force_upcast_keeps_the_vae_in_fp32(xl_dir, tmp_path):
     assert load_model(tmp_path / "m", "cpu", "float16").vae_dtype == torch.float16
 
 
+def test_a_configured_vae_replaces_the_models_own(xl_dir, tmp_path):
+    """engine.vae: another AutoencoderKL folder (an fp16-safe VAE: force_upcast false) decodes
+    in the model's dtype, and its weights are the ones used, as diffusers' pipeline given that VAE."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline
+
+    vae = AutoencoderKL.from_pretrained(xl_dir, subfolder="vae")
+    with torch.no_grad():
+        vae.decoder.conv_out.weight.mul_(-1.0)  # decodes visibly unlike the model's own
+    vae.register_to_config(force_upcast=False)
+    vae.save_pretrained(tmp_path / "vae16")
+    m = load_model(xl_dir, "cpu", "float16", vae=tmp_path / "vae16")
+    assert m.vae_dtype == torch.float16  # not upcast: the replacement says it is fp16-safe
+    assert torch.equal(m.vae.decoder.conv_out.weight.float(), vae.decoder.conv_out.weight.half().float())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pipe = StableDiffusionXLPipeline.from_pretrained(xl_dir, local_files_only=True, add_watermarker=False, vae=vae)
+    pipe.set_progress_bar_config(disable=True)
+
+    def reference(seed: int) -> torch.Tensor:
+        return pipe("a red circle", num_inference_steps=4, generator=torch.Generator("cpu").manual_seed(seed), output_type="pt").images
+
+    eng = Engine(EngineConfig(model=str(xl_dir), vae=str(tmp_path / "vae16"), device="cpu", dtype="float32", warmup=False)).start()
+    try:
+        res = eng.generate_sync(GenerationRequest(prompt="a red circle", steps=4, guidance_scale=5.0, seed=3, sampler="euler"))
+    finally:
+        eng.shutdown()
+    check(res, reference(3), reference(4), label="sdxl with a configured vae")
+    with pytest.raises(ModelLoadError, match="vae .*no config.json"):
+        load_model(xl_dir, "cpu", "float32", vae=tmp_path / "nowhere")
+
+
 def test_vae_latent_statistics_are_applied_as_the_pipeline_does(xl_dir, tmp_path):
     """A VAE config with latents_mean/latents_std: the decode de-normalises by them, as
     StableDiffusionXLPipeline does."""

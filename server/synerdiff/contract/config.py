@@ -149,6 +149,12 @@ class EngineConfig(_Strict):
         "empty = $XDG_CACHE_HOME/synerdiff/compile (~/.cache/synerdiff/compile). A folder shared by a pool's pods makes their starts warm.",
     )
     profile_path: str | None = Field(None, description="Profiler output to load as the cost model.")
+    vae: str = Field(
+        "",
+        max_length=1024,
+        description="A diffusers AutoencoderKL folder to decode (and encode edits) with instead of the model's own VAE; empty = the model's. "
+        "E.g. an fp16-safe SDXL VAE whose config sets force_upcast false, so SDXL decodes stay in fp16 instead of fp32.",
+    )
     vae_tiling: Literal["fallback", "always", "never"] = Field(
         "fallback",
         description="Spatial tiles for images larger than the VAE's tile (diffusers' tiled decode; changes pixels slightly). "

@@ -135,7 +135,7 @@ class Engine:
         t0 = time.perf_counter()
         if self._model is None:
             self.startup.stage = "loading model"
-            self._model = load_model(self.config.model, self.config.device, self.config.dtype)
+            self._model = load_model(self.config.model, self.config.device, self.config.dtype, self.config.vae)
         self.executor = StepExecutor(self._model)
         if self.config.fast_path and self._model.device.type == "cuda":
             self.startup.stage = "compiling" if self.config.fast_path_compile else "capturing graphs"

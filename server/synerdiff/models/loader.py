@@ -132,17 +132,18 @@ def detect_family(root: str | Path) -> tuple[str, dict[str, Any]]:
     return FAMILIES[cls], config
 
 
-def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> ModelBundle:
+def load_model(path: str | Path, device: str = "auto", dtype: str = "auto", vae: str | Path = "") -> ModelBundle:
     """Load the components of a supported pipeline and its scheduler config from a local directory.
 
-    Nothing is downloaded: the path must be a diffusers directory on disk.
+    Nothing is downloaded: the path must be a diffusers directory on disk. `vae`, when given, is
+    an AutoencoderKL folder used instead of the pipeline's own.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     root = Path(path)
     family, pipeline_config = detect_family(root)
-    missing = [c for c in REQUIRED[family] if not (root / c).is_dir()]
+    missing = [c for c in REQUIRED[family] if not (root / c).is_dir() and not (c == "vae" and vae)]
     if missing:
         raise ModelLoadError(f"{root} lacks the component folder(s): {', '.join(missing)}")
     dev = resolve_device(device)
@@ -151,7 +152,13 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> M
     try:
         kw = dict(local_files_only=True, torch_dtype=dt)
         unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", variant=weights_variant(root / "unet"), **kw)
-        vae = AutoencoderKL.from_pretrained(root, subfolder="vae", variant=weights_variant(root / "vae"), **kw)
+        if vae:
+            vae_dir = Path(vae)
+            if not (vae_dir / "config.json").is_file():
+                raise ModelLoadError(f"vae {vae_dir}: not a diffusers AutoencoderKL folder (no config.json)")
+            vae_model = AutoencoderKL.from_pretrained(vae_dir, variant=weights_variant(vae_dir), **kw)
+        else:
+            vae_model = AutoencoderKL.from_pretrained(root, subfolder="vae", variant=weights_variant(root / "vae"), **kw)
         text_encoder = CLIPTextModel.from_pretrained(
             root, subfolder="text_encoder", local_files_only=True, dtype=dt, variant=weights_variant(root / "text_encoder")
         )
@@ -163,18 +170,18 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto") -> M
             tokenizer_2 = CLIPTokenizer.from_pretrained(root, subfolder="tokenizer_2", local_files_only=True)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"could not load {root}: {exc}") from exc
-    if family == "sdxl" and vae.config.force_upcast and dt != torch.float32:
+    if family == "sdxl" and vae_model.config.force_upcast and dt != torch.float32:
         # SDXL's pipeline decodes in fp32 when the VAE asks for it (its fp16 decode overflows);
         # keeping the VAE in fp32 does the same arithmetic without converting it at every decode.
-        vae = vae.to(torch.float32)
-    latent, unet_in = int(vae.config.latent_channels), int(unet.config.in_channels)
+        vae_model = vae_model.to(torch.float32)
+    latent, unet_in = int(vae_model.config.latent_channels), int(unet.config.in_channels)
     if unet_in not in (latent, 2 * latent + 1):
         raise ModelLoadError(
             f"{root}: the UNet takes {unet_in} input channels; served are {latent} (the VAE's latents) "
             f"and {2 * latent + 1} (an inpainting UNet: latents, mask, masked-picture latents)"
         )
     sched_cfg: dict[str, Any] = json.loads((root / "scheduler" / "scheduler_config.json").read_text())
-    modules = [m for m in (unet, vae, text_encoder, text_encoder_2) if m is not None]
+    modules = [m for m in (unet, vae_model, text_encoder, text_encoder_2) if m is not None]
     for m in modules:
         m.to(dev).eval().requires_grad_(False)
-    return ModelBundle(root, unet, vae, text_encoder, tokenizer, sched_cfg, dev, dt, family, text_encoder_2, tokenizer_2, pipeline_config)
+    return ModelBundle(root, unet, vae_model, text_encoder, tokenizer, sched_cfg, dev, dt, family, text_encoder_2, tokenizer_2, pipeline_config)
