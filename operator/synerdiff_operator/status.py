@@ -113,7 +113,7 @@ class ModelStatus(BaseModel):
     commit: str | None = Field(
         None,
         max_length=64,
-        description="The commit every ready engine pod reports having loaded (model.uri pools, or a path downloaded by `synerdiff fetch`). "
+        description="The one commit the ready engine pods that report one have loaded (model.uri pools, or a path downloaded by `synerdiff fetch`). "
         "Absent while ready pods disagree; kept while no ready pod reports one and the model spec is unchanged.",
     )
     commits: list[CommitPods] | None = Field(
@@ -501,6 +501,9 @@ def is_ready(pod: dict[str, Any]) -> bool:
     return ready and not (pod.get("metadata") or {}).get("deletionTimestamp")
 
 
+MODEL_STATUS_KEYS = ("uri", "path", "revision", "commit", "commits")
+
+
 def model_status(
     source: dict[str, str] | None,
     pods: list[dict[str, Any]],
@@ -514,7 +517,9 @@ def model_status(
     behind one Service, so one prompt and seed gives different images from pod to pod."""
     if source is None:
         return previous or None, None
-    out: dict[str, Any] = dict(source)
+    # Status is written as a merge patch, which keeps any key left out: every key is sent, the
+    # ones that no longer apply as None (a merge patch's null deletes them).
+    out: dict[str, Any] = dict.fromkeys(MODEL_STATUS_KEYS) | dict(source)
     ready = {(p.get("metadata") or {}).get("name") for p in pods if is_ready(p)}
     by_commit: dict[str, list[str]] = {}
     for start in starts:
@@ -600,5 +605,12 @@ def transitions(previous: dict[str, Any], current: dict[str, Any]) -> list[tuple
 
 
 def same_status(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """Whether writing `b` over `a` would change anything (ignoring unrelated fields in `a`)."""
-    return all(a.get(k) == v for k, v in b.items())
+    """Whether writing `b` over `a` would change anything (ignoring unrelated fields in `a`); a
+    None in `b` deletes its key under a merge patch, so it equals an absent key in `a`."""
+    return all(_without_none(a.get(k)) == _without_none(v) for k, v in b.items())
+
+
+def _without_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None} or None
+    return value

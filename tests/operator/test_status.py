@@ -10,6 +10,7 @@ from synerdiff_operator import manifests
 from synerdiff_operator.status import Observation, compute, diagnose_pods, same_status, transitions
 
 from .crdcheck import load_crd, root_schema, schema_errors
+from .harness import merge
 
 T0, T1 = "2026-01-01T00:00:00Z", "2026-01-01T00:05:00Z"
 STATUS_SCHEMA = root_schema(load_crd())["properties"]["status"]
@@ -54,9 +55,10 @@ def observe(**kw: Any) -> dict[str, Any]:
     kw.setdefault("now", T0)
     kw.setdefault("configured_threshold", 0.8)
     kw.setdefault("desired_replicas", 2)
-    status = compute(Observation(**kw))
-    assert schema_errors(STATUS_SCHEMA, status) == []  # always storable under the CRD's schema
-    return status
+    # What the API server stores: the computed status is sent as a merge patch over the last one.
+    stored = merge(kw.get("previous") or {}, compute(Observation(**kw)))
+    assert schema_errors(STATUS_SCHEMA, stored) == []  # always storable under the CRD's schema
+    return stored
 
 
 def cond(status: dict[str, Any], type_: str) -> tuple[str, str]:
@@ -198,6 +200,16 @@ def test_transition_times_only_move_on_change() -> None:
     times = {c["type"]: c["lastTransitionTime"] for c in ready["conditions"]}
     assert times["Ready"] == T1 and times["Degraded"] == T0  # Degraded stayed False
     assert not same_status(first, ready)
+
+
+def test_a_pool_at_rest_with_a_model_rewrites_no_status() -> None:
+    """The computed model status names every key (None = delete, under the merge patch): the
+    stored status, which lacks those keys, counts as the same, so a pool at rest writes nothing."""
+    kw: dict[str, Any] = dict(pods=[running_pod("p1")], deployment=deployment(1, ready=1), model_source=HUB)
+    stored = observe(**kw, new_starts=started(("p1", A)))
+    again = compute(Observation(name="sd", generation=3, now=T1, configured_threshold=0.8, desired_replicas=2, previous=stored, **kw))
+    assert again["model"]["commits"] is None and "commits" not in stored["model"]
+    assert same_status(stored, again)
 
 
 def test_events_on_new_causes_recovery_and_readiness_only() -> None:
