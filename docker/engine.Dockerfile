@@ -1,7 +1,7 @@
 # SynerDiff engine: `synerdiff serve` on port 8000 (what DiffusionPool pods run).
 #   docker build -f docker/engine.Dockerfile -t synerdiff-engine .
 # torch is the CUDA 12.6 build from PyTorch's index, not PyPI's (a CUDA 13 build that needs an
-# R580 driver): CUDA 12.x builds run on drivers from R525 on (CUDA minor-version compatibility),
+# R580 driver). With this base image the container runtime accepts R535, R550 and R560+ drivers,
 # which covers the R535-R570 drivers of managed clusters. Blackwell GPUs need a CUDA 13 build:
 #   --build-arg TORCH_CUDA=cu130 --build-arg CUDA_IMAGE=nvidia/cuda:13.0.2-runtime-ubuntu24.04
 # CUDA runtime base: the torch wheels bring their own CUDA libraries; the base image brings the

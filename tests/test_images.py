@@ -57,7 +57,7 @@ def test_the_router_and_operator_locks_are_for_their_base_images_python() -> Non
 def test_the_engine_pins_a_cuda_12_torch_of_the_version_ci_tests() -> None:
     text = images.IMAGES["engine"].dockerfile.read_text()
     args = images.dockerfile_args(text)
-    # A CUDA 12 build runs on R525+ drivers (minor-version compatibility); PyPI's torch is CUDA 13 (R580+).
+    # A CUDA 12.6 build runs on the R535-R570 drivers of managed clusters; PyPI's torch is CUDA 13 (R580+).
     assert re.fullmatch(r"cu12\d", args["TORCH_CUDA"]), args["TORCH_CUDA"]
     cuda = re.search(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-", args["CUDA_IMAGE"])
     assert cuda is not None and f"cu{cuda[1]}{cuda[2]}" == args["TORCH_CUDA"], "the CUDA base image and torch's CUDA build differ"

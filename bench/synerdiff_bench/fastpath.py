@@ -278,6 +278,8 @@ def compare(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] = l
     eager = [model]  # handed over, so that the engines below do not share the GPU with this copy
     del model
     phase("diffusers_eager", lambda: diffusers_runs(eager.pop(), args, compiled=False))  # the engines load their own copy
+    eager.clear()  # when that phase was left out: the engines must not share the GPU with this copy
+    torch.cuda.empty_cache()
     phase("engine_exact", lambda: engine_runs(args, "continuous", lone=True))
     phase("engine_synerdiff", lambda: engine_runs(args, "synerdiff", lone=False))
     phase("diffusers_compiled", lambda: diffusers_runs(load_model(args.model_path, "cuda", "float16"), args, compiled=True))
@@ -333,17 +335,29 @@ def modes(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] = lam
     import torch._inductor.config as inductor
 
     from synerdiff.engine.fastpath import GraphedUNet
+    from synerdiff.models.conditioning import conditioner_for
     from synerdiff.models.loader import load_model
 
     model = load_model(args.model_path, "cuda", "float16")
     f = model.vae_scale_factor
     shape = (model.unet_in_channels, args.size // f, args.size // f)
-    ctx = (model.tokenizer.model_max_length, int(model.unet.config.cross_attention_dim))
+    example = conditioner_for(model).example(1, random=False)  # the context and added conditions a row carries
+    ctx = (int(example.context.shape[1]), int(example.context.shape[2]))
+    added = {k: tuple(v.shape[1:]) for k, v in example.added.items()}
     out: dict[str, Any] = {}
 
     def measure(name: str, mode: str) -> None:
         torch._dynamo.reset()
-        g = GraphedUNet(model.unet, ctx_shape=ctx, dtype=torch.float16, device=torch.device("cuda"), compile=True, mode=mode, attention_backend=args.attention)
+        g = GraphedUNet(
+            model.unet,
+            ctx_shape=ctx,
+            added_shapes=added,
+            dtype=torch.float16,
+            device=torch.device("cuda"),
+            compile=True,
+            mode=mode,
+            attention_backend=args.attention,
+        )
         g.capture(shape, [args.max_rows])
         cap = g.captures[0]
         out[name] = {

@@ -286,8 +286,8 @@ async def edit(request: Request) -> Response:
         check_available(state)
         form = await _read_form(request)
         try:
+            stream = _choice(form, "stream", ("true", "false"), "false") == "true"  # before the uploads are decoded
             greq = await build_edit(form, state)
-            stream = _choice(form, "stream", ("true", "false"), "false") == "true"
         finally:
             await form.close()
         handle = submit(state, greq)
