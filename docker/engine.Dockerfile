@@ -18,7 +18,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY server ./server
 COPY operator ./operator
-RUN pip install --upgrade pip && pip install ".[server]" && rm -rf /src
+RUN pip install --upgrade pip && pip install ".[server,objectstore]" && rm -rf /src
 
 # A stable path for the tiny embedded test model (CPU smoke pools: examples/diffusionpool-cpu.yaml).
 COPY server/synerdiff/models/embedded/tiny-sd /opt/synerdiff/models/tiny-sd
