@@ -222,6 +222,16 @@ def test_s3_credentials_are_the_ones_given(s3: Store, tmp_path: Path, monkeypatc
     assert "Traceback" not in wrong.stderr
 
 
+def test_a_gs_key_file_is_the_credential_used(gs: Store, tmp_path: Path) -> None:
+    """GOOGLE_APPLICATION_CREDENTIALS is read as a service-account key: one that is not fails by name
+    instead of falling back to anonymous access."""
+    key = tmp_path / "key.json"
+    key.write_text(json.dumps({"type": "service_account", "client_email": "reader@example.iam.gserviceaccount.com"}))
+    proc = gs.fetch(tmp_path / "model", env={"GOOGLE_APPLICATION_CREDENTIALS": str(key)})
+    assert proc.returncode == 1 and f"synerdiff fetch: GOOGLE_APPLICATION_CREDENTIALS={key}: not a usable service-account key" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and gs.gets() == []
+
+
 @pytest.mark.parametrize(
     ("uri", "args", "message"),
     [

@@ -9,7 +9,9 @@ commit once, downloads those files at that commit (huggingface_hub does the HTTP
 retries), and records what it did in `SOURCE_FILE` beside them. A later fetch into the same folder
 with the same pin key (a pool and its model spec) reuses the recorded commit without asking the Hub
 which commit a branch points to now, so replicas sharing a claim never serve different weights
-because a branch moved between their starts.
+because a branch moved between their starts. `single_writer` lets one process at a time download
+into a folder, so pods sharing a claim fetch it once. `objectstore.py` does the same for S3 and GCS
+with these pieces (`pipeline_files`, the record, `write_atomic`).
 """
 
 from __future__ import annotations

@@ -72,12 +72,13 @@ def filesystem(src: ObjectURI, *, endpoint_url: str | None = None, region: str |
 
     key_file = os.environ.get("GOOGLE_APPLICATION_CREDENTIALS")
     if key_file:
-        token: str | None = key_file  # a service-account key: a bad one fails here, not as anonymous 403s later
-    elif os.environ.get("STORAGE_EMULATOR_HOST"):
-        token = "anon"  # an emulator takes no credentials
-    else:
-        token = None  # the pod's identity (metadata server), else anonymous for a public bucket
-    return GCSFileSystem(token=token, skip_instance_cache=True)
+        # Given explicitly, a bad key fails here by name instead of falling back to anonymous access.
+        try:
+            return GCSFileSystem(token=key_file, skip_instance_cache=True)
+        except Exception as exc:
+            raise FetchError(f"GOOGLE_APPLICATION_CREDENTIALS={key_file}: not a usable service-account key ({type(exc).__name__}: {exc})") from exc
+    # An emulator takes no credentials; otherwise the pod's identity (metadata server), else anonymous for a public bucket.
+    return GCSFileSystem(token="anon" if os.environ.get("STORAGE_EMULATOR_HOST") else None, skip_instance_cache=True)
 
 
 def object_version(scheme: str, info: dict[str, Any]) -> str:
