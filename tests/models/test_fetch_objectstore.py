@@ -3,20 +3,25 @@ GCS emulator, reached through fsspec's s3fs and gcsfs as in a pod (the CLI in a 
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import os
 import re
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import parse_qs, unquote
 
 import boto3
 import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from gcp_storage_emulator.server import create_server
 from gcsfs.core import GCSFileSystem
 from moto import settings as moto_settings
@@ -222,9 +227,56 @@ def test_s3_credentials_are_the_ones_given(s3: Store, tmp_path: Path, monkeypatc
     assert "Traceback" not in wrong.stderr
 
 
-def test_a_gs_key_file_is_the_credential_used(gs: Store, tmp_path: Path) -> None:
-    """GOOGLE_APPLICATION_CREDENTIALS is read as a service-account key: one that is not fails by name
-    instead of falling back to anonymous access."""
+def unb64(part: str) -> bytes:
+    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+
+class _TokenEndpoint(BaseHTTPRequestHandler):
+    """OAuth's token endpoint, as a service-account key's token_uri names it: it takes a signed JWT
+    (grant type jwt-bearer) and answers with an access token."""
+
+    assertions: list[str] = []
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+    def do_POST(self) -> None:
+        form = parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode())
+        type(self).assertions.append(form["assertion"][0])
+        body = json.dumps({"access_token": "token-for-reader", "expires_in": 3600, "token_type": "Bearer"}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_a_gs_service_account_key_signs_the_token_request(gs: Store, tmp_path: Path) -> None:
+    """The key file in GOOGLE_APPLICATION_CREDENTIALS is what the download authenticates with: its
+    private key signs the assertion the token endpoint receives, for its client_email."""
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+    tokens = ThreadingHTTPServer(("127.0.0.1", 0), _TokenEndpoint)
+    threading.Thread(target=tokens.serve_forever, daemon=True).start()
+    _TokenEndpoint.assertions = []
+    try:
+        key = tmp_path / "key.json"
+        email = "reader@project.iam.gserviceaccount.com"
+        info = {"type": "service_account", "project_id": "project", "private_key_id": "k1", "private_key": pem, "client_email": email}
+        key.write_text(json.dumps({**info, "client_id": "1", "token_uri": f"http://127.0.0.1:{tokens.server_address[1]}/token"}))
+        proc = gs.fetch(tmp_path / "model", env={"GOOGLE_APPLICATION_CREDENTIALS": str(key)})
+        assert proc.returncode == 0, proc.stderr
+    finally:
+        tokens.shutdown()
+        tokens.server_close()
+    assert _TokenEndpoint.assertions, "the download never asked for a token"
+    header, claims, signature = _TokenEndpoint.assertions[0].split(".")
+    assert json.loads(unb64(claims))["iss"] == email
+    private.public_key().verify(unb64(signature), f"{header}.{claims}".encode(), padding.PKCS1v15(), hashes.SHA256())  # raises if not ours
+
+
+def test_a_gs_key_file_that_is_not_a_key_is_refused_by_name(gs: Store, tmp_path: Path) -> None:
+    """A key file that cannot be used fails by name instead of falling back to anonymous access."""
     key = tmp_path / "key.json"
     key.write_text(json.dumps({"type": "service_account", "client_email": "reader@example.iam.gserviceaccount.com"}))
     proc = gs.fetch(tmp_path / "model", env={"GOOGLE_APPLICATION_CREDENTIALS": str(key)})
