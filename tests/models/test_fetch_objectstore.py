@@ -27,8 +27,10 @@ from gcsfs.core import GCSFileSystem
 from moto import settings as moto_settings
 from moto.server import ThreadedMotoServer
 
-from synerdiff.models.fetch import SOURCE_FILE
+from synerdiff.models.fetch import SOURCE_FILE, FetchError
 from synerdiff.models.loader import load_model
+from synerdiff.models.objectstore import parse_object_uri
+from synerdiff_operator.spec import OBJECT_URI
 
 from .test_fetch import published_pipeline
 
@@ -297,3 +299,27 @@ def test_bad_object_store_arguments_are_refused_by_name(tmp_path: Path, uri: str
     cmd = [sys.executable, "-m", "synerdiff.cli", "fetch", uri, str(tmp_path / "model"), *args]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
     assert proc.returncode in (1, 2) and message in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "s3://models/sd15",
+        "gs://my.models_1/a/b-c/d=e",
+        "s3://models",
+        "s3://Models/x",
+        "s3://m/x",
+        "s3://models/../x",
+        "gs://models/a//b",
+        "gs://models/x/",
+        "s3://models/.x",
+    ],
+)
+def test_the_fetch_and_the_pool_spec_accept_the_same_uris(uri: str) -> None:
+    """The operator's schema (spec.OBJECT_URI) and the fetch's parser are written apart (neither package imports the other)."""
+    try:
+        parse_object_uri(uri)
+        parsed = True
+    except FetchError:
+        parsed = False
+    assert parsed == bool(re.match(OBJECT_URI, uri))
