@@ -75,9 +75,11 @@ def structural(schema: dict[str, Any]) -> dict[str, Any]:
 def _convert(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     node = copy.deepcopy(node)
     ref = node.pop("$ref", None)
+    converted = None  # a referenced model's properties, converted already (once, with their raw defaults in view)
     if ref is not None:
         name = ref.rsplit("/", 1)[-1]
         target = _convert(defs[name], defs)
+        converted = target.get("properties")
         for extra in ENGINE_RULES.get(name, ()):
             target.setdefault("x-kubernetes-validations", []).extend(rules(extra)["x-kubernetes-validations"])
         node = {**target, **node}  # the field's own description/default win over the model's
@@ -114,14 +116,15 @@ def _convert(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     if "default" in node and node["default"] is None:
         del node["default"]
 
-    if "properties" in node:
+    if "properties" in node and node["properties"] is not converted:
         node.setdefault("type", "object")
         props = {}
-        for key, prop in node["properties"].items():
-            prop = _convert(prop, defs)
+        for key, raw in node["properties"].items():
+            prop = _convert(raw, defs)
             # The API server defaults nested fields only inside objects that exist; `default: {}`
-            # makes every optional section appear, so its fields get their defaults too.
-            optional = key not in node.get("required", ())
+            # makes every optional section appear, so its fields get their defaults too. A section
+            # whose default is None stays absent: its presence means something (model.s3 on an hf:// pool is refused).
+            optional = key not in node.get("required", ()) and raw.get("default", 0) is not None
             if optional and prop.get("type") == "object" and "properties" in prop and "default" not in prop and not prop.get("required"):
                 prop["default"] = {}
             props[key] = prop

@@ -12,7 +12,7 @@ import math
 from typing import Any
 
 from synerdiff_operator import API_VERSION, KIND
-from synerdiff_operator.spec import PoolSpec
+from synerdiff_operator.spec import S3_OPTIONAL_SECRET_KEYS, S3_SECRET_KEYS, PoolSpec
 
 ENGINE_CONTAINER = "engine"
 FETCH_CONTAINER = "model-fetch"
@@ -22,6 +22,9 @@ CONFIG_FILE = "config.json"
 MODELS_DIR = "/models"
 COMPILE_CACHE_DIR = "/var/cache/synerdiff/compile"
 TOKEN_DIR = "/var/run/secrets/synerdiff"
+# The gs:// service-account key, mounted into the download init container only.
+MODEL_CREDENTIALS_DIR = f"{TOKEN_DIR}/model-credentials"
+MODEL_CREDENTIALS_FILE = "key.json"
 RUN_AS = 1000  # the `synerdiff` user of docker/engine.Dockerfile
 
 # preStop sleep: long enough for kube-proxy / endpoint controllers to drop the pod from the
@@ -114,7 +117,8 @@ def model_dir(spec: PoolSpec) -> str:
     """Where the engine finds the pipeline inside its container."""
     src = spec.model
     if src.uri is not None:
-        return f"{MODELS_DIR}/hf/{src.uri.removeprefix('hf://')}"
+        scheme, _, rest = src.uri.partition("://")  # the URI pattern keeps "." and ".." out of rest
+        return f"{MODELS_DIR}/{scheme}/{rest}"
     assert src.path is not None
     if src.pvc is not None:
         return f"{MODELS_DIR}/{src.path.strip('/')}".rstrip("/")
@@ -252,6 +256,34 @@ def fetch_pin_key(meta: dict[str, Any], spec: PoolSpec) -> str:
     return f"{meta.get('uid', meta['name'])}/{digest}"
 
 
+def _credentials_env(spec: PoolSpec) -> list[dict[str, Any]]:
+    """The model source's credentials, for the download init container only (never the engine)."""
+    m = spec.model
+    if m.token_secret is not None:
+        return [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": m.token_secret.name, "key": m.token_secret.key}}}]
+    if m.s3 is not None and m.s3.credentials_secret is not None:
+        name = m.s3.credentials_secret.name
+        required = [{"name": k, "valueFrom": {"secretKeyRef": {"name": name, "key": k}}} for k in S3_SECRET_KEYS]
+        optional = [{"name": k, "valueFrom": {"secretKeyRef": {"name": name, "key": k, "optional": True}}} for k in S3_OPTIONAL_SECRET_KEYS]
+        return required + optional
+    if m.gs is not None and m.gs.credentials_secret is not None:
+        return [{"name": "GOOGLE_APPLICATION_CREDENTIALS", "value": f"{MODEL_CREDENTIALS_DIR}/{MODEL_CREDENTIALS_FILE}"}]
+    return []
+
+
+def _fetch_command(meta: dict[str, Any], spec: PoolSpec) -> list[str]:
+    m = spec.model
+    assert m.uri is not None
+    command = ["synerdiff", "fetch", m.uri, model_dir(spec), "--dtype", m.dtype]
+    if m.scheme == "hf":
+        command += ["--revision", m.revision]
+    if m.s3 is not None and m.s3.endpoint:
+        command += ["--endpoint-url", m.s3.endpoint]
+    if m.s3 is not None and m.s3.region:
+        command += ["--region", m.s3.region]
+    return command + ["--pin-key", fetch_pin_key(meta, spec), "--timeout", str(spec.startup_timeout_seconds)]
+
+
 def _fetch_container(meta: dict[str, Any], spec: PoolSpec) -> dict[str, Any]:
     assert spec.model.uri is not None
     env: list[dict[str, Any]] = [
@@ -259,26 +291,34 @@ def _fetch_container(meta: dict[str, Any], spec: PoolSpec) -> dict[str, Any]:
         {"name": "HF_HOME", "value": "/tmp/hf"},
         {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        *_credentials_env(spec),
     ]
-    if spec.model.token_secret is not None:
-        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": spec.model.token_secret.name, "key": spec.model.token_secret.key}}})
-    command = ["synerdiff", "fetch", spec.model.uri, model_dir(spec), "--revision", spec.model.revision, "--dtype", spec.model.dtype]
-    command += ["--pin-key", fetch_pin_key(meta, spec), "--timeout", str(spec.startup_timeout_seconds)]
+    mounts: list[dict[str, Any]] = [
+        {"name": "models", "mountPath": MODELS_DIR},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    if _model_credentials_volume(spec) is not None:
+        mounts.append({"name": "model-credentials", "mountPath": MODEL_CREDENTIALS_DIR, "readOnly": True})
     return {
         "name": FETCH_CONTAINER,
         "image": spec.image,
         "imagePullPolicy": spec.image_pull_policy,
-        "command": command,
+        "command": _fetch_command(meta, spec),
         "env": env,
         # Sized for HTTP downloads, and present at all so that a namespace with a compute quota admits the pod.
         "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"cpu": "2", "memory": "2Gi"}},
         "securityContext": _security_context(),
         "terminationMessagePolicy": "FallbackToLogsOnError",
-        "volumeMounts": [
-            {"name": "models", "mountPath": MODELS_DIR},
-            {"name": "tmp", "mountPath": "/tmp"},
-        ],
+        "volumeMounts": mounts,
     }
+
+
+def _model_credentials_volume(spec: PoolSpec) -> dict[str, Any] | None:
+    gs = spec.model.gs
+    if gs is None or gs.credentials_secret is None:
+        return None
+    ref = gs.credentials_secret
+    return {"name": "model-credentials", "secret": {"secretName": ref.name, "items": [{"key": ref.key, "path": MODEL_CREDENTIALS_FILE}]}}
 
 
 def _engine_container(spec: PoolSpec) -> dict[str, Any]:
@@ -354,6 +394,9 @@ def _volumes(meta: dict[str, Any], spec: PoolSpec) -> list[dict[str, Any]]:
         volumes.append({"name": "models", "persistentVolumeClaim": {"claimName": spec.model.pvc, "readOnly": read_only}})
     elif spec.model.uri is not None:
         volumes.append({"name": "models", "emptyDir": {}})
+    credentials = _model_credentials_volume(spec)
+    if credentials is not None:
+        volumes.append(credentials)
     if spec.compile_cache is not None:
         claim = {"claimName": spec.compile_cache.pvc, "readOnly": spec.compile_cache.read_only}
         volumes.append({"name": "compile-cache", "persistentVolumeClaim": claim})

@@ -25,6 +25,11 @@ ENGINE_OWNED_FIELDS = frozenset({"model", "device", "dtype"})
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"
 HF_URI = r"^hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
+# s3://bucket[/prefix] and gs://bucket[/prefix]: a bucket name as both stores allow it, and prefix
+# segments that never start with a dot, so that the download folder (/models/<scheme>/<bucket>/<prefix>)
+# cannot climb out of /models through "." or "..".
+OBJECT_URI = r"^(s3|gs)://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/[A-Za-z0-9_=+@,-][A-Za-z0-9._=+@,-]*)*$"
+MODEL_URI = "^(" + HF_URI.strip("^$") + "|" + OBJECT_URI.strip("^$") + ")$"
 # Kubernetes' resource.Quantity ("4", "500m", "32Gi", "1e3"): "32 GB" is refused at apply time,
 # not by the kubelet once pods fail to be created.
 QUANTITY = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
@@ -50,6 +55,50 @@ class SecretKeyRef(_Spec):
     key: str = Field("token", min_length=1, description="Key inside the Secret.")
 
 
+class SecretRef(_Spec):
+    name: str = Field(pattern=DNS_SUBDOMAIN, max_length=253, description="Secret in the pool's namespace.")
+
+
+class ServiceAccountKeyRef(_Spec):
+    name: str = Field(pattern=DNS_SUBDOMAIN, max_length=253, description="Secret in the pool's namespace.")
+    key: str = Field("key.json", min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$", description="Key inside the Secret holding the JSON key file.")
+
+
+# The Secret keys model.s3.credentialsSecret must hold, as the AWS SDKs name them (the session token is optional).
+S3_SECRET_KEYS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+S3_OPTIONAL_SECRET_KEYS = ("AWS_SESSION_TOKEN",)
+
+
+class S3Source(_Spec):
+    """How the download reaches an s3:// bucket."""
+
+    endpoint: str | None = Field(
+        None,
+        pattern=r"^https?://[^\s]+$",
+        max_length=2048,
+        description="Endpoint of an S3-compatible store (MinIO, Ceph, R2, ...), e.g. http://minio.storage:9000; unset for AWS S3.",
+    )
+    region: str | None = Field(None, pattern=r"^[a-z0-9-]+$", max_length=64, description="Region of the bucket (AWS_REGION); unset: the SDK's default.")
+    credentials_secret: SecretRef | None = Field(
+        None,
+        alias="credentialsSecret",
+        description="Secret with the keys AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and optionally AWS_SESSION_TOKEN), exposed to the "
+        "download init container only. Unset: the pod's own identity (IRSA through podTemplate.spec.serviceAccountName, EKS Pod Identity, "
+        "or the node's role).",
+    )
+
+
+class GSSource(_Spec):
+    """How the download reaches a gs:// bucket."""
+
+    credentials_secret: ServiceAccountKeyRef | None = Field(
+        None,
+        alias="credentialsSecret",
+        description="Secret holding a service-account JSON key file, mounted into the download init container only "
+        "(GOOGLE_APPLICATION_CREDENTIALS). Unset: the pod's own identity (Workload Identity through podTemplate.spec.serviceAccountName).",
+    )
+
+
 MODEL_RULES = (
     ("has(self.path) != has(self.uri)", "set exactly one of model.path or model.uri"),
     ("!has(self.path) || has(self.pvc) || self.path.startsWith('/')", "model.path must be absolute unless model.pvc is set"),
@@ -57,6 +106,16 @@ MODEL_RULES = (
     # behind one Service during the rollout. Serve a new model from a new pool instead.
     ("(has(self.uri) ? self.uri : '') == (has(oldSelf.uri) ? oldSelf.uri : '')", "model.uri is immutable; create a new DiffusionPool for another model"),
     ("(has(self.path) ? self.path : '') == (has(oldSelf.path) ? oldSelf.path : '')", "model.path is immutable; create a new DiffusionPool for another model"),
+    ("!has(self.s3) || (has(self.uri) && self.uri.startsWith('s3://'))", "model.s3 applies to s3:// URIs only"),
+    ("!has(self.gs) || (has(self.uri) && self.uri.startsWith('gs://'))", "model.gs applies to gs:// URIs only"),
+    (
+        "!has(self.tokenSecret) || !has(self.uri) || self.uri.startsWith('hf://')",
+        "model.tokenSecret applies to hf:// URIs only; credentials for s3:// and gs:// go in model.s3 or model.gs",
+    ),
+    (
+        "!has(self.uri) || self.uri.startsWith('hf://') || self.revision == 'main'",
+        "model.revision applies to hf:// URIs only; s3:// and gs:// serve the objects as they are (the download records their ETags or generations)",
+    ),
 )
 
 
@@ -71,11 +130,12 @@ class ModelSource(_Spec):
     )
     uri: str | None = Field(
         None,
-        pattern=HF_URI,
+        pattern=MODEL_URI,
         max_length=512,
-        description="`hf://org/name`: downloaded by an init container before the engine starts (into `pvc` when set, else an emptyDir).",
+        description="`hf://org/name`, `s3://bucket/prefix` or `gs://bucket/prefix` (a diffusers pipeline folder): downloaded by an init "
+        "container before the engine starts (into `pvc` when set, else an emptyDir).",
     )
-    revision: str = Field("main", min_length=1, max_length=128, description="Hugging Face revision (branch, tag or commit) for `uri`.")
+    revision: str = Field("main", min_length=1, max_length=128, description="Hugging Face revision (branch, tag or commit) for an hf:// `uri`.")
     pvc: str | None = Field(
         None,
         pattern=DNS_SUBDOMAIN,
@@ -86,6 +146,8 @@ class ModelSource(_Spec):
     token_secret: SecretKeyRef | None = Field(
         None, alias="tokenSecret", description="Hugging Face token for gated models (exposed to the download init container only)."
     )
+    s3: S3Source | None = Field(None, description="Endpoint, region and credentials for an s3:// `uri`.")
+    gs: GSSource | None = Field(None, description="Credentials for a gs:// `uri`.")
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelSource:
@@ -93,11 +155,26 @@ class ModelSource(_Spec):
             raise ValueError(MODEL_RULES[0][1])
         if self.path is not None and self.pvc is None and not self.path.startswith("/"):
             raise ValueError(MODEL_RULES[1][1])
+        if self.s3 is not None and self.scheme != "s3":
+            raise ValueError(MODEL_RULES[4][1])
+        if self.gs is not None and self.scheme != "gs":
+            raise ValueError(MODEL_RULES[5][1])
+        if self.token_secret is not None and self.scheme not in (None, "hf"):
+            raise ValueError(MODEL_RULES[6][1])
+        if self.scheme not in (None, "hf") and self.revision != "main":
+            raise ValueError(MODEL_RULES[7][1])
         return self
 
     def identity(self) -> dict[str, str]:
-        """How status.model names the model: {"uri", "revision"} or {"path"}."""
-        return {"uri": self.uri, "revision": self.revision} if self.uri is not None else {"path": self.path or ""}
+        """How status.model names the model: {"uri", "revision"} (a revision only for hf://) or {"path"}."""
+        if self.uri is None:
+            return {"path": self.path or ""}
+        return {"uri": self.uri, "revision": self.revision} if self.scheme == "hf" else {"uri": self.uri}
+
+    @property
+    def scheme(self) -> str | None:
+        """hf, s3 or gs for a `uri`; None for a `path`."""
+        return self.uri.split("://", 1)[0] if self.uri is not None else None
 
 
 # What the operator sets in an engine pod, and so a pod template may not: its labels (selectors
@@ -108,7 +185,7 @@ OWNED_LABEL_PREFIXES = ("synerdiff.io/", "app.kubernetes.io/")
 OWNED_ANNOTATION_PREFIX = "synerdiff.io/"
 OWNED_ENV = ("HOME", "HF_HOME", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "HF_TOKEN", "OMP_WAIT_POLICY", "PYTHONUNBUFFERED")
 OWNED_ENV_PREFIX = "SYNERDIFF_"
-OWNED_VOLUMES = ("config", "tmp", "dshm", "models", "api-token", "compile-cache")
+OWNED_VOLUMES = ("config", "tmp", "dshm", "models", "model-credentials", "api-token", "compile-cache")
 OWNED_MOUNT_PATHS = ("/etc/synerdiff", "/tmp", "/dev/shm", "/models", "/var/run/secrets/synerdiff", "/var/cache/synerdiff/compile")
 
 

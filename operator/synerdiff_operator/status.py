@@ -92,7 +92,12 @@ class EngineStart(BaseModel):
     compile_cache: Literal["warm", "partial", "cold", "off"] | None = Field(
         None, alias="compileCache", description="warm: compiled kernels from the compile cache; partial: some compiled; cold: all compiled; off: none."
     )
-    model_commit: str | None = Field(None, alias="modelCommit", max_length=64, description="The Hub commit the pod's model was fetched at (model.uri pools).")
+    model_commit: str | None = Field(
+        None,
+        alias="modelCommit",
+        max_length=64,
+        description="The Hub commit the pod's model was fetched at, or for s3:// and gs:// a digest of the fetched objects' versions (model.uri pools).",
+    )
 
 
 class CommitPods(BaseModel):

@@ -130,18 +130,22 @@ def _build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser(
         "fetch",
-        help="download a diffusers pipeline from the Hugging Face Hub: only what the engine loads, at one commit",
-        description="Resolve REVISION to a commit, download the configs, tokenizers and one set of weights (the dtype's "
-        "variant where the repository has it) of the components the engine loads, and record the commit in "
-        "DEST/.synerdiff-source.json. With --pin-key, a folder already holding that key's download is reused "
-        "without asking the Hub again. HF_TOKEN authenticates; HF_ENDPOINT points at another Hub.",
+        help="download a diffusers pipeline from the Hugging Face Hub, S3 or GCS: only what the engine loads, at a recorded version",
+        description="Download the configs, tokenizers and one set of weights (the dtype's variant where the source has it) of the "
+        "components the engine loads, and record what was fetched in DEST/.synerdiff-source.json: for hf:// the commit REVISION "
+        "resolved to, for s3:// and gs:// each object's ETag or generation. With --pin-key, a folder already holding that key's "
+        "download is reused without asking the source again. One process downloads into DEST at a time; others wait and reuse it. "
+        "Credentials: HF_TOKEN (HF_ENDPOINT points at another Hub); for s3:// the AWS variables or the pod's identity; for gs:// "
+        "GOOGLE_APPLICATION_CREDENTIALS or the pod's identity.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    f.add_argument("uri", help="hf://org/name")
+    f.add_argument("uri", help="hf://org/name, s3://bucket/prefix or gs://bucket/prefix")
     f.add_argument("dest", help="folder to download into")
-    f.add_argument("--revision", default="main", help="branch, tag or commit")
+    f.add_argument("--revision", default="main", help="hf:// only: branch, tag or commit")
     f.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="picks the weights variant")
-    f.add_argument("--pin-key", default="", help="reuse a download made under this key (a pool and its model spec) instead of resolving REVISION again")
+    f.add_argument("--pin-key", default="", help="reuse a download made under this key (a pool and its model spec) instead of asking the source again")
+    f.add_argument("--endpoint-url", default=None, help="s3:// only: an S3-compatible store's endpoint, e.g. http://minio:9000")
+    f.add_argument("--region", default=None, help="s3:// only: the bucket's region")
     f.add_argument("--timeout", type=float, default=0.0, help="give up after this many seconds (0: never)")
 
     # The benchmark tools keep their own parsers; these entries forward to them.
@@ -389,12 +393,20 @@ def main(argv: list[str] | None = None) -> int:
 def _fetch(args: argparse.Namespace) -> int:
     import logging
     import threading
+    from pathlib import Path
 
-    from .models.fetch import FetchError, fetch
+    from .models.fetch import FetchError, fetch, single_writer
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if not args.uri.startswith("hf://") or args.uri.count("/") != 3:
-        print(f"synerdiff fetch: {args.uri!r} is not hf://org/name", file=sys.stderr)
+    scheme = args.uri.split("://", 1)[0] if "://" in args.uri else ""
+    if scheme not in ("hf", "s3", "gs") or (scheme == "hf" and args.uri.count("/") != 3):
+        print(f"synerdiff fetch: {args.uri!r} is not hf://org/name, s3://bucket/prefix or gs://bucket/prefix", file=sys.stderr)
+        return 2
+    if scheme != "s3" and (args.endpoint_url or args.region):
+        print("synerdiff fetch: --endpoint-url and --region apply to s3:// only", file=sys.stderr)
+        return 2
+    if scheme != "hf" and args.revision != "main":
+        print("synerdiff fetch: --revision applies to hf:// only (an object store's objects are fetched as they are)", file=sys.stderr)
         return 2
     timer = None
     if args.timeout > 0:
@@ -409,15 +421,29 @@ def _fetch(args: argparse.Namespace) -> int:
         timer.daemon = True
         timer.start()
     try:
-        done = fetch(args.uri.removeprefix("hf://"), args.revision, args.dest, args.dtype, pin_key=args.pin_key, token=os.environ.get("HF_TOKEN") or None)
+        with single_writer(Path(args.dest)):
+            if scheme == "hf":
+                done = fetch(
+                    args.uri.removeprefix("hf://"), args.revision, args.dest, args.dtype, pin_key=args.pin_key, token=os.environ.get("HF_TOKEN") or None
+                )
+            else:
+                from .models.objectstore import fetch_objects
+
+                done = fetch_objects(args.uri, args.dest, args.dtype, pin_key=args.pin_key, endpoint_url=args.endpoint_url, region=args.region)
     except FetchError as exc:
         print(f"synerdiff fetch: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # DEST cannot be created or locked
+        print(f"synerdiff fetch: {args.dest}: {exc}", file=sys.stderr)
         return 1
     finally:
         if timer is not None:
             timer.cancel()
     verb = "already held" if done.reused else "downloaded"
-    print(f"{done.repo}@{done.commit} ({done.revision}): {len(done.files)} files {verb} in {args.dest}")
+    if scheme == "hf":
+        print(f"{done.repo}@{done.commit} ({done.revision}): {len(done.files)} files {verb} in {args.dest}")
+    else:
+        print(f"{done.repo} (listing {done.commit[:12]}): {len(done.files)} files {verb} in {args.dest}")
     return 0
 
 

@@ -89,11 +89,9 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
-@pytest.fixture
-def hub(tmp_path: Path) -> Iterator[Hub]:
-    """The embedded model as a Hub repository, with what real ones carry besides: an fp16 variant of
-    the UNet, the UNet's weights again as .bin, a safety checker, a root checkpoint, ONNX, a README."""
-    root = tmp_path / "repo"
+def published_pipeline(root: Path) -> None:
+    """The embedded model laid out as published pipelines are, with what they carry besides: an fp16
+    variant of the UNet, the UNet's weights again as .bin, a safety checker, a root checkpoint, ONNX, a README."""
     shutil.copytree(EMBEDDED_MODEL_DIR, root)
     index = json.loads((root / "model_index.json").read_text())
     index["safety_checker"] = ["stable_diffusion", "StableDiffusionSafetyChecker"]
@@ -108,6 +106,13 @@ def hub(tmp_path: Path) -> Iterator[Hub]:
     (root / "onnx" / "unet").mkdir(parents=True)
     (root / "onnx" / "unet" / "model.onnx").write_bytes(b"\0" * 64)
     (root / "README.md").write_text("# tiny")
+
+
+@pytest.fixture
+def hub(tmp_path: Path) -> Iterator[Hub]:
+    """The embedded model as a Hub repository (see published_pipeline)."""
+    root = tmp_path / "repo"
+    published_pipeline(root)
     h = Hub(root)
     server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(h))
     h.url = f"http://127.0.0.1:{server.server_address[1]}"

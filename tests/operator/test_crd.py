@@ -114,6 +114,11 @@ INVALID = [
     ({"model": {"uri": "hf://org/model", "path": "/m"}}, "exactly one of model.path or model.uri"),
     ({"model": {}}, "exactly one of model.path or model.uri"),
     ({"model": {"path": "relative/dir"}}, "model.path must be absolute"),
+    ({"model": {"uri": "hf://org/model", "s3": {"region": "eu-west-1"}}}, "model.s3 applies to s3:// URIs only"),
+    ({"model": {"uri": "s3://models/sd15", "gs": {}}}, "model.gs applies to gs:// URIs only"),
+    ({"model": {"path": "/m", "s3": {}}}, "model.s3 applies to s3:// URIs only"),
+    ({"model": {"uri": "gs://models/sd15", "tokenSecret": {"name": "hf"}}}, "model.tokenSecret applies to hf:// URIs only"),
+    ({"model": {"uri": "s3://models/sd15", "revision": "v2"}}, "model.revision applies to hf:// URIs only"),
     ({"gpu": {"count": 0}}, "float16 needs gpu.count"),
     ({"rollout": {"maxSurge": 0, "maxUnavailable": 0}}, "cannot both be 0"),
     ({"engine": {"scheduler": {"threshold": 0.99}}}, "threshold must lie within"),
@@ -189,6 +194,16 @@ VALID_EDGES = [
     {"replicas": 9, "maxReplicas": 4, "autoscaling": {"enabled": True}},  # the autoscaler's value is clamped
     {"model": {"path": "relative/dir", "pvc": "models"}},
     {"gpu": {"count": 0}, "model": {"uri": "hf://org/model", "dtype": "float32"}},
+    {
+        "model": {
+            "uri": "s3://models/sd/sd15",
+            "pvc": "cache",
+            "s3": {"endpoint": "http://minio:9000", "region": "us-east-1", "credentialsSecret": {"name": "minio"}},
+        }
+    },
+    {"model": {"uri": "s3://models"}, "podTemplate": {"spec": {"serviceAccountName": "irsa-reader"}}},
+    {"model": {"uri": "gs://my.models_1/sd15/fp16", "gs": {"credentialsSecret": {"name": "gcs-key", "key": "sa.json"}}}},
+    {"model": {"uri": "gs://models/sd15"}},
     {"engine": {"scheduler": {"threshold": 0.95, "threshold_max": 0.95}, "limits": {"min_side": 256, "max_side": 256}}},
     {"engine": {"default_steps": 20, "limits": {"max_steps": 20}}},
     {"drainTimeoutSeconds": 90, "engine": {"limits": {"request_timeout_s": 90}}},
@@ -225,13 +240,29 @@ def test_model_identity_is_immutable_but_its_revision_is_not(crd: dict[str, Any]
     assert any("immutable" in e for e in admit(crd, to_path, old=old)[1])
     bumped = pool({**BASE, "model": {"uri": "hf://org/model", "revision": "v2"}, "replicas": 2})
     assert admit(crd, bumped, old=old)[1] == []
+    s3 = pool({**BASE, "model": {"uri": "s3://models/sd15"}})
+    assert any("model.uri is immutable" in e for e in admit(crd, pool({**BASE, "model": {"uri": "s3://models/sd21"}}), old=s3)[1])
+    moved = pool({**BASE, "model": {"uri": "s3://models/sd15", "s3": {"endpoint": "http://minio:9000"}}})
+    assert admit(crd, moved, old=s3)[1] == []  # where the bucket is reached from may change
 
 
 def test_unknown_fields_and_bad_enums_are_refused(crd: dict[str, Any]) -> None:
     assert any("replica" in e for e in admit(crd, pool({**BASE, "replica": 2}))[1])
     assert admit(crd, pool({**BASE, "model": {"uri": "hf://org/model", "dtype": "int8"}}))[1]
     assert admit(crd, pool({**BASE, "engine": {"scheduler": {"policy": "fifo"}}}))[1]
-    assert admit(crd, pool({**BASE, "model": {"uri": "s3://bucket/model"}}))[1]
+    for uri in (
+        "s3://Bucket/model",
+        "s3://bucket/../etc",
+        "s3://bucket/.hidden",
+        "s3://bucket/model/",
+        "gs://b/model",
+        "az://bucket/model",
+        "hf://org/model/extra",
+    ):
+        assert admit(crd, pool({**BASE, "model": {"uri": uri}}))[1], uri
+        with pytest.raises(InvalidSpec):
+            parse_spec({**BASE, "model": {"uri": uri}})
+    assert admit(crd, pool({**BASE, "model": {"uri": "s3://bucket/m", "s3": {"endpoint": "minio:9000"}}}))[1]
     assert admit(crd, pool({**BASE, "engine": {"limits": {"request_timeout_s": 0}}}))[1]
 
 

@@ -23,6 +23,13 @@ BASE = {"image": "engine:1", "model": {"uri": "hf://org/model"}}
 VARIANTS: dict[str, dict[str, Any]] = {
     "hf-uri": BASE,
     "hf-uri-pvc-cache": {**BASE, "model": {"uri": "hf://org/model", "pvc": "cache", "tokenSecret": {"name": "hf"}}},
+    "s3-uri": {
+        "image": "engine:1",
+        "model": {"uri": "s3://models/sd/sd15", "s3": {"endpoint": "http://minio.storage:9000", "region": "eu-west-1", "credentialsSecret": {"name": "minio"}}},
+    },
+    "s3-uri-irsa": {**BASE, "model": {"uri": "s3://models/sd15", "pvc": "cache"}, "podTemplate": {"spec": {"serviceAccountName": "model-reader"}}},
+    "gs-uri": {**BASE, "model": {"uri": "gs://models/sd15", "gs": {"credentialsSecret": {"name": "gcs-key"}}}},
+    "gs-uri-workload-identity": {**BASE, "model": {"uri": "gs://models"}, "podTemplate": {"spec": {"serviceAccountName": "model-reader"}}},
     "path-in-image-cpu": {"image": "engine:1", "model": {"path": "/opt/m", "dtype": "float32"}, "gpu": {"count": 0}},
     "path-on-pvc": {"image": "engine:1", "model": {"path": "sd15/", "pvc": "models"}},
     "everything": {
@@ -178,6 +185,55 @@ def test_model_sources(variant: str, model_dir: str, volume: dict[str, Any] | No
             assert "HF_TOKEN" not in env
         engine_mount = next(m for m in container(kids["Deployment"])["volumeMounts"] if m["name"] == "models")
         assert engine_mount["readOnly"] is True  # only the download writes
+
+
+def _secret_env(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+
+
+def test_an_s3_source_is_fetched_with_its_endpoint_region_and_secret() -> None:
+    kids = build(VARIANTS["s3-uri"])
+    fetcher, engine = container(kids["Deployment"], "model-fetch"), container(kids["Deployment"])
+    assert fetcher["command"][:4] == ["synerdiff", "fetch", "s3://models/sd/sd15", "/models/s3/models/sd/sd15"]
+    args = dict(zip(fetcher["command"][4::2], fetcher["command"][5::2], strict=True))
+    assert args["--endpoint-url"] == "http://minio.storage:9000" and args["--region"] == "eu-west-1" and args["--dtype"] == "float16"
+    assert "--revision" not in args and args["--pin-key"] == manifests.fetch_pin_key(META, parse_spec(VARIANTS["s3-uri"]))
+    assert _secret_env(fetcher) == {
+        "AWS_ACCESS_KEY_ID": {"name": "minio", "key": "AWS_ACCESS_KEY_ID"},
+        "AWS_SECRET_ACCESS_KEY": {"name": "minio", "key": "AWS_SECRET_ACCESS_KEY"},
+        "AWS_SESSION_TOKEN": {"name": "minio", "key": "AWS_SESSION_TOKEN", "optional": True},
+    }
+    assert _secret_env(engine) == {} and not any(e["name"].startswith("AWS_") for e in engine["env"])  # the download only
+    assert json.loads(kids["ConfigMap"]["data"]["config.json"])["engine"]["model"] == "/models/s3/models/sd/sd15"
+
+
+def test_an_s3_source_without_a_secret_uses_the_pods_identity() -> None:
+    kids = build(VARIANTS["s3-uri-irsa"])
+    pod = kids["Deployment"]["spec"]["template"]["spec"]
+    fetcher = container(kids["Deployment"], "model-fetch")
+    assert pod["serviceAccountName"] == "model-reader" and _secret_env(fetcher) == {}
+    assert "--endpoint-url" not in fetcher["command"] and "--region" not in fetcher["command"]
+    assert {"name": "models", "persistentVolumeClaim": {"claimName": "cache", "readOnly": False}} in pod["volumes"]
+
+
+def test_a_gs_key_is_mounted_into_the_download_only() -> None:
+    kids = build(VARIANTS["gs-uri"])
+    pod = kids["Deployment"]["spec"]["template"]["spec"]
+    fetcher, engine = container(kids["Deployment"], "model-fetch"), container(kids["Deployment"])
+    assert fetcher["command"][:4] == ["synerdiff", "fetch", "gs://models/sd15", "/models/gs/models/sd15"]
+    assert "--revision" not in fetcher["command"] and "--endpoint-url" not in fetcher["command"]
+    key = {"name": "model-credentials", "secret": {"secretName": "gcs-key", "items": [{"key": "key.json", "path": "key.json"}]}}
+    assert key in pod["volumes"]
+    mount = next(m for m in fetcher["volumeMounts"] if m["name"] == "model-credentials")
+    env = {e["name"]: e for e in fetcher["env"]}
+    assert env["GOOGLE_APPLICATION_CREDENTIALS"]["value"] == f"{mount['mountPath']}/key.json" and mount["readOnly"] is True
+    assert all(m["name"] != "model-credentials" for m in engine["volumeMounts"])
+    assert not any(e["name"] == "GOOGLE_APPLICATION_CREDENTIALS" for e in engine["env"])
+    # Without a Secret: no key, the pod's service account (Workload Identity) speaks for it.
+    wi = build(VARIANTS["gs-uri-workload-identity"])["Deployment"]
+    assert all(v["name"] != "model-credentials" for v in wi["spec"]["template"]["spec"]["volumes"])
+    assert not any(e["name"] == "GOOGLE_APPLICATION_CREDENTIALS" for e in container(wi, "model-fetch")["env"])
+    assert container(wi, "model-fetch")["command"][3] == "/models/gs/models"
 
 
 def test_tokens_come_from_secrets() -> None:

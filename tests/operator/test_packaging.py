@@ -44,7 +44,7 @@ def test_the_runtime_distribution_holds_no_benchmark_or_training_code() -> None:
 
 def test_dockerfiles() -> None:
     engine = (REPO_ROOT / "docker" / "engine.Dockerfile").read_text()
-    assert "nvidia/cuda:" in engine and '".[server]"' in engine
+    assert "nvidia/cuda:" in engine and '".[server,objectstore]"' in engine
     assert 'CMD ["synerdiff", "serve"]' in engine and "USER 1000" in engine
     operator = (REPO_ROOT / "docker" / "operator.Dockerfile").read_text()
     assert operator.startswith("#") and "FROM python:3.11-slim" in operator and '".[operator]"' in operator

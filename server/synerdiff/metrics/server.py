@@ -76,7 +76,7 @@ class ServerMetrics:
         self._cache_state_shown = False
         self.model_info = Gauge(
             names.MODEL_INFO,
-            "1; the served model's family, and the repository and commit it was fetched from (empty when not fetched).",
+            "1; the served model's family, and the source and commit it was fetched from (empty when not fetched; for s3:// and gs:// a digest of the objects' versions).",
             ["family", "repo", "commit"],
             registry=r,
         )

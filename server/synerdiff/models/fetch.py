@@ -9,17 +9,21 @@ commit once, downloads those files at that commit (huggingface_hub does the HTTP
 retries), and records what it did in `SOURCE_FILE` beside them. A later fetch into the same folder
 with the same pin key (a pool and its model spec) reuses the recorded commit without asking the Hub
 which commit a branch points to now, so replicas sharing a claim never serve different weights
-because a branch moved between their starts.
+because a branch moved between their starts. `single_writer` lets one process at a time download
+into a folder, so pods sharing a claim fetch it once. `objectstore.py` does the same for S3 and GCS
+with these pieces (`pipeline_files`, the record, `write_atomic`).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import re
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,7 @@ from typing import Any
 log = logging.getLogger("synerdiff.fetch")
 
 SOURCE_FILE = ".synerdiff-source.json"
+LOCK_FILE = ".synerdiff-fetch.lock"
 # Components the engine loads; others a pipeline lists (safety_checker, feature_extractor,
 # image_encoder) are never read.
 LOADED_COMPONENTS = frozenset({"unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"})
@@ -79,19 +84,44 @@ class Fetched:
     dtype: str
     files: list[str] = field(default_factory=list)
     pin_key: str = ""
-    reused: bool = False  # the folder already held this commit's files: nothing was downloaded
+    # Object stores: each file's ETag (S3) or generation (GCS); `commit` is then a digest of the listing.
+    versions: dict[str, str] = field(default_factory=dict)
+    reused: bool = False  # the folder already held these files: nothing was downloaded
+
+    def to_json(self) -> str:
+        return json.dumps({k: v for k, v in asdict(self).items() if k != "reused" and (v or k != "versions")}, indent=2) + "\n"
 
 
 def recorded(dest: Path) -> Fetched | None:
     try:
         data = json.loads((dest / SOURCE_FILE).read_text())
-        return Fetched(**{k: data[k] for k in ("repo", "revision", "commit", "dtype", "files", "pin_key")})
+        rec = Fetched(**{k: data[k] for k in ("repo", "revision", "commit", "dtype", "files", "pin_key")})
+        rec.versions = dict(data.get("versions") or {})
+        return rec
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def _complete(dest: Path, rec: Fetched) -> bool:
+def complete(dest: Path, rec: Fetched) -> bool:
     return all((dest / f).is_file() for f in rec.files)
+
+
+@contextmanager
+def single_writer(dest: Path) -> Iterator[None]:
+    """Hold the folder's lock while fetching into it: pods sharing a claim download it once, and the
+    others wait, then find the first one's record and reuse it. The lock is released when the
+    process ends however it ends (a timeout, a kill). A filesystem without locks downloads without one:
+    every file still lands by an atomic rename."""
+    dest.mkdir(parents=True, exist_ok=True)
+    with open(dest / LOCK_FILE, "a+") as f:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another download into %s is under way; waiting for it", dest)
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        except OSError as exc:
+            log.warning("%s cannot be locked (%s); downloading without the lock", dest, exc)
+        yield
 
 
 def fetch(repo: str, revision: str, dest: str | Path, dtype: str = "float16", *, pin_key: str = "", token: str | None = None) -> Fetched:
@@ -101,7 +131,7 @@ def fetch(repo: str, revision: str, dest: str | Path, dtype: str = "float16", *,
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     rec = recorded(dest)
-    same = rec is not None and rec.repo == repo and rec.dtype == dtype and _complete(dest, rec)
+    same = rec is not None and rec.repo == repo and rec.dtype == dtype and complete(dest, rec)
     if same and rec is not None and (rec.commit == revision or (pin_key and rec.pin_key == pin_key and rec.revision == revision)):
         log.info("%s already holds %s at %s (%d files); nothing to download", dest, repo, rec.commit, len(rec.files))
         rec.reused = True
@@ -130,11 +160,11 @@ def fetch(repo: str, revision: str, dest: str | Path, dtype: str = "float16", *,
     missing = [f for f in files if not (dest / f).is_file()]
     if missing:
         raise FetchError(f"download of {repo}@{commit} incomplete: {', '.join(missing[:5])}")
-    _write_atomic(dest / SOURCE_FILE, json.dumps({k: v for k, v in asdict(done).items() if k != "reused"}, indent=2) + "\n")
+    write_atomic(dest / SOURCE_FILE, done.to_json())
     return done
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
