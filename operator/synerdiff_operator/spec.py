@@ -183,7 +183,21 @@ class ModelSource(_Spec):
 # tokens and the compile cache.
 OWNED_LABEL_PREFIXES = ("synerdiff.io/", "app.kubernetes.io/")
 OWNED_ANNOTATION_PREFIX = "synerdiff.io/"
-OWNED_ENV = ("HOME", "HF_HOME", "HF_HUB_OFFLINE", "HF_HUB_DISABLE_TELEMETRY", "HF_TOKEN", "OMP_WAIT_POLICY", "PYTHONUNBUFFERED")
+# The object stores' credentials come from model.s3/model.gs Secrets into the download alone; a
+# pod-template value would override them there and also reach the engine container.
+OWNED_ENV = (
+    "HOME",
+    "HF_HOME",
+    "HF_HUB_OFFLINE",
+    "HF_HUB_DISABLE_TELEMETRY",
+    "HF_TOKEN",
+    "OMP_WAIT_POLICY",
+    "PYTHONUNBUFFERED",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+)
 OWNED_ENV_PREFIX = "SYNERDIFF_"
 OWNED_VOLUMES = ("config", "tmp", "dshm", "models", "model-credentials", "api-token", "compile-cache")
 OWNED_MOUNT_PATHS = ("/etc/synerdiff", "/tmp", "/dev/shm", "/models", "/var/run/secrets/synerdiff", "/var/cache/synerdiff/compile")
@@ -206,7 +220,9 @@ POD_META_RULES = (
 POD_SPEC_RULES = (
     (
         f"!has(self.env) || self.env.all(e, !e.name.startsWith('{OWNED_ENV_PREFIX}') && !(e.name in {_cel_list(OWNED_ENV)}))",
-        "podTemplate.spec.env: SYNERDIFF_* and " + ", ".join(OWNED_ENV) + " are set by the operator; configure the engine through spec.engine",
+        "podTemplate.spec.env: SYNERDIFF_* and "
+        + ", ".join(OWNED_ENV)
+        + " are set by the operator; configure the engine through spec.engine and object-store credentials through model.s3 or model.gs",
     ),
     (
         f"!has(self.volumes) || self.volumes.all(v, !(v.name in {_cel_list(OWNED_VOLUMES)}))",

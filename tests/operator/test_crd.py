@@ -139,6 +139,10 @@ INVALID = [
     ({"podTemplate": {"metadata": {"labels": {"synerdiff.io/pool": "other"}}}}, "labels: keys under synerdiff.io/ and app.kubernetes.io/ are the operator's"),
     ({"podTemplate": {"metadata": {"annotations": {"synerdiff.io/config-hash": "x"}}}}, "annotations: keys under synerdiff.io/ are the operator's"),
     ({"podTemplate": {"spec": {"env": [{"name": "SYNERDIFF_PORT", "value": "9"}]}}}, "are set by the operator; configure the engine through spec.engine"),
+    (
+        {"podTemplate": {"spec": {"env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "x"}]}}},
+        "are set by the operator; configure the engine through spec.engine",
+    ),
     ({"podTemplate": {"spec": {"env": [{"name": "HF_HUB_OFFLINE", "value": "0"}]}}}, "are set by the operator; configure the engine through spec.engine"),
     ({"podTemplate": {"spec": {"volumes": [{"name": "tmp", "emptyDir": {}}]}}}, "podTemplate.spec.volumes: the names"),
     ({"podTemplate": {"spec": {"volumeMounts": [{"name": "data", "mountPath": "/models"}]}}}, "are mounted by the operator"),
