@@ -116,12 +116,13 @@ def _metadata(meta: dict[str, Any], name: str, annotations: dict[str, str] | Non
 def model_dir(spec: PoolSpec) -> str:
     """Where the engine finds the pipeline inside its container."""
     src = spec.model
+    folder = src.claim_folder
+    if folder is not None:  # a pipeline already in a claim
+        return f"{MODELS_DIR}/{folder}".rstrip("/")
     if src.uri is not None:
         scheme, _, rest = src.uri.partition("://")  # the URI pattern keeps "." and ".." out of rest
         return f"{MODELS_DIR}/{scheme}/{rest}"
     assert src.path is not None
-    if src.pvc is not None:
-        return f"{MODELS_DIR}/{src.path.strip('/')}".rstrip("/")
     return src.path
 
 
@@ -340,7 +341,7 @@ def _engine_container(spec: PoolSpec) -> dict[str, Any]:
         {"name": "tmp", "mountPath": "/tmp"},
         {"name": "dshm", "mountPath": "/dev/shm"},
     ]
-    if spec.model.pvc is not None or spec.model.uri is not None:
+    if spec.model.claim is not None or spec.model.downloaded:
         mounts.append({"name": "models", "mountPath": MODELS_DIR, "readOnly": True})
     if spec.compile_cache is not None:
         mounts.append({"name": "compile-cache", "mountPath": COMPILE_CACHE_DIR, "readOnly": spec.compile_cache.read_only})
@@ -388,11 +389,11 @@ def _volumes(meta: dict[str, Any], spec: PoolSpec) -> list[dict[str, Any]]:
         {"name": "tmp", "emptyDir": {}},
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},
     ]
-    if spec.model.pvc is not None:
+    if spec.model.claim is not None:
         # The download init container writes into the claim; a pre-filled claim stays read-only.
-        read_only = spec.model.uri is None
-        volumes.append({"name": "models", "persistentVolumeClaim": {"claimName": spec.model.pvc, "readOnly": read_only}})
-    elif spec.model.uri is not None:
+        read_only = not spec.model.downloaded
+        volumes.append({"name": "models", "persistentVolumeClaim": {"claimName": spec.model.claim, "readOnly": read_only}})
+    elif spec.model.downloaded:
         volumes.append({"name": "models", "emptyDir": {}})
     credentials = _model_credentials_volume(spec)
     if credentials is not None:
@@ -462,7 +463,7 @@ def deployment(meta: dict[str, Any], spec: PoolSpec) -> dict[str, Any]:
         "containers": [_engine_container(spec)],
         "volumes": _volumes(meta, spec),
     }
-    if spec.model.uri is not None:
+    if spec.model.downloaded:
         pod_spec["initContainers"] = [_fetch_container(meta, spec)]
     if spec.gpu.node_selector:
         pod_spec["nodeSelector"] = dict(spec.gpu.node_selector)

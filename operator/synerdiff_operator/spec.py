@@ -29,7 +29,10 @@ HF_URI = r"^hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"
 # segments that never start with a dot, so that the download folder (/models/<scheme>/<bucket>/<prefix>)
 # cannot climb out of /models through "." or "..".
 OBJECT_URI = r"^(s3|gs)://[a-z0-9][a-z0-9._-]{1,220}[a-z0-9](/[A-Za-z0-9_=+@,-][A-Za-z0-9._=+@,-]*)*$"
-MODEL_URI = "^(" + HF_URI.strip("^$") + "|" + OBJECT_URI.strip("^$") + ")$"
+# A folder inside a PersistentVolumeClaim the pods mount read-only: a claim name, then the folder
+# (no "." or ".." segment), or the claim's root.
+PVC_URI = r"^pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*(/[A-Za-z0-9_=+@,-][A-Za-z0-9._=+@,-]*)*/?$"
+MODEL_URI = "^(" + HF_URI.strip("^$") + "|" + OBJECT_URI.strip("^$") + "|" + PVC_URI.strip("^$") + ")$"
 # Kubernetes' resource.Quantity ("4", "500m", "32Gi", "1e3"): "32 GB" is refused at apply time,
 # not by the kubelet once pods fail to be created.
 QUANTITY = r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
@@ -116,6 +119,10 @@ MODEL_RULES = (
         "!has(self.uri) || self.uri.startsWith('hf://') || self.revision == 'main'",
         "model.revision applies to hf:// URIs only; s3:// and gs:// serve the objects as they are (the download records their ETags or generations)",
     ),
+    (
+        "!has(self.uri) || !self.uri.startsWith('pvc://') || !has(self.pvc)",
+        "a pvc:// model.uri names its claim; model.pvc is for model.path or a download's cache",
+    ),
 )
 
 
@@ -133,7 +140,8 @@ class ModelSource(_Spec):
         pattern=MODEL_URI,
         max_length=512,
         description="`hf://org/name`, `s3://bucket/prefix` or `gs://bucket/prefix` (a diffusers pipeline folder): downloaded by an init "
-        "container before the engine starts (into `pvc` when set, else an emptyDir).",
+        "container before the engine starts (into `pvc` when set, else an emptyDir); or `pvc://claim/folder`: a pipeline already in "
+        "that claim, mounted read-only (the same as `path` with `pvc`).",
     )
     revision: str = Field("main", min_length=1, max_length=128, description="Hugging Face revision (branch, tag or commit) for an hf:// `uri`.")
     pvc: str | None = Field(
@@ -163,7 +171,32 @@ class ModelSource(_Spec):
             raise ValueError(MODEL_RULES[6][1])
         if self.scheme not in (None, "hf") and self.revision != "main":
             raise ValueError(MODEL_RULES[7][1])
+        if self.scheme == "pvc" and self.pvc is not None:
+            raise ValueError(MODEL_RULES[8][1])
         return self
+
+    @property
+    def downloaded(self) -> bool:
+        """Whether an init container fetches the model (hf://, s3://, gs://) before the engine starts."""
+        return self.scheme in ("hf", "s3", "gs")
+
+    @property
+    def claim(self) -> str | None:
+        """The PersistentVolumeClaim mounted at /models: named by a pvc:// URI, else `pvc`."""
+        if self.scheme == "pvc":
+            assert self.uri is not None
+            return self.uri.removeprefix("pvc://").split("/", 1)[0]
+        return self.pvc
+
+    @property
+    def claim_folder(self) -> str | None:
+        """The pipeline's folder inside the claim ("" = its root), for a pvc:// URI or a `path` with `pvc`."""
+        if self.scheme == "pvc":
+            assert self.uri is not None
+            return self.uri.removeprefix("pvc://").partition("/")[2].strip("/")
+        if self.path is not None and self.pvc is not None:
+            return self.path.strip("/")
+        return None
 
     def identity(self) -> dict[str, str]:
         """How status.model names the model: {"uri", "revision"} (a revision only for hf://) or {"path"}."""

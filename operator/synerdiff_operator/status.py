@@ -542,14 +542,21 @@ def model_status(
     out["commits"] = [{"commit": commit, "readyPods": len(names)} for commit, names in ranked[:16]]
     if rolling_out:
         return out, None
-    what = f"{source['uri']}@{source.get('revision', 'main')}" if source.get("uri") else source.get("path", "the model")
+    uri = source.get("uri") or ""
+    what = (f"{uri}@{source['revision']}" if source.get("revision") else uri) or source.get("path", "the model")
     listed = "; ".join(f"{commit[:12]} on {len(names)} pod(s): {', '.join(sorted(names)[:3])}{', ...' if len(names) > 3 else ''}" for commit, names in ranked)
-    advice = (
-        "the revision was resolved at different times (a branch that moved): set model.revision to a commit, or give the pool a model.pvc "
-        "whose first download every pod reuses, then delete the pods on the other commit"
-        if source.get("uri")
-        else "the pods loaded different contents of model.path: make them agree, then delete the pods on the other commit"
-    )
+    if uri.startswith("hf://"):
+        advice = (
+            "the revision was resolved at different times (a branch that moved): set model.revision to a commit, or give the pool a model.pvc "
+            "whose first download every pod reuses, then delete the pods on the other commit"
+        )
+    elif uri.startswith(("s3://", "gs://")):
+        advice = (
+            "the objects changed between the pods' downloads: give the pool a model.pvc whose first download every pod reuses, and publish "
+            "new weights under a new prefix served by a new pool; then delete the pods on the other commit"
+        )
+    else:
+        advice = "the pods loaded different contents of the model's folder: make them agree, then delete the pods on the other commit"
     return out, Problem(COMMIT_MISMATCH, f"ready engine pods serve {len(ranked)} commits of {what} behind one Service: {listed}. {advice}"[:2000])
 
 

@@ -119,6 +119,8 @@ INVALID = [
     ({"model": {"path": "/m", "s3": {}}}, "model.s3 applies to s3:// URIs only"),
     ({"model": {"uri": "gs://models/sd15", "tokenSecret": {"name": "hf"}}}, "model.tokenSecret applies to hf:// URIs only"),
     ({"model": {"uri": "s3://models/sd15", "revision": "v2"}}, "model.revision applies to hf:// URIs only"),
+    ({"model": {"uri": "pvc://models/sd15", "pvc": "cache"}}, "a pvc:// model.uri names its claim"),
+    ({"model": {"uri": "pvc://models/sd15", "revision": "v2"}}, "model.revision applies to hf:// URIs only"),
     ({"gpu": {"count": 0}}, "float16 needs gpu.count"),
     ({"rollout": {"maxSurge": 0, "maxUnavailable": 0}}, "cannot both be 0"),
     ({"engine": {"scheduler": {"threshold": 0.99}}}, "threshold must lie within"),
@@ -208,6 +210,8 @@ VALID_EDGES = [
     {"model": {"uri": "s3://models"}, "podTemplate": {"spec": {"serviceAccountName": "irsa-reader"}}},
     {"model": {"uri": "gs://my.models_1/sd15/fp16", "gs": {"credentialsSecret": {"name": "gcs-key", "key": "sa.json"}}}},
     {"model": {"uri": "gs://models/sd15"}},
+    {"model": {"uri": "pvc://models/sd15/fp16"}},
+    {"model": {"uri": "pvc://team.models"}},
     {"engine": {"scheduler": {"threshold": 0.95, "threshold_max": 0.95}, "limits": {"min_side": 256, "max_side": 256}}},
     {"engine": {"default_steps": 20, "limits": {"max_steps": 20}}},
     {"drainTimeoutSeconds": 90, "engine": {"limits": {"request_timeout_s": 90}}},
@@ -262,6 +266,10 @@ def test_unknown_fields_and_bad_enums_are_refused(crd: dict[str, Any]) -> None:
         "gs://b/model",
         "az://bucket/model",
         "hf://org/model/extra",
+        "pvc://Models/sd15",
+        "pvc://models/../sd15",
+        "pvc://-models/sd15",
+        "pvc://",
     ):
         assert admit(crd, pool({**BASE, "model": {"uri": uri}}))[1], uri
         with pytest.raises(InvalidSpec):

@@ -32,6 +32,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "gs-uri-workload-identity": {**BASE, "model": {"uri": "gs://models"}, "podTemplate": {"spec": {"serviceAccountName": "model-reader"}}},
     "path-in-image-cpu": {"image": "engine:1", "model": {"path": "/opt/m", "dtype": "float32"}, "gpu": {"count": 0}},
     "path-on-pvc": {"image": "engine:1", "model": {"path": "sd15/", "pvc": "models"}},
+    "pvc-uri": {"image": "engine:1", "model": {"uri": "pvc://models/sd15/"}},
     "everything": {
         **BASE,
         "replicas": 3,
@@ -406,3 +407,16 @@ def test_an_owned_field_in_the_pod_template_is_refused_by_name(template: dict[st
 
     with pytest.raises(InvalidSpec, match="podTemplate"):
         parse_spec({**BASE, "podTemplate": template})
+
+
+def test_a_pvc_uri_is_the_claim_mounted_read_only_with_no_download() -> None:
+    """pvc://claim/folder serves a pipeline already in the claim: the same pod as model.path with model.pvc."""
+    kids = build(VARIANTS["pvc-uri"])
+    pod = kids["Deployment"]["spec"]["template"]["spec"]
+    assert "initContainers" not in pod
+    assert {"name": "models", "persistentVolumeClaim": {"claimName": "models", "readOnly": True}} in pod["volumes"]
+    mount = next(m for m in container(kids["Deployment"])["volumeMounts"] if m["name"] == "models")
+    assert mount == {"name": "models", "mountPath": "/models", "readOnly": True}
+    assert manifests.engine_settings("sd", parse_spec(VARIANTS["pvc-uri"]))["engine"]["model"] == "/models/sd15"
+    same = build(VARIANTS["path-on-pvc"])["Deployment"]["spec"]["template"]["spec"]
+    assert same["volumes"] == pod["volumes"] and same["containers"] == pod["containers"]
