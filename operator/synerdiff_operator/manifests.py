@@ -253,7 +253,9 @@ def fetch_pin_key(meta: dict[str, Any], spec: PoolSpec) -> str:
     """Pods of one pool fetching one model spec share a key: on a shared claim, the first pod's
     resolved commit is reused by the rest (and by restarts) until the model spec changes."""
     m = spec.model
-    digest = hashlib.sha256(f"{m.uri}@{m.revision}:{m.dtype}".encode()).hexdigest()[:12]
+    # Where an s3:// bucket is reached from may change (a mutable field): another endpoint may be another store.
+    endpoint = f"|{m.s3.endpoint}" if m.s3 is not None and m.s3.endpoint else ""
+    digest = hashlib.sha256(f"{m.uri}@{m.revision}:{m.dtype}{endpoint}".encode()).hexdigest()[:12]
     return f"{meta.get('uid', meta['name'])}/{digest}"
 
 

@@ -123,6 +123,10 @@ MODEL_RULES = (
         "!has(self.uri) || !self.uri.startsWith('pvc://') || !has(self.pvc)",
         "a pvc:// model.uri names its claim; model.pvc is for model.path or a download's cache",
     ),
+    (
+        "!has(self.uri) || !self.uri.startsWith('pvc://') || self.uri.matches('^pvc://[^/]{1,253}(/.*)?$')",
+        "a pvc:// model.uri's claim name has at most 253 characters",
+    ),
 )
 
 
@@ -173,6 +177,8 @@ class ModelSource(_Spec):
             raise ValueError(MODEL_RULES[7][1])
         if self.scheme == "pvc" and self.pvc is not None:
             raise ValueError(MODEL_RULES[8][1])
+        if self.scheme == "pvc" and len(self.claim or "") > 253:
+            raise ValueError(MODEL_RULES[9][1])
         return self
 
     @property
@@ -265,6 +271,11 @@ POD_SPEC_RULES = (
         f"!has(self.volumeMounts) || self.volumeMounts.all(m, !(m.mountPath in {_cel_list(OWNED_MOUNT_PATHS)}))",
         "podTemplate.spec.volumeMounts: " + ", ".join(OWNED_MOUNT_PATHS) + " are mounted by the operator",
     ),
+    (
+        # model-credentials would put the download's key into the engine container.
+        f"!has(self.volumeMounts) || self.volumeMounts.all(m, !(m.name in {_cel_list(OWNED_VOLUMES)}))",
+        "podTemplate.spec.volumeMounts: the operator's volumes (" + ", ".join(OWNED_VOLUMES) + ") are mounted by the operator where they belong",
+    ),
 )
 
 
@@ -339,6 +350,8 @@ class PodTemplateSpec(_Spec):
             raise ValueError(POD_SPEC_RULES[1][1])
         if any(m.mount_path in OWNED_MOUNT_PATHS for m in self.volume_mounts):
             raise ValueError(POD_SPEC_RULES[2][1])
+        if any(m.name in OWNED_VOLUMES for m in self.volume_mounts):
+            raise ValueError(POD_SPEC_RULES[3][1])
         return self
 
 

@@ -421,7 +421,8 @@ def _fetch(args: argparse.Namespace) -> int:
         timer.daemon = True
         timer.start()
     try:
-        with single_writer(Path(args.dest)):
+        # A lock holder that outlives half the deadline (a crashed node's NFS lock): go on without it.
+        with single_writer(Path(args.dest), wait_s=args.timeout / 2 if args.timeout > 0 else None) as locked:
             if scheme == "hf":
                 done = fetch(
                     args.uri.removeprefix("hf://"), args.revision, args.dest, args.dtype, pin_key=args.pin_key, token=os.environ.get("HF_TOKEN") or None
@@ -429,7 +430,7 @@ def _fetch(args: argparse.Namespace) -> int:
             else:
                 from .models.objectstore import fetch_objects
 
-                done = fetch_objects(args.uri, args.dest, args.dtype, pin_key=args.pin_key, endpoint_url=args.endpoint_url, region=args.region)
+                done = fetch_objects(args.uri, args.dest, args.dtype, pin_key=args.pin_key, endpoint_url=args.endpoint_url, region=args.region, locked=locked)
     except FetchError as exc:
         print(f"synerdiff fetch: {exc}", file=sys.stderr)
         return 1

@@ -232,3 +232,33 @@ def test_an_unreachable_hub_is_a_clear_error(tmp_path: Path, free_port) -> None:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1 and f"synerdiff fetch: could not download {REPO}@main" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_folder_lock_is_taken_read_only_waits_boundedly_and_is_optional(tmp_path: Path) -> None:
+    """single_writer: a lock file this process cannot open for writing is locked through a
+    read-only descriptor; a holder that outlives the wait leaves the fetch to go on without it; a
+    lock file that cannot be opened at all is no lock, not a failure."""
+    import fcntl
+    import time
+
+    from synerdiff.models.fetch import LOCK_FILE, single_writer
+
+    (tmp_path / "ro" / LOCK_FILE).mkdir(parents=True)  # opening a folder for writing fails; reading it works
+    with single_writer(tmp_path / "ro") as locked:
+        assert locked is True
+    held = tmp_path / "held"
+    held.mkdir()
+    fd = os.open(held / LOCK_FILE, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # another holder (flock locks belong to an open file, so this conflicts)
+    try:
+        t0 = time.monotonic()
+        with single_writer(held, wait_s=1.5) as locked:
+            assert locked is False and 1.4 < time.monotonic() - t0 < 10
+    finally:
+        os.close(fd)
+    with single_writer(held, wait_s=1.5) as locked:
+        assert locked is True  # released: taken at once
+    (tmp_path / "none").mkdir()
+    (tmp_path / "none" / LOCK_FILE).symlink_to(tmp_path / "missing" / "lock")  # cannot be created or opened
+    with single_writer(tmp_path / "none") as locked:
+        assert locked is False

@@ -27,7 +27,7 @@ from gcsfs.core import GCSFileSystem
 from moto import settings as moto_settings
 from moto.server import ThreadedMotoServer
 
-from synerdiff.models.fetch import SOURCE_FILE, FetchError
+from synerdiff.models.fetch import SOURCE_FILE, FetchError, forget, recorded
 from synerdiff.models.loader import load_model
 from synerdiff.models.objectstore import parse_object_uri
 from synerdiff_operator.spec import OBJECT_URI
@@ -185,6 +185,41 @@ def test_a_pinned_download_is_reused_and_a_changed_object_is_fetched_again(store
     assert after["pin_key"] == "pool-uid/8" and after["commit"] != before["commit"]
     assert after["versions"]["scheduler/scheduler_config.json"] != before["versions"]["scheduler/scheduler_config.json"]
     assert json.loads((dest / "scheduler" / "scheduler_config.json").read_text())["steps_offset"] == 1
+
+
+def test_a_folder_a_fetch_left_half_updated_is_not_reused_by_its_old_pin(s3: Store, tmp_path: Path) -> None:
+    """A fetch that changes files first leaves a record no pinned fetch reuses and that names only
+    the files it keeps; if it dies there, the old pin downloads what changed instead of serving a mix."""
+    dest = tmp_path / "model"
+    assert s3.fetch(dest, "--pin-key", "pool-a").returncode == 0
+    before = json.loads((dest / SOURCE_FILE).read_text())
+    changed = "scheduler/scheduler_config.json"
+    body = json.dumps({**json.loads((s3.root / changed).read_text()), "steps_offset": 1}).encode()
+    s3.client.put_object(Bucket=BUCKET, Key=f"{PREFIX}/{changed}", Body=body)
+    # What a fetch under another pin leaves when it dies right after replacing that file.
+    forget(dest, recorded(dest), keep=[f for f in before["files"] if f != changed])
+    (dest / changed).write_bytes(body)
+    left = json.loads((dest / SOURCE_FILE).read_text())
+    assert left["pin_key"] == "" and changed not in left["files"] and changed not in left["versions"]
+    s3.requests.lines.clear()
+    again = s3.fetch(dest, "--pin-key", "pool-a")
+    assert again.returncode == 0, again.stderr
+    assert "already held" not in again.stdout and s3.gets() == [changed]
+    after = json.loads((dest / SOURCE_FILE).read_text())
+    assert after["pin_key"] == "pool-a" and after["commit"] != before["commit"] and sorted(after["files"]) == sorted(before["files"])
+
+
+def test_weights_an_earlier_listing_chose_are_removed(s3: Store, tmp_path: Path) -> None:
+    """The loader picks a variant by what a folder holds: after a fetch for float16 the float32
+    UNet weights fetched before are gone, so the fp16 ones the record names are what loads."""
+    dest = tmp_path / "model"
+    assert s3.fetch(dest, "--dtype", "float32", "--pin-key", "pool-a").returncode == 0
+    assert (dest / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    newer = s3.fetch(dest, "--dtype", "float16", "--pin-key", "pool-b")
+    assert newer.returncode == 0, newer.stderr
+    assert not (dest / "unet" / "diffusion_pytorch_model.safetensors").exists()
+    assert (dest / "unet" / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    assert {str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file() and not p.name.startswith(".")} == expected_files(s3.root)
 
 
 def test_pods_sharing_a_claim_download_once(s3: Store, tmp_path: Path) -> None:

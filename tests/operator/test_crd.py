@@ -120,6 +120,8 @@ INVALID = [
     ({"model": {"uri": "gs://models/sd15", "tokenSecret": {"name": "hf"}}}, "model.tokenSecret applies to hf:// URIs only"),
     ({"model": {"uri": "s3://models/sd15", "revision": "v2"}}, "model.revision applies to hf:// URIs only"),
     ({"model": {"uri": "pvc://models/sd15", "pvc": "cache"}}, "a pvc:// model.uri names its claim"),
+    ({"model": {"uri": "pvc://" + "a" * 254 + "/sd15"}}, "a pvc:// model.uri's claim name has at most 253 characters"),
+    ({"podTemplate": {"spec": {"volumeMounts": [{"name": "model-credentials", "mountPath": "/x"}]}}}, "the operator's volumes"),
     ({"model": {"uri": "pvc://models/sd15", "revision": "v2"}}, "model.revision applies to hf:// URIs only"),
     ({"gpu": {"count": 0}}, "float16 needs gpu.count"),
     ({"rollout": {"maxSurge": 0, "maxUnavailable": 0}}, "cannot both be 0"),

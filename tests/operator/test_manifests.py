@@ -420,3 +420,11 @@ def test_a_pvc_uri_is_the_claim_mounted_read_only_with_no_download() -> None:
     assert manifests.engine_settings("sd", parse_spec(VARIANTS["pvc-uri"]))["engine"]["model"] == "/models/sd15"
     same = build(VARIANTS["path-on-pvc"])["Deployment"]["spec"]["template"]["spec"]
     assert same["volumes"] == pod["volumes"] and same["containers"] == pod["containers"]
+
+
+def test_another_s3_endpoint_is_another_pin_key() -> None:
+    """The endpoint may change on a live pool: a folder fetched from one store is not reused as another's."""
+    spec = VARIANTS["s3-uri"]
+    moved = {**spec, "model": {**spec["model"], "s3": {**spec["model"]["s3"], "endpoint": "http://minio.other:9000"}}}
+    keys = {manifests.fetch_pin_key(META, parse_spec(s)) for s in (spec, moved, spec)}
+    assert len(keys) == 2

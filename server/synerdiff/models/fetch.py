@@ -22,6 +22,7 @@ import logging
 import os
 import re
 import tempfile
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -107,21 +108,81 @@ def complete(dest: Path, rec: Fetched) -> bool:
 
 
 @contextmanager
-def single_writer(dest: Path) -> Iterator[None]:
+def single_writer(dest: Path, wait_s: float | None = None) -> Iterator[bool]:
     """Hold the folder's lock while fetching into it: pods sharing a claim download it once, and the
     others wait, then find the first one's record and reuse it. The lock is released when the
-    process ends however it ends (a timeout, a kill). A filesystem without locks downloads without one:
-    every file still lands by an atomic rename."""
+    process ends however it ends (a timeout, a kill). Yields whether the lock is held.
+
+    Without it (a filesystem without locks, a folder this process may only read, or a holder that
+    outlived `wait_s`, as a crashed node's NFS lock can) the fetch still runs: each writer downloads
+    to its own temporary names and renames them into place, so concurrent writers never mix bytes."""
     dest.mkdir(parents=True, exist_ok=True)
-    with open(dest / LOCK_FILE, "a+") as f:
-        try:
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("another download into %s is under way; waiting for it", dest)
-            fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+    path = dest / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o664)
+    except OSError:
+        try:  # a folder this process may not write (a claim filled by someone else): flock works on a read-only descriptor
+            fd = os.open(path, os.O_RDONLY)
         except OSError as exc:
-            log.warning("%s cannot be locked (%s); downloading without the lock", dest, exc)
-        yield
+            log.warning("%s cannot be locked (%s); going on without the lock", dest, exc)
+            yield False
+            return
+    try:
+        yield _lock(fd, dest, wait_s)
+    finally:
+        os.close(fd)
+
+
+def _lock(fd: int, dest: Path, wait_s: float | None) -> bool:
+    deadline = None if wait_s is None else time.monotonic() + wait_s
+    waiting = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if not waiting:
+                log.info("another download into %s is under way; waiting for it", dest)
+                waiting = True
+            if deadline is not None and time.monotonic() >= deadline:
+                log.warning("%s is still locked after %.0f s; going on without the lock", dest, wait_s)
+                return False
+            time.sleep(1.0)
+        except OSError as exc:
+            log.warning("%s cannot be locked (%s); going on without the lock", dest, exc)
+            return False
+
+
+def prune_weights(dest: Path, files: Sequence[str]) -> list[str]:
+    """Remove weight files of the loaded components that the fetch did not choose (an earlier
+    listing's other variant or format): the loader picks a variant by what a folder holds, so a
+    leftover would be loaded in place of what the record names."""
+    chosen = set(files)
+    folders = {f.split("/", 1)[0] for f in files if "/" in f}
+    removed = []
+    for folder in sorted(folders):
+        for weight in (dest / folder).iterdir() if (dest / folder).is_dir() else ():
+            rel = f"{folder}/{weight.name}"
+            if weight.is_file() and weight.name.endswith(WEIGHT_FORMATS) and rel not in chosen:
+                weight.unlink(missing_ok=True)
+                removed.append(rel)
+    if removed:
+        log.info("removed %d weight file(s) the pipeline no longer loads: %s", len(removed), ", ".join(removed[:5]))
+    return removed
+
+
+def forget(dest: Path, rec: Fetched | None, keep: Sequence[str] = ()) -> None:
+    """Before a fetch changes files of a folder with a record: leave a record that no pinned fetch
+    reuses and that names only the files kept as they are, so a fetch that dies half-way leaves
+    nothing that passes for complete."""
+    if rec is None:
+        return
+    kept = [f for f in rec.files if f in set(keep)]
+    if not kept:
+        (dest / SOURCE_FILE).unlink(missing_ok=True)
+        return
+    rec = Fetched(rec.repo, rec.revision, rec.commit, rec.dtype, kept, "", {f: v for f, v in rec.versions.items() if f in kept})
+    write_atomic(dest / SOURCE_FILE, rec.to_json())
 
 
 def fetch(repo: str, revision: str, dest: str | Path, dtype: str = "float16", *, pin_key: str = "", token: str | None = None) -> Fetched:
@@ -145,6 +206,7 @@ def fetch(repo: str, revision: str, dest: str | Path, dtype: str = "float16", *,
         if "model_index.json" not in listing:
             raise FetchError(f"{repo}@{commit} has no model_index.json: not a diffusers pipeline repository")
         # Files by name, at the commit: huggingface_hub resumes partial files and skips complete ones.
+        forget(dest, rec)
         index_path = hf_hub_download(repo, "model_index.json", revision=commit, local_dir=dest, token=token)
         model_index = json.loads(Path(index_path).read_text())
         files = pipeline_files(model_index, listing, dtype)
@@ -160,6 +222,7 @@ def fetch(repo: str, revision: str, dest: str | Path, dtype: str = "float16", *,
     missing = [f for f in files if not (dest / f).is_file()]
     if missing:
         raise FetchError(f"download of {repo}@{commit} incomplete: {', '.join(missing[:5])}")
+    prune_weights(dest, files)
     write_atomic(dest / SOURCE_FILE, done.to_json())
     return done
 

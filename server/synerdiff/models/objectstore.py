@@ -23,11 +23,12 @@ import json
 import logging
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .fetch import SOURCE_FILE, Fetched, FetchError, complete, pipeline_files, recorded, write_atomic
+from .fetch import SOURCE_FILE, Fetched, FetchError, complete, forget, pipeline_files, prune_weights, recorded, write_atomic
 
 log = logging.getLogger("synerdiff.fetch")
 
@@ -94,8 +95,11 @@ def listing_digest(versions: dict[str, str], sizes: dict[str, int]) -> str:
 
 
 def _remove_partials(dest: Path) -> None:
-    for stale in dest.rglob(f"*{PARTIAL_SUFFIX}"):
-        stale.unlink(missing_ok=True)
+    """Downloads a dead fetch left, at the depths a pipeline's files lie (the folder and its
+    component folders; deeper ones may be another pool's folder)."""
+    for pattern in (f"*{PARTIAL_SUFFIX}", f"*/*{PARTIAL_SUFFIX}"):
+        for stale in dest.glob(pattern):
+            stale.unlink(missing_ok=True)
 
 
 def _list(fs: Any, src: ObjectURI) -> dict[str, dict[str, Any]]:
@@ -114,7 +118,10 @@ def _download(fs: Any, src: ObjectURI, name: str, dest: Path, size: int) -> None
     """One object to dest/name, by way of a temporary name beside it: readers see the old file or the whole new one."""
     target = dest / name
     target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(target.name + PARTIAL_SUFFIX)
+    # A name of its own: a writer without the folder's lock never shares a partial file with another.
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=PARTIAL_SUFFIX)
+    os.close(fd)
+    partial = Path(tmp)
     try:
         fs.get_file(f"{src.root}/{name}", str(partial))
         got = partial.stat().st_size
@@ -126,7 +133,14 @@ def _download(fs: Any, src: ObjectURI, name: str, dest: Path, size: int) -> None
 
 
 def fetch_objects(
-    uri: str, dest: str | Path, dtype: str = "float16", *, pin_key: str = "", endpoint_url: str | None = None, region: str | None = None
+    uri: str,
+    dest: str | Path,
+    dtype: str = "float16",
+    *,
+    pin_key: str = "",
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    locked: bool = True,
 ) -> Fetched:
     """Download what the engine loads of the pipeline at `uri` into `dest`; see the module doc."""
     src = parse_object_uri(uri)
@@ -138,7 +152,8 @@ def fetch_objects(
         log.info("%s already holds %s at %s (%d files); nothing to download", dest, src, rec.commit[:12], len(rec.files))
         rec.reused = True
         return rec
-    _remove_partials(dest)
+    if locked:  # without the lock, another writer's downloads may be under way
+        _remove_partials(dest)
     try:
         fs = filesystem(src, endpoint_url=endpoint_url, region=region)
         listing = _list(fs, src)
@@ -154,11 +169,14 @@ def fetch_objects(
         # The index first: it says which components, and so which files, to download.
         fetched = ["model_index.json"] if needed("model_index.json") else []
         if fetched:
+            forget(dest, rec, keep=[f for f in held if f != "model_index.json"])
             _download(fs, src, "model_index.json", dest, int(listing["model_index.json"].get("size") or 0))
         files = pipeline_files(json.loads((dest / "model_index.json").read_text()), list(listing), dtype)
         versions = {f: object_version(src.scheme, listing[f]) for f in files}
         commit = listing_digest(versions, {f: int(listing[f].get("size") or 0) for f in files})
         todo = [f for f in files if f != "model_index.json" and needed(f)]
+        if todo and not fetched:
+            forget(dest, rec, keep=[f for f in held if f not in todo])
         log.info("downloading %d of %d files of %s (%s; %d already held)", len(todo), len(listing), src, dtype, len(files) - len(todo) - len(fetched))
         for k, name in enumerate(todo):
             _download(fs, src, name, dest, int(listing[name].get("size") or 0))
@@ -170,5 +188,6 @@ def fetch_objects(
         raise FetchError(f"could not download {src}: {type(exc).__name__}: {exc}") from exc
     done = Fetched(repo=str(src), revision="", commit=commit, dtype=dtype, files=files, pin_key=pin_key, versions=versions)
     done.reused = not fetched
+    prune_weights(dest, files)
     write_atomic(dest / SOURCE_FILE, done.to_json())
     return done
