@@ -449,19 +449,18 @@ def _apply_pod_template(pod_spec: dict[str, Any], pool: str, spec: PoolSpec) -> 
     engine["volumeMounts"] = engine["volumeMounts"] + [m.model_dump(by_alias=True, exclude_none=True) for m in t.volume_mounts]
 
 
+def pod_security_context() -> dict[str, Any]:
+    """Engine and router pods alike: a fixed non-root user, the runtime's default seccomp profile."""
+    return {"runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS, "seccompProfile": {"type": "RuntimeDefault"}}
+
+
 def deployment(meta: dict[str, Any], spec: PoolSpec) -> dict[str, Any]:
     name = meta["name"]
     pod_spec: dict[str, Any] = {
         "automountServiceAccountToken": False,  # the engine never talks to the API server
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": termination_grace_seconds(spec),
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": RUN_AS,
-            "runAsGroup": RUN_AS,
-            "fsGroup": RUN_AS,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": pod_security_context(),
         "containers": [_engine_container(spec)],
         "volumes": _volumes(meta, spec),
     }
@@ -578,13 +577,7 @@ def router_deployment(meta: dict[str, Any], spec: PoolSpec) -> dict[str, Any]:
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "terminationGracePeriodSeconds": ROUTER_DRAIN_DELAY_S + router_drain_seconds(spec) + GRACE_MARGIN_S,
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": RUN_AS,
-            "runAsGroup": RUN_AS,
-            "fsGroup": RUN_AS,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": pod_security_context(),
         "topologySpreadConstraints": [
             {
                 "maxSkew": 1,

@@ -19,10 +19,11 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+from ..models.files import write_atomic
 
 log = logging.getLogger("synerdiff.compile_cache")
 
@@ -110,8 +111,8 @@ class CompileCache:
         blob = packed[0]
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            _write_atomic(self.blob_path, blob)
-            _write_atomic(self.meta_path, json.dumps({"facts": self.facts, "bytes": len(blob), **(extra or {})}, indent=2, default=str).encode())
+            write_atomic(self.blob_path, blob)
+            write_atomic(self.meta_path, json.dumps({"facts": self.facts, "bytes": len(blob), **(extra or {})}, indent=2, default=str).encode())
         except OSError as exc:  # a read-only cache (a pool's readers) is served, just not refilled
             log.warning("compile cache not written to %s: %s", self.root, exc)
             return 0
@@ -151,16 +152,3 @@ def prune(root: Path, keep: int = KEEP_ENTRIES, current: str = "", now: float | 
     if removed:
         log.info("compile cache: removed %d older entries from %s", len(removed), root)
     return removed
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

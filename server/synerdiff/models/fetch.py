@@ -21,13 +21,14 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .files import write_atomic
 
 log = logging.getLogger("synerdiff.fetch")
 
@@ -225,14 +226,3 @@ def fetch(repo: str, revision: str, dest: str | Path, dtype: str = "float16", *,
     prune_weights(dest, files)
     write_atomic(dest / SOURCE_FILE, done.to_json())
     return done
-
-
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

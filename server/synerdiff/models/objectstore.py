@@ -28,7 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .fetch import SOURCE_FILE, Fetched, FetchError, complete, forget, pipeline_files, prune_weights, recorded, write_atomic
+from .fetch import SOURCE_FILE, Fetched, FetchError, complete, forget, pipeline_files, prune_weights, recorded
+from .files import write_atomic
 
 log = logging.getLogger("synerdiff.fetch")
 
