@@ -232,6 +232,9 @@ class Autoscaler:
     ) -> tuple[signals.PoolMetrics, dict[str, float]]:
         stale = scaling.stale_after(spec)
         taken = self._read(spec, ready, now, stale)
+        # A step that runs late (a busy operator) must not make the scrape of its own previous step
+        # stale: a rate over a longer interval is still the rate. Only a pod missed for periods is.
+        late = max(0.0, now - loop.history[-1].time - spec.autoscaling.period_seconds) if loop.history else 0.0
         readings, running = [], {}
         for pod in ready:
             uid = self._uid(pod)
@@ -245,7 +248,7 @@ class Autoscaler:
                 prev = (mem.sample, mem.time) if fresh else mem.before
                 if not fresh:
                     at = mem.time
-                if prev is not None and 0 < at - prev[1] <= stale:
+                if prev is not None and 0 < at - prev[1] <= stale + late:
                     previous, interval = prev[0], at - prev[1]
             readings.append(signals.PodReading(pod["metadata"]["name"], sample, previous, interval))
             if sample is not None:

@@ -203,3 +203,27 @@ def test_a_repeated_scrape_keeps_the_rate_of_the_two_newest_distinct_scrapes():
     assert rates[1] == pytest.approx(8 / 4.0)  # over the scrapes' own 4 s, not the loop's 5 s
     assert rates[2] == pytest.approx(rates[1])  # the same scrape again is not zero traffic
     assert rates[3] == pytest.approx(12 / 8.0)
+
+
+def test_a_late_step_keeps_its_rate_but_a_pod_missed_for_periods_has_none():
+    from synerdiff_operator.autoscaler import PoolLoop
+
+    spec = parse_spec({"image": "x", "model": {"path": "/m"}, "autoscaling": {"enabled": True, "periodSeconds": 5}})
+    pod = [{"metadata": {"name": "p0", "namespace": "ns", "uid": "u0"}}]
+    a = signals.EngineSample(waiting=0, running=1, images=10, ok=10, finished=10)
+    b = signals.EngineSample(waiting=0, running=1, images=90, ok=90, finished=90)
+
+    def run(reads):
+        auto, loop = _Scripted(reads), PoolLoop()
+        rates = []
+        for _, t in reads:
+            metrics = auto._observe(loop, spec, pod, pending=0, now=t)[0]
+            loop.history.append(metrics)  # as step() does
+            rates.append(metrics.arrival_rate)
+        return rates
+
+    # The operator was busy: the second step came 40 s after the first (stale after 15 s), yet
+    # both scrapes are this loop's consecutive ones, so the rate over them stands.
+    assert run([(a, 0.0), (b, 40.0)])[1] == pytest.approx(80 / 40.0)
+    # On-time steps that could not read the pod for 20 s: its old sample is stale, no rate.
+    assert run([(a, 0.0), (None, 5.0), (None, 10.0), (None, 15.0), (None, 20.0), (b, 25.0)])[-1] is None

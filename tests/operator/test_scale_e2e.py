@@ -107,7 +107,7 @@ def summary(body: Any) -> str:
         return repr(body)[:200]
     if body.get("kind") == "Event":
         return f"event {body.get('reason')}: {str(body.get('message'))[:150]}"
-    return json.dumps(body, default=str)[:300]
+    return json.dumps(body, default=str)[:800]
 
 
 async def until(predicate: Any, timeout: float, what: str) -> None:
