@@ -62,14 +62,38 @@ def server_env(index: int, device: str, work_dir: Path, base: dict[str, str] | N
     return env
 
 
-def launch(model: str, n: int, *, device: str, dtype: str, base_port: int, work_dir: Path, policy: str | None = None, first: int = 0) -> list[ServerProcess]:
+def cpu_span(index: int, cpus_per_server: int) -> str:
+    """The cores of server `index` when each server gets its own `cpus_per_server` cores."""
+    first = index * cpus_per_server
+    return f"{first}-{first + cpus_per_server - 1}"
+
+
+def launch(
+    model: str,
+    n: int,
+    *,
+    device: str,
+    dtype: str,
+    base_port: int,
+    work_dir: Path,
+    policy: str | None = None,
+    first: int = 0,
+    cpus_per_server: int = 0,
+) -> list[ServerProcess]:
+    if cpus_per_server and not shutil.which("taskset"):
+        raise SystemExit("--cpus-per-server needs taskset (util-linux)")
+    if cpus_per_server and n * cpus_per_server > (os.cpu_count() or 1):
+        raise SystemExit(f"--cpus-per-server {cpus_per_server} x {n} servers needs {n * cpus_per_server} cores; this machine has {os.cpu_count()}")
     servers = []
     for i in range(first, n):
         port = base_port + i
         log_path = work_dir / f"server-{i}.log"
         fh = open(log_path, "wb")
+        # Pinned, each CPU server is an independent device as a GPU is (its torch threads follow
+        # the affinity); the router and the load driver are left unpinned beside them.
+        pin = ["taskset", "-c", cpu_span(i, cpus_per_server)] if cpus_per_server else []
         proc = subprocess.Popen(
-            server_command(model, port, device="cuda" if device.startswith("cuda") else device, dtype=dtype, policy=policy),
+            pin + server_command(model, port, device="cuda" if device.startswith("cuda") else device, dtype=dtype, policy=policy),
             env=server_env(i, device, work_dir),
             stdout=fh,
             stderr=subprocess.STDOUT,
@@ -243,7 +267,11 @@ def run_scaling(args, log: Log = print) -> dict[str, Any]:
         from .sdmodels import resolve_model
 
         model = resolve_model(args.model, args.model_dir, seed=args.model_seed, device=args.device)
-        launch_args = dict(device=args.device, dtype=args.dtype, base_port=args.base_port, work_dir=work_dir, policy=args.policy)
+        if args.cpus_per_server and args.device.startswith("cuda"):
+            raise SystemExit("--cpus-per-server is for --device cpu: a GPU server is pinned to its GPU")
+        launch_args: dict[str, Any] = dict(
+            device=args.device, dtype=args.dtype, base_port=args.base_port, work_dir=work_dir, policy=args.policy, cpus_per_server=args.cpus_per_server
+        )
         servers = launch(model, 1, **launch_args)
         if args.gpus > 1:
             # The first engine compiles (cold) and writes the shared compile cache; the rest start from it.
@@ -274,6 +302,8 @@ def run_scaling(args, log: Log = print) -> dict[str, Any]:
         rates_per_gpu=rates_per_gpu,
         duration_s=args.duration,
         slo_s=args.slo,
+        cpus=os.cpu_count(),
+        cpus_per_server=args.cpus_per_server or None,
     )
     report["pools"] = {}
     out = result_path(args.out, args.name)
@@ -301,13 +331,21 @@ def run_scaling(args, log: Log = print) -> dict[str, Any]:
             sub: dict[str, Any] = {"gpus": n, "urls": urls, "upstreams": upstreams}
             report["pools"][str(n)] = sub
             ok_before = [served_ok(u) for u in upstreams]
+            if router is not None and router.proc is not None and args.router_idle_s > 0:
+                # What the router spends with no traffic (polling its engines), so that the cost
+                # per request can be told apart from the cost of being there.
+                idle0 = cpu_seconds(router.proc.pid)
+                time.sleep(args.router_idle_s)
+                sub["router_idle_cpu_per_s"] = (cpu_seconds(router.proc.pid) - idle0) / args.router_idle_s
             cpu_before = cpu_seconds(router.proc.pid) if router is not None and router.proc is not None else 0.0
+            wall_before = time.monotonic()
             try:
                 run_sweep([system], mix, cfg, sub, save=lambda: write_json(report, out), log=log)
             finally:
                 system.close()
                 if router is not None and router.proc is not None:
                     sub["router_cpu_s"] = cpu_seconds(router.proc.pid) - cpu_before
+                    sub["router_wall_s"] = time.monotonic() - wall_before
                     stop([router])
                     if router.log_path and router.log_path.is_file():
                         shutil.copy(router.log_path, Path(args.out) / f"{args.name}-router-{n}.log")
@@ -317,6 +355,9 @@ def run_scaling(args, log: Log = print) -> dict[str, Any]:
             if "router_cpu_s" in sub:
                 routed = sum(sub["served_by_engine"])
                 sub["router_cpu_ms_per_request"] = 1e3 * sub["router_cpu_s"] / routed if routed else None
+                if "router_idle_cpu_per_s" in sub and routed:
+                    busy = sub["router_cpu_s"] - sub["router_idle_cpu_per_s"] * sub["router_wall_s"]
+                    sub["router_marginal_cpu_ms_per_request"] = 1e3 * max(0.0, busy) / routed
             if slo_s is None:
                 slo_s = sub["slo"]["default_request_slo_s"]
             write_json(report, out)
@@ -325,8 +366,14 @@ def run_scaling(args, log: Log = print) -> dict[str, Any]:
         write_json(report, out)
         for k, p in report["summary"]["pools"].items():
             cap = "-" if p["capacity_rps"] is None else f"{p['capacity_rps']:g}/s"
+            sub = report["pools"][k]
+            routed = ""
+            if sub.get("router_cpu_ms_per_request") is not None:
+                routed = f"; router CPU {sub['router_cpu_ms_per_request']:.1f} ms/request"
+                if sub.get("router_marginal_cpu_ms_per_request") is not None:
+                    routed += f" ({sub['router_marginal_cpu_ms_per_request']:.1f} beyond its idle {1e3 * sub['router_idle_cpu_per_s']:.1f} ms/s)"
             log(
-                f"[scale] {k} GPU(s): peak {p['peak_throughput_ips']:.2f} img/s (x{_f(p['peak_efficiency'])} of linear), capacity {cap} (x{_f(p['capacity_efficiency'])})"
+                f"[scale] {k} GPU(s): peak {p['peak_throughput_ips']:.2f} img/s (x{_f(p['peak_efficiency'])} of linear), capacity {cap} (x{_f(p['capacity_efficiency'])}){routed}"
             )
     finally:
         if servers and servers[0].proc is not None:
@@ -346,6 +393,8 @@ def add_parser(sub) -> None:
     s.add_argument("--mix", default="default", choices=["default", "mixed"], help="mixed: every size in --size and steps from --steps-min to --steps")
     s.add_argument("--steps-min", type=int, default=20, help="fewest steps of the mixed load")
     s.add_argument("--gpus", type=int, default=2, help="servers to start, one per GPU (cuda) or all on the CPU")
+    s.add_argument("--router-idle-s", type=float, default=10.0, help="seconds the router's CPU is measured with no traffic before each sweep (0: not)")
+    s.add_argument("--cpus-per-server", type=int, default=0, help="--device cpu: pin server i to its own cores (taskset); 0: unpinned")
     s.add_argument("--urls", default=None, help="drive these running servers ('http://a:8000;http://b:8000') instead of starting any")
     s.add_argument("--pools", default=None, help="pool sizes to measure, e.g. 1,2,4 (default 1..N)")
     s.add_argument("--model", default="sd15", help="'tiny', 'sd15', 'sdxl' or a diffusers directory (as for run)")

@@ -4,12 +4,13 @@ with two real `synerdiff serve` processes (the embedded model) on loopback."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 
 import pytest
 
 from synerdiff_bench.__main__ import main as bench_main
-from synerdiff_bench.scaling import capacity, goal_met, server_command, server_env, summarise_scaling
+from synerdiff_bench.scaling import capacity, cpu_span, goal_met, launch, server_command, server_env, summarise_scaling
 
 
 def point(rate: float, thr: float, p99: float | None, cut: bool = False, attain: float = 1.0) -> dict:
@@ -58,6 +59,14 @@ def test_each_server_gets_its_own_gpu_and_profile(tmp_path):
     assert cmd[cmd.index("--port") + 1] == "8005" and cmd[cmd.index("--policy") + 1] == "continuous"
 
 
+def test_cpu_servers_get_their_own_cores_or_a_clear_refusal(tmp_path):
+    assert [cpu_span(i, 2) for i in range(3)] == ["0-1", "2-3", "4-5"]
+    cores = os.cpu_count() or 1
+    with pytest.raises(SystemExit, match=f"needs {2 * cores} cores"):
+        launch("/m", 2, device="cpu", dtype="float32", base_port=1, work_dir=tmp_path, cpus_per_server=cores)
+    assert not list(tmp_path.iterdir())  # refused before any server started
+
+
 def _free_port_pair() -> int:
     """A base port with base - 1 (the router) and base + 1 free too."""
     for base in range(18101, 18900, 3):
@@ -84,7 +93,7 @@ def test_scale_command_starts_two_servers_and_compares_pools(tmp_path):
             "scale", "--gpus", "2", "--model", "tiny", "--device", "cpu", "--dtype", "float32", "--policy", "continuous",
             "--base-port", str(_free_port_pair()), "--rates-per-gpu", "2", "--duration", "4", "--warmup-s", "0",
             "--size", "64x64", "--steps", "3", "--slo", "30", "--lone-repeats", "1", "--ready-timeout", "240",
-            "--work-dir", str(tmp_path / "work"), "--out", str(out), "--name", "sc",
+            "--work-dir", str(tmp_path / "work"), "--out", str(out), "--name", "sc", "--cpus-per-server", "1", "--router-idle-s", "1",
         ]
     )  # fmt: skip
     report = json.loads((out / "sc.json").read_text())
@@ -101,6 +110,9 @@ def test_scale_command_starts_two_servers_and_compares_pools(tmp_path):
     assert sum(two["served_by_engine"]) >= two["points"][0]["completed"]
     assert one["served_by_engine"][0] >= one["points"][0]["completed"]
     assert two["router_cpu_s"] > 0 and two["router_cpu_ms_per_request"] > 0
+    # The idle share (polling the engines) is measured apart and taken out of the per-request cost.
+    assert two["router_idle_cpu_per_s"] >= 0 and 0 <= two["router_marginal_cpu_ms_per_request"] <= two["router_cpu_ms_per_request"]
+    assert report["config"]["cpus_per_server"] == 1
     summary = report["summary"]["pools"]
     assert summary["2"]["gpus"] == 2 and summary["1"]["peak_throughput_ips"] > 0
     assert summary["2"]["matched"][0]["rate_per_gpu"] == 2.0
