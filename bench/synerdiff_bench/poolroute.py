@@ -74,7 +74,7 @@ class Kind:
         return self.rows * self.size[0] * self.size[1] / (NATIVE[0] * NATIVE[1])
 
     def cost(self) -> RequestCost:
-        return RequestCost(self.size, self.rows, self.steps)
+        return RequestCost(self.size, self.rows, self.steps, self.size[0] * self.size[1] / (NATIVE[0] * NATIVE[1]))
 
 
 # A mix of what an images API sees: mostly the default, longer and shorter runs, pairs, a larger

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from synerdiff.contract.config import LimitsConfig
@@ -57,3 +59,20 @@ def test_steps_of_a_larger_shape_hold_fewer_rows() -> None:
     finally:
         eng.shutdown()
     assert rows[(128, 128)] == 4 and rows[(64, 64)] > 4  # 16 rows x 64² pixels = 4 rows at 128²
+
+
+def test_outstanding_work_counts_a_row_by_its_pixels_over_the_native_pixels(engine) -> None:
+    """What a router balances on: a 128² row of the 64² embedded model is 4 native rows."""
+    from synerdiff.engine.engine import row_weight
+
+    assert (row_weight(128, 128, 64), row_weight(64, 32, 64), row_weight(128, 128, None)) == (4.0, 0.5, 1.0)
+    assert engine.native_size == 64
+    handle = engine.submit(GenerationRequest(prompt="x", height=128, width=128, steps=10, seed=3))
+    seen = [engine.outstanding_work]
+    while not handle.future.done():
+        seen.append(engine.outstanding_work)
+        time.sleep(0.002)
+    handle.wait(60)
+    # 2 guided rows x 10 steps x 4: at most 80, and above the 20 an unweighted count could reach.
+    assert 20 < max(seen) <= 80, max(seen)
+    assert engine.outstanding_work == 0

@@ -17,6 +17,21 @@ def test_cost_is_rows_per_image_times_n_times_steps():
     assert request_cost(None, d).row_steps == 40
 
 
+def test_a_row_weighs_its_pixels_over_the_native_pixels():
+    body = {"prompt": "x", "num_inference_steps": 10, "size": "1024x768"}
+    c = request_cost(body, native_size=512)
+    assert c.row_weight == 3.0 and c.per_step == 6.0 and c.row_steps == 60.0
+    assert request_cost({"size": "256x256", "num_inference_steps": 10}, native_size=512).row_steps == 5.0
+    # Unknown native size (no engine reported yet), or the default size: every row weighs 1.
+    assert request_cost(body).row_steps == 20 and request_cost({"num_inference_steps": 10}, native_size=512).row_steps == 20
+    # One engine holds a 1024² request, the other three 512² ones of the same steps: the first
+    # holds more work (4 rows' worth against 3), so the next request goes to the second.
+    big = request_cost({"size": "1024x1024", "num_inference_steps": 30}, native_size=512)
+    small = request_cost({"size": "512x512", "num_inference_steps": 30}, native_size=512)
+    engines = [EngineState("a", sent=big.row_steps), EngineState("b", sent=3 * small.row_steps)]
+    assert choose(engines, small, tolerance=0.0).name == "b"
+
+
 def test_least_outstanding_work_wins_counting_own_and_others():
     cost = RequestCost((64, 64), 2, 10)
     engines = [EngineState("a", sent=100), EngineState("b", sent=20, others=200), EngineState("c", sent=60)]

@@ -80,6 +80,12 @@ def test_concurrent_requests_spread_over_both_engines(pool):
     assert sum(per) == 6 and min(per) >= 2, per
 
 
+def test_the_router_weighs_sizes_by_the_engines_native_size(pool):
+    router, engines = pool
+    assert all(metric_value(httpx.get(e.url + "/metrics").text, names.NATIVE_SIZE) == 64 for e in engines)
+    assert httpx.get(router.url + "/readyz").json()["native_size"] == 64  # read from the engines' /metrics
+
+
 def test_streaming_progress_passes_through(pool):
     router, _ = pool
     events = []

@@ -20,7 +20,9 @@ GRAPHS = "synerdiff_fast_path_graphs"
 STARTUP_SECONDS = "synerdiff_startup_seconds"
 COMPILE_CACHE = "synerdiff_compile_cache"  # 1 for the label state = warm | partial | cold | off the start used
 MODEL_INFO = "synerdiff_model_info"  # 1, labels family, repo and commit (repo and commit of a `synerdiff fetch` download, else empty)
-OUTSTANDING = "synerdiff_outstanding_row_steps"  # UNet rows x steps queued and still to run (what a router balances)
+# UNet rows x steps queued and still to run, a row counted at its pixels over the native pixels (what a router balances)
+OUTSTANDING = "synerdiff_outstanding_row_steps"
+NATIVE_SIZE = "synerdiff_native_size_pixels"  # the model's native side in pixels (0 until loaded): the router weighs sizes by it
 
 # Histograms.
 STEP_ROWS = "synerdiff_step_rows"

@@ -175,7 +175,7 @@ class EngineCore:
             self._decode(plan.decode, stats)
         stats.waiting = len(self.table.waiting)
         stats.running = len(self.table.denoising) + len(self.table.decoding)
-        stats.running_row_steps = sum(d.spec.rows * (d.spec.steps - d.step) for d in self.table.denoising.values())
+        stats.running_row_steps = sum(d.spec.work(d.spec.steps - d.step) for d in self.table.denoising.values())
         if stats.rows and stats.bucket is not None and self.cost_model is not None:
             bare = self.cost_model.unet_step_s(stats.rows, stats.bucket)
             if bare > 0:

@@ -25,7 +25,6 @@ from typing import Any
 import torch
 
 from ..contract.config import EngineConfig, LimitsConfig, SchedulerConfig
-from ..contract.requests import rows_per_image
 from ..models.loader import ModelBundle, load_model
 from ..samplers import make_plan
 from ..scheduling.controller import ControllerState
@@ -97,11 +96,12 @@ class Engine:
         self._core: EngineCore | None = None
         self._runner: TorchRunner | None = None
         self._handles: dict[str, RequestHandle] = {}  # worker thread only, once taken in
-        # For Retry-After: UNet rows and the busy seconds they took, over the last iterations,
-        # and the row-steps of work queued (under _lock) and running (published by the worker).
-        self._recent_rows: collections.deque[tuple[int, float]] = collections.deque(maxlen=64)
-        self._queued_work = 0
-        self._running_work = 0
+        # For Retry-After: UNet rows (at the native size) and the busy seconds they took, over
+        # the last iterations, and the native-size row-steps of work queued (under _lock) and
+        # running (published by the worker).
+        self._recent_rows: collections.deque[tuple[float, float]] = collections.deque(maxlen=64)
+        self._queued_work = 0.0
+        self._running_work = 0.0
         self.observers.append(EngineObserver(on_iteration=self._note_iteration))
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._wake = threading.Event()
@@ -118,6 +118,11 @@ class Engine:
         self.startup = Startup()
 
     # ------------------------------------------------------------------ life cycle
+    @property
+    def native_size(self) -> int | None:
+        """The model's native image side in pixels; None until it is loaded."""
+        return self._model.default_size if self._model is not None else None
+
     @property
     def model(self) -> ModelBundle:
         assert self._model is not None, "engine not started"
@@ -251,9 +256,9 @@ class Engine:
             self._ids.add(request.request_id)
             self._queued += 1
             self._in_flight += 1
-            self._queued_work += _row_steps(request)
-            now = self.clock()
-            self._inbox.put(("submit", (handle, _spec(request, now, timeout))))
+            spec = _spec(request, self.clock(), timeout, self.native_size)
+            self._queued_work += spec.work(spec.steps)
+            self._inbox.put(("submit", (handle, spec)))
         self._wake.set()
         return handle
 
@@ -282,8 +287,9 @@ class Engine:
             return self._in_flight - self._queued
 
     @property
-    def outstanding_work(self) -> int:
-        """UNet row-steps queued plus those the denoising requests still have to run."""
+    def outstanding_work(self) -> float:
+        """UNet row-steps queued plus those the denoising requests still have to run, each row
+        counted at its pixels over the model's native pixels (a 1024² row of a 512² model is 4)."""
         return self._queued_work + self._running_work
 
     @property
@@ -323,7 +329,8 @@ class Engine:
 
     def _note_iteration(self, stats: IterationStats) -> None:
         if stats.rows:
-            self._recent_rows.append((stats.rows, stats.encode_s + stats.unet_s + stats.sampler_s + stats.vae_s))
+            weight = row_weight(*stats.bucket, self.native_size) if stats.bucket else 1.0
+            self._recent_rows.append((stats.rows * weight, stats.encode_s + stats.unet_s + stats.sampler_s + stats.vae_s))
         self._running_work = stats.running_row_steps
 
     # ------------------------------------------------------------------ worker
@@ -365,7 +372,7 @@ class Engine:
     def admitted(self, job: Denoising) -> None:
         with self._lock:
             self._queued -= 1
-            self._queued_work -= job.spec.rows * job.spec.steps
+            self._queued_work -= job.spec.work(job.spec.steps)
 
     def progressed(self, job: Denoising) -> None:
         handle = self._handles.get(job.spec.id)
@@ -379,28 +386,29 @@ class Engine:
         pass
 
     def served(self, job: Decoding, timings: Timings, images: list[Any], tiled: bool) -> None:
-        handle = self._release(job.spec.id, was_waiting=False)
+        handle = self._release(job.spec, was_waiting=False)
         result = GenerationResult(job.spec.id, handle.seed, images, timings, job.spec.steps, guided_steps_skipped=job.skipped, vae_tiled=tiled)
         _resolve(handle.future, result)
 
     def failed(self, spec: JobSpec, phase: Phase, error: EngineError) -> None:
-        _resolve(self._release(spec.id, was_waiting=phase is Phase.WAITING).future, error)
+        _resolve(self._release(spec, was_waiting=phase is Phase.WAITING).future, error)
 
-    def _release(self, job_id: str, was_waiting: bool) -> RequestHandle:
+    def _release(self, spec: JobSpec, was_waiting: bool) -> RequestHandle:
         with self._lock:
             if was_waiting:
                 self._queued -= 1
-                self._queued_work -= _row_steps(self._handles[job_id].request)
+                self._queued_work -= spec.work(spec.steps)
             self._in_flight -= 1
-            self._ids.discard(job_id)
-        return self._handles.pop(job_id)
+            self._ids.discard(spec.id)
+        return self._handles.pop(spec.id)
 
 
-def _row_steps(request: GenerationRequest) -> int:
-    return request.n * rows_per_image(request.guided) * request.steps_run
+def row_weight(height: int, width: int, native_size: int | None) -> float:
+    """A row's work against a row at the model's native size: its pixels over the native pixels."""
+    return height * width / native_size**2 if native_size else 1.0
 
 
-def _spec(request: GenerationRequest, now: float, timeout_s: float) -> JobSpec:
+def _spec(request: GenerationRequest, now: float, timeout_s: float, native_size: int | None) -> JobSpec:
     steps = request.steps_run
     cutoff = None if request.cfg_cutoff_ratio is None else int(steps * request.cfg_cutoff_ratio)
     return JobSpec(
@@ -413,6 +421,7 @@ def _spec(request: GenerationRequest, now: float, timeout_s: float) -> JobSpec:
         deadline=now + timeout_s,
         cfg_skippable=request.cfg_skip == "auto",
         cfg_cutoff_step=cutoff,
+        row_weight=row_weight(request.height, request.width, native_size),
     )
 
 

@@ -37,10 +37,17 @@ class JobSpec:
     cfg_skippable: bool = True  # opted in to adaptive skip-CFG (no fixed cutoff)
     # diffusers' SDCFGCutoffCallback: guidance is off after this step. None: no fixed cutoff.
     cfg_cutoff_step: int | None = None
+    # One of its rows' work against a row at the model's native size (its pixels over the native
+    # pixels): the unit in which queued work is reported, so a router weighs a 1024² row as 4.
+    row_weight: float = 1.0
 
     @property
     def rows(self) -> int:
         return self.n * rows_per_image(self.guided)
+
+    def work(self, steps: int) -> float:
+        """Native-size row-steps of `steps` steps of this request."""
+        return self.rows * steps * self.row_weight
 
 
 @dataclass

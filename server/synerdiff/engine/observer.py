@@ -48,7 +48,7 @@ class IterationStats:
     step_inflation: float = 0.0
     waiting: int = 0
     running: int = 0
-    running_row_steps: int = 0  # UNet rows x steps the denoising requests still have to run
+    running_row_steps: float = 0.0  # native-size UNet row-steps the denoising requests still have to run
     queue_waits_s: list[float] = field(default_factory=list)
 
 

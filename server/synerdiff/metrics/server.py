@@ -83,8 +83,13 @@ class ServerMetrics:
         self.compile_cache = Gauge(
             names.COMPILE_CACHE, "1 for how this start got its compiled kernels: warm (from the compile cache), partial, cold or off.", ["state"], registry=r
         )
-        Gauge(names.OUTSTANDING, "UNet row-steps queued and still to run (rows x remaining steps; a router balances on it).", registry=r).set_function(
-            lambda: engine.outstanding_work
+        Gauge(
+            names.OUTSTANDING,
+            "UNet row-steps queued and still to run (rows x remaining steps, a row counted at its pixels over the native pixels; a router balances on it).",
+            registry=r,
+        ).set_function(lambda: engine.outstanding_work)
+        Gauge(names.NATIVE_SIZE, "The model's native image side in pixels (0 until the model is loaded).", registry=r).set_function(
+            lambda: engine.native_size or 0
         )
 
         self.step_rows = Histogram(names.STEP_ROWS, "UNet rows per denoising step.", buckets=ROW_BUCKETS, registry=r)

@@ -78,7 +78,10 @@ class RouterMetrics:
         self.buffer_wait = Histogram(names.ROUTER_BUFFER_WAIT, "Time requests waited for a ready engine.", buckets=names.LATENCY_BUCKETS, registry=r)
         Gauge(names.ROUTER_UPSTREAMS, "Engines known to the router, ready or not.", registry=r).set_function(lambda: len(pool.upstreams))
         self._outstanding = Gauge(
-            names.ROUTER_OUTSTANDING, "Outstanding UNet row-steps per engine as the router counts them (its own plus others').", ["upstream"], registry=r
+            names.ROUTER_OUTSTANDING,
+            "Outstanding UNet row-steps per engine as the router counts them (its own plus others'; rows weighed by pixels over the native size).",
+            ["upstream"],
+            registry=r,
         )
         self._ready = Gauge(names.ROUTER_UPSTREAM_READY, "1 when the router sends to the engine.", ["upstream"], registry=r)
         self.pool = pool
@@ -136,7 +139,7 @@ class Router:
             except ValueError:
                 pass  # the engine answers 422 with details
         # An edit's form is not parsed here: it is balanced at the default cost.
-        cost = request_cost(parsed if isinstance(parsed, dict) else None, self.config.defaults)
+        cost = request_cost(parsed if isinstance(parsed, dict) else None, self.config.defaults, self.pool.native_size())
         headers = _forward_headers(request)
         full: dict[str, httpx.Response] = {}  # engines that answered 429, and their answers
         attempts = 0
@@ -240,13 +243,13 @@ class Router:
                 if streamed and b'"progress"' in chunk:
                     step = _last_step(chunk)
                     if step > done_steps:
-                        up.progress(cost, (step - done_steps) * cost.rows)
+                        up.progress(cost, (step - done_steps) * cost.per_step)
                         done_steps = step
                 yield chunk
         finally:
             # Also when the client left (the task is cancelled): closing the upstream connection
             # before the end tells the engine, which cancels the request.
-            up.sent += done_steps * cost.rows  # release() takes the whole cost off again
+            up.sent += done_steps * cost.per_step  # release() takes the whole cost off again
             release()
             with anyio.CancelScope(shield=True):
                 await resp.aclose()
@@ -277,7 +280,9 @@ class Router:
         if not self.pool.polled_once:
             return JSONResponse({"status": "starting"}, status_code=503)
         ready = sum(1 for s in self.pool.states() if s.ready and not s.draining)
-        return JSONResponse({"status": "ready", "engines": len(self.pool.upstreams), "engines_ready": ready, "buffered": self.buffered})
+        return JSONResponse(
+            {"status": "ready", "engines": len(self.pool.upstreams), "engines_ready": ready, "buffered": self.buffered, "native_size": self.pool.native_size()}
+        )
 
     async def metrics_endpoint(self, request: Request) -> Response:
         return Response(self.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,7 +1,9 @@
 """The router's decision: which engine gets a request. Pure functions of the engines' state, no I/O.
 
 Load is counted in UNet row-steps (rows x steps, a guided image being 2 rows), the unit in which
-an engine's step-level batching spends its time. An engine's load is what this router sent it and
+an engine's step-level batching spends its time, each row weighed by its pixels over the model's
+native pixels (the engines report that size): a 1024² row of a 512² model counts 4, as it costs
+about 4 in the engine's step. An engine's load is what this router sent it and
 has not yet seen finish (`sent`, its own accounting, current to the request), plus what the engine
 reported at its last scrape beyond what this router had sent by then (`others`: requests from other
 router replicas or sent straight to the engine). Loads are compared per unit of capacity (the
@@ -42,14 +44,22 @@ class RequestCost:
     shape: Shape
     rows: int  # UNet rows the request holds while it denoises
     steps: int
+    row_weight: float = 1.0  # one row's pixels over the native pixels (1 for the native size)
 
     @property
-    def row_steps(self) -> int:
-        return self.rows * self.steps
+    def per_step(self) -> float:
+        """Native-size row-steps one step of the request costs."""
+        return self.rows * self.row_weight
+
+    @property
+    def row_steps(self) -> float:
+        return self.per_step * self.steps
 
 
-def request_cost(body: Mapping[str, Any] | None, defaults: Defaults = Defaults()) -> RequestCost:
-    """The cost of an images request from its JSON body: rows_per_image x n x steps.
+def request_cost(body: Mapping[str, Any] | None, defaults: Defaults = Defaults(), native_size: int | None = None) -> RequestCost:
+    """The cost of an images request from its JSON body: rows_per_image x n x steps, each row
+    weighed by its pixels over `native_size`² (the engines' native side; None: not known yet,
+    every size weighs 1).
 
     Malformed fields (which the engine will refuse) count as the defaults: the router balances,
     the engine validates."""
@@ -59,10 +69,13 @@ def request_cost(body: Mapping[str, Any] | None, defaults: Defaults = Defaults()
     g = body.get("guidance_scale")
     guidance = float(g) if isinstance(g, (int, float)) and not isinstance(g, bool) else defaults.guidance_scale
     shape: Shape = (0, 0)
+    weight = 1.0
     size = body.get("size")
     if isinstance(size, str) and (m := _SIZE.match(size)):
         shape = (int(m.group(2)), int(m.group(1)))  # OpenAI's size is WIDTHxHEIGHT
-    return RequestCost(shape=shape, rows=rows_per_image(guidance > 1.0) * n, steps=steps)
+        if native_size and all(shape):
+            weight = shape[0] * shape[1] / native_size**2
+    return RequestCost(shape=shape, rows=rows_per_image(guidance > 1.0) * n, steps=steps, row_weight=weight)
 
 
 def _int(value: Any, default: int) -> int:

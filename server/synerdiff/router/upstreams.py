@@ -2,7 +2,7 @@
 
 Engines come from `--upstream URL` (static) and from DNS names (`--discover HOST:PORT`, a headless
 Service: one A record per ready engine pod), re-resolved every poll. Each poll asks every engine
-for `/readyz` and `/metrics` (the outstanding row-steps gauge and `max_rows`). An engine that
+for `/readyz` and `/metrics` (the outstanding row-steps gauge, `max_rows` and the native size). An engine that
 refuses a request as draining or loading counts as not ready until a poll says otherwise.
 """
 
@@ -37,6 +37,7 @@ class Upstream:
     reported: float | None = None
     sent_at_scrape: float = 0.0
     capacity: float = 64.0
+    native_size: int | None = None  # the model's native side in pixels, once an engine reported it
     last_seen: float = 0.0  # monotonic time DNS last listed it (discovered engines)
     error: str | None = None
 
@@ -100,6 +101,11 @@ class UpstreamPool:
     # ------------------------------------------------------------------ decisions
     def states(self) -> list[EngineState]:
         return [u.state() for u in self.upstreams.values()]
+
+    def native_size(self) -> int | None:
+        """The engines' native side in pixels (they serve one model; the largest reported, should
+        a rollout mix two), None before any reported it."""
+        return max((u.native_size for u in self.upstreams.values() if u.native_size), default=None)
 
     def any_ready(self, exclude: Iterable[str] = ()) -> bool:
         ex = set(exclude)
@@ -189,6 +195,8 @@ class UpstreamPool:
                 up.sent_at_scrape = min(sent_before, up.sent)
                 if gauges.get(names.MAX_ROWS):
                     up.capacity = gauges[names.MAX_ROWS]
+                if gauges.get(names.NATIVE_SIZE):
+                    up.native_size = int(gauges[names.NATIVE_SIZE])
             up.error = None
         except httpx.HTTPError as exc:
             if up.ready or up.error is None:
@@ -207,7 +215,7 @@ def _phase(resp: httpx.Response) -> str | None:
 
 def _gauges(text: str) -> dict[str, float]:
     out: dict[str, float] = {}
-    wanted = {names.OUTSTANDING, names.MAX_ROWS, names.WAITING, names.RUNNING}
+    wanted = {names.OUTSTANDING, names.MAX_ROWS, names.NATIVE_SIZE, names.WAITING, names.RUNNING}
     try:
         for family in text_string_to_metric_families(text):
             if family.name in wanted and family.samples:
