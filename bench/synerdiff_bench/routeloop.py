@@ -266,6 +266,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{c['engines']} engines (`synerdiff serve`, embedded model, CPU{', ' + str(c['cpus_per_engine']) + ' cores each (taskset)' if c['cpus_per_engine'] else ''}), "
         f"{c['clients']} closed-loop clients with one keep-alive connection each, think time {c['think']} s, {c['duration']:g} s per mode; "
         f"requests mixed: sizes {sorted(set(SIZES))}, steps {sorted(set(STEPS))}, n 1-2. Machine: {result['cpus']} CPUs.",
+        "Outstanding work is the engines' `synerdiff_outstanding_row_steps`: rows x steps, a row counted at its pixels over the native 64².",
         "",
         "| mode | requests ok | failed | throughput (req/s) | p50 (s) | p99 (s) | mean (s) | spread of outstanding row-steps (mean max-min) | max/mean outstanding | clients per target |",
         "|---|---|---|---|---|---|---|---|---|---|",

@@ -62,10 +62,11 @@ def server_env(index: int, device: str, work_dir: Path, base: dict[str, str] | N
     return env
 
 
-def cpu_span(index: int, cpus_per_server: int) -> str:
-    """The cores of server `index` when each server gets its own `cpus_per_server` cores."""
-    first = index * cpus_per_server
-    return f"{first}-{first + cpus_per_server - 1}"
+def cpu_span(index: int, cpus_per_server: int, allowed: list[int] | None = None) -> str:
+    """The cores of server `index` when each server gets its own `cpus_per_server` of the cores
+    this process may use (`allowed`, default its affinity), as a taskset list."""
+    cores = sorted(os.sched_getaffinity(0)) if allowed is None else allowed
+    return ",".join(str(c) for c in cores[index * cpus_per_server : (index + 1) * cpus_per_server])
 
 
 def launch(
@@ -80,10 +81,11 @@ def launch(
     first: int = 0,
     cpus_per_server: int = 0,
 ) -> list[ServerProcess]:
+    usable = len(os.sched_getaffinity(0))
+    if cpus_per_server and n * cpus_per_server > usable:
+        raise SystemExit(f"--cpus-per-server {cpus_per_server} x {n} servers needs {n * cpus_per_server} cores; this process may use {usable}")
     if cpus_per_server and not shutil.which("taskset"):
         raise SystemExit("--cpus-per-server needs taskset (util-linux)")
-    if cpus_per_server and n * cpus_per_server > (os.cpu_count() or 1):
-        raise SystemExit(f"--cpus-per-server {cpus_per_server} x {n} servers needs {n * cpus_per_server} cores; this machine has {os.cpu_count()}")
     servers = []
     for i in range(first, n):
         port = base_port + i

@@ -60,6 +60,7 @@ class PodMemory:
     # The sample before it. Through Prometheus, two periods can return the same scrape; the rate then
     # still spans the two newest distinct scrapes.
     before: tuple[signals.EngineSample, float] | None = None
+    step: float | None = None  # the loop step (its clock) that read `sample`
 
 
 @dataclass
@@ -232,9 +233,11 @@ class Autoscaler:
     ) -> tuple[signals.PoolMetrics, dict[str, float]]:
         stale = scaling.stale_after(spec)
         taken = self._read(spec, ready, now, stale)
-        # A step that runs late (a busy operator) must not make the scrape of its own previous step
-        # stale: a rate over a longer interval is still the rate. Only a pod missed for periods is.
-        late = max(0.0, now - loop.history[-1].time - spec.autoscaling.period_seconds) if loop.history else 0.0
+        # A step that runs late (a busy operator) must not make the scrape read by the step just
+        # before it stale: a rate over a longer interval is still the rate. Only a pod missed for
+        # periods is, and a pause of more than a few periods (autoscaling off and on) is too.
+        last_step = loop.history[-1].time if loop.history else None
+        late = min(2 * stale, max(0.0, now - last_step - spec.autoscaling.period_seconds)) if last_step is not None else 0.0
         readings, running = [], {}
         for pod in ready:
             uid = self._uid(pod)
@@ -248,12 +251,13 @@ class Autoscaler:
                 prev = (mem.sample, mem.time) if fresh else mem.before
                 if not fresh:
                     at = mem.time
-                if prev is not None and 0 < at - prev[1] <= stale + late:
+                limit = stale + (late if fresh and mem.step == last_step else 0.0)
+                if prev is not None and 0 < at - prev[1] <= limit:
                     previous, interval = prev[0], at - prev[1]
             readings.append(signals.PodReading(pod["metadata"]["name"], sample, previous, interval))
             if sample is not None:
                 if mem is None or at > mem.time + 1e-6:
-                    loop.pods[uid] = PodMemory(sample, at, (mem.sample, mem.time) if mem is not None else None)
+                    loop.pods[uid] = PodMemory(sample, at, (mem.sample, mem.time) if mem is not None else None, step=now)
                 running[uid] = sample.running
                 if sample.threshold is not None:
                     pushed = loop.pushed.get(uid)

@@ -68,11 +68,24 @@ def test_outstanding_work_counts_a_row_by_its_pixels_over_the_native_pixels(engi
     assert (row_weight(128, 128, 64), row_weight(64, 32, 64), row_weight(128, 128, None)) == (4.0, 0.5, 1.0)
     assert engine.native_size == 64
     handle = engine.submit(GenerationRequest(prompt="x", height=128, width=128, steps=10, seed=3))
-    seen = [engine.outstanding_work]
+    running = []  # once admitted: what the denoising request still has to run
     while not handle.future.done():
-        seen.append(engine.outstanding_work)
+        if engine.waiting == 0:
+            running.append(engine.outstanding_work)
         time.sleep(0.002)
     handle.wait(60)
     # 2 guided rows x 10 steps x 4: at most 80, and above the 20 an unweighted count could reach.
-    assert 20 < max(seen) <= 80, max(seen)
+    assert 20 < max(running) <= 80, max(running)
     assert engine.outstanding_work == 0
+
+    # A request cancelled mid-way leaves no work counted once the engine is idle.
+    handle = engine.submit(GenerationRequest(prompt="x", height=128, width=128, steps=40, seed=4))
+    deadline = time.monotonic() + 60
+    while engine.waiting or engine.outstanding_work == 0:
+        assert time.monotonic() < deadline, "the request never started"
+        time.sleep(0.005)
+    handle.cancel()
+    deadline = time.monotonic() + 10
+    while engine.outstanding_work != 0:
+        assert time.monotonic() < deadline, f"{engine.outstanding_work} row-steps still counted after the cancel"
+        time.sleep(0.01)

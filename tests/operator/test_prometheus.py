@@ -227,3 +227,7 @@ def test_a_late_step_keeps_its_rate_but_a_pod_missed_for_periods_has_none():
     assert run([(a, 0.0), (b, 40.0)])[1] == pytest.approx(80 / 40.0)
     # On-time steps that could not read the pod for 20 s: its old sample is stale, no rate.
     assert run([(a, 0.0), (None, 5.0), (None, 10.0), (None, 15.0), (None, 20.0), (b, 25.0)])[-1] is None
+    # Missed at on-time steps, then read at a late one: its sample is not the previous step's.
+    assert run([(a, 0.0), (None, 5.0), (None, 10.0), (b, 50.0)])[-1] is None
+    # A pause far beyond the limit (autoscaling off, then on) is no rate over the pause either.
+    assert run([(a, 0.0), (b, 3600.0)])[1] is None

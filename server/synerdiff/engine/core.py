@@ -153,6 +153,10 @@ class EngineCore:
         for _, spec in self.table.specs():
             self._fail(spec.id, error)
 
+    def running_work(self) -> float:
+        """Native-size row-steps the denoising requests still have to run."""
+        return sum(d.spec.work(d.spec.steps - d.step) for d in self.table.denoising.values())
+
     # ------------------------------------------------------------------ one iteration
     def iterate(self) -> bool:
         """Run one iteration; False when there was nothing to do."""
@@ -175,7 +179,7 @@ class EngineCore:
             self._decode(plan.decode, stats)
         stats.waiting = len(self.table.waiting)
         stats.running = len(self.table.denoising) + len(self.table.decoding)
-        stats.running_row_steps = sum(d.spec.work(d.spec.steps - d.step) for d in self.table.denoising.values())
+        stats.running_row_steps = self.running_work()
         if stats.rows and stats.bucket is not None and self.cost_model is not None:
             bare = self.cost_model.unet_step_s(stats.rows, stats.bucket)
             if bare > 0:

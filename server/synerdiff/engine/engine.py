@@ -345,6 +345,9 @@ class Engine:
                 log.exception("engine iteration failed")
                 worked = False
             if not worked:
+                # An idle pass publishes no iteration: requests cancelled, expired or failed since
+                # the last one must not stay counted as work.
+                self._running_work = core.running_work()
                 self._wake.wait(0.05)
                 self._wake.clear()
         with self._lock:
@@ -372,7 +375,7 @@ class Engine:
     def admitted(self, job: Denoising) -> None:
         with self._lock:
             self._queued -= 1
-            self._queued_work -= job.spec.work(job.spec.steps)
+            self._queued_work = self._queued_work - job.spec.work(job.spec.steps) if self._queued else 0.0  # no float residue
 
     def progressed(self, job: Denoising) -> None:
         handle = self._handles.get(job.spec.id)
@@ -397,7 +400,7 @@ class Engine:
         with self._lock:
             if was_waiting:
                 self._queued -= 1
-                self._queued_work -= spec.work(spec.steps)
+                self._queued_work = self._queued_work - spec.work(spec.steps) if self._queued else 0.0
             self._in_flight -= 1
             self._ids.discard(spec.id)
         return self._handles.pop(spec.id)

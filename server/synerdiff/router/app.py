@@ -139,13 +139,17 @@ class Router:
             except ValueError:
                 pass  # the engine answers 422 with details
         # An edit's form is not parsed here: it is balanced at the default cost.
-        cost = request_cost(parsed if isinstance(parsed, dict) else None, self.config.defaults, self.pool.native_size())
+        fields = parsed if isinstance(parsed, dict) else None
+        native = self.pool.native_size()
+        cost = request_cost(fields, self.config.defaults, native)
         headers = _forward_headers(request)
         full: dict[str, httpx.Response] = {}  # engines that answered 429, and their answers
         attempts = 0
         deadline = time.monotonic() + self.config.buffer_timeout_s
         last: httpx.Response | None = None
         while True:
+            if native is None and (native := self.pool.native_size()) is not None:
+                cost = request_cost(fields, self.config.defaults, native)  # buffered until an engine told its size
             choice = choose(self.pool.states(), cost, exclude=full.keys(), tolerance=self.config.tolerance)
             if choice is None:
                 if full and not self.pool.any_ready(exclude=full.keys()) and self.pool.any_ready():
@@ -161,7 +165,7 @@ class Router:
             up.add(cost)
             released = False
 
-            def release(up: Any = up) -> None:
+            def release(up: Any = up, cost: RequestCost = cost) -> None:
                 nonlocal released
                 if not released:
                     released = True

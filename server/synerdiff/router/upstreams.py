@@ -58,8 +58,9 @@ class Upstream:
         self.shapes[cost.shape] += 1
 
     def release(self, cost: RequestCost) -> None:
-        self.sent = max(0.0, self.sent - cost.row_steps)
         self.in_flight = max(0, self.in_flight - 1)
+        # Weighted costs are fractions: with nothing in flight, no float residue stays counted.
+        self.sent = max(0.0, self.sent - cost.row_steps) if self.in_flight else 0.0
         self.shapes[cost.shape] -= 1
         if self.shapes[cost.shape] <= 0:
             del self.shapes[cost.shape]
