@@ -83,7 +83,10 @@ def test_concurrent_requests_spread_over_both_engines(pool):
 def test_the_router_weighs_sizes_by_the_engines_native_size(pool):
     router, engines = pool
     assert all(metric_value(httpx.get(e.url + "/metrics").text, names.NATIVE_SIZE) == 64 for e in engines)
-    assert httpx.get(router.url + "/readyz").json()["native_size"] == 64  # read from the engines' /metrics
+    for e in engines:  # the engine's /readyz carries its load, which is all a router polls
+        load = httpx.get(e.url + "/readyz").json()["load"]
+        assert load["native_size"] == 64 and load["max_rows"] > 0 and load["outstanding_row_steps"] >= 0
+    assert httpx.get(router.url + "/readyz").json()["native_size"] == 64
 
 
 def test_streaming_progress_passes_through(pool):

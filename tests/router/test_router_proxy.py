@@ -20,6 +20,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from synerdiff.contract import metrics as names
+from synerdiff.contract import readiness
 from synerdiff.router.app import RouterConfig, create_app
 
 from ..server.httpkit import metric_value, serve_app, wait_until
@@ -30,9 +31,11 @@ BODY = {"prompt": "a red circle", "num_inference_steps": 4}
 class Fake:
     """A scripted engine: `mode` is ok, full (429 not started), draining (503 not started), fault (503 after start)."""
 
-    def __init__(self, mode: str = "ok", ready: bool = True, delay: float = 0.0, outstanding: float = 0.0):
+    def __init__(self, mode: str = "ok", ready: bool = True, delay: float = 0.0, outstanding: float = 0.0, load_in_readyz: bool = False):
         self.mode, self.ready, self.delay, self.outstanding = mode, ready, delay, outstanding
+        self.load_in_readyz = load_in_readyz  # as the engine answers; without it the router falls back to /metrics
         self.hits = 0
+        self.metrics_hits = 0
         self.app = Starlette(
             routes=[
                 Route("/readyz", self.readyz),
@@ -42,9 +45,13 @@ class Fake:
         )
 
     async def readyz(self, request: Request) -> Response:
-        return JSONResponse({"status": "ready" if self.ready else "loading"}, status_code=200 if self.ready else 503)
+        body: dict = {"status": "ready" if self.ready else "loading"}
+        if self.load_in_readyz:
+            body[readiness.LOAD] = {readiness.OUTSTANDING_ROW_STEPS: self.outstanding, readiness.MAX_ROWS: 16, readiness.NATIVE_SIZE: 512}
+        return JSONResponse(body, status_code=200 if self.ready else 503)
 
     async def metrics(self, request: Request) -> Response:
+        self.metrics_hits += 1
         return PlainTextResponse(f"# TYPE {names.OUTSTANDING} gauge\n{names.OUTSTANDING} {self.outstanding}\n")
 
     async def generate(self, request: Request) -> Response:
@@ -91,6 +98,17 @@ def test_refusals_that_never_started_go_to_another_engine(mode, reason):
         m = httpx.get(url + "/metrics").text
         assert metric_value(m, names.total(names.ROUTER_REQUESTS), upstream=urls[1], outcome="200") == 3
         assert metric_value(m, names.total(names.ROUTER_RETRIES), reason=reason) == engines[0].hits
+
+
+def test_the_load_in_readyz_spares_the_metrics_page():
+    engines = [Fake("ok", outstanding=10_000, load_in_readyz=True), Fake("ok", load_in_readyz=True)]
+    with fakes(*engines) as urls, router(urls) as url:
+        wait_until(lambda: metric_value(httpx.get(url + "/metrics").text, names.ROUTER_OUTSTANDING, upstream=urls[0]) > 0, what="a poll")
+        assert httpx.get(url + "/readyz").json()["native_size"] == 512
+        for _ in range(3):
+            assert post(url).status_code == 200
+        assert (engines[0].hits, engines[1].hits) == (0, 3)  # the busy one, as its /readyz said
+        assert engines[0].metrics_hits == engines[1].metrics_hits == 0
 
 
 def test_a_failure_after_the_request_started_is_never_retried():

@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from ..contract import readiness
 from ..contract.config import ServerSettings
 from ..engine import Engine
 from . import admin, edits, generation
@@ -123,6 +124,13 @@ def _ops_router() -> APIRouter:
         body: dict[str, Any] = {"status": state.phase}
         if state.load_error:
             body["error"] = state.load_error
+        engine = state.engine
+        if engine.native_size is not None:  # what a router balances on, so that one GET a poll is enough
+            body[readiness.LOAD] = {
+                readiness.OUTSTANDING_ROW_STEPS: engine.outstanding_work,
+                readiness.MAX_ROWS: engine.config.scheduler.max_rows,
+                readiness.NATIVE_SIZE: engine.native_size,
+            }
         return JSONResponse(body, status_code=200 if state.ready else 503)
 
     router.add_api_route("/readyz", readyz, methods=["HEAD"], include_in_schema=False)

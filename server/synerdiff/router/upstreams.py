@@ -2,8 +2,10 @@
 
 Engines come from `--upstream URL` (static) and from DNS names (`--discover HOST:PORT`, a headless
 Service: one A record per ready engine pod), re-resolved every poll. Each poll asks every engine
-for `/readyz` and `/metrics` (the outstanding row-steps gauge, `max_rows` and the native size). An engine that
-refuses a request as draining or loading counts as not ready until a poll says otherwise.
+for `/readyz`, whose body carries the outstanding row-steps, `max_rows` and the native size
+(contract/readiness.py); from an engine whose body lacks them, they are read from its `/metrics`.
+An engine that refuses a request as draining or loading counts as not ready until a poll says
+otherwise.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import socket
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from ..contract import metrics as names
+from ..contract import readiness
 from .decide import EngineState, RequestCost, Shape, others_from_report
 
 log = logging.getLogger("synerdiff.router")
@@ -187,11 +191,23 @@ class UpstreamPool:
     async def _poll(self, up: Upstream) -> None:
         try:
             sent_before = up.sent
-            ready_resp, metrics_resp = await asyncio.gather(self.client.get(up.url + "/readyz"), self.client.get(up.url + "/metrics"))
+            ready_resp = await self.client.get(up.url + "/readyz")
+            body = _json(ready_resp)
             up.ready = ready_resp.status_code == 200
-            up.draining = ready_resp.status_code == 503 and _phase(ready_resp) == "draining"
-            if metrics_resp.status_code == 200:
-                gauges = _gauges(metrics_resp.text)
+            up.draining = ready_resp.status_code == 503 and body.get("status") == "draining"
+            load = body.get(readiness.LOAD)
+            gauges: dict[str, float] | None
+            if isinstance(load, dict):
+                values = {
+                    names.OUTSTANDING: load.get(readiness.OUTSTANDING_ROW_STEPS),
+                    names.MAX_ROWS: load.get(readiness.MAX_ROWS),
+                    names.NATIVE_SIZE: load.get(readiness.NATIVE_SIZE),
+                }
+                gauges = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            else:  # an engine that does not put its load in /readyz: its Prometheus page has it
+                metrics_resp = await self.client.get(up.url + "/metrics")
+                gauges = _gauges(metrics_resp.text) if metrics_resp.status_code == 200 else None
+            if gauges is not None:
                 up.reported = gauges.get(names.OUTSTANDING)
                 up.sent_at_scrape = min(sent_before, up.sent)
                 if gauges.get(names.MAX_ROWS):
@@ -206,12 +222,12 @@ class UpstreamPool:
             up.error = str(exc) or type(exc).__name__
 
 
-def _phase(resp: httpx.Response) -> str | None:
+def _json(resp: httpx.Response) -> dict[str, Any]:
     try:
         body = resp.json()
     except ValueError:
-        return None
-    return body.get("status") if isinstance(body, dict) else None
+        return {}
+    return body if isinstance(body, dict) else {}
 
 
 def _gauges(text: str) -> dict[str, float]:

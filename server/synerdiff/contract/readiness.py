@@ -1,0 +1,14 @@
+"""The engine's `/readyz` body beside its phase: the load a router balances on.
+
+A router polls every engine twice a second; with the load in the readiness answer, one small JSON
+GET tells it both whether to send and how much work the engine holds, instead of a second GET of
+the whole Prometheus page and its parse. The values equal the `/metrics` gauges of the same names
+(contract/metrics.py), which the router still reads from an engine whose `/readyz` lacks them.
+"""
+
+from __future__ import annotations
+
+LOAD = "load"  # the key of the load object in the /readyz body, present once the model is loaded
+OUTSTANDING_ROW_STEPS = "outstanding_row_steps"  # as synerdiff_outstanding_row_steps (native-size row-steps)
+MAX_ROWS = "max_rows"  # as synerdiff_scheduler_max_rows
+NATIVE_SIZE = "native_size"  # as synerdiff_native_size_pixels
