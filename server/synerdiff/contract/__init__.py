@@ -4,6 +4,7 @@ The operator imports this package and nothing else of the server (an import cont
 it), so a name or a bucket changed here changes both sides at once:
 - `config`: the typed settings (CLI, env vars, config file, the CRD's engine schema);
 - `metrics`: metric names and histogram buckets of an engine's `/metrics`;
+- `readiness`: the load fields of an engine's `/readyz` body, which a router polls;
 - `requests`: sampler names and how many UNet rows an image costs;
 - `admin`: the admin API's path and its partial-update schema.
 """
