@@ -116,7 +116,13 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--discover", action="append", default=[], metavar="HOST:PORT", help="DNS name listing the engines, e.g. a headless Service (repeatable)")
     r.add_argument("--host", default=os.environ.get("SYNERDIFF_HOST", "127.0.0.1"), help="address to listen on")
     r.add_argument("--port", type=int, default=int(os.environ.get("SYNERDIFF_PORT", "8000")), help="port to listen on")
-    r.add_argument("--poll-interval", type=float, default=0.5, metavar="S", help="seconds between polls of the engines' /readyz and /metrics")
+    r.add_argument(
+        "--poll-interval",
+        type=float,
+        default=0.5,
+        metavar="S",
+        help="seconds between polls of the engines' /readyz (and /metrics of an engine whose /readyz lacks its load)",
+    )
     r.add_argument("--max-attempts", type=int, default=4, metavar="N", help="most sends of one request (refusals that never started are retried)")
     r.add_argument("--buffer-max", type=int, default=256, metavar="N", help="most requests held while no engine is ready")
     r.add_argument("--buffer-timeout", type=float, default=300.0, metavar="S", help="longest a request waits for a ready engine")

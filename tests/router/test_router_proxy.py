@@ -34,6 +34,8 @@ class Fake:
     def __init__(self, mode: str = "ok", ready: bool = True, delay: float = 0.0, outstanding: float = 0.0, load_in_readyz: bool = False):
         self.mode, self.ready, self.delay, self.outstanding = mode, ready, delay, outstanding
         self.load_in_readyz = load_in_readyz  # as the engine answers; without it the router falls back to /metrics
+        self.load: dict | None = None  # a scripted load object instead of the engine's
+        self.not_ready_status = "loading"
         self.hits = 0
         self.metrics_hits = 0
         self.app = Starlette(
@@ -45,9 +47,9 @@ class Fake:
         )
 
     async def readyz(self, request: Request) -> Response:
-        body: dict = {"status": "ready" if self.ready else "loading"}
+        body: dict = {"status": "ready" if self.ready else self.not_ready_status}
         if self.load_in_readyz:
-            body[readiness.LOAD] = {readiness.OUTSTANDING_ROW_STEPS: self.outstanding, readiness.MAX_ROWS: 16, readiness.NATIVE_SIZE: 512}
+            body[readiness.LOAD] = self.load or {readiness.OUTSTANDING_ROW_STEPS: self.outstanding, readiness.MAX_ROWS: 16, readiness.NATIVE_SIZE: 512}
         return JSONResponse(body, status_code=200 if self.ready else 503)
 
     async def metrics(self, request: Request) -> Response:
@@ -109,6 +111,19 @@ def test_the_load_in_readyz_spares_the_metrics_page():
             assert post(url).status_code == 200
         assert (engines[0].hits, engines[1].hits) == (0, 3)  # the busy one, as its /readyz said
         assert engines[0].metrics_hits == engines[1].metrics_hits == 0
+
+
+def test_a_draining_engine_is_read_from_readyz_and_a_bad_load_falls_back_to_metrics():
+    draining = Fake("ok", ready=False, load_in_readyz=True)
+    draining.not_ready_status = "draining"
+    odd = Fake("ok", outstanding=7.0, load_in_readyz=True)
+    odd.load = {readiness.OUTSTANDING_ROW_STEPS: True, readiness.MAX_ROWS: "16", readiness.NATIVE_SIZE: None}
+    with fakes(draining, odd) as urls, router(urls) as url:
+        wait_until(lambda: odd.metrics_hits > 0, what="the odd engine's /metrics read")
+        wait_until(lambda: metric_value(httpx.get(url + "/metrics").text, names.ROUTER_OUTSTANDING, upstream=urls[1]) == 7.0, what="its gauge used")
+        assert draining.metrics_hits == 0  # a 503 with its load needs no second GET
+        assert post(url).status_code == 200 and (draining.hits, odd.hits) == (0, 1)
+        assert httpx.get(url + "/readyz").json()["native_size"] == 512  # the draining one's, read from its 503
 
 
 def test_a_failure_after_the_request_started_is_never_retried():

@@ -36,6 +36,7 @@ def test_loading_then_ready():
             assert httpx.get(url + "/healthz").status_code == 200
             r = httpx.get(url + "/readyz")
             assert r.status_code == 503 and r.json()["status"] == "loading"
+            assert "load" not in r.json()  # no model yet: nothing to balance on
             g = httpx.post(url + "/v1/images/generations", json={"prompt": "too early"})
             assert g.status_code == 503 and g.json()["error"]["code"] == "loading"
             assert g.headers["X-SynerDiff-Not-Started"] == "1"
@@ -43,7 +44,11 @@ def test_loading_then_ready():
             assert metric_value(httpx.get(url + "/metrics").text, "synerdiff_ready") == 0
             gate.set()
             wait_until(lambda: httpx.get(url + "/readyz").status_code == 200, timeout=60, what="ready after load")
-            assert metric_value(httpx.get(url + "/metrics").text, "synerdiff_ready") == 1
+            metrics = httpx.get(url + "/metrics").text
+            assert metric_value(metrics, "synerdiff_ready") == 1
+            load = httpx.get(url + "/readyz").json()["load"]  # the same values as the gauges
+            assert load["native_size"] == metric_value(metrics, "synerdiff_native_size_pixels") == 64
+            assert load["max_rows"] == metric_value(metrics, "synerdiff_scheduler_max_rows") and load["outstanding_row_steps"] == 0
             ok = httpx.post(url + "/v1/images/generations", json={"prompt": "now"}, timeout=60)
             assert ok.status_code == 200 and ok.json()["synerdiff"]["steps"] == 2
     finally:

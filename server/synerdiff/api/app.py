@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -105,6 +106,24 @@ def _count_rejection(state: AppState, request: Request, err: APIError) -> None:
         generation.record(state, err.status, err.code)
 
 
+def _load(engine: Engine) -> dict[str, Any] | None:
+    """What a router balances on, so that one GET a poll is enough; None before the model is loaded.
+    Never an error: the probe's answer must not depend on it."""
+    try:
+        native = engine.native_size
+        if native is None:
+            return None
+        work = float(engine.outstanding_work)
+        return {
+            readiness.OUTSTANDING_ROW_STEPS: work if math.isfinite(work) else None,
+            readiness.MAX_ROWS: engine.config.scheduler.max_rows,
+            readiness.NATIVE_SIZE: native,
+        }
+    except Exception:  # noqa: BLE001 - a probe answers whatever the model looks like
+        log.exception("reading the engine's load for /readyz")
+        return None
+
+
 def _ops_router() -> APIRouter:
     router = APIRouter(tags=["operations"])
 
@@ -124,13 +143,9 @@ def _ops_router() -> APIRouter:
         body: dict[str, Any] = {"status": state.phase}
         if state.load_error:
             body["error"] = state.load_error
-        engine = state.engine
-        if engine.native_size is not None:  # what a router balances on, so that one GET a poll is enough
-            body[readiness.LOAD] = {
-                readiness.OUTSTANDING_ROW_STEPS: engine.outstanding_work,
-                readiness.MAX_ROWS: engine.config.scheduler.max_rows,
-                readiness.NATIVE_SIZE: engine.native_size,
-            }
+        load = _load(state.engine)
+        if load is not None:
+            body[readiness.LOAD] = load
         return JSONResponse(body, status_code=200 if state.ready else 503)
 
     router.add_api_route("/readyz", readyz, methods=["HEAD"], include_in_schema=False)

@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import socket
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
@@ -195,18 +196,11 @@ class UpstreamPool:
             body = _json(ready_resp)
             up.ready = ready_resp.status_code == 200
             up.draining = ready_resp.status_code == 503 and body.get("status") == "draining"
-            load = body.get(readiness.LOAD)
-            gauges: dict[str, float] | None
-            if isinstance(load, dict):
-                values = {
-                    names.OUTSTANDING: load.get(readiness.OUTSTANDING_ROW_STEPS),
-                    names.MAX_ROWS: load.get(readiness.MAX_ROWS),
-                    names.NATIVE_SIZE: load.get(readiness.NATIVE_SIZE),
-                }
-                gauges = {k: float(v) for k, v in values.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            else:  # an engine that does not put its load in /readyz: its Prometheus page has it
+            gauges = _load(body.get(readiness.LOAD))
+            if gauges is None:  # an engine that does not put its load in /readyz: its Prometheus page has it
+                sent_before = up.sent
                 metrics_resp = await self.client.get(up.url + "/metrics")
-                gauges = _gauges(metrics_resp.text) if metrics_resp.status_code == 200 else None
+                gauges = {k: v for k, v in _gauges(metrics_resp.text).items() if _usable(v)} if metrics_resp.status_code == 200 else None
             if gauges is not None:
                 up.reported = gauges.get(names.OUTSTANDING)
                 up.sent_at_scrape = min(sent_before, up.sent)
@@ -220,6 +214,27 @@ class UpstreamPool:
                 log.info("engine %s unreachable: %s", up.url, exc)
             up.ready = False
             up.error = str(exc) or type(exc).__name__
+        except Exception as exc:  # an answer no engine gives: this engine is out, the others are polled
+            if up.ready or up.error is None:
+                log.warning("engine %s gave an unreadable answer: %r", up.url, exc)
+            up.ready = False
+            up.error = f"unreadable answer: {type(exc).__name__}"
+
+
+def _usable(value: Any) -> TypeGuard[float]:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and 0 <= value < 1e12
+
+
+def _load(load: Any) -> dict[str, float] | None:
+    """The gauges from a /readyz `load` object; None when it has no usable outstanding work."""
+    if not isinstance(load, dict) or not _usable(load.get(readiness.OUTSTANDING_ROW_STEPS)):
+        return None
+    values = {
+        names.OUTSTANDING: load.get(readiness.OUTSTANDING_ROW_STEPS),
+        names.MAX_ROWS: load.get(readiness.MAX_ROWS),
+        names.NATIVE_SIZE: load.get(readiness.NATIVE_SIZE),
+    }
+    return {k: float(v) for k, v in values.items() if _usable(v)}
 
 
 def _json(resp: httpx.Response) -> dict[str, Any]:
