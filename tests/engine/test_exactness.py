@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 
 from synerdiff.engine import EngineObserver, GenerationRequest
 from synerdiff.samplers import SAMPLERS
 from synerdiff_bench.quality import psnr
+
+from .conftest import submit_joining
 
 MIN_PSNR = 40.0
 MARGIN_DB = 15.0
@@ -69,17 +69,7 @@ def test_mixed_batch_joining_and_leaving(engine, reference):
         req(sampler="dpmpp_2m", steps=6, seed=25, height=48, width=80, guidance_scale=5.0),
         req(sampler="ddim", steps=16, seed=26, guidance_scale=9.0),
     ]
-    shared_steps = []
-    engine.observers.append(EngineObserver(on_iteration=lambda st: shared_steps.append(st.images)))
-    try:
-        joined = threading.Event()
-        handles = [engine.submit(r) for r in first]
-        handles[0].add_progress_callback(lambda step, total: joined.set() if step >= 4 else None)
-        assert joined.wait(30)
-        handles += [engine.submit(r) for r in later]
-        results = [h.wait(120) for h in handles]
-    finally:
-        engine.observers.pop()
-    assert max(shared_steps) >= 4, "requests never shared a forward"
+    results, most = submit_joining(engine, first, later, join_at_step=4)
+    assert most >= 4, "requests never shared a forward"
     for r, res in zip(first + later, results, strict=True):
         check(res, reference(r), label=f"{r.sampler}/{r.steps} steps/{r.height}x{r.width}")

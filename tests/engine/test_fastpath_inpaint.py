@@ -15,6 +15,7 @@ from synerdiff.engine import Engine, GenerationRequest
 from synerdiff.samplers import DIFFUSERS_CLASSES
 from synerdiff_training.make_tiny import build
 
+from .conftest import pipeline_kwargs
 from .test_exactness import check
 from .test_img2img import MASK, PICTURE
 
@@ -44,12 +45,7 @@ def reference(model_dir):
                 image=r.image,
                 mask_image=r.mask,
                 strength=r.strength,
-                negative_prompt=r.negative_prompt or None,
-                num_images_per_prompt=r.n,
-                num_inference_steps=r.steps,
-                guidance_scale=r.guidance_scale,
-                generator=torch.Generator("cpu").manual_seed(r.seed),
-                output_type="pt",
+                **pipeline_kwargs(r),
             )
             .images.float()
             .cpu()

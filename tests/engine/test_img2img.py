@@ -3,7 +3,6 @@ its StableDiffusionInpaintPipeline, alone and sharing forwards with text-to-imag
 
 from __future__ import annotations
 
-import threading
 import warnings
 
 import numpy as np
@@ -11,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from synerdiff.engine import EngineObserver, GenerationRequest, RequestError
+from synerdiff.engine import GenerationRequest, RequestError
 from synerdiff.samplers import DIFFUSERS_CLASSES, SAMPLERS
 
+from .conftest import pipeline_kwargs, submit_joining
 from .test_exactness import check, req
 
 
@@ -52,12 +52,7 @@ def img2img_reference(pipe):
                 image=r.image,
                 strength=r.strength,
                 **kw,
-                negative_prompt=r.negative_prompt or None,
-                num_images_per_prompt=r.n,
-                num_inference_steps=r.steps,
-                guidance_scale=r.guidance_scale,
-                generator=torch.Generator("cpu").manual_seed(r.seed),
-                output_type="pt",
+                **pipeline_kwargs(r),
             ).images.float()
         return cache[key]
 
@@ -95,18 +90,8 @@ def test_img2img_mixed_with_text_to_image(engine, reference, img2img_reference):
         req(sampler="euler_a", steps=8, seed=44),
         inpaint(sampler="dpmpp_2m", steps=10, strength=0.7, seed=45),
     ]
-    shared = []
-    engine.observers.append(EngineObserver(on_iteration=lambda st: shared.append(st.images)))
-    try:
-        joined = threading.Event()
-        handles = [engine.submit(r) for r in first]
-        handles[0].add_progress_callback(lambda step, total: joined.set() if step >= 3 else None)
-        assert joined.wait(30)
-        handles += [engine.submit(r) for r in later]
-        results = [h.wait(120) for h in handles]
-    finally:
-        engine.observers.pop()
-    assert max(shared) >= 3, "requests never shared a forward"
+    results, most = submit_joining(engine, first, later, join_at_step=3)
+    assert most >= 3, "requests never shared a forward"
     for r, res in zip(first + later, results, strict=True):
         ref = img2img_reference(r) if r.image is not None else reference(r)
         kind = "txt2img" if r.image is None else "img2img" if r.mask is None else "inpaint"

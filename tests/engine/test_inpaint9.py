@@ -6,7 +6,6 @@ a request without a mask (or picture) equals the pipeline with an all-white mask
 from __future__ import annotations
 
 import dataclasses
-import threading
 import warnings
 
 import pytest
@@ -14,10 +13,11 @@ import torch
 from PIL import Image
 
 from synerdiff.contract.config import EngineConfig, SchedulerConfig
-from synerdiff.engine import Engine, EngineObserver, GenerationRequest
+from synerdiff.engine import Engine, GenerationRequest
 from synerdiff.samplers import DIFFUSERS_CLASSES, SAMPLERS
 from synerdiff_training.make_tiny import build
 
+from .conftest import pipeline_kwargs, submit_joining
 from .test_exactness import check
 from .test_img2img import MASK, PICTURE, picture
 
@@ -62,12 +62,7 @@ def reference9(model_dir):
                 strength=r.strength if r.image is not None else 1.0,
                 height=r.height,
                 width=r.width,
-                negative_prompt=r.negative_prompt or None,
-                num_images_per_prompt=r.n,
-                num_inference_steps=r.steps,
-                guidance_scale=r.guidance_scale,
-                generator=torch.Generator("cpu").manual_seed(r.seed),
-                output_type="pt",
+                **pipeline_kwargs(r),
             ).images.float()
         return cache[key]
 
@@ -138,18 +133,8 @@ def test_mixed_batch_of_edits(engine9, reference9):
         inpaint(sampler="dpmpp_2m", steps=9, seed=85, prompt="a blue triangle"),
         inpaint(sampler="euler", steps=6, seed=86, height=48, width=80, image=wide_picture, mask=wide_mask, guidance_scale=5.0),
     ]
-    shared = []
-    engine9.observers.append(EngineObserver(on_iteration=lambda st: shared.append(st.images)))
-    try:
-        joined = threading.Event()
-        handles = [engine9.submit(r) for r in first]
-        handles[0].add_progress_callback(lambda step, total: joined.set() if step >= 3 else None)
-        assert joined.wait(60)
-        handles += [engine9.submit(r) for r in later]
-        results = [h.wait(120) for h in handles]
-    finally:
-        engine9.observers.pop()
-    assert max(shared) >= 4, "edits never shared a forward"
+    results, most = submit_joining(engine9, first, later, join_at_step=3, join_timeout=60)
+    assert most >= 4, "edits never shared a forward"
     for r, res in zip(first + later, results, strict=True):
         check(res, reference9(r), reference9(other_seed(r)), label=f"inpaint9 mixed {r.sampler}/{r.steps}/{r.height}x{r.width}/n={r.n}/s={r.strength}")
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import threading
 import warnings
 
 import pytest
@@ -19,6 +18,7 @@ from synerdiff.models.loader import ModelLoadError, detect_family, load_model
 from synerdiff.samplers import DIFFUSERS_CLASSES, SAMPLERS
 from synerdiff_training.make_tiny import build_xl
 
+from .conftest import pipeline_kwargs, submit_joining
 from .test_exactness import check
 
 
@@ -59,16 +59,9 @@ def xl_reference(xl_dir):
                 kw = dict(callback_on_step_end=cb, callback_on_step_end_tensor_inputs=cb.tensor_inputs)
             cache[key] = pipe(
                 req.prompt,
-                # The engine's empty negative prompt is the pipeline's absent one (zeros under
-                # force_zeros_for_empty_prompt).
-                negative_prompt=req.negative_prompt or None,
-                num_images_per_prompt=req.n,
                 height=req.height,
                 width=req.width,
-                num_inference_steps=req.steps,
-                guidance_scale=req.guidance_scale,
-                generator=torch.Generator("cpu").manual_seed(req.seed),
-                output_type="pt",
+                **pipeline_kwargs(req),
                 **kw,
             ).images.float()
         return cache[key]
@@ -157,18 +150,8 @@ def test_mixed_batch_joining_and_leaving(xl_engine, xl_reference):
         req(sampler="dpmpp_2m", steps=5, seed=25, height=48, width=80, guidance_scale=5.0),
         req(sampler="ddim", steps=9, seed=26, guidance_scale=9.0, n=2),
     ]
-    shared = []
-    xl_engine.observers.append(EngineObserver(on_iteration=lambda st: shared.append(st.images)))
-    try:
-        joined = threading.Event()
-        handles = [xl_engine.submit(r) for r in first]
-        handles[0].add_progress_callback(lambda step, total: joined.set() if step >= 3 else None)
-        assert joined.wait(30)
-        handles += [xl_engine.submit(r) for r in later]
-        results = [h.wait(120) for h in handles]
-    finally:
-        xl_engine.observers.pop()
-    assert max(shared) >= 4, "requests never shared a forward"
+    results, most = submit_joining(xl_engine, first, later, join_at_step=3)
+    assert most >= 4, "requests never shared a forward"
     for r, res in zip(first + later, results, strict=True):
         other = xl_reference(dataclasses.replace(r, seed=r.seed + 100))
         check(res, xl_reference(r), other, label=f"sdxl {r.sampler}/{r.steps} steps/{r.height}x{r.width}/n={r.n}")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
-import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -17,11 +16,12 @@ import pytest
 import torch
 
 from synerdiff.contract.config import EngineConfig, SchedulerConfig
-from synerdiff.engine import Engine, EngineObserver, GenerationRequest
+from synerdiff.engine import Engine, GenerationRequest
 from synerdiff.models.loader import ModelLoadError, load_model
 from synerdiff.samplers import DIFFUSERS_CLASSES, SAMPLERS
 from synerdiff_training.make_tiny import build_xl
 
+from .conftest import pipeline_kwargs, submit_joining
 from .test_exactness import check
 from .test_img2img import MASK, PICTURE, picture
 
@@ -51,14 +51,9 @@ def references(path: Path) -> Reference:
         key = (r.prompt, r.negative_prompt, r.n, r.height, r.width, r.steps, r.guidance_scale, r.seed, r.sampler, r.strength, id(r.image), id(r.mask))
         if key not in cache:
             kw: dict = dict(
-                negative_prompt=r.negative_prompt or None,
-                num_images_per_prompt=r.n,
                 height=r.height,
                 width=r.width,
-                num_inference_steps=r.steps,
-                guidance_scale=r.guidance_scale,
-                generator=torch.Generator("cpu").manual_seed(r.seed),
-                output_type="pt",
+                **pipeline_kwargs(r),
             )
             if r.image is None and text is not None:
                 pipe, extra = text, {}
@@ -135,18 +130,8 @@ def test_mixed_with_text_to_image(xl_engine, xl_reference):
         inpaint(sampler="euler", steps=9, seed=105, height=48, width=80, image=wide, mask=wide_mask),
         req(sampler="euler_a", steps=6, seed=106, negative_prompt=""),
     ]
-    shared = []
-    xl_engine.observers.append(EngineObserver(on_iteration=lambda st: shared.append(st.images)))
-    try:
-        joined = threading.Event()
-        handles = [xl_engine.submit(r) for r in first]
-        handles[0].add_progress_callback(lambda step, total: joined.set() if step >= 3 else None)
-        assert joined.wait(60)
-        handles += [xl_engine.submit(r) for r in later]
-        results = [h.wait(120) for h in handles]
-    finally:
-        xl_engine.observers.pop()
-    assert max(shared) >= 4, "requests never shared a forward"
+    results, most = submit_joining(xl_engine, first, later, join_at_step=3, join_timeout=60)
+    assert most >= 4, "requests never shared a forward"
     for r, res in zip(first + later, results, strict=True):
         kind = "txt2img" if r.image is None else "inpaint"
         check(res, xl_reference(r), xl_reference(other_seed(r)), label=f"sdxl mixed {kind} {r.sampler}/{r.steps}/{r.height}x{r.width}")
