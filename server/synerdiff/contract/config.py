@@ -114,6 +114,21 @@ class SchedulerConfig(_Strict):
         return self
 
 
+class LoraConfig(_Strict):
+    """Per-request LoRA adapters: files in a folder, loaded on first use into a fixed number of
+    device slots (least recently used evicted), applied per row inside the running batch."""
+
+    dir: str = Field(
+        "",
+        max_length=1024,
+        description="Folder of adapters: NAME.safetensors, or NAME/pytorch_lora_weights.safetensors (kohya or diffusers/PEFT format, "
+        "as diffusers' load_lora_weights reads them); a request names an adapter by NAME. Empty = LoRA off.",
+    )
+    cache_slots: int = Field(8, ge=1, le=256, description="Adapters held on the device at once; a request for another evicts the least recently used idle one.")
+    max_per_request: int = Field(4, ge=1, le=16, description="Most adapters one request may name.")
+    max_rank: int = Field(64, ge=1, le=1024, description="Largest LoRA rank served (the slots are sized for it); an adapter of higher rank is refused.")
+
+
 class EngineConfig(_Strict):
     model: str = Field(str(EMBEDDED_MODEL_DIR), description="Path of a diffusers Stable-Diffusion directory.")
     device: str = Field("auto", description="'auto' (cuda if present), 'cpu', 'cuda' or 'cuda:N'.")
@@ -170,6 +185,7 @@ class EngineConfig(_Strict):
     )
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    lora: LoraConfig = Field(default_factory=LoraConfig)
 
     @model_validator(mode="after")
     def _steps_within_limits(self) -> EngineConfig:

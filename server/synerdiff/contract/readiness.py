@@ -12,3 +12,4 @@ LOAD = "load"  # the key of the load object in the /readyz body, present once th
 OUTSTANDING_ROW_STEPS = "outstanding_row_steps"  # as synerdiff_outstanding_row_steps (native-size row-steps)
 MAX_ROWS = "max_rows"  # as synerdiff_scheduler_max_rows
 NATIVE_SIZE = "native_size"  # as synerdiff_native_size_pixels
+ADAPTERS = "adapters"  # names of the LoRA adapters loaded in the engine's device slots (a router prefers an engine holding the request's)
