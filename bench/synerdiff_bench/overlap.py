@@ -48,7 +48,7 @@ def measure_overlap(executor: StepExecutor, rows_list: list[int], images_list: l
 
             # Each closure is timed within this iteration, so binding the loop's tensors is intended.
             def unet():
-                executor.unet(x, t, c)  # noqa: B023
+                executor.denoise(x, t, c)  # noqa: B023
 
             def vae():
                 m.vae.decode(z, return_dict=False)  # noqa: B023

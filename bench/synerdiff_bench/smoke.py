@@ -48,7 +48,7 @@ def smoke_requests(
 
 
 def _pipeline_image(pipe, model: ModelBundle, r: GenerationRequest) -> torch.Tensor:
-    assert r.seed is not None, "smoke_requests seeds every request: an unseeded one has no reference image"
+    assert r.seed is not None and r.sampler is not None, "smoke_requests seeds and names the sampler of every request: a reference needs both"
     pipe.scheduler = DIFFUSERS_CLASSES[r.sampler].from_config(model.scheduler_config)
     out = pipe(
         r.prompt,
@@ -80,7 +80,7 @@ def saturation(iters: list[dict[str, Any]], max_rows: int, peak_rows_per_s: floa
 
 
 def _rows_per_image(requests: list[GenerationRequest]) -> float | None:
-    guided = {r.guidance_scale > 1.0 for r in requests}
+    guided = {r.guided for r in requests}
     return None if len(guided) != 1 else (2.0 if guided.pop() else 1.0)
 
 

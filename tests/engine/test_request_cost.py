@@ -63,9 +63,7 @@ def test_steps_of_a_larger_shape_hold_fewer_rows() -> None:
 
 def test_outstanding_work_counts_a_row_by_its_pixels_over_the_native_pixels(engine) -> None:
     """What a router balances on: a 128² row of the 64² embedded model is 4 native rows."""
-    from synerdiff.engine.engine import row_weight
-
-    assert (row_weight(128, 128, 64), row_weight(64, 32, 64), row_weight(128, 128, None)) == (4.0, 0.5, 1.0)
+    assert (engine.row_weight(128, 128), engine.row_weight(64, 32), engine.row_weight(64, 64)) == (4.0, 0.5, 1.0)
     assert engine.native_size == 64
     handle = engine.submit(GenerationRequest(prompt="x", height=128, width=128, steps=10, seed=3))
     running = []  # once admitted: what the denoising request still has to run

@@ -176,7 +176,6 @@ def _choice(form: EditForm, name: str, allowed: tuple[str, ...], default: str | 
 async def build_edit(form: EditForm, state: AppState) -> GenerationRequest:
     settings = state.settings
     engine = state.engine
-    cfg = engine.config
     prompt = form.str_("prompt")
     if prompt is None:
         raise _invalid("prompt", "is required")
@@ -200,7 +199,7 @@ async def build_edit(form: EditForm, state: AppState) -> GenerationRequest:
     size = form.str_("size")
     if size is None or size == "auto":
         # The picture's own size, down to the sizes the model takes (diffusers' image processor rounds the same way).
-        multiple = max(engine.limits.size_multiple, engine.model.vae_scale_factor)
+        multiple = max(engine.limits.size_multiple, engine.model.size_multiple)
         width, height = (image.size[0] // multiple) * multiple, (image.size[1] // multiple) * multiple
     else:
         try:
@@ -221,9 +220,9 @@ async def build_edit(form: EditForm, state: AppState) -> GenerationRequest:
         height=height,
         width=width,
         steps=steps if steps is not None else engine.default_steps(),
-        guidance_scale=guidance if guidance is not None else cfg.default_guidance,
+        guidance_scale=guidance,  # None: the engine's default
         seed=form.int_("seed"),
-        sampler=_choice(form, "sampler", SAMPLER_NAMES, cfg.default_sampler) or cfg.default_sampler,
+        sampler=_choice(form, "sampler", SAMPLER_NAMES, None),
         cfg_skip="never" if _choice(form, "cfg_skip", ("auto", "never"), "auto") == "never" else "auto",
         image=_rgb(image),
         mask=mask,

@@ -72,7 +72,6 @@ def build_request(body: ImageGenerationRequest, state: AppState) -> GenerationRe
     if body.model is not None and body.model != served:
         raise APIError(404, f"model {body.model!r} does not exist; this server serves {served!r}", param="model", code="model_not_found")
     engine = state.engine
-    cfg = engine.config
     height, width = parse_size(body.size, engine.model.default_size)
     return GenerationRequest(
         prompt=body.prompt,
@@ -81,9 +80,9 @@ def build_request(body: ImageGenerationRequest, state: AppState) -> GenerationRe
         height=height,
         width=width,
         steps=body.num_inference_steps if body.num_inference_steps is not None else engine.default_steps(),
-        guidance_scale=body.guidance_scale if body.guidance_scale is not None else cfg.default_guidance,
+        guidance_scale=body.guidance_scale,  # None: the engine's default, the model family's unless configured
         seed=body.seed,
-        sampler=body.sampler or cfg.default_sampler,
+        sampler=body.sampler,
         cfg_skip=body.cfg_skip,
     )
 

@@ -54,16 +54,23 @@ class ImageGenerationRequest(BaseModel):
     background: Literal["auto", "opaque", "transparent"] | None = Field(None, description="`auto`/`opaque` accepted; `transparent` is refused with a 400.")
     stream: bool = Field(False, description="Server-sent events: `progress` per step, then `image` per image, then `done`.")
     # SynerDiff extensions (send them with the openai client's `extra_body`).
-    negative_prompt: str | None = Field(None, description="Extension: the prompt guidance steers away from.")
+    negative_prompt: str | None = Field(
+        None, description="Extension: the prompt guidance steers away from (not for FLUX, whose guidance is an input of the denoiser)."
+    )
     num_inference_steps: int | None = Field(None, ge=1, description="Extension: denoising steps (limit: `limits.max_steps`); default: `engine.default_steps`.")
     guidance_scale: float | None = Field(
         None,
         ge=0.0,
         allow_inf_nan=False,
-        description="Extension: classifier-free guidance scale; <= 1 disables guidance. Default: `engine.default_guidance`.",
+        description="Extension: classifier-free guidance scale; <= 1 disables guidance. For FLUX-dev it is the guidance the transformer "
+        "takes as an input (no unconditional rows). Default: `engine.default_guidance`, else the model family's (7.5 SD/SDXL, 7.0 SD3, 3.5 FLUX).",
     )
     seed: int | None = Field(None, ge=0, lt=2**63, description="Extension: seed for reproducible images; random when omitted.")
-    sampler: SamplerName | None = Field(None, description="Extension: sampler; default: `engine.default_sampler`.")
+    sampler: SamplerName | None = Field(
+        None,
+        description="Extension: sampler; the UNet families (SD, SDXL) take ddim, euler, euler_a, dpmpp_2m, the flow-matching families (SD3, FLUX) "
+        "flow_euler; another is a 400 naming the family. Default: `engine.default_sampler`, else the family's (euler; flow_euler).",
+    )
     cfg_skip: Literal["auto", "never"] = Field(
         "auto",
         description="Extension: `auto` lets the scheduler run up to `scheduler.skip_cfg_bound` of the late steps "

@@ -130,12 +130,18 @@ class LoraConfig(_Strict):
 
 
 class EngineConfig(_Strict):
-    model: str = Field(str(EMBEDDED_MODEL_DIR), description="Path of a diffusers Stable-Diffusion directory.")
+    model: str = Field(str(EMBEDDED_MODEL_DIR), description="Path of a diffusers pipeline directory (Stable Diffusion 1.x/2.x, SDXL, SD3/SD3.5, FLUX.1).")
     device: str = Field("auto", description="'auto' (cuda if present), 'cpu', 'cuda' or 'cuda:N'.")
     dtype: DType | Literal["auto"] = Field("auto", description="'auto' = float16 on CUDA, float32 on CPU.")
-    default_sampler: SamplerName = "euler"
+    default_sampler: SamplerName | None = Field(
+        None, description="Sampler when a request names none; unset = the model family's (euler for SD and SDXL, flow_euler for SD3 and FLUX)."
+    )
     default_steps: int = Field(0, ge=0, description="Steps when a request names none; 0 = 30 on CUDA, 20 on CPU.")
-    default_guidance: float = Field(7.5, ge=0.0)
+    default_guidance: float | None = Field(
+        None,
+        ge=0.0,
+        description="Guidance scale when a request names none; unset = the family's pipeline default (7.5 SD and SDXL, 7.0 SD3, 3.5 FLUX).",
+    )
     fast_path: bool = Field(True, description="CUDA only: capture CUDA graphs of the UNet for fixed row buckets at start-up.")
     fast_path_compile: bool = Field(
         True,

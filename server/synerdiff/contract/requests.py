@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-SamplerName = Literal["ddim", "euler", "euler_a", "dpmpp_2m"]
+# ddim .. dpmpp_2m: the UNet families (SD, SDXL); flow_euler: the flow-matching DiT families (SD3, FLUX).
+SamplerName = Literal["ddim", "euler", "euler_a", "dpmpp_2m", "flow_euler"]
 SAMPLER_NAMES: tuple[str, ...] = get_args(SamplerName)
 
 

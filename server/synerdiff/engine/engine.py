@@ -173,7 +173,7 @@ class Engine:
         if self.config.warmup:
             self.startup.stage = "warming up"
             size = self._model.default_size
-            self.submit(GenerationRequest(prompt="warm-up", height=size, width=size, steps=2, seed=0)).wait()
+            self.submit(GenerationRequest(prompt="warm-up", height=size, width=size, steps=2, seed=0)).wait()  # the family's sampler and guidance
         self.startup.seconds = time.perf_counter() - t0
         self.startup.stage = "ready"
         self.ready = True
@@ -229,16 +229,31 @@ class Engine:
             return self.config.default_steps
         return 30 if self.model.device.type == "cuda" else 20
 
+    def default_sampler(self) -> str:
+        return self.config.default_sampler or self.model.rules.default_sampler
+
+    def default_guidance(self) -> float:
+        g = self.config.default_guidance
+        return g if g is not None else self.model.rules.default_guidance
+
     def submit(self, request: GenerationRequest) -> RequestHandle:
         """Queue a request; raises RequestError for bad input, QueueFull, ShuttingDown."""
         if not self._accepting:
             raise ShuttingDown()
+        m = self.model
+        request.family = m.rules
+        if request.sampler is None:
+            request.sampler = self.default_sampler()
+        if request.guidance_scale is None:
+            request.guidance_scale = self.default_guidance()
         request.validate(self.limits)
-        lat = self.model.vae_scale_factor
-        if request.height % lat or request.width % lat:
-            raise RequestError("size", f"height and width must be multiples of {lat} for this model")
+        side = m.size_multiple
+        if request.height % side or request.width % side:
+            raise RequestError("size", f"height and width must be multiples of {side} for this model")
+        if m.max_side is not None and max(request.height, request.width) > m.max_side:
+            raise RequestError("size", f"{request.width}x{request.height}: this model's position embedding covers at most {m.max_side} pixels a side")
         try:  # cached; refuses step counts the sampler's schedule cannot produce
-            make_plan(request.sampler, self.model.scheduler_config, request.steps, request.start_step)
+            make_plan(request.sampler or "", m.scheduler_config, request.steps, request.start_step, **m.plan_inputs(request.height, request.width))
         except ValueError as exc:
             raise RequestError("num_inference_steps", f"{request.steps} steps with sampler {request.sampler}: {exc}") from exc
         seed = request.seed if request.seed is not None else random.randrange(2**63)
@@ -256,7 +271,7 @@ class Engine:
             self._ids.add(request.request_id)
             self._queued += 1
             self._in_flight += 1
-            spec = _spec(request, self.clock(), timeout, self.native_size)
+            spec = _spec(request, self.clock(), timeout, self.row_weight(request.height, request.width))
             self._queued_work += spec.work(spec.steps)
             self._inbox.put(("submit", (handle, spec)))
         self._wake.set()
@@ -327,9 +342,16 @@ class Engine:
         rate = sum(r for r, _ in recent) / busy
         return float(min(60.0, max(1.0, math.ceil((self._queued_work + self._running_work) / rate))))
 
+    def row_weight(self, height: int, width: int) -> float:
+        """A row's work against a row at the model's native size: its tokens (the latent pixels of
+        a UNet; image plus text tokens of a DiT) over a native row's."""
+        m = self.model
+        size = m.default_size
+        return m.row_tokens(height, width) / m.row_tokens(size, size)
+
     def _note_iteration(self, stats: IterationStats) -> None:
         if stats.rows:
-            weight = row_weight(*stats.bucket, self.native_size) if stats.bucket else 1.0
+            weight = self.row_weight(*stats.bucket) if stats.bucket else 1.0
             self._recent_rows.append((stats.rows * weight, stats.encode_s + stats.unet_s + stats.sampler_s + stats.vae_s))
         self._running_work = stats.running_row_steps
 
@@ -406,12 +428,7 @@ class Engine:
         return self._handles.pop(spec.id)
 
 
-def row_weight(height: int, width: int, native_size: int | None) -> float:
-    """A row's work against a row at the model's native size: its pixels over the native pixels."""
-    return height * width / native_size**2 if native_size else 1.0
-
-
-def _spec(request: GenerationRequest, now: float, timeout_s: float, native_size: int | None) -> JobSpec:
+def _spec(request: GenerationRequest, now: float, timeout_s: float, row_weight: float) -> JobSpec:
     steps = request.steps_run
     cutoff = None if request.cfg_cutoff_ratio is None else int(steps * request.cfg_cutoff_ratio)
     return JobSpec(
@@ -424,7 +441,7 @@ def _spec(request: GenerationRequest, now: float, timeout_s: float, native_size:
         deadline=now + timeout_s,
         cfg_skippable=request.cfg_skip == "auto",
         cfg_cutoff_step=cutoff,
-        row_weight=row_weight(request.height, request.width, native_size),
+        row_weight=row_weight,
     )
 
 

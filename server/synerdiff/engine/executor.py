@@ -1,4 +1,4 @@
-"""The device-side work of one engine iteration: text encoding, one UNet forward, VAE decode.
+"""The device-side work of one engine iteration: text encoding, one denoiser forward, VAE decode.
 
 The executor knows tensors, not requests; the engine hands it stacked rows. It mirrors the
 arithmetic of the model family's diffusers pipeline (prompt encoding through the family's
@@ -20,6 +20,7 @@ import torch
 
 from ..contract.config import EngineConfig
 from ..models.conditioning import Conditioning, Prompt, conditioner_for
+from ..models.denoisers import denoiser_for
 from ..models.loader import ModelBundle
 from .fastpath import Capture, GraphedUNet
 
@@ -68,8 +69,10 @@ class StepExecutor:
         self.device = model.device
         self.dtype = model.dtype
         self.conditioner = conditioner_for(model)
+        self.denoiser = denoiser_for(model)
         self._vae_dtype = model.vae_dtype  # fp32 under an fp16 UNet where the VAE needs it (SDXL's force_upcast)
         self._vae_scale = float(model.vae.config.scaling_factor)
+        # SD3's and FLUX's VAEs shift their latents as well as scaling them.
         self._vae_shift = getattr(model.vae.config, "shift_factor", None) or 0.0
         # SDXL's pipeline de-normalises latents by the VAE's per-channel statistics where its
         # config has them (latents * std / scale + mean); the SD pipeline never does.
@@ -115,7 +118,7 @@ class StepExecutor:
                 torch=torch.__version__,
                 triton=_version("triton"),
                 diffusers=_version("diffusers"),
-                unet=model_fingerprint(dict(m.unet.config)),
+                unet=model_fingerprint(dict(m.net.config)),
                 dtype=str(self.dtype),
                 shapes=shapes,
                 rows=[rows[shape] for shape in shapes],
@@ -135,12 +138,12 @@ class StepExecutor:
                 start.cache = "cold"
             if attn is None:
                 attn, start.attention_ms = fastest_attention(
-                    m.unet, shape=shapes[0], rows=min(8, max_rows), ctx_shape=ctx, added_shapes=added, dtype=self.dtype, device=self.device
+                    self.denoiser, shape=shapes[0], rows=min(8, max_rows), ctx_shape=ctx, added_shapes=added, dtype=self.dtype, device=self.device
                 )
                 log.info("attention backend %s (eager step of %d rows, ms: %s)", attn, min(8, max_rows), start.attention_ms)
         start.attention = attn or "torch"
         g = GraphedUNet(
-            m.unet,
+            self.denoiser,
             ctx_shape=ctx,
             added_shapes=added,
             dtype=self.dtype,
@@ -215,14 +218,13 @@ class StepExecutor:
         return {(h * f, w * f): tuple(self.graphed.sizes((c, h, w))) for c, h, w in self.graphed.shapes}
 
     @torch.inference_mode()
-    def unet(self, sample: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
-        """One UNet forward; every row at its own timestep and conditions (and, for an inpainting
-        UNet, its mask channels beside the latents). Returns float32."""
+    def denoise(self, sample: torch.Tensor, timesteps: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """One denoiser forward (the UNet, or a DiT); every row at its own timestep and conditions
+        (and, for an inpainting UNet, its mask channels beside the latents). Returns float32."""
         sample = cond.unet_input(sample.to(self.dtype))
         if self.graphed is not None:
             return self.graphed(sample, timesteps, cond.context, cond.added).float()
-        out = self.model.unet(sample, timesteps, return_dict=False, **cond.unet_kwargs())[0]
-        return out.float()
+        return self.denoiser(sample, timesteps, cond.context, cond.added).float()
 
     @torch.inference_mode()
     def encode_image(self, pixels: torch.Tensor, generator: torch.Generator, statistics: bool = True) -> torch.Tensor:
@@ -236,7 +238,7 @@ class StepExecutor:
         if statistics and self._latent_stats is not None:  # SDXL's img2img normalises by the VAE's statistics
             mean, std = self._latent_stats
             return (latents - mean) * self._vae_scale / std
-        return latents * self._vae_scale
+        return (latents - self._vae_shift) * self._vae_scale
 
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor, tiled: bool = False) -> torch.Tensor:

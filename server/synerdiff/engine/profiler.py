@@ -73,7 +73,7 @@ def beside_step_s(executor: StepExecutor, rows: int, lat: tuple[int, int, int], 
 
     def together() -> None:
         pending = executor.decode_launch(z, side)
-        executor.unet(x, t, c)
+        executor.denoise(x, t, c)
         executor.decode_finish(pending)
 
     return median_time(together, synchronizer(dev), warmup, repeats)
@@ -108,15 +108,16 @@ def _until_oom(label: str, counts, time_one, dev: torch.device, progress: bool, 
 
 
 def model_id(path: str | Path) -> str:
-    """The resolved directory plus a fingerprint of its UNet, so that replacing the weights
-    in place (a retrained model, another architecture) invalidates profiles made for the old ones."""
+    """The resolved directory plus a fingerprint of its denoiser (UNet or transformer), so that
+    replacing the weights in place (a retrained model, another architecture) invalidates profiles
+    made for the old ones."""
     import hashlib
 
     root = Path(path).resolve()
     h = hashlib.sha1()
-    unet = root / "unet"
-    if unet.is_dir():
-        for f in sorted(unet.iterdir()):
+    net = root / "unet" if (root / "unet").is_dir() else root / "transformer"
+    if net.is_dir():
+        for f in sorted(net.iterdir()):
             h.update(f.name.encode())
             h.update(f.read_bytes() if f.suffix == ".json" else str(f.stat().st_size).encode())
     return f"{root}#{h.hexdigest()[:10]}"
@@ -214,7 +215,7 @@ def profile_executor(
             x = torch.randn(rows, *lat, device=dev, dtype=torch.float32)
             t = torch.full((rows,), 500.0, device=dev)
             c = executor.example_conditioning(rows, lat)
-            return median_time(partial(executor.unet, x, t, c), sync, warmup, repeats)
+            return median_time(partial(executor.denoise, x, t, c), sync, warmup, repeats)
 
         def time_vae(n: int, lat: tuple[int, int, int] = lat) -> float:
             z = torch.randn(n, *lat, device=dev, dtype=torch.float32)

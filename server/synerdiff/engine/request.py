@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..contract.config import LimitsConfig
-from ..contract.requests import SAMPLER_NAMES, rows_per_image
+from ..contract.families import FAMILIES, FamilyRules
+from ..contract.requests import rows_per_image
 from .errors import RequestError
 
 CfgSkip = Literal["auto", "never"]
@@ -23,9 +24,9 @@ class GenerationRequest:
     height: int = 64
     width: int = 64
     steps: int = 20
-    guidance_scale: float = 7.5
+    guidance_scale: float | None = None  # None: the engine's default (the model family's unless configured)
     seed: int | None = None
-    sampler: str = "euler"
+    sampler: str | None = None  # None: the engine's default (the model family's unless configured)
     cfg_skip: CfgSkip = "auto"
     # A fixed CFG cutoff (diffusers' SDCFGCutoffCallback semantics: steps after
     # int(steps * ratio) run unguided). None = let the scheduler decide within its bound.
@@ -39,6 +40,9 @@ class GenerationRequest:
     strength: float = 0.8
     mask: Any = None
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    # The served model's family (the engine binds it at submission): which samplers exist, how
+    # guidance is paid for, which steps an edit runs.
+    family: FamilyRules = FAMILIES["sd"]
 
     def validate(self, limits: LimitsConfig) -> None:
         """Raise RequestError naming the first field outside `limits` (resolved: no derived zeros)."""
@@ -72,10 +76,16 @@ class GenerationRequest:
                 f"{self.n} image(s) x {rows_per_image(self.guided)} row(s) x {self.width}x{self.height} pixels x {self.steps} steps = {work} "
                 f"exceeds limits.max_work ({limits.max_work}); ask for fewer images, steps or pixels",
             )
+        if self.guidance_scale is None or self.sampler is None:
+            raise RequestError("guidance_scale" if self.guidance_scale is None else "sampler", "was not set (the engine sets its default at submission)")
         if not limits.min_guidance <= self.guidance_scale <= limits.max_guidance:
             raise RequestError("guidance_scale", f"must be between {limits.min_guidance} and {limits.max_guidance}, got {self.guidance_scale}")
-        if self.sampler not in SAMPLER_NAMES:
-            raise RequestError("sampler", f"must be one of {', '.join(SAMPLER_NAMES)}, got {self.sampler!r}")
+        if self.sampler not in self.family.samplers:
+            raise RequestError("sampler", f"{self.sampler!r} is not served for the {self.family.name} family; choose one of {', '.join(self.family.samplers)}")
+        if self.family.guidance == "embedded" and self.negative_prompt:
+            raise RequestError(
+                "negative_prompt", f"the {self.family.name} family takes its guidance as an input of the denoiser (guidance_scale), without a negative prompt"
+            )
         if self.cfg_skip not in ("auto", "never"):
             raise RequestError("cfg_skip", "must be 'auto' or 'never'")
         if self.cfg_cutoff_ratio is not None and not 0.0 <= self.cfg_cutoff_ratio <= 1.0:
@@ -90,10 +100,12 @@ class GenerationRequest:
             if self.steps_run < 1:
                 raise RequestError(
                     "strength",
-                    f"{self.strength} of {self.steps} steps runs no step (int(steps * strength) must be at least 1); raise strength or steps",
+                    f"{self.strength} of {self.steps} steps runs no step; raise strength or steps",
                 )
         elif self.mask is not None:
             raise RequestError("mask", "needs an image")
+        if self.mask is not None and not self.family.masked_edits:
+            raise RequestError("mask", f"masked edits are not served for the {self.family.name} family; send the image without a mask (image-to-image)")
 
     @property
     def start_step(self) -> int:
@@ -105,12 +117,14 @@ class GenerationRequest:
         """The UNet steps the request runs: all of them, or the tail that `strength` keeps."""
         if self.image is None:
             return self.steps
-        return min(int(self.steps * self.strength), self.steps)
+        return self.family.steps_run(self.steps, self.strength)
 
     @property
     def guided(self) -> bool:
-        # diffusers' rule: classifier-free guidance only when guidance_scale > 1.
-        return self.guidance_scale > 1.0
+        """Whether the request runs classifier-free guidance (an unconditional row beside each
+        image). diffusers' rule: only when guidance_scale > 1, and never for a family whose
+        guidance is an input of the denoiser."""
+        return self.family.guidance == "cfg" and self.guidance_scale is not None and self.guidance_scale > 1.0
 
 
 @dataclass

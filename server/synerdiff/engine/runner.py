@@ -2,8 +2,8 @@
 
 Admission encodes the prompts of the admitted requests in one batch and draws each request's
 initial noise from its own generator. A step stacks the latents of every request of one shape
-bucket, adds the unconditional rows of those guided this step, runs ONE UNet forward (graph
-replay when the fast path is on), combines each image's guidance, and applies every row's
+bucket (for a DiT: one token sequence length), adds the unconditional rows of those guided this
+step, runs ONE denoiser forward (graph replay when the fast path is on), combines each image's guidance, and applies every row's
 sampler update in one tensor expression (`samplers.apply_update`). What conditions a row (text
 embeddings, for SDXL the pooled embedding and size ids, for an inpainting UNet the mask
 channels) is the model's `Conditioning`, which the runner only repeats and stacks per row; how
@@ -83,13 +83,13 @@ class TorchRunner:
     def _admit(self, jobs: Sequence[JobSpec]) -> None:
         m = self.model
         reqs = [self._requests[j.id] for j in jobs]
-        prompts = [Prompt(r.prompt, False, r.height, r.width) for r, _ in reqs]
-        prompts += [Prompt(r.negative_prompt, True, r.height, r.width) for r, _ in reqs if r.guided]
+        prompts = [Prompt(r.prompt, False, r.height, r.width, r.guidance_scale or 0.0) for r, _ in reqs]
+        prompts += [Prompt(r.negative_prompt, True, r.height, r.width, r.guidance_scale or 0.0) for r, _ in reqs if r.guided]
         conds = self.executor.encode_prompts(prompts)
         neg = iter(range(len(reqs), len(prompts)))
         made: dict[str, DeviceRows] = {}
         for i, (job, (req, seed)) in enumerate(zip(jobs, reqs, strict=True)):
-            plan = make_plan(req.sampler, m.scheduler_config, req.steps, req.start_step)
+            plan = make_plan(req.sampler or "", m.scheduler_config, req.steps, req.start_step, **m.plan_inputs(req.height, req.width))
             gen = torch.Generator("cpu").manual_seed(seed)
             f = m.vae_scale_factor
             shape = (req.n, m.latent_channels, req.height // f, req.width // f)
@@ -177,7 +177,7 @@ class TorchRunner:
         off = 0
         for d, r, g in zip(jobs, rows, guided, strict=True):
             n = r.request.n
-            row = [r.t_rows[d.step], r.scale_rows[d.step], r.request.guidance_scale if g else 1.0]
+            row = [r.t_rows[d.step], r.scale_rows[d.step], (r.request.guidance_scale or 0.0) if g else 1.0]
             per_image += [row + r.coeff_rows[d.step]] * n
             cond_ctx.append((r.cond, n))
             if g:
@@ -197,7 +197,7 @@ class TorchRunner:
         else:
             tsteps_all, ctx = tsteps, Conditioning.stack(cond_ctx)
         padded_before = ex.padded_rows
-        out = ex.unet(model_in, tsteps_all, ctx)
+        out = ex.denoise(model_in, tsteps_all, ctx)
         ex.synchronize()  # without it unet_s would time only the (asynchronous) launches
         t1 = time.perf_counter()
         model_out = out

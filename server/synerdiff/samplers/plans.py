@@ -13,8 +13,9 @@ from collections.abc import Callable, Mapping
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
 from .base import NCOEF, A, B, C, D, E, P, Q, SamplerPlan, x0_from_sigma
 
@@ -23,6 +24,7 @@ DIFFUSERS_CLASSES = {
     "euler": EulerDiscreteScheduler,
     "euler_a": EulerAncestralDiscreteScheduler,
     "dpmpp_2m": DPMSolverMultistepScheduler,
+    "flow_euler": FlowMatchEulerDiscreteScheduler,
 }
 
 
@@ -159,11 +161,54 @@ def _dpmpp_2m(cfg: Mapping[str, Any], steps: int, start: int = 0) -> SamplerPlan
     )
 
 
+def _flow_euler(cfg: Mapping[str, Any], steps: int, image_tokens: int = 0, linear_sigmas: bool = False) -> SamplerPlan:
+    """FlowMatchEulerDiscreteScheduler as the flow-matching pipelines drive it. The model predicts
+    the velocity v = noise - x0 of x = (1 - sigma) * x0 + sigma * noise, so
+
+        x0 = x - sigma * v,    x_next = x + (sigma_next - sigma) * v.
+
+    image_tokens: the image's sequence length, from which a dynamically shifted schedule (FLUX,
+    SD3.5 configs with use_dynamic_shifting) takes its shift `mu`, as `calculate_shift` of the
+    pipelines; linear_sigmas: the pipeline passes sigmas = linspace(1, 1/steps, steps) (FLUX)
+    instead of letting the scheduler space them (SD3)."""
+    s = FlowMatchEulerDiscreteScheduler.from_config(cfg)
+    c = s.config
+    if c.stochastic_sampling:
+        raise _unsupported("flow_euler", "stochastic_sampling")
+    if c.invert_sigmas:
+        raise _unsupported("flow_euler", "invert_sigmas")
+    mu = None
+    if c.use_dynamic_shifting:
+        slope = (c.max_shift - c.base_shift) / (c.max_image_seq_len - c.base_image_seq_len)
+        mu = image_tokens * slope + (c.base_shift - slope * c.base_image_seq_len)
+    sigmas = None
+    if linear_sigmas and not getattr(c, "use_flow_sigmas", False):
+        sigmas = np.linspace(1.0, 1 / steps, steps)
+    s.set_timesteps(None if sigmas is not None else steps, sigmas=sigmas, mu=mu)
+    # The scheduler steps with its float32 sigmas; their float64 values keep that arithmetic.
+    sig = s.sigmas.double().tolist()
+    n = len(s.timesteps)
+    k = torch.zeros(n, NCOEF, dtype=torch.float64)
+    for i in range(n):
+        k[i, P], k[i, Q] = 1.0, -sig[i]
+        k[i, A], k[i, E] = 1.0, sig[i + 1] - sig[i]
+    return SamplerPlan(
+        timesteps=s.timesteps.double(),
+        input_scale=torch.ones(n, dtype=torch.float64),
+        coeffs=k,
+        init_noise_sigma=1.0,  # the flow pipelines start from the noise as drawn
+        ancestral=False,
+        # scale_noise: sigma * noise + (1 - sigma) * x0
+        renoise=torch.tensor([[1.0 - v, v] for v in sig[:n]], dtype=torch.float64),
+    )
+
+
 BUILDERS: dict[str, Callable[[Mapping[str, Any], int], SamplerPlan]] = {
     "ddim": _ddim,
     "euler": _euler_like(EulerDiscreteScheduler, "euler", ancestral=False),
     "euler_a": _euler_like(EulerAncestralDiscreteScheduler, "euler_a", ancestral=True),
     "dpmpp_2m": _dpmpp_2m,
+    "flow_euler": _flow_euler,
 }
 
 
@@ -172,20 +217,28 @@ def _freeze(cfg: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
 
 
 @lru_cache(maxsize=256)
-def _cached(name: str, frozen_cfg: tuple[tuple[str, Any], ...], steps: int, start: int) -> SamplerPlan:
+def _cached(name: str, frozen_cfg: tuple[tuple[str, Any], ...], steps: int, start: int, image_tokens: int, linear_sigmas: bool) -> SamplerPlan:
     if name == "dpmpp_2m":  # multistep: its orders depend on where the schedule is entered
         return _dpmpp_2m(dict(frozen_cfg), steps, start).from_step(start)
-    plan = BUILDERS[name](dict(frozen_cfg), steps)
+    if name == "flow_euler":
+        plan = _flow_euler(dict(frozen_cfg), steps, image_tokens, linear_sigmas)
+    else:
+        plan = BUILDERS[name](dict(frozen_cfg), steps)
     return plan.from_step(start) if start else plan
 
 
-def make_plan(name: str, scheduler_config: Mapping[str, Any], steps: int, start: int = 0) -> SamplerPlan:
+def make_plan(name: str, scheduler_config: Mapping[str, Any], steps: int, start: int = 0, *, image_tokens: int = 0, linear_sigmas: bool = False) -> SamplerPlan:
     """The plan for `steps` steps of sampler `name`, entered at step `start` (image-to-image
-    runs only the tail of its schedule); cached, since most requests repeat a few."""
+    runs only the tail of its schedule); cached, since most requests repeat a few.
+
+    image_tokens and linear_sigmas shape a flow-matching schedule (see `_flow_euler`); the
+    other samplers ignore them."""
     if name not in BUILDERS:
         raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(BUILDERS)}")
     cfg = {k: v for k, v in dict(scheduler_config).items() if not k.startswith("_")}
+    if name != "flow_euler":
+        image_tokens, linear_sigmas = 0, False  # one cache entry per UNet schedule, whatever the size
     try:
-        return _cached(name, _freeze(cfg), steps, start)
+        return _cached(name, _freeze(cfg), steps, start, image_tokens, linear_sigmas)
     except (IndexError, ArithmeticError) as exc:  # e.g. DDIM at steps == num_train_timesteps
         raise ValueError(f"{name} cannot schedule {steps} steps with this model's scheduler ({type(exc).__name__}: {exc})") from exc
