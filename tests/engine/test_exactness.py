@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from synerdiff.engine import EngineObserver, GenerationRequest
-from synerdiff.samplers import SAMPLERS
+from synerdiff.contract.families import UNET_SAMPLERS
 from synerdiff_bench.quality import psnr
 
 from .conftest import submit_joining
@@ -31,7 +31,7 @@ def check(result, ref, other_ref=None, label=""):
             assert own - other >= MARGIN_DB, f"{label}: own {own:.1f} dB vs other seed {other:.1f} dB"
 
 
-@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("sampler", UNET_SAMPLERS)
 def test_alone_matches_diffusers(engine, reference, sampler):
     r = req(sampler=sampler, seed=11)
     result = engine.generate_sync(r)

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from synerdiff.engine import GenerationRequest, RequestError
-from synerdiff.samplers import DIFFUSERS_CLASSES, SAMPLERS
+from synerdiff.contract.families import UNET_SAMPLERS
+from synerdiff.samplers import DIFFUSERS_CLASSES
 
 from .conftest import pipeline_kwargs, submit_joining
 from .test_exactness import check, req
@@ -68,7 +69,7 @@ def edit(**kw) -> GenerationRequest:
     return req(image=PICTURE, **kw)
 
 
-@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("sampler", UNET_SAMPLERS)
 def test_img2img_alone_matches_diffusers(engine, img2img_reference, sampler):
     r = edit(sampler=sampler, seed=31, steps=10, strength=0.7)
     result = engine.generate_sync(r)
@@ -102,7 +103,7 @@ def inpaint(**kw) -> GenerationRequest:
     return req(image=PICTURE, mask=MASK, **kw)
 
 
-@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("sampler", UNET_SAMPLERS)
 def test_inpaint_alone_matches_diffusers(engine, img2img_reference, sampler):
     r = inpaint(sampler=sampler, seed=51, steps=10, strength=0.8)
     result = engine.generate_sync(r)

@@ -14,7 +14,8 @@ from PIL import Image
 
 from synerdiff.contract.config import EngineConfig, SchedulerConfig
 from synerdiff.engine import Engine, GenerationRequest
-from synerdiff.samplers import DIFFUSERS_CLASSES, SAMPLERS
+from synerdiff.contract.families import UNET_SAMPLERS
+from synerdiff.samplers import DIFFUSERS_CLASSES
 from synerdiff_training.make_tiny import build
 
 from .conftest import pipeline_kwargs, submit_joining
@@ -87,7 +88,7 @@ def test_the_inpainting_unet_is_read_from_its_config(engine9):
     assert (m.unet_in_channels, m.latent_channels) == (9, 4)
 
 
-@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("sampler", UNET_SAMPLERS)
 def test_masked_edit_alone_matches_diffusers(engine9, reference9, sampler):
     r = inpaint(sampler=sampler, seed=71)
     res = engine9.generate_sync(r)

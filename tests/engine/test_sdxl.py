@@ -15,7 +15,8 @@ from synerdiff.contract.config import EMBEDDED_MODEL_DIR, EngineConfig, Schedule
 from synerdiff.engine import Engine, EngineObserver, GenerationRequest
 from synerdiff.models.conditioning import Prompt, SDXLConditioner
 from synerdiff.models.loader import ModelLoadError, detect_family, load_model
-from synerdiff.samplers import DIFFUSERS_CLASSES, SAMPLERS
+from synerdiff.contract.families import UNET_SAMPLERS
+from synerdiff.samplers import DIFFUSERS_CLASSES
 from synerdiff_training.make_tiny import build_xl
 
 from .conftest import pipeline_kwargs, submit_joining
@@ -100,7 +101,7 @@ def test_sdxl_directory_lacking_its_second_encoder_is_refused(xl_dir, tmp_path):
         load_model(tmp_path, "cpu", "float32")
 
 
-@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("sampler", UNET_SAMPLERS)
 def test_alone_matches_diffusers(xl_engine, xl_reference, sampler):
     r = req(sampler=sampler, seed=11)
     check(xl_engine.generate_sync(r), xl_reference(r), xl_reference(req(sampler=sampler, seed=12)), label=f"sdxl {sampler} alone")

@@ -18,7 +18,8 @@ import torch
 from synerdiff.contract.config import EngineConfig, SchedulerConfig
 from synerdiff.engine import Engine, GenerationRequest
 from synerdiff.models.loader import ModelLoadError, load_model
-from synerdiff.samplers import DIFFUSERS_CLASSES, SAMPLERS
+from synerdiff.contract.families import UNET_SAMPLERS
+from synerdiff.samplers import DIFFUSERS_CLASSES
 from synerdiff_training.make_tiny import build_xl
 
 from .conftest import pipeline_kwargs, submit_joining
@@ -104,7 +105,7 @@ def other_seed(r: GenerationRequest) -> GenerationRequest:
     return dataclasses.replace(r, seed=r.seed + 100, request_id=r.request_id + "-other")
 
 
-@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("sampler", UNET_SAMPLERS)
 def test_masked_edit_alone_matches_diffusers(xl_engine, xl_reference, sampler):
     r = inpaint(sampler=sampler, seed=91)
     check(xl_engine.generate_sync(r), xl_reference(r), xl_reference(other_seed(r)), label=f"sdxl inpaint {sampler}")
