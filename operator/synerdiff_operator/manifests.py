@@ -546,8 +546,8 @@ def _router_container(meta: dict[str, Any], spec: PoolSpec) -> dict[str, Any]:
             str(router_drain_seconds(spec)),
             "--default-steps",
             str(spec.engine.default_steps or (30 if spec.gpu.count > 0 else 20)),
-            "--default-guidance",
-            str(spec.engine.default_guidance),
+            # Unset: the family's default, which the engines publish in /readyz.
+            *(["--default-guidance", str(spec.engine.default_guidance)] if spec.engine.default_guidance is not None else []),
         ],
         "ports": [{"name": "http", "containerPort": ENGINE_PORT, "protocol": "TCP"}],
         "env": [{"name": "PYTHONUNBUFFERED", "value": "1"}, {"name": "HOME", "value": "/tmp"}],

@@ -130,7 +130,13 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--drain-timeout", type=float, default=330.0, metavar="S", help="on SIGTERM, how long requests in flight may take")
     r.add_argument("--drain-delay", type=float, default=0.0, metavar="S", help="on SIGTERM, seconds to keep serving new requests (not ready) before draining")
     r.add_argument("--default-steps", type=int, default=30, metavar="N", help="steps the engines use when a request names none (for costing)")
-    r.add_argument("--default-guidance", type=float, default=7.5, metavar="G", help="the engines' default guidance scale (for costing)")
+    r.add_argument(
+        "--default-guidance",
+        type=float,
+        default=None,
+        metavar="G",
+        help="the engines' default guidance scale, for costing (default: what the engines publish in /readyz, else 7.5)",
+    )
     r.add_argument("--tolerance", type=float, default=0.25, help="loads within this fraction count as close; then the engine running the same shape wins")
     r.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
 
@@ -228,7 +234,7 @@ def _route(args: argparse.Namespace) -> int:
         buffer_timeout_s=args.buffer_timeout,
         request_timeout_s=args.request_timeout,
         tolerance=args.tolerance,
-        defaults=Defaults(steps=args.default_steps, guidance_scale=args.default_guidance),
+        defaults=Defaults(steps=args.default_steps, guidance_scale=args.default_guidance if args.default_guidance is not None else 7.5),
     )
     logging.getLogger("synerdiff.router").info("routing on %s:%d to %s", args.host, args.port, ", ".join(args.upstream + args.discover))
     return run_router(config, args.host, args.port, drain_timeout_s=args.drain_timeout, drain_delay_s=args.drain_delay, log_level=args.log_level)

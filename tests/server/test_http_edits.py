@@ -68,7 +68,7 @@ def test_openai_client_edit_equals_the_engines_img2img(client: OpenAI, live: Liv
             sampler="ddim",
             image=PICTURE,
             strength=0.6,
-            guidance_scale=live.engine.config.default_guidance,
+            guidance_scale=live.engine.default_guidance(),
         )
     ).to_pil()
     for got, want in zip(images, direct, strict=True):
@@ -177,7 +177,7 @@ def test_mask_transparent_pixels_are_repainted(client: OpenAI, live: Live):
     got = decode_png(resp.data[0].b64_json)
     white_repaints = Image.new("L", (64, 64), 0)
     white_repaints.paste(255, (16, 16, 48, 48))
-    kw = dict(prompt="a red circle", steps=5, seed=8, sampler="euler", image=PICTURE, strength=0.9, guidance_scale=live.engine.config.default_guidance)
+    kw = dict(prompt="a red circle", steps=5, seed=8, sampler="euler", image=PICTURE, strength=0.9, guidance_scale=live.engine.default_guidance())
     direct = live.engine.generate_sync(GenerationRequest(mask=white_repaints, **kw)).to_pil()[0]
     unmasked = live.engine.generate_sync(GenerationRequest(**kw)).to_pil()[0]
     assert psnr(got, direct) >= 40
@@ -230,7 +230,7 @@ def test_openai_client_reads_a_streamed_edit(client: OpenAI, live: Live):
     assert len(completed) == 1
     want = live.engine.generate_sync(
         GenerationRequest(
-            prompt="a red circle", steps=5, seed=7, sampler="ddim", image=PICTURE, strength=0.6, guidance_scale=live.engine.config.default_guidance
+            prompt="a red circle", steps=5, seed=7, sampler="ddim", image=PICTURE, strength=0.6, guidance_scale=live.engine.default_guidance()
         )
     ).to_pil()[0]
     assert psnr(decode_png(completed[0].b64_json), want) >= 40

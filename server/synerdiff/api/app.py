@@ -114,10 +114,15 @@ def _load(engine: Engine) -> dict[str, Any] | None:
         if native is None:
             return None
         work = float(engine.outstanding_work)
+        m = engine.model
         return {
             readiness.OUTSTANDING_ROW_STEPS: work if math.isfinite(work) else None,
             readiness.MAX_ROWS: engine.config.scheduler.max_rows,
             readiness.NATIVE_SIZE: native,
+            readiness.TEXT_TOKENS: m.text_tokens,
+            readiness.TOKEN_SIDE: m.size_multiple,
+            readiness.CFG_ROWS: m.rules.guidance == "cfg",
+            readiness.DEFAULT_GUIDANCE: engine.default_guidance(),
         }
     except Exception:  # noqa: BLE001 - a probe answers whatever the model looks like
         log.exception("reading the engine's load for /readyz")
