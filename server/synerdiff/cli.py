@@ -153,6 +153,12 @@ def _build_parser() -> argparse.ArgumentParser:
     f.add_argument("--endpoint-url", default=None, help="s3:// only: an S3-compatible store's endpoint, e.g. http://minio:9000")
     f.add_argument("--region", default=None, help="s3:// only: the bucket's region")
     f.add_argument("--timeout", type=float, default=0.0, help="give up after this many seconds (0: never)")
+    f.add_argument(
+        "--adapters",
+        action="store_true",
+        help="the source is a folder of LoRA adapters, not a pipeline: download its NAME.safetensors and NAME/pytorch_lora_weights.safetensors "
+        "files (the layout engine.lora.dir is read in) and remove adapters DEST holds that the source no longer has; --dtype is not used",
+    )
 
     # The benchmark tools keep their own parsers; these entries forward to them.
     for name, text in (
@@ -431,12 +437,27 @@ def _fetch(args: argparse.Namespace) -> int:
         with single_writer(Path(args.dest), wait_s=args.timeout / 2 if args.timeout > 0 else None) as locked:
             if scheme == "hf":
                 done = fetch(
-                    args.uri.removeprefix("hf://"), args.revision, args.dest, args.dtype, pin_key=args.pin_key, token=os.environ.get("HF_TOKEN") or None
+                    args.uri.removeprefix("hf://"),
+                    args.revision,
+                    args.dest,
+                    args.dtype,
+                    pin_key=args.pin_key,
+                    token=os.environ.get("HF_TOKEN") or None,
+                    adapters=args.adapters,
                 )
             else:
                 from .models.objectstore import fetch_objects
 
-                done = fetch_objects(args.uri, args.dest, args.dtype, pin_key=args.pin_key, endpoint_url=args.endpoint_url, region=args.region, locked=locked)
+                done = fetch_objects(
+                    args.uri,
+                    args.dest,
+                    args.dtype,
+                    pin_key=args.pin_key,
+                    endpoint_url=args.endpoint_url,
+                    region=args.region,
+                    locked=locked,
+                    adapters=args.adapters,
+                )
     except FetchError as exc:
         print(f"synerdiff fetch: {exc}", file=sys.stderr)
         return 1
