@@ -132,6 +132,14 @@ def _build_parser() -> argparse.ArgumentParser:
     r.add_argument("--default-steps", type=int, default=30, metavar="N", help="steps the engines use when a request names none (for costing)")
     r.add_argument("--default-guidance", type=float, default=7.5, metavar="G", help="the engines' default guidance scale (for costing)")
     r.add_argument("--tolerance", type=float, default=0.25, help="loads within this fraction count as close; then the engine running the same shape wins")
+    r.add_argument(
+        "--adapter-miss-cost",
+        type=float,
+        default=64.0,
+        metavar="ROW_STEPS",
+        help="load (in row-steps) one LoRA adapter of a request adds to an engine that does not hold it yet: an engine holding the "
+        "request's adapters wins among comparable loads (0: ignore adapters)",
+    )
     r.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
 
     f = sub.add_parser(
@@ -234,6 +242,7 @@ def _route(args: argparse.Namespace) -> int:
         buffer_timeout_s=args.buffer_timeout,
         request_timeout_s=args.request_timeout,
         tolerance=args.tolerance,
+        adapter_miss_cost=max(0.0, args.adapter_miss_cost),
         defaults=Defaults(steps=args.default_steps, guidance_scale=args.default_guidance),
     )
     logging.getLogger("synerdiff.router").info("routing on %s:%d to %s", args.host, args.port, ", ".join(args.upstream + args.discover))

@@ -32,7 +32,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..contract import metrics as names
-from .decide import Defaults, RequestCost, choose, request_cost, retryable
+from .decide import DEFAULT_ADAPTER_MISS_COST, Defaults, RequestCost, choose, request_cost, retryable
 from .upstreams import UpstreamPool
 
 log = logging.getLogger("synerdiff.router")
@@ -55,6 +55,7 @@ class RouterConfig:
     max_body_bytes: int = 1 << 20
     max_upload_bytes: int = 16 << 20  # image edits carry their pictures
     tolerance: float = 0.25
+    adapter_miss_cost: float = DEFAULT_ADAPTER_MISS_COST  # row-steps an adapter the engine must load adds to its load
     defaults: Defaults = field(default_factory=Defaults)
 
 
@@ -150,7 +151,7 @@ class Router:
         while True:
             if native is None and (native := self.pool.native_size()) is not None:
                 cost = request_cost(fields, self.config.defaults, native)  # buffered until an engine told its size
-            choice = choose(self.pool.states(), cost, exclude=full.keys(), tolerance=self.config.tolerance)
+            choice = choose(self.pool.states(), cost, exclude=full.keys(), tolerance=self.config.tolerance, adapter_miss_cost=self.config.adapter_miss_cost)
             if choice is None:
                 if full and not self.pool.any_ready(exclude=full.keys()) and self.pool.any_ready():
                     return _all_full(full)

@@ -6,6 +6,11 @@ for `/readyz`, whose body carries the outstanding row-steps, `max_rows` and the 
 (contract/readiness.py); from an engine whose body lacks them, they are read from its `/metrics`.
 An engine that refuses a request as draining or loading counts as not ready until a poll says
 otherwise.
+
+The same `load` object names the LoRA adapters the engine holds in its device slots. The router
+counts as held there also the adapters of its requests in flight there (the engine keeps an
+adapter in use loaded) and those it sent there since the last poll began, which that poll could not
+see yet: a burst naming one adapter then keeps going to the engine that loads it for the first.
 """
 
 from __future__ import annotations
@@ -45,6 +50,19 @@ class Upstream:
     native_size: int | None = None  # the model's native side in pixels, once an engine reported it
     last_seen: float = 0.0  # monotonic time DNS last listed it (discovered engines)
     error: str | None = None
+    adapters: frozenset[str] = frozenset()  # the LoRA adapters its last /readyz said it holds
+    adapters_in_flight: collections.Counter[str] = field(default_factory=collections.Counter)
+    adapters_sent: dict[str, float] = field(default_factory=dict)  # adapter -> monotonic time a request naming it was last sent here
+
+    def held_adapters(self) -> frozenset[str]:
+        """Reported, in use by this router's requests there, or sent there after the last poll began."""
+        in_use = {a for a, c in self.adapters_in_flight.items() if c > 0}
+        return self.adapters | in_use | self.adapters_sent.keys()
+
+    def adapters_polled(self, reported: frozenset[str], poll_started: float) -> None:
+        """A poll's word on the adapters: sends it may not have seen (after it began) are kept."""
+        self.adapters = reported
+        self.adapters_sent = {a: t for a, t in self.adapters_sent.items() if t >= poll_started}
 
     def state(self) -> EngineState:
         return EngineState(
@@ -55,12 +73,17 @@ class Upstream:
             others=others_from_report(self.reported, self.sent_at_scrape),
             capacity=self.capacity,
             shapes=frozenset(s for s, c in self.shapes.items() if c > 0),
+            adapters=self.held_adapters(),
         )
 
     def add(self, cost: RequestCost) -> None:
         self.sent += cost.row_steps
         self.in_flight += 1
         self.shapes[cost.shape] += 1
+        now = time.monotonic()
+        for a in cost.adapters:
+            self.adapters_in_flight[a] += 1
+            self.adapters_sent[a] = now
 
     def release(self, cost: RequestCost) -> None:
         self.in_flight = max(0, self.in_flight - 1)
@@ -69,6 +92,10 @@ class Upstream:
         self.shapes[cost.shape] -= 1
         if self.shapes[cost.shape] <= 0:
             del self.shapes[cost.shape]
+        for a in cost.adapters:
+            self.adapters_in_flight[a] -= 1
+            if self.adapters_in_flight[a] <= 0:
+                del self.adapters_in_flight[a]
 
     def progress(self, cost: RequestCost, done_row_steps: float) -> None:
         """Steps reported done by a streamed request: they no longer weigh on the engine."""
@@ -192,10 +219,12 @@ class UpstreamPool:
     async def _poll(self, up: Upstream) -> None:
         try:
             sent_before = up.sent
+            started = time.monotonic()
             ready_resp = await self.client.get(up.url + "/readyz")
             body = _json(ready_resp)
             up.ready = ready_resp.status_code == 200
             up.draining = ready_resp.status_code == 503 and body.get("status") == "draining"
+            up.adapters_polled(_adapters(body.get(readiness.LOAD)), started)
             gauges = _load(body.get(readiness.LOAD))
             if gauges is None:  # an engine that does not put its load in /readyz: its Prometheus page has it
                 sent_before = up.sent
@@ -235,6 +264,14 @@ def _load(load: Any) -> dict[str, float] | None:
         names.NATIVE_SIZE: load.get(readiness.NATIVE_SIZE),
     }
     return {k: float(v) for k, v in values.items() if _usable(v)}
+
+
+def _adapters(load: Any) -> frozenset[str]:
+    """The adapter names of a /readyz `load` object (none when it has no list of them)."""
+    names = load.get(readiness.ADAPTERS) if isinstance(load, dict) else None
+    if not isinstance(names, list):
+        return frozenset()
+    return frozenset(n for n in names[:1024] if isinstance(n, str))
 
 
 def _json(resp: httpx.Response) -> dict[str, Any]:
