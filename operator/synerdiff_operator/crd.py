@@ -93,6 +93,9 @@ def _convert(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
         types = {o.get("type") for o in options}
         if len(options) == 1:
             node = {**options[0], **node}
+            # Converted already: converting its properties again would take a section whose default
+            # was None (removed by then) for one without a default, and default it to {}.
+            converted = node.get("properties")
         elif all("enum" in o for o in options) and len(types) == 1:
             node = {"type": types.pop(), "enum": [v for o in options for v in o["enum"]], **node}
         elif types == {"integer", "string"}:

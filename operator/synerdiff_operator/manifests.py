@@ -12,19 +12,24 @@ import math
 from typing import Any
 
 from synerdiff_operator import API_VERSION, KIND
-from synerdiff_operator.spec import S3_OPTIONAL_SECRET_KEYS, S3_SECRET_KEYS, PoolSpec
+from synerdiff_operator.spec import S3_OPTIONAL_SECRET_KEYS, S3_SECRET_KEYS, AdapterSource, ModelSource, PoolSpec
 
 ENGINE_CONTAINER = "engine"
 FETCH_CONTAINER = "model-fetch"
+ADAPTER_FETCH_CONTAINER = "adapter-fetch"
 ENGINE_PORT = 8000
 CONFIG_DIR = "/etc/synerdiff"
 CONFIG_FILE = "config.json"
 MODELS_DIR = "/models"
+# spec.adapters: downloaded into (or, for another claim than the model's, mounted read-only at) this folder.
+ADAPTERS_DIR = "/adapters"
 COMPILE_CACHE_DIR = "/var/cache/synerdiff/compile"
 TOKEN_DIR = "/var/run/secrets/synerdiff"
 # The gs:// service-account key, mounted into the download init container only.
 MODEL_CREDENTIALS_DIR = f"{TOKEN_DIR}/model-credentials"
 MODEL_CREDENTIALS_FILE = "key.json"
+# The same for spec.adapters.gs, mounted into the adapters' download only.
+ADAPTER_CREDENTIALS_DIR = f"{TOKEN_DIR}/adapter-credentials"
 RUN_AS = 1000  # the `synerdiff` user of docker/engine.Dockerfile
 
 # preStop sleep: long enough for kube-proxy / endpoint controllers to drop the pod from the
@@ -126,6 +131,33 @@ def model_dir(spec: PoolSpec) -> str:
     return src.path
 
 
+def adapters_dir(spec: PoolSpec) -> str | None:
+    """Where the engine finds spec.adapters inside its container (its engine.lora.dir); None without them.
+
+    A pvc:// folder in the model's own claim is read through the model's mount (/models), any
+    other claim is mounted read-only at /adapters, and a download lands in /adapters."""
+    a = spec.adapters
+    if a is None:
+        return None
+    if a.scheme == "pvc":
+        base = MODELS_DIR if a.claim == spec.model.claim else ADAPTERS_DIR
+        return f"{base}/{a.claim_folder}".rstrip("/")
+    return ADAPTERS_DIR
+
+
+def _adapters_volume(spec: PoolSpec) -> dict[str, Any] | None:
+    """The `adapters` volume: the pvc:// claim (read-only), or an emptyDir the download fills; None
+    without adapters or when they lie in the model's claim (mounted already)."""
+    a = spec.adapters
+    if a is None:
+        return None
+    if a.scheme == "pvc":
+        if a.claim == spec.model.claim:
+            return None
+        return {"name": "adapters", "persistentVolumeClaim": {"claimName": a.claim, "readOnly": True}}
+    return {"name": "adapters", "emptyDir": {}}
+
+
 def engine_settings(pool: str, spec: PoolSpec) -> dict[str, Any]:
     """The engine's config file: the shape of `synerdiff.contract.config.ServerSettings`."""
     engine = spec.engine.model_dump(mode="json")
@@ -136,6 +168,9 @@ def engine_settings(pool: str, spec: PoolSpec) -> dict[str, Any]:
     )
     if spec.compile_cache is not None:
         engine["compile_cache_dir"] = COMPILE_CACHE_DIR
+    lora_dir = adapters_dir(spec)
+    if lora_dir is not None:
+        engine["lora"]["dir"] = lora_dir
     return {
         "engine": engine,
         "drain_timeout_s": spec.drain_seconds(),
@@ -259,9 +294,17 @@ def fetch_pin_key(meta: dict[str, Any], spec: PoolSpec) -> str:
     return f"{meta.get('uid', meta['name'])}/{digest}"
 
 
-def _credentials_env(spec: PoolSpec) -> list[dict[str, Any]]:
-    """The model source's credentials, for the download init container only (never the engine)."""
-    m = spec.model
+def adapters_pin_key(meta: dict[str, Any], spec: PoolSpec) -> str:
+    """As fetch_pin_key, for spec.adapters."""
+    a = spec.adapters
+    assert a is not None
+    endpoint = f"|{a.s3.endpoint}" if a.s3 is not None and a.s3.endpoint else ""
+    digest = hashlib.sha256(f"adapters|{a.uri}@{a.revision}{endpoint}".encode()).hexdigest()[:12]
+    return f"{meta.get('uid', meta['name'])}/{digest}"
+
+
+def _credentials_env(m: ModelSource | AdapterSource, credentials_dir: str) -> list[dict[str, Any]]:
+    """A source's credentials, for its download init container only (never the engine)."""
     if m.token_secret is not None:
         return [{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": m.token_secret.name, "key": m.token_secret.key}}}]
     if m.s3 is not None and m.s3.credentials_secret is not None:
@@ -270,43 +313,65 @@ def _credentials_env(spec: PoolSpec) -> list[dict[str, Any]]:
         optional = [{"name": k, "valueFrom": {"secretKeyRef": {"name": name, "key": k, "optional": True}}} for k in S3_OPTIONAL_SECRET_KEYS]
         return required + optional
     if m.gs is not None and m.gs.credentials_secret is not None:
-        return [{"name": "GOOGLE_APPLICATION_CREDENTIALS", "value": f"{MODEL_CREDENTIALS_DIR}/{MODEL_CREDENTIALS_FILE}"}]
+        return [{"name": "GOOGLE_APPLICATION_CREDENTIALS", "value": f"{credentials_dir}/{MODEL_CREDENTIALS_FILE}"}]
     return []
+
+
+def _source_args(m: ModelSource | AdapterSource) -> list[str]:
+    args = ["--revision", m.revision] if m.scheme == "hf" else []
+    if m.s3 is not None and m.s3.endpoint:
+        args += ["--endpoint-url", m.s3.endpoint]
+    if m.s3 is not None and m.s3.region:
+        args += ["--region", m.s3.region]
+    return args
 
 
 def _fetch_command(meta: dict[str, Any], spec: PoolSpec) -> list[str]:
     m = spec.model
     assert m.uri is not None
-    command = ["synerdiff", "fetch", m.uri, model_dir(spec), "--dtype", m.dtype]
-    if m.scheme == "hf":
-        command += ["--revision", m.revision]
-    if m.s3 is not None and m.s3.endpoint:
-        command += ["--endpoint-url", m.s3.endpoint]
-    if m.s3 is not None and m.s3.region:
-        command += ["--region", m.s3.region]
+    command = ["synerdiff", "fetch", m.uri, model_dir(spec), "--dtype", m.dtype, *_source_args(m)]
     return command + ["--pin-key", fetch_pin_key(meta, spec), "--timeout", str(spec.startup_timeout_seconds)]
+
+
+def _adapters_fetch_command(meta: dict[str, Any], spec: PoolSpec) -> list[str]:
+    a = spec.adapters
+    assert a is not None
+    command = ["synerdiff", "fetch", a.uri, ADAPTERS_DIR, "--adapters", *_source_args(a)]
+    return command + ["--pin-key", adapters_pin_key(meta, spec), "--timeout", str(spec.startup_timeout_seconds)]
 
 
 def _fetch_container(meta: dict[str, Any], spec: PoolSpec) -> dict[str, Any]:
     assert spec.model.uri is not None
+    mounts: list[dict[str, Any]] = [{"name": "models", "mountPath": MODELS_DIR}]
+    if _credentials_volume(spec.model, "model-credentials") is not None:
+        mounts.append({"name": "model-credentials", "mountPath": MODEL_CREDENTIALS_DIR, "readOnly": True})
+    return _download_container(FETCH_CONTAINER, spec, _fetch_command(meta, spec), _credentials_env(spec.model, MODEL_CREDENTIALS_DIR), mounts)
+
+
+def _adapters_fetch_container(meta: dict[str, Any], spec: PoolSpec) -> dict[str, Any]:
+    """`synerdiff fetch --adapters` of spec.adapters into the `adapters` emptyDir, with the adapters' own credentials."""
+    a = spec.adapters
+    assert a is not None
+    mounts: list[dict[str, Any]] = [{"name": "adapters", "mountPath": ADAPTERS_DIR}]
+    if _credentials_volume(a, "adapter-credentials") is not None:
+        mounts.append({"name": "adapter-credentials", "mountPath": ADAPTER_CREDENTIALS_DIR, "readOnly": True})
+    return _download_container(ADAPTER_FETCH_CONTAINER, spec, _adapters_fetch_command(meta, spec), _credentials_env(a, ADAPTER_CREDENTIALS_DIR), mounts)
+
+
+def _download_container(name: str, spec: PoolSpec, command: list[str], credentials: list[dict[str, Any]], mounts: list[dict[str, Any]]) -> dict[str, Any]:
     env: list[dict[str, Any]] = [
         {"name": "HOME", "value": "/tmp"},
         {"name": "HF_HOME", "value": "/tmp/hf"},
         {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
-        *_credentials_env(spec),
+        *credentials,
     ]
-    mounts: list[dict[str, Any]] = [
-        {"name": "models", "mountPath": MODELS_DIR},
-        {"name": "tmp", "mountPath": "/tmp"},
-    ]
-    if _model_credentials_volume(spec) is not None:
-        mounts.append({"name": "model-credentials", "mountPath": MODEL_CREDENTIALS_DIR, "readOnly": True})
+    mounts = [mounts[0], {"name": "tmp", "mountPath": "/tmp"}, *mounts[1:]]  # the destination, scratch, then any key
     return {
-        "name": FETCH_CONTAINER,
+        "name": name,
         "image": spec.image,
         "imagePullPolicy": spec.image_pull_policy,
-        "command": _fetch_command(meta, spec),
+        "command": command,
         "env": env,
         # Sized for HTTP downloads, and present at all so that a namespace with a compute quota admits the pod.
         "resources": {"requests": {"cpu": "500m", "memory": "512Mi"}, "limits": {"cpu": "2", "memory": "2Gi"}},
@@ -316,12 +381,12 @@ def _fetch_container(meta: dict[str, Any], spec: PoolSpec) -> dict[str, Any]:
     }
 
 
-def _model_credentials_volume(spec: PoolSpec) -> dict[str, Any] | None:
-    gs = spec.model.gs
+def _credentials_volume(m: ModelSource | AdapterSource | None, name: str) -> dict[str, Any] | None:
+    gs = m.gs if m is not None else None
     if gs is None or gs.credentials_secret is None:
         return None
     ref = gs.credentials_secret
-    return {"name": "model-credentials", "secret": {"secretName": ref.name, "items": [{"key": ref.key, "path": MODEL_CREDENTIALS_FILE}]}}
+    return {"name": name, "secret": {"secretName": ref.name, "items": [{"key": ref.key, "path": MODEL_CREDENTIALS_FILE}]}}
 
 
 def _engine_container(spec: PoolSpec) -> dict[str, Any]:
@@ -345,6 +410,8 @@ def _engine_container(spec: PoolSpec) -> dict[str, Any]:
     ]
     if spec.model.claim is not None or spec.model.downloaded:
         mounts.append({"name": "models", "mountPath": MODELS_DIR, "readOnly": True})
+    if _adapters_volume(spec) is not None:
+        mounts.append({"name": "adapters", "mountPath": ADAPTERS_DIR, "readOnly": True})
     if spec.compile_cache is not None:
         mounts.append({"name": "compile-cache", "mountPath": COMPILE_CACHE_DIR, "readOnly": spec.compile_cache.read_only})
     auth = spec.auth
@@ -397,9 +464,12 @@ def _volumes(meta: dict[str, Any], spec: PoolSpec) -> list[dict[str, Any]]:
         volumes.append({"name": "models", "persistentVolumeClaim": {"claimName": spec.model.claim, "readOnly": read_only}})
     elif spec.model.downloaded:
         volumes.append({"name": "models", "emptyDir": {}})
-    credentials = _model_credentials_volume(spec)
-    if credentials is not None:
-        volumes.append(credentials)
+    adapters = _adapters_volume(spec)
+    if adapters is not None:
+        volumes.append(adapters)
+    for credentials in (_credentials_volume(spec.model, "model-credentials"), _credentials_volume(spec.adapters, "adapter-credentials")):
+        if credentials is not None:
+            volumes.append(credentials)
     if spec.compile_cache is not None:
         claim = {"claimName": spec.compile_cache.pvc, "readOnly": spec.compile_cache.read_only}
         volumes.append({"name": "compile-cache", "persistentVolumeClaim": claim})
@@ -464,8 +534,11 @@ def deployment(meta: dict[str, Any], spec: PoolSpec) -> dict[str, Any]:
         "containers": [_engine_container(spec)],
         "volumes": _volumes(meta, spec),
     }
-    if spec.model.downloaded:
-        pod_spec["initContainers"] = [_fetch_container(meta, spec)]
+    init = [_fetch_container(meta, spec)] if spec.model.downloaded else []
+    if spec.adapters is not None and spec.adapters.downloaded:
+        init.append(_adapters_fetch_container(meta, spec))
+    if init:
+        pod_spec["initContainers"] = init
     if spec.gpu.node_selector:
         pod_spec["nodeSelector"] = dict(spec.gpu.node_selector)
     if spec.gpu.tolerations:

@@ -147,6 +147,7 @@ class Reconciler:
             new_starts=new_starts,
             stuck_creating_seconds=self.stuck_creating_seconds,
             model_source=spec.model.identity() if spec else None,
+            adapters_source=spec.adapters.identity() if spec and spec.adapters else None,
         )
         new_status = status.compute(observation, spec.gpu.resource_name if spec else "nvidia.com/gpu")
         if self._worth_writing(namespace, name, previous, new_status):

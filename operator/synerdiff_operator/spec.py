@@ -216,6 +216,80 @@ class ModelSource(_Spec):
         return self.uri.split("://", 1)[0] if self.uri is not None else None
 
 
+ADAPTER_RULES = (
+    ("!has(self.s3) || self.uri.startsWith('s3://')", "adapters.s3 applies to s3:// URIs only"),
+    ("!has(self.gs) || self.uri.startsWith('gs://')", "adapters.gs applies to gs:// URIs only"),
+    (
+        "!has(self.tokenSecret) || self.uri.startsWith('hf://')",
+        "adapters.tokenSecret applies to hf:// URIs only; credentials for s3:// and gs:// go in adapters.s3 or adapters.gs",
+    ),
+    ("self.uri.startsWith('hf://') || self.revision == 'main'", "adapters.revision applies to hf:// URIs only"),
+    (
+        "!self.uri.startsWith('pvc://') || self.uri.matches('^pvc://[^/]{1,253}(/.*)?$')",
+        "a pvc:// adapters.uri's claim name has at most 253 characters",
+    ),
+)
+
+
+class AdapterSource(_Spec):
+    """Where the pool's LoRA adapters come from: a folder the engines read `engine.lora.dir` from."""
+
+    model_config = ConfigDict(json_schema_extra=rules(*ADAPTER_RULES))
+
+    uri: str = Field(
+        pattern=MODEL_URI,
+        max_length=512,
+        description="A folder of LoRA adapters laid out as the engine reads them (NAME.safetensors, or NAME/pytorch_lora_weights.safetensors): "
+        "`hf://org/repo`, `s3://bucket/prefix` or `gs://bucket/prefix`, downloaded by an init container into the pod before the engine "
+        "starts (its .safetensors files only); or `pvc://claim/folder`, a folder already in that claim, mounted read-only. The engines read "
+        "it as engine.lora.dir, which the operator sets; tune the device slots and limits with engine.lora.",
+    )
+    revision: str = Field("main", min_length=1, max_length=128, description="Hugging Face revision (branch, tag or commit) for an hf:// `uri`.")
+    token_secret: SecretKeyRef | None = Field(
+        None, alias="tokenSecret", description="Hugging Face token for a gated or private repository (exposed to the adapters' download only)."
+    )
+    s3: S3Source | None = Field(None, description="Endpoint, region and credentials for an s3:// `uri`.")
+    gs: GSSource | None = Field(None, description="Credentials for a gs:// `uri`.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AdapterSource:
+        if self.s3 is not None and self.scheme != "s3":
+            raise ValueError(ADAPTER_RULES[0][1])
+        if self.gs is not None and self.scheme != "gs":
+            raise ValueError(ADAPTER_RULES[1][1])
+        if self.token_secret is not None and self.scheme != "hf":
+            raise ValueError(ADAPTER_RULES[2][1])
+        if self.scheme != "hf" and self.revision != "main":
+            raise ValueError(ADAPTER_RULES[3][1])
+        if self.scheme == "pvc" and len(self.claim or "") > 253:
+            raise ValueError(ADAPTER_RULES[4][1])
+        return self
+
+    @property
+    def scheme(self) -> str:
+        """hf, s3, gs or pvc."""
+        return self.uri.split("://", 1)[0]
+
+    @property
+    def downloaded(self) -> bool:
+        """Whether an init container fetches the adapters (hf://, s3://, gs://) before the engine starts."""
+        return self.scheme in ("hf", "s3", "gs")
+
+    @property
+    def claim(self) -> str | None:
+        """The PersistentVolumeClaim a pvc:// URI names."""
+        return self.uri.removeprefix("pvc://").split("/", 1)[0] if self.scheme == "pvc" else None
+
+    @property
+    def claim_folder(self) -> str | None:
+        """The adapters' folder inside the claim ("" = its root), for a pvc:// URI."""
+        return self.uri.removeprefix("pvc://").partition("/")[2].strip("/") if self.scheme == "pvc" else None
+
+    def identity(self) -> dict[str, str]:
+        """How status.adapters names the source: {"uri", "revision"} (a revision only for hf://)."""
+        return {"uri": self.uri, "revision": self.revision} if self.scheme == "hf" else {"uri": self.uri}
+
+
 # What the operator sets in an engine pod, and so a pod template may not: its labels (selectors
 # find pods by them), annotations under its prefix, the engine's environment (the engine is
 # configured through spec.engine), and the volumes and mount paths of config, scratch, models,
@@ -238,8 +312,8 @@ OWNED_ENV = (
     "GOOGLE_APPLICATION_CREDENTIALS",
 )
 OWNED_ENV_PREFIX = "SYNERDIFF_"
-OWNED_VOLUMES = ("config", "tmp", "dshm", "models", "model-credentials", "api-token", "compile-cache")
-OWNED_MOUNT_PATHS = ("/etc/synerdiff", "/tmp", "/dev/shm", "/models", "/var/run/secrets/synerdiff", "/var/cache/synerdiff/compile")
+OWNED_VOLUMES = ("config", "tmp", "dshm", "models", "model-credentials", "adapters", "adapter-credentials", "api-token", "compile-cache")
+OWNED_MOUNT_PATHS = ("/etc/synerdiff", "/tmp", "/dev/shm", "/models", "/adapters", "/var/run/secrets/synerdiff", "/var/cache/synerdiff/compile")
 
 
 def _cel_list(values: tuple[str, ...]) -> str:
@@ -633,6 +707,10 @@ SPEC_RULES = (
         "requests still within their deadline. Raise drainTimeoutSeconds, lower engine.limits.request_timeout_s, or leave drainTimeoutSeconds "
         "unset to drain for the request timeout",
     ),
+    (
+        "!has(self.adapters) || !has(self.engine.lora) || !has(self.engine.lora.dir) || self.engine.lora.dir == ''",
+        "engine.lora.dir is set by the operator when spec.adapters is given (the adapters are mounted into the engine); leave it unset",
+    ),
 )
 
 
@@ -640,6 +718,11 @@ class PoolSpec(_Spec):
     model_config = ConfigDict(json_schema_extra=rules(*SPEC_RULES))
 
     model: ModelSource
+    adapters: AdapterSource | None = Field(
+        None,
+        description="LoRA adapters the engines serve per request (a request's `lora` names them): fetched or mounted like the model, "
+        "and given to the engines as engine.lora.dir. Unset: engine.lora.dir as set in spec.engine (empty: LoRA off).",
+    )
     image: str = Field(min_length=1, max_length=1024, description="Engine container image (docker/engine.Dockerfile); runs `synerdiff serve`.")
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = Field("IfNotPresent", alias="imagePullPolicy")
     replicas: int = Field(1, ge=0, le=1000, description="Engine pods; set by `kubectl scale` and by the autoscaler through /scale.")
@@ -698,6 +781,8 @@ class PoolSpec(_Spec):
             raise ValueError(SPEC_RULES[3][1])
         if self.drain_timeout_seconds is not None and self.drain_timeout_seconds < self.engine.limits.request_timeout_s:
             raise ValueError(SPEC_RULES[4][1])
+        if self.adapters is not None and self.engine.lora.dir:
+            raise ValueError(SPEC_RULES[5][1])
         return self
 
     def drain_seconds(self) -> float:

@@ -129,6 +129,15 @@ class ModelStatus(BaseModel):
     )
 
 
+class AdaptersStatus(BaseModel):
+    """Where the pool's LoRA adapters come from, as spec.adapters names them."""
+
+    model_config = ConfigDict(populate_by_name=True)
+
+    uri: str = Field(max_length=512, description="spec.adapters.uri: hf://, s3:// or gs:// (downloaded into each pod), or pvc:// (mounted read-only).")
+    revision: str | None = Field(None, max_length=128, description="spec.adapters.revision as asked (hf:// only).")
+
+
 class PoolStatus(BaseModel):
     """What the operator observed; `selector` and `replicas` back the /scale subresource."""
 
@@ -147,6 +156,7 @@ class PoolStatus(BaseModel):
     )
     autoscaler: AutoscalerStatus | None = None
     model: ModelStatus | None = None
+    adapters: AdaptersStatus | None = None
     engine_starts: list[EngineStart] | None = Field(
         None,
         alias="engineStarts",
@@ -183,6 +193,8 @@ class Observation:
     stuck_creating_seconds: float = STUCK_CREATING_SECONDS
     # The spec's model source: {"uri", "revision"} or {"path"}; None while the spec is invalid.
     model_source: dict[str, str] | None = None
+    # The spec's adapters source ({"uri"[, "revision"]}); None without spec.adapters or while the spec is invalid.
+    adapters_source: dict[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -497,6 +509,10 @@ def compute(obs: Observation, gpu_resource: str = "nvidia.com/gpu") -> dict[str,
         status["engineStarts"] = starts
     if model_state is not None:
         status["model"] = model_state
+    if obs.adapters_source is not None:
+        status["adapters"] = dict(obs.adapters_source)
+    elif obs.previous.get("adapters") and obs.spec_error is None:
+        status["adapters"] = None  # spec.adapters was removed: the merge patch deletes it
     return status
 
 

@@ -138,6 +138,14 @@ def _build_parser() -> argparse.ArgumentParser:
         help="the engines' default guidance scale, for costing (default: what the engines publish in /readyz, else 7.5)",
     )
     r.add_argument("--tolerance", type=float, default=0.25, help="loads within this fraction count as close; then the engine running the same shape wins")
+    r.add_argument(
+        "--adapter-miss-cost",
+        type=float,
+        default=64.0,
+        metavar="ROW_STEPS",
+        help="load (in row-steps) one LoRA adapter of a request adds to an engine that does not hold it yet: an engine holding the "
+        "request's adapters wins among comparable loads (0: ignore adapters)",
+    )
     r.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
 
     f = sub.add_parser(
@@ -159,6 +167,12 @@ def _build_parser() -> argparse.ArgumentParser:
     f.add_argument("--endpoint-url", default=None, help="s3:// only: an S3-compatible store's endpoint, e.g. http://minio:9000")
     f.add_argument("--region", default=None, help="s3:// only: the bucket's region")
     f.add_argument("--timeout", type=float, default=0.0, help="give up after this many seconds (0: never)")
+    f.add_argument(
+        "--adapters",
+        action="store_true",
+        help="the source is a folder of LoRA adapters, not a pipeline: download its NAME.safetensors and NAME/pytorch_lora_weights.safetensors "
+        "files (the layout engine.lora.dir is read in) and remove adapters DEST holds that the source no longer has; --dtype is not used",
+    )
 
     # The benchmark tools keep their own parsers; these entries forward to them.
     for name, text in (
@@ -234,7 +248,8 @@ def _route(args: argparse.Namespace) -> int:
         buffer_timeout_s=args.buffer_timeout,
         request_timeout_s=args.request_timeout,
         tolerance=args.tolerance,
-        defaults=Defaults(steps=args.default_steps, guidance_scale=args.default_guidance if args.default_guidance is not None else 7.5),
+        adapter_miss_cost=max(0.0, args.adapter_miss_cost),
+        defaults=Defaults(steps=args.default_steps, guidance_scale=args.default_guidance),
     )
     logging.getLogger("synerdiff.router").info("routing on %s:%d to %s", args.host, args.port, ", ".join(args.upstream + args.discover))
     return run_router(config, args.host, args.port, drain_timeout_s=args.drain_timeout, drain_delay_s=args.drain_delay, log_level=args.log_level)
@@ -437,12 +452,27 @@ def _fetch(args: argparse.Namespace) -> int:
         with single_writer(Path(args.dest), wait_s=args.timeout / 2 if args.timeout > 0 else None) as locked:
             if scheme == "hf":
                 done = fetch(
-                    args.uri.removeprefix("hf://"), args.revision, args.dest, args.dtype, pin_key=args.pin_key, token=os.environ.get("HF_TOKEN") or None
+                    args.uri.removeprefix("hf://"),
+                    args.revision,
+                    args.dest,
+                    args.dtype,
+                    pin_key=args.pin_key,
+                    token=os.environ.get("HF_TOKEN") or None,
+                    adapters=args.adapters,
                 )
             else:
                 from .models.objectstore import fetch_objects
 
-                done = fetch_objects(args.uri, args.dest, args.dtype, pin_key=args.pin_key, endpoint_url=args.endpoint_url, region=args.region, locked=locked)
+                done = fetch_objects(
+                    args.uri,
+                    args.dest,
+                    args.dtype,
+                    pin_key=args.pin_key,
+                    endpoint_url=args.endpoint_url,
+                    region=args.region,
+                    locked=locked,
+                    adapters=args.adapters,
+                )
     except FetchError as exc:
         print(f"synerdiff fetch: {exc}", file=sys.stderr)
         return 1

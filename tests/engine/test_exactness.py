@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from synerdiff.engine import EngineObserver, GenerationRequest
 from synerdiff.contract.families import UNET_SAMPLERS
+from synerdiff.engine import EngineObserver, GenerationRequest
 from synerdiff_bench.quality import psnr
 
 from .conftest import submit_joining

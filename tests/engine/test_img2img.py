@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from synerdiff.engine import GenerationRequest, RequestError
 from synerdiff.contract.families import UNET_SAMPLERS
+from synerdiff.engine import GenerationRequest, RequestError
 from synerdiff.samplers import DIFFUSERS_CLASSES
 
 from .conftest import pipeline_kwargs, submit_joining

@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from synerdiff.contract.config import EngineConfig, SchedulerConfig
-from synerdiff.engine import Engine, GenerationRequest
 from synerdiff.contract.families import UNET_SAMPLERS
+from synerdiff.engine import Engine, GenerationRequest
 from synerdiff.samplers import DIFFUSERS_CLASSES
 from synerdiff_training.make_tiny import build
 

@@ -81,9 +81,11 @@ def test_flow_euler_matches_the_pipelines_scheduler(family, steps, tokens):
     plan = make_plan("flow_euler", cfg, steps, image_tokens=tokens, linear_sigmas=linear)
     sched = FlowMatchEulerDiscreteScheduler.from_config(cfg)
     c = sched.config
-    mu = tokens * (c.max_shift - c.base_shift) / (c.max_image_seq_len - c.base_image_seq_len) + c.base_shift - c.base_image_seq_len * (
-        c.max_shift - c.base_shift
-    ) / (c.max_image_seq_len - c.base_image_seq_len)
+    mu = (
+        tokens * (c.max_shift - c.base_shift) / (c.max_image_seq_len - c.base_image_seq_len)
+        + c.base_shift
+        - c.base_image_seq_len * (c.max_shift - c.base_shift) / (c.max_image_seq_len - c.base_image_seq_len)
+    )
     if linear:
         sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=mu)
     else:

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from synerdiff.contract.config import EMBEDDED_MODEL_DIR, EngineConfig, SchedulerConfig
+from synerdiff.contract.families import UNET_SAMPLERS
 from synerdiff.engine import Engine, EngineObserver, GenerationRequest
 from synerdiff.models.conditioning import Prompt, SDXLConditioner
 from synerdiff.models.loader import ModelLoadError, detect_family, load_model
-from synerdiff.contract.families import UNET_SAMPLERS
 from synerdiff.samplers import DIFFUSERS_CLASSES
 from synerdiff_training.make_tiny import build_xl
 
@@ -82,7 +82,7 @@ def test_family_is_detected(xl_engine):
     assert detect_family(EMBEDDED_MODEL_DIR)[0] == "sd"
 
 
-@pytest.mark.parametrize("cls", ["FluxPipeline", None])
+@pytest.mark.parametrize("cls", ["QwenImagePipeline", "FluxFillPipeline", None])
 def test_unsupported_pipeline_is_refused(tmp_path, cls):
     index = {"_diffusers_version": "0.30.0"} | ({"_class_name": cls} if cls else {})
     (tmp_path / "model_index.json").write_text(json.dumps(index))
@@ -90,7 +90,7 @@ def test_unsupported_pipeline_is_refused(tmp_path, cls):
         load_model(tmp_path, "cpu", "float32")
     msg = str(err.value)
     assert (repr(cls) if cls else "no pipeline class") in msg
-    assert "StableDiffusionPipeline" in msg and "StableDiffusionXLPipeline" in msg
+    assert all(name in msg for name in ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "StableDiffusion3Pipeline", "FluxPipeline"))
 
 
 def test_sdxl_directory_lacking_its_second_encoder_is_refused(xl_dir, tmp_path):

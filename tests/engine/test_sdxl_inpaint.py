@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from synerdiff.contract.config import EngineConfig, SchedulerConfig
+from synerdiff.contract.families import UNET_SAMPLERS
 from synerdiff.engine import Engine, GenerationRequest
 from synerdiff.models.loader import ModelLoadError, load_model
-from synerdiff.contract.families import UNET_SAMPLERS
 from synerdiff.samplers import DIFFUSERS_CLASSES
 from synerdiff_training.make_tiny import build_xl
 

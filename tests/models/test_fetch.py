@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from synerdiff.contract.config import EMBEDDED_MODEL_DIR
-from synerdiff.models.fetch import SOURCE_FILE, pipeline_files, weight_variant
+from synerdiff.models.fetch import SOURCE_FILE, adapter_files, pipeline_files, weight_variant
 from synerdiff.models.loader import load_model
 
 REPO = "acme/tiny-sd"
@@ -262,3 +262,75 @@ def test_the_folder_lock_is_taken_read_only_waits_boundedly_and_is_optional(tmp_
     (tmp_path / "none" / LOCK_FILE).symlink_to(tmp_path / "missing" / "lock")  # cannot be created or opened
     with single_writer(tmp_path / "none") as locked:
         assert locked is False
+
+
+ADAPTERS = {"style-a.safetensors", "style-b/pytorch_lora_weights.safetensors"}
+
+
+def adapter_folder(root: Path) -> None:
+    """A folder of LoRA adapters as published: the two layouts the engine reads, and what it does not."""
+    root.mkdir(parents=True)
+    lora = {"lora_unet_down.lora_down.weight": torch.zeros(4, 8), "lora_unet_down.lora_up.weight": torch.zeros(8, 4)}
+    save_file(lora, root / "style-a.safetensors")
+    (root / "style-b").mkdir()
+    save_file(lora, root / "style-b" / "pytorch_lora_weights.safetensors")
+    (root / "style-b" / "README.md").write_text("# style b")
+    (root / "style-c").mkdir()
+    (root / "style-c" / "other_name.safetensors").write_bytes(b"\0" * 16)  # not the name the engine reads
+    (root / "deep" / "er").mkdir(parents=True)
+    (root / "deep" / "er" / "x.safetensors").write_bytes(b"\0" * 16)
+    (root / ".hidden.safetensors").write_bytes(b"\0" * 16)
+    (root / "README.md").write_text("# loras")
+
+
+def test_adapter_files_are_the_layouts_the_engine_reads() -> None:
+    files = [
+        "style-a.safetensors",
+        "style-b/pytorch_lora_weights.safetensors",
+        "style-b/README.md",
+        "style-c/other_name.safetensors",
+        "deep/er/x.safetensors",
+        ".hidden.safetensors",
+        ".cache/x/pytorch_lora_weights.safetensors",
+        "README.md",
+        "model.ckpt",
+    ]
+    assert adapter_files(files) == sorted(ADAPTERS)
+    assert adapter_files(["model_index.json", "unet/config.json"]) == []
+
+
+def test_an_adapters_repository_is_fetched_as_its_adapters_only(tmp_path: Path) -> None:
+    root = tmp_path / "repo"
+    adapter_folder(root)
+    h = Hub(root)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(h))
+    h.url = f"http://127.0.0.1:{server.server_address[1]}"
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        dest = tmp_path / "adapters"
+        proc = fetch(h, dest, "--adapters", "--pin-key", "pool/1")
+        assert proc.returncode == 0, proc.stderr
+        assert set(h.downloads) == ADAPTERS and len(h.downloads) == 2
+        assert load_file(dest / "style-a.safetensors").keys() == load_file(root / "style-a.safetensors").keys()
+        source = json.loads((dest / SOURCE_FILE).read_text())
+        assert source["kind"] == "adapters" and source["commit"] == FIRST and sorted(source["files"]) == sorted(ADAPTERS)
+        # Pinned: reused without asking the Hub.
+        h.resolves.clear()
+        again = fetch(h, dest, "--adapters", "--pin-key", "pool/1")
+        assert again.returncode == 0 and "already held" in again.stdout and h.resolves == []
+        # The same folder fetched as a pipeline is not taken for one.
+        assert fetch(h, dest, "--pin-key", "pool/1").returncode == 1
+        # An adapter removed from the source leaves the folder at the next (unpinned) fetch.
+        (root / "style-a.safetensors").unlink()
+        h.main = SECOND
+        newer = fetch(h, dest, "--adapters", "--pin-key", "pool/2")
+        assert newer.returncode == 0, newer.stderr
+        assert not (dest / "style-a.safetensors").exists() and (dest / "style-b" / "pytorch_lora_weights.safetensors").is_file()
+        # A repository without adapters is refused by name.
+        for f in list(root.rglob("*.safetensors")):
+            f.unlink()
+        empty = fetch(h, tmp_path / "none", "--adapters")
+        assert empty.returncode == 1 and "holds no adapters" in empty.stderr and "Traceback" not in empty.stderr
+    finally:
+        server.shutdown()
+        server.server_close()

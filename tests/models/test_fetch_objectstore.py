@@ -32,7 +32,7 @@ from synerdiff.models.loader import load_model
 from synerdiff.models.objectstore import parse_object_uri
 from synerdiff_operator.spec import OBJECT_URI
 
-from .test_fetch import published_pipeline
+from .test_fetch import ADAPTERS, adapter_folder, published_pipeline
 
 BUCKET = "models"
 PREFIX = "sd/tiny-sd"
@@ -358,3 +358,44 @@ def test_the_fetch_and_the_pool_spec_accept_the_same_uris(uri: str) -> None:
     except FetchError:
         parsed = False
     assert parsed == bool(re.match(OBJECT_URI, uri))
+
+
+def test_a_folder_of_adapters_is_fetched_reused_and_kept_in_step_with_the_store(store: Store, tmp_path: Path) -> None:
+    """`synerdiff fetch --adapters` (spec.adapters' init container): the adapters only, reused by its pin, and an
+    adapter deleted from the store leaves the folder at the next fetch."""
+    root = tmp_path / "loras"
+    adapter_folder(root)
+    prefix = "loras/sd15"
+    for f in root.rglob("*"):
+        if f.is_file():
+            key = f"{BUCKET}/{prefix}/{f.relative_to(root)}"
+            if store.scheme == "s3":
+                store.client.put_object(Bucket=BUCKET, Key=key.split("/", 1)[1], Body=f.read_bytes())
+            else:
+                store.client.pipe(key, f.read_bytes())
+    uri, dest = f"{store.scheme}://{BUCKET}/{prefix}", tmp_path / "adapters"
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "synerdiff.cli", "fetch", uri, str(dest), "--adapters", *store.args, *args]
+        return subprocess.run(cmd, env={**os.environ, **store.env}, capture_output=True, text=True, timeout=120)
+
+    first = run("--pin-key", "pool/1")
+    assert first.returncode == 0, first.stderr
+    held = {str(p.relative_to(dest)) for p in dest.rglob("*") if p.is_file() and not p.name.startswith(".")}
+    assert held == ADAPTERS
+    rec = recorded(dest)
+    assert rec is not None and rec.kind == "adapters" and set(rec.versions) == ADAPTERS
+    assert (dest / "style-a.safetensors").read_bytes() == (root / "style-a.safetensors").read_bytes()
+    again = run("--pin-key", "pool/1")
+    assert again.returncode == 0 and "already held" in again.stdout
+    if store.scheme == "s3":
+        store.client.delete_object(Bucket=BUCKET, Key=f"{prefix}/style-a.safetensors")
+    else:
+        store.client.rm(f"{BUCKET}/{prefix}/style-a.safetensors")
+    later = run()
+    assert later.returncode == 0, later.stderr
+    assert not (dest / "style-a.safetensors").exists() and (dest / "style-b" / "pytorch_lora_weights.safetensors").is_file()
+    # A prefix without adapters (the pipeline's) is refused by name.
+    cmd = [sys.executable, "-m", "synerdiff.cli", "fetch", store.uri, str(tmp_path / "none"), "--adapters", *store.args]
+    proc = subprocess.run(cmd, env={**os.environ, **store.env}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "holds no adapters" in proc.stderr, proc.stderr

@@ -150,6 +150,14 @@ INVALID = [
     ({"podTemplate": {"spec": {"env": [{"name": "HF_HUB_OFFLINE", "value": "0"}]}}}, "are set by the operator; configure the engine through spec.engine"),
     ({"podTemplate": {"spec": {"volumes": [{"name": "tmp", "emptyDir": {}}]}}}, "podTemplate.spec.volumes: the names"),
     ({"podTemplate": {"spec": {"volumeMounts": [{"name": "data", "mountPath": "/models"}]}}}, "are mounted by the operator"),
+    ({"adapters": {"uri": "hf://org/loras", "s3": {}}}, "adapters.s3 applies to s3:// URIs only"),
+    ({"adapters": {"uri": "s3://loras/sd15", "gs": {}}}, "adapters.gs applies to gs:// URIs only"),
+    ({"adapters": {"uri": "pvc://loras/sd15", "tokenSecret": {"name": "hf"}}}, "adapters.tokenSecret applies to hf:// URIs only"),
+    ({"adapters": {"uri": "gs://loras/sd15", "revision": "v2"}}, "adapters.revision applies to hf:// URIs only"),
+    ({"adapters": {"uri": "pvc://" + "a" * 254 + "/loras"}}, "a pvc:// adapters.uri's claim name has at most 253 characters"),
+    ({"adapters": {"uri": "s3://loras/../x"}}, "does not match"),
+    ({"adapters": {"uri": "s3://loras/sd15"}, "engine": {"lora": {"dir": "/opt/loras"}}}, "engine.lora.dir is set by the operator"),
+    ({"podTemplate": {"spec": {"volumeMounts": [{"name": "data", "mountPath": "/adapters"}]}}}, "are mounted by the operator"),
 ]
 
 
@@ -218,6 +226,11 @@ VALID_EDGES = [
     {"engine": {"default_steps": 20, "limits": {"max_steps": 20}}},
     {"drainTimeoutSeconds": 90, "engine": {"limits": {"request_timeout_s": 90}}},
     {"resources": {"requests": {"cpu": "500m", "memory": "32Gi", "ephemeral-storage": "1e9"}, "limits": {"cpu": 4, "memory": "64Gi"}}},
+    {"adapters": {"uri": "hf://org/loras", "revision": "v2", "tokenSecret": {"name": "hf"}}, "engine": {"lora": {"cache_slots": 4}}},
+    {"adapters": {"uri": "s3://loras/sd15", "s3": {"endpoint": "http://minio:9000", "credentialsSecret": {"name": "minio"}}}},
+    {"adapters": {"uri": "gs://loras", "gs": {"credentialsSecret": {"name": "k"}}}},
+    {"adapters": {"uri": "pvc://loras"}},
+    {"engine": {"lora": {"dir": "/opt/loras"}}},
     {"gpu": {"resourceName": "amd.com/gpu", "tolerations": [{"operator": "Exists"}, {"key": "k", "effect": "NoExecute", "tolerationSeconds": 30}]}},
 ]
 

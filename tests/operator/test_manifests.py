@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from synerdiff.contract.config import ServerSettings
+from synerdiff.contract.config import EngineConfig, ServerSettings
 from synerdiff_operator import manifests
 from synerdiff_operator.spec import InvalidSpec, parse_spec
 
@@ -33,6 +33,15 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "path-in-image-cpu": {"image": "engine:1", "model": {"path": "/opt/m", "dtype": "float32"}, "gpu": {"count": 0}},
     "path-on-pvc": {"image": "engine:1", "model": {"path": "sd15/", "pvc": "models"}},
     "pvc-uri": {"image": "engine:1", "model": {"uri": "pvc://models/sd15/"}},
+    "adapters-s3": {
+        **BASE,
+        "adapters": {"uri": "s3://loras/sd15", "s3": {"endpoint": "http://minio.storage:9000", "credentialsSecret": {"name": "lora-reader"}}},
+        "engine": {"lora": {"cache_slots": 16}},
+    },
+    "adapters-gs": {**BASE, "adapters": {"uri": "gs://loras/sd15", "gs": {"credentialsSecret": {"name": "lora-key"}}}},
+    "adapters-hf": {**BASE, "adapters": {"uri": "hf://org/loras", "revision": "v2", "tokenSecret": {"name": "hf"}}},
+    "adapters-pvc": {**BASE, "adapters": {"uri": "pvc://loras/sd15/"}},
+    "adapters-in-model-claim": {"image": "engine:1", "model": {"uri": "pvc://models/sd15"}, "adapters": {"uri": "pvc://models/loras"}},
     "everything": {
         **BASE,
         "replicas": 3,
@@ -428,3 +437,90 @@ def test_another_s3_endpoint_is_another_pin_key() -> None:
     moved = {**spec, "model": {**spec["model"], "s3": {**spec["model"]["s3"], "endpoint": "http://minio.other:9000"}}}
     keys = {manifests.fetch_pin_key(META, parse_spec(s)) for s in (spec, moved, spec)}
     assert len(keys) == 2
+
+
+def _lora(kids: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return json.loads(kids["ConfigMap"]["data"]["config.json"])["engine"]["lora"]
+
+
+def test_downloaded_adapters_are_fetched_into_their_own_folder_with_their_own_credentials() -> None:
+    spec = parse_spec(VARIANTS["adapters-s3"])
+    kids = build(VARIANTS["adapters-s3"])
+    pod = kids["Deployment"]["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["initContainers"]] == ["model-fetch", "adapter-fetch"]
+    fetcher, engine = container(kids["Deployment"], "adapter-fetch"), container(kids["Deployment"])
+    assert fetcher["command"][:5] == ["synerdiff", "fetch", "s3://loras/sd15", "/adapters", "--adapters"]
+    args = dict(zip(fetcher["command"][5::2], fetcher["command"][6::2], strict=True))
+    assert args == {"--endpoint-url": "http://minio.storage:9000", "--pin-key": manifests.adapters_pin_key(META, spec), "--timeout": "1800"}
+    assert _secret_env(fetcher) == {
+        "AWS_ACCESS_KEY_ID": {"name": "lora-reader", "key": "AWS_ACCESS_KEY_ID"},
+        "AWS_SECRET_ACCESS_KEY": {"name": "lora-reader", "key": "AWS_SECRET_ACCESS_KEY"},
+        "AWS_SESSION_TOKEN": {"name": "lora-reader", "key": "AWS_SESSION_TOKEN", "optional": True},
+    }
+    assert _secret_env(container(kids["Deployment"], "model-fetch")) == {}  # the model's download has none of the adapters' keys
+    assert _secret_env(engine) == {}
+    assert {"name": "adapters", "emptyDir": {}} in pod["volumes"]
+    assert {"name": "adapters", "mountPath": "/adapters"} in fetcher["volumeMounts"]
+    assert {"name": "adapters", "mountPath": "/adapters", "readOnly": True} in engine["volumeMounts"]
+    assert _lora(kids) == {**EngineConfig().lora.model_dump(mode="json"), "dir": "/adapters", "cache_slots": 16}
+    # The engine reads that config: LoRA on, from the mounted folder.
+    assert ServerSettings.model_validate(json.loads(kids["ConfigMap"]["data"]["config.json"])).engine.lora.dir == "/adapters"
+
+
+def test_a_gs_adapters_key_is_mounted_into_the_adapters_download_only() -> None:
+    kids = build(VARIANTS["adapters-gs"])
+    pod = kids["Deployment"]["spec"]["template"]["spec"]
+    fetcher = container(kids["Deployment"], "adapter-fetch")
+    key = {"name": "adapter-credentials", "secret": {"secretName": "lora-key", "items": [{"key": "key.json", "path": "key.json"}]}}
+    assert key in pod["volumes"] and not any(v["name"] == "model-credentials" for v in pod["volumes"])
+    mount = next(m for m in fetcher["volumeMounts"] if m["name"] == "adapter-credentials")
+    env = {e["name"]: e for e in fetcher["env"]}
+    assert env["GOOGLE_APPLICATION_CREDENTIALS"]["value"] == f"{mount['mountPath']}/key.json" and mount["readOnly"] is True
+    for other in (container(kids["Deployment"]), container(kids["Deployment"], "model-fetch")):
+        assert all(m["name"] != "adapter-credentials" for m in other["volumeMounts"])
+        assert not any(e["name"] == "GOOGLE_APPLICATION_CREDENTIALS" for e in other["env"])
+
+
+def test_hf_adapters_are_fetched_at_their_revision_with_their_token() -> None:
+    kids = build(VARIANTS["adapters-hf"])
+    fetcher = container(kids["Deployment"], "adapter-fetch")
+    args = dict(zip(fetcher["command"][5::2], fetcher["command"][6::2], strict=True))
+    assert fetcher["command"][2:5] == ["hf://org/loras", "/adapters", "--adapters"] and args["--revision"] == "v2"
+    assert _secret_env(fetcher) == {"HF_TOKEN": {"name": "hf", "key": "token"}}
+    assert "HF_TOKEN" not in {e["name"] for e in container(kids["Deployment"], "model-fetch")["env"]}
+
+
+@pytest.mark.parametrize(
+    ("variant", "lora_dir", "volume"),
+    [
+        ("adapters-pvc", "/adapters/sd15", {"name": "adapters", "persistentVolumeClaim": {"claimName": "loras", "readOnly": True}}),
+        ("adapters-in-model-claim", "/models/loras", None),  # read through the model's own mount
+    ],
+)
+def test_pvc_adapters_are_mounted_read_only_with_no_download(variant: str, lora_dir: str, volume: dict[str, Any] | None) -> None:
+    kids = build(VARIANTS[variant])
+    pod = kids["Deployment"]["spec"]["template"]["spec"]
+    assert not any(c["name"] == "adapter-fetch" for c in pod.get("initContainers", []))
+    assert [v for v in pod["volumes"] if v["name"] == "adapters"] == ([volume] if volume else [])
+    mounts = [m for m in container(kids["Deployment"])["volumeMounts"] if m["name"] == "adapters"]
+    assert mounts == ([{"name": "adapters", "mountPath": "/adapters", "readOnly": True}] if volume else [])
+    assert _lora(kids)["dir"] == lora_dir
+
+
+def test_without_adapters_the_engine_keeps_its_own_lora_dir() -> None:
+    kids = build({**BASE, "engine": {"lora": {"dir": "/opt/loras"}}})
+    assert _lora(kids)["dir"] == "/opt/loras"
+    assert not any(v["name"] == "adapters" for v in kids["Deployment"]["spec"]["template"]["spec"]["volumes"])
+    with pytest.raises(InvalidSpec, match="engine.lora.dir is set by the operator"):
+        parse_spec({**VARIANTS["adapters-pvc"], "engine": {"lora": {"dir": "/opt/loras"}}})
+
+
+def test_the_adapters_pin_follows_their_source() -> None:
+    spec = VARIANTS["adapters-s3"]
+    moved = {**spec, "adapters": {**spec["adapters"], "uri": "s3://loras/sd15-v2"}}
+    other_model = {**spec, "model": {"uri": "hf://org/other"}}
+    keys = [manifests.adapters_pin_key(META, parse_spec(s)) for s in (spec, moved, other_model)]
+    assert keys[0] != keys[1] and keys[0] == keys[2]
+    # Another adapters source rolls the pods (the init container changes), and so does another lora setting.
+    a, b = (build(s)["Deployment"]["spec"]["template"] for s in (spec, moved))
+    assert a != b

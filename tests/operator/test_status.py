@@ -420,3 +420,14 @@ def test_the_commit_outlives_its_pods_only_while_the_model_spec_is_unchanged() -
     assert local["model"] == {"path": "/models/sd"} and not [e for e in transitions({}, local) if e[1] == "ModelCommit"]
     # An invalid spec names no source: the last status stays.
     assert observe(spec_error="bad", previous=served, deployment=deployment(1, ready=1))["model"] == served["model"]
+
+
+def test_status_names_where_the_adapters_come_from_until_they_are_removed() -> None:
+    kw: dict[str, Any] = dict(pods=[running_pod("p1")], deployment=deployment(1, ready=1), model_source=HUB)
+    with_adapters = observe(**kw, adapters_source={"uri": "hf://org/loras", "revision": "v2"})
+    assert with_adapters["adapters"] == {"uri": "hf://org/loras", "revision": "v2"}
+    invalid = observe(**kw, previous=with_adapters, spec_error="spec.image: Field required")
+    assert invalid["adapters"] == with_adapters["adapters"]  # kept while the spec cannot be read
+    removed = observe(**kw, previous=with_adapters)
+    assert "adapters" not in removed
+    assert "adapters" not in observe(**kw)

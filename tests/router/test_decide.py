@@ -2,8 +2,20 @@
 
 from __future__ import annotations
 
+import pytest
+
 from synerdiff.contract.metrics import NOT_STARTED_HEADER
-from synerdiff.router.decide import Defaults, EngineState, RequestCost, choose, others_from_report, request_cost, retryable
+from synerdiff.router.decide import (
+    DEFAULT_ADAPTER_MISS_COST,
+    Defaults,
+    EngineState,
+    RequestCost,
+    adapter_load,
+    choose,
+    others_from_report,
+    request_cost,
+    retryable,
+)
 
 
 def test_cost_is_rows_per_image_times_n_times_steps():
@@ -67,6 +79,58 @@ def test_equal_states_give_equal_answers():
     assert {choose(engines, cost).name for _ in range(5)} == {"a"}
 
 
+def test_a_requests_adapters_are_read_from_its_lora_list():
+    body = {"prompt": "x", "lora": [{"name": "style-a", "scale": 0.8}, {"name": "style-b"}, {"name": "style-a", "scale": 0.2}]}
+    assert request_cost(body).adapters == frozenset({"style-a", "style-b"})
+    # Malformed entries are left out (the engine refuses the request with details); no list, no adapters.
+    bad = {"lora": [{"name": 3}, "style-c", {"scale": 1.0}, {"name": ""}, {"name": "ok"}]}
+    assert request_cost(bad).adapters == frozenset({"ok"})
+    assert request_cost({"lora": {"name": "x"}}).adapters == frozenset() and request_cost({}).adapters == frozenset()
+    assert request_cost({"prompt": "x"}) == RequestCost((0, 0), 2, 30)  # no adapters: the cost as before
+
+
+def test_each_missing_adapter_costs_its_row_steps_per_unit_of_capacity():
+    cost = request_cost({"lora": [{"name": "a"}, {"name": "b"}], "num_inference_steps": 10})
+    engine = EngineState("e", sent=64, capacity=64, adapters=frozenset({"a"}))
+    assert adapter_load(engine, cost) == 1.0 + DEFAULT_ADAPTER_MISS_COST / 64
+    assert adapter_load(engine, cost, adapter_miss_cost=0.0) == engine.load == 1.0
+    assert adapter_load(EngineState("f", sent=64, capacity=64, adapters=frozenset({"a", "b", "c"})), cost) == 1.0
+
+
+def test_an_engine_holding_the_adapters_wins_among_comparable_loads():
+    cost = request_cost({"lora": [{"name": "style-a"}], "num_inference_steps": 30})  # 60 row-steps
+    holds = frozenset({"style-a"})
+    # Idle pool: the engine that holds the adapter takes it, with nothing to load.
+    pick = choose([EngineState("a"), EngineState("b", adapters=holds)], cost)
+    assert pick is not None and pick.name == "b" and pick.missing_adapters == 0
+    # Somewhat busier (half a full-batch step more): still the one holding it.
+    assert choose([EngineState("a", sent=0), EngineState("b", sent=32, adapters=holds)], cost).name == "b"
+    # Much busier: the less loaded engine wins and loads the adapter.
+    pick = choose([EngineState("a", sent=0), EngineState("b", sent=640, adapters=holds)], cost)
+    assert pick is not None and pick.name == "a" and pick.missing_adapters == 1
+    # Most of the request's adapters beats fewer of them.
+    two = request_cost({"lora": [{"name": "x"}, {"name": "y"}, {"name": "z"}]})
+    engines = [EngineState("a", adapters=frozenset({"x"})), EngineState("b", adapters=frozenset({"x", "y"})), EngineState("c")]
+    assert choose(engines, two).name == "b"
+    # Without adapters in the request, or with the cost off, adapters change nothing.
+    plain = request_cost({"num_inference_steps": 30})
+    assert choose([EngineState("a", sent=10), EngineState("b", sent=0, adapters=holds)], plain).name == "b"
+    assert choose([EngineState("a", sent=0), EngineState("b", sent=32, adapters=holds)], cost, adapter_miss_cost=0.0).name == "a"
+
+
+def test_the_adapter_cost_and_shape_affinity_combine():
+    """Adapters are a cost; shape is the tie-break among close loads, as before."""
+    cost = request_cost({"lora": [{"name": "s"}], "size": "512x512", "num_inference_steps": 30})
+    shape = (512, 512)
+    engines = [EngineState("a", shapes=frozenset({shape})), EngineState("b", adapters=frozenset({"s"}))]
+    # a must load the adapter (a full-batch step): b is the cheaper engine, though a runs the shape.
+    assert choose(engines, cost, tolerance=0.25).name == "b"
+    # With the adapter held by both, a's shape wins again.
+    both = [EngineState("a", shapes=frozenset({shape}), adapters=frozenset({"s"})), EngineState("b", adapters=frozenset({"s"}))]
+    pick = choose(both, cost)
+    assert pick is not None and pick.name == "a" and pick.joins_batch
+
+
 def test_others_from_report():
     assert others_from_report(None, 50) == 0
     assert others_from_report(300, 100) == 200
@@ -100,3 +164,21 @@ def test_the_router_loads_no_torch_and_nothing_of_the_engine() -> None:
     assert out.strip() == "[] []"
     extras = (root / "pyproject.toml").read_text()
     assert "router = [" in extras and "FROM python:3.11-slim" in (root / "docker" / "router.Dockerfile").read_text()
+
+
+def test_a_dit_row_weighs_its_tokens_and_flux_guidance_adds_no_rows():
+    """A mixed pool routes by work: on an SD3-shaped model (1024² native, 16-pixel tokens, 333 text
+    tokens) a 512² row costs its 1024 + 333 tokens over 4096 + 333; FLUX's guidance is an input
+    of its denoiser, so a guided FLUX request holds one row an image; an unset guidance takes the
+    engines' published default."""
+    from synerdiff.router import ModelCost
+
+    sd3 = ModelCost(native_size=1024, text_tokens=333, token_side=16, cfg_rows=True, default_guidance=7.0)
+    c = request_cost({"size": "512x512", "num_inference_steps": 10}, model=sd3)
+    assert c.rows == 2 and c.row_weight == pytest.approx((1024 + 333) / (4096 + 333))
+    flux = ModelCost(native_size=1024, text_tokens=512, token_side=16, cfg_rows=False, default_guidance=3.5)
+    assert request_cost({"n": 2, "guidance_scale": 5.0}, model=flux).rows == 2
+    unet = ModelCost(native_size=512, token_side=8, default_guidance=1.0)
+    assert request_cost({"size": "1024x1024"}, model=unet).row_weight == 4.0  # pixels, as before
+    assert request_cost({}, model=unet).rows == 1  # the engines' default guidance 1.0: unguided
+    assert request_cost({}, Defaults(guidance_scale=7.5), model=unet).rows == 2  # a configured default wins

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import threading
 import time
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ class Fake:
         self.load_in_readyz = load_in_readyz  # as the engine answers; without it the router falls back to /metrics
         self.load: dict | None = None  # a scripted load object instead of the engine's
         self.not_ready_status = "loading"
+        self.adapters: set[str] | None = None  # LoRA adapters its /readyz load names; None: it names none (no key)
         self.hits = 0
         self.metrics_hits = 0
         self.app = Starlette(
@@ -50,6 +52,8 @@ class Fake:
         body: dict = {"status": "ready" if self.ready else self.not_ready_status}
         if self.load_in_readyz:
             body[readiness.LOAD] = self.load or {readiness.OUTSTANDING_ROW_STEPS: self.outstanding, readiness.MAX_ROWS: 16, readiness.NATIVE_SIZE: 512}
+            if self.adapters is not None and not self.load:
+                body[readiness.LOAD][readiness.ADAPTERS] = sorted(self.adapters)
         return JSONResponse(body, status_code=200 if self.ready else 503)
 
     async def metrics(self, request: Request) -> Response:
@@ -58,7 +62,10 @@ class Fake:
 
     async def generate(self, request: Request) -> Response:
         self.hits += 1
-        await request.body()
+        raw = await request.body()
+        if self.adapters is not None:  # as the engine does: it loads the adapters a request names, and reports them since
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                self.adapters |= {e["name"] for e in json.loads(raw).get("lora") or []}
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.mode == "full":
@@ -193,3 +200,49 @@ def test_oversized_body_is_refused_before_any_engine_sees_it(size):
     with fakes(engine) as urls, router(urls) as url:
         r = httpx.post(url + "/v1/images/generations", content=b"x" * size, timeout=30)
         assert r.status_code == 413 and engine.hits == 0
+
+
+def lora(*names: str) -> dict:
+    return {**BODY, "lora": [{"name": n, "scale": 0.8} for n in names]}
+
+
+def test_a_request_goes_to_the_engine_holding_its_adapters_unless_that_one_is_much_busier():
+    holder, other = Fake("ok", outstanding=8, load_in_readyz=True), Fake("ok", load_in_readyz=True)
+    holder.adapters, other.adapters = {"style-a"}, set()
+    with fakes(holder, other) as urls, router(urls) as url:
+        wait_until(lambda: metric_value(httpx.get(url + "/metrics").text, names.ROUTER_OUTSTANDING, upstream=urls[0]) == 8, what="a poll")
+        for _ in range(3):
+            assert httpx.post(url + "/v1/images/generations", json=lora("style-a"), timeout=30).status_code == 200
+        assert (holder.hits, other.hits) == (3, 0)  # a little busier, but it holds the adapter
+        assert post(url).status_code == 200 and other.hits == 1  # no adapter: the less loaded one
+        holder.outstanding = 1000  # far busier now: the other engine loads the adapter
+        wait_until(lambda: metric_value(httpx.get(url + "/metrics").text, names.ROUTER_OUTSTANDING, upstream=urls[0]) == 1000, what="a poll")
+        assert httpx.post(url + "/v1/images/generations", json=lora("style-a"), timeout=30).status_code == 200
+        assert (holder.hits, other.hits) == (3, 2) and other.adapters == {"style-a"}
+
+
+def test_a_burst_naming_one_adapter_sticks_to_the_engine_that_loads_it():
+    """Neither engine holds the adapter: the first request's engine counts as holding it from the
+    moment it is sent (in flight, before any poll could say so), then by its /readyz."""
+    engines = [Fake("ok", delay=0.5, load_in_readyz=True), Fake("ok", delay=0.5, load_in_readyz=True)]
+    for e in engines:
+        e.adapters = set()
+    with fakes(*engines) as urls, router(urls) as url:
+        wait_until(lambda: httpx.get(url + "/readyz").json()["engines_ready"] == 2, what="both polled")
+        results: list[int] = []
+        threads = [
+            threading.Thread(target=lambda: results.append(httpx.post(url + "/v1/images/generations", json=lora("style-b"), timeout=30).status_code))
+            for _ in range(2)
+        ]
+        for th in threads:
+            th.start()
+            time.sleep(0.1)  # the first is sent before the second arrives
+        for th in threads:
+            th.join(10)
+        assert results == [200, 200]
+        first = next(e for e in engines if e.hits)
+        assert first.hits == 2 and first.adapters == {"style-b"}  # one load, not one per engine
+        wait_until(lambda: metric_value(httpx.get(url + "/metrics").text, names.ROUTER_OUTSTANDING, upstream=urls[engines.index(first)]) == 0, what="idle")
+        for _ in range(2):  # later requests find it reported by the engine itself
+            assert httpx.post(url + "/v1/images/generations", json=lora("style-b"), timeout=30).status_code == 200
+        assert first.hits == 4 and sum(e.hits for e in engines) == 4

@@ -229,9 +229,7 @@ def test_openai_client_reads_a_streamed_edit(client: OpenAI, live: Live):
     completed = [ev for ev in stream if ev.type == "image_edit.completed"]
     assert len(completed) == 1
     want = live.engine.generate_sync(
-        GenerationRequest(
-            prompt="a red circle", steps=5, seed=7, sampler="ddim", image=PICTURE, strength=0.6, guidance_scale=live.engine.default_guidance()
-        )
+        GenerationRequest(prompt="a red circle", steps=5, seed=7, sampler="ddim", image=PICTURE, strength=0.6, guidance_scale=live.engine.default_guidance())
     ).to_pil()[0]
     assert psnr(decode_png(completed[0].b64_json), want) >= 40
 

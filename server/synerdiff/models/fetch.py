@@ -12,6 +12,11 @@ which commit a branch points to now, so replicas sharing a claim never serve dif
 because a branch moved between their starts. `single_writer` lets one process at a time download
 into a folder, so pods sharing a claim fetch it once. `objectstore.py` does the same for S3 and GCS
 with these pieces (`pipeline_files`, the record, `write_atomic`).
+
+With `adapters=True` the source is a folder of LoRA adapters instead of a pipeline (no
+`model_index.json`): `adapter_files` picks the adapters as the engine reads them (`NAME.safetensors`
+at the root, `NAME/pytorch_lora_weights.safetensors` one level down), and `prune_adapters` removes
+adapters the source no longer has, so the folder serves what the source holds.
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ LOADED_COMPONENTS = frozenset({"unet", "vae", "text_encoder", "text_encoder_2", 
 SMALL_FILES = (".json", ".txt", ".model")
 WEIGHT_FORMATS = (".safetensors", ".bin")  # in order of preference
 _SHARD = re.compile(r"-\d{5}-of-\d{5}$")
+ADAPTER_SUFFIX = ".safetensors"
+ADAPTER_FILE = "pytorch_lora_weights.safetensors"  # NAME/ADAPTER_FILE: diffusers' save_lora_weights layout
 
 
 class FetchError(RuntimeError):
@@ -78,6 +85,36 @@ def pipeline_files(model_index: Mapping[str, Any], files: Sequence[str], dtype: 
     return sorted(out)
 
 
+def adapter_files(files: Sequence[str]) -> list[str]:
+    """The LoRA adapters of a folder's file list, as the engine reads them: NAME.safetensors at the
+    root, NAME/pytorch_lora_weights.safetensors one level down (hidden names skipped)."""
+    out = []
+    for f in files:
+        parts = f.split("/")
+        if any(p.startswith(".") or not p for p in parts):
+            continue
+        if (len(parts) == 1 and f.endswith(ADAPTER_SUFFIX)) or (len(parts) == 2 and parts[1] == ADAPTER_FILE):
+            out.append(f)
+    return sorted(out)
+
+
+def prune_adapters(dest: Path, files: Sequence[str]) -> list[str]:
+    """Remove adapters the fetch did not choose (the source no longer has them): the engine serves
+    whatever the folder holds."""
+    held = [p.relative_to(dest).as_posix() for p in (*dest.glob(f"*{ADAPTER_SUFFIX}"), *dest.glob(f"*/{ADAPTER_FILE}")) if p.is_file()]
+    removed = [f for f in adapter_files(held) if f not in set(files)]
+    for rel in removed:
+        (dest / rel).unlink(missing_ok=True)
+        if "/" in rel:
+            try:
+                (dest / rel).parent.rmdir()
+            except OSError:
+                pass  # it holds other files
+    if removed:
+        log.info("removed %d adapter(s) the source no longer has: %s", len(removed), ", ".join(removed[:5]))
+    return removed
+
+
 @dataclass
 class Fetched:
     repo: str
@@ -89,9 +126,13 @@ class Fetched:
     # Object stores: each file's ETag (S3) or generation (GCS); `commit` is then a digest of the listing.
     versions: dict[str, str] = field(default_factory=dict)
     reused: bool = False  # the folder already held these files: nothing was downloaded
+    kind: str = "pipeline"  # or "adapters": a folder of LoRA adapters
 
     def to_json(self) -> str:
-        return json.dumps({k: v for k, v in asdict(self).items() if k != "reused" and (v or k != "versions")}, indent=2) + "\n"
+        fields = {k: v for k, v in asdict(self).items() if k != "reused" and (v or k != "versions")}
+        if self.kind == "pipeline":  # records of pipelines read as before
+            del fields["kind"]
+        return json.dumps(fields, indent=2) + "\n"
 
 
 def recorded(dest: Path) -> Fetched | None:
@@ -99,6 +140,7 @@ def recorded(dest: Path) -> Fetched | None:
         data = json.loads((dest / SOURCE_FILE).read_text())
         rec = Fetched(**{k: data[k] for k in ("repo", "revision", "commit", "dtype", "files", "pin_key")})
         rec.versions = dict(data.get("versions") or {})
+        rec.kind = str(data.get("kind") or "pipeline")
         return rec
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -182,18 +224,22 @@ def forget(dest: Path, rec: Fetched | None, keep: Sequence[str] = ()) -> None:
     if not kept:
         (dest / SOURCE_FILE).unlink(missing_ok=True)
         return
-    rec = Fetched(rec.repo, rec.revision, rec.commit, rec.dtype, kept, "", {f: v for f, v in rec.versions.items() if f in kept})
+    rec = Fetched(rec.repo, rec.revision, rec.commit, rec.dtype, kept, "", {f: v for f, v in rec.versions.items() if f in kept}, kind=rec.kind)
     write_atomic(dest / SOURCE_FILE, rec.to_json())
 
 
-def fetch(repo: str, revision: str, dest: str | Path, dtype: str = "float16", *, pin_key: str = "", token: str | None = None) -> Fetched:
-    """Download what the engine loads of `repo` at `revision` into `dest`; see the module doc."""
+def fetch(
+    repo: str, revision: str, dest: str | Path, dtype: str = "float16", *, pin_key: str = "", token: str | None = None, adapters: bool = False
+) -> Fetched:
+    """Download what the engine loads of `repo` at `revision` into `dest` (with `adapters`, the
+    repository's LoRA adapters); see the module doc."""
     from huggingface_hub import HfApi, hf_hub_download
 
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
+    kind = "adapters" if adapters else "pipeline"
     rec = recorded(dest)
-    same = rec is not None and rec.repo == repo and rec.dtype == dtype and complete(dest, rec)
+    same = rec is not None and rec.repo == repo and rec.dtype == dtype and rec.kind == kind and complete(dest, rec)
     if same and rec is not None and (rec.commit == revision or (pin_key and rec.pin_key == pin_key and rec.revision == revision)):
         log.info("%s already holds %s at %s (%d files); nothing to download", dest, repo, rec.commit, len(rec.files))
         rec.reused = True
@@ -204,25 +250,38 @@ def fetch(repo: str, revision: str, dest: str | Path, dtype: str = "float16", *,
             raise FetchError(f"the Hub did not say which commit {repo}@{revision} is")
         commit = info.sha
         listing = [s.rfilename for s in info.siblings or []]
-        if "model_index.json" not in listing:
+        if adapters:
+            files = adapter_files(listing)
+            if not files:
+                raise FetchError(f"{repo}@{commit} holds no adapters (NAME.safetensors, or NAME/{ADAPTER_FILE})")
+            forget(dest, rec)
+            log.info("downloading %d adapter(s) of %s@%s", len(files), repo, commit)
+            for k, name in enumerate(files):
+                hf_hub_download(repo, name, revision=commit, local_dir=dest, token=token)
+                log.info("adapter %d of %d: %s", k + 1, len(files), name)
+        elif "model_index.json" not in listing:
             raise FetchError(f"{repo}@{commit} has no model_index.json: not a diffusers pipeline repository")
-        # Files by name, at the commit: huggingface_hub resumes partial files and skips complete ones.
-        forget(dest, rec)
-        index_path = hf_hub_download(repo, "model_index.json", revision=commit, local_dir=dest, token=token)
-        model_index = json.loads(Path(index_path).read_text())
-        files = pipeline_files(model_index, listing, dtype)
-        log.info("downloading %d of %d files of %s@%s (%s)", len(files), len(listing), repo, commit, dtype)
-        for k, name in enumerate(f for f in files if f != "model_index.json"):
-            hf_hub_download(repo, name, revision=commit, local_dir=dest, token=token)
-            log.info("file %d of %d: %s", k + 1, len(files) - 1, name)
+        else:
+            # Files by name, at the commit: huggingface_hub resumes partial files and skips complete ones.
+            forget(dest, rec)
+            index_path = hf_hub_download(repo, "model_index.json", revision=commit, local_dir=dest, token=token)
+            model_index = json.loads(Path(index_path).read_text())
+            files = pipeline_files(model_index, listing, dtype)
+            log.info("downloading %d of %d files of %s@%s (%s)", len(files), len(listing), repo, commit, dtype)
+            for k, name in enumerate(f for f in files if f != "model_index.json"):
+                hf_hub_download(repo, name, revision=commit, local_dir=dest, token=token)
+                log.info("file %d of %d: %s", k + 1, len(files) - 1, name)
     except FetchError:
         raise
     except Exception as exc:  # the Hub's errors, its transport's, a full disk, a bad index: one message
         raise FetchError(f"could not download {repo}@{revision}: {type(exc).__name__}: {exc}") from exc
-    done = Fetched(repo=repo, revision=revision, commit=commit, dtype=dtype, files=files, pin_key=pin_key)
+    done = Fetched(repo=repo, revision=revision, commit=commit, dtype=dtype, files=files, pin_key=pin_key, kind=kind)
     missing = [f for f in files if not (dest / f).is_file()]
     if missing:
         raise FetchError(f"download of {repo}@{commit} incomplete: {', '.join(missing[:5])}")
-    prune_weights(dest, files)
+    if adapters:
+        prune_adapters(dest, files)
+    else:
+        prune_weights(dest, files)
     write_atomic(dest / SOURCE_FILE, done.to_json())
     return done

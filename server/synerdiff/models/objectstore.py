@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .fetch import SOURCE_FILE, Fetched, FetchError, complete, forget, pipeline_files, prune_weights, recorded
+from .fetch import ADAPTER_FILE, SOURCE_FILE, Fetched, FetchError, adapter_files, complete, forget, pipeline_files, prune_adapters, prune_weights, recorded
 from .files import write_atomic
 
 log = logging.getLogger("synerdiff.fetch")
@@ -142,13 +142,16 @@ def fetch_objects(
     endpoint_url: str | None = None,
     region: str | None = None,
     locked: bool = True,
+    adapters: bool = False,
 ) -> Fetched:
-    """Download what the engine loads of the pipeline at `uri` into `dest`; see the module doc."""
+    """Download what the engine loads of the pipeline at `uri` into `dest` (with `adapters`, the
+    folder's LoRA adapters, as `fetch.adapter_files` picks them); see the module doc."""
     src = parse_object_uri(uri)
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
+    kind = "adapters" if adapters else "pipeline"
     rec = recorded(dest)
-    same = rec is not None and rec.repo == str(src) and rec.dtype == dtype and complete(dest, rec)
+    same = rec is not None and rec.repo == str(src) and rec.dtype == dtype and rec.kind == kind and complete(dest, rec)
     if same and rec is not None and pin_key and rec.pin_key == pin_key:
         log.info("%s already holds %s at %s (%d files); nothing to download", dest, src, rec.commit[:12], len(rec.files))
         rec.reused = True
@@ -158,7 +161,9 @@ def fetch_objects(
     try:
         fs = filesystem(src, endpoint_url=endpoint_url, region=region)
         listing = _list(fs, src)
-        if "model_index.json" not in listing:
+        if adapters and not adapter_files(list(listing)):
+            raise FetchError(f"{src} holds no adapters (NAME.safetensors, or NAME/{ADAPTER_FILE})")
+        if not adapters and "model_index.json" not in listing:
             raise FetchError(f"{src} has no model_index.json: not a diffusers pipeline folder")
         held = rec.versions if same and rec is not None else {}
 
@@ -168,11 +173,11 @@ def fetch_objects(
             return not (version and held.get(name) == version and (dest / name).is_file() and (dest / name).stat().st_size == size)
 
         # The index first: it says which components, and so which files, to download.
-        fetched = ["model_index.json"] if needed("model_index.json") else []
+        fetched = ["model_index.json"] if not adapters and needed("model_index.json") else []
         if fetched:
             forget(dest, rec, keep=[f for f in held if f != "model_index.json"])
             _download(fs, src, "model_index.json", dest, int(listing["model_index.json"].get("size") or 0))
-        files = pipeline_files(json.loads((dest / "model_index.json").read_text()), list(listing), dtype)
+        files = adapter_files(list(listing)) if adapters else pipeline_files(json.loads((dest / "model_index.json").read_text()), list(listing), dtype)
         versions = {f: object_version(src.scheme, listing[f]) for f in files}
         commit = listing_digest(versions, {f: int(listing[f].get("size") or 0) for f in files})
         todo = [f for f in files if f != "model_index.json" and needed(f)]
@@ -187,8 +192,11 @@ def fetch_objects(
         raise
     except Exception as exc:  # the store's errors, its transport's, credentials, a full disk, a bad index: one message
         raise FetchError(f"could not download {src}: {type(exc).__name__}: {exc}") from exc
-    done = Fetched(repo=str(src), revision="", commit=commit, dtype=dtype, files=files, pin_key=pin_key, versions=versions)
+    done = Fetched(repo=str(src), revision="", commit=commit, dtype=dtype, files=files, pin_key=pin_key, versions=versions, kind=kind)
     done.reused = not fetched
-    prune_weights(dest, files)
+    if adapters:
+        prune_adapters(dest, files)
+    else:
+        prune_weights(dest, files)
     write_atomic(dest / SOURCE_FILE, done.to_json())
     return done

@@ -8,6 +8,6 @@ httpx, starlette, uvicorn and prometheus-client (an import contract in pyproject
 - server.py     uvicorn with a SIGTERM drain
 """
 
-from .decide import Choice, Defaults, EngineState, RequestCost, choose, request_cost, retryable
+from .decide import Choice, Defaults, EngineState, ModelCost, RequestCost, choose, request_cost, retryable
 
-__all__ = ["Choice", "Defaults", "EngineState", "RequestCost", "choose", "request_cost", "retryable"]
+__all__ = ["Choice", "Defaults", "EngineState", "ModelCost", "RequestCost", "choose", "request_cost", "retryable"]

@@ -32,7 +32,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..contract import metrics as names
-from .decide import Defaults, RequestCost, choose, request_cost, retryable
+from .decide import DEFAULT_ADAPTER_MISS_COST, Defaults, RequestCost, choose, request_cost, retryable
 from .upstreams import UpstreamPool
 
 log = logging.getLogger("synerdiff.router")
@@ -55,6 +55,7 @@ class RouterConfig:
     max_body_bytes: int = 1 << 20
     max_upload_bytes: int = 16 << 20  # image edits carry their pictures
     tolerance: float = 0.25
+    adapter_miss_cost: float = DEFAULT_ADAPTER_MISS_COST  # row-steps an adapter the engine must load adds to its load
     defaults: Defaults = field(default_factory=Defaults)
 
 
@@ -140,17 +141,17 @@ class Router:
                 pass  # the engine answers 422 with details
         # An edit's form is not parsed here: it is balanced at the default cost.
         fields = parsed if isinstance(parsed, dict) else None
-        native = self.pool.native_size()
-        cost = request_cost(fields, self.config.defaults, native)
+        model = self.pool.model_cost()
+        cost = request_cost(fields, self.config.defaults, model=model)
         headers = _forward_headers(request)
         full: dict[str, httpx.Response] = {}  # engines that answered 429, and their answers
         attempts = 0
         deadline = time.monotonic() + self.config.buffer_timeout_s
         last: httpx.Response | None = None
         while True:
-            if native is None and (native := self.pool.native_size()) is not None:
-                cost = request_cost(fields, self.config.defaults, native)  # buffered until an engine told its size
-            choice = choose(self.pool.states(), cost, exclude=full.keys(), tolerance=self.config.tolerance)
+            if model is None and (model := self.pool.model_cost()) is not None:
+                cost = request_cost(fields, self.config.defaults, model=model)  # buffered until an engine told its model
+            choice = choose(self.pool.states(), cost, exclude=full.keys(), tolerance=self.config.tolerance, adapter_miss_cost=self.config.adapter_miss_cost)
             if choice is None:
                 if full and not self.pool.any_ready(exclude=full.keys()) and self.pool.any_ready():
                     return _all_full(full)

@@ -6,6 +6,11 @@ for `/readyz`, whose body carries the outstanding row-steps, `max_rows` and the 
 (contract/readiness.py); from an engine whose body lacks them, they are read from its `/metrics`.
 An engine that refuses a request as draining or loading counts as not ready until a poll says
 otherwise.
+
+The same `load` object names the LoRA adapters the engine holds in its device slots. The router
+counts as held there also the adapters of its requests in flight there (the engine keeps an
+adapter in use loaded) and those it sent there since the last poll began, which that poll could not
+see yet: a burst naming one adapter then keeps going to the engine that loads it for the first.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ..contract import metrics as names
 from ..contract import readiness
-from .decide import EngineState, RequestCost, Shape, others_from_report
+from .decide import EngineState, ModelCost, RequestCost, Shape, others_from_report
 
 log = logging.getLogger("synerdiff.router")
 
@@ -43,8 +48,22 @@ class Upstream:
     sent_at_scrape: float = 0.0
     capacity: float = 64.0
     native_size: int | None = None  # the model's native side in pixels, once an engine reported it
+    model: ModelCost | None = None  # what a request costs on its model, once its /readyz said so
     last_seen: float = 0.0  # monotonic time DNS last listed it (discovered engines)
     error: str | None = None
+    adapters: frozenset[str] = frozenset()  # the LoRA adapters its last /readyz said it holds
+    adapters_in_flight: collections.Counter[str] = field(default_factory=collections.Counter)
+    adapters_sent: dict[str, float] = field(default_factory=dict)  # adapter -> monotonic time a request naming it was last sent here
+
+    def held_adapters(self) -> frozenset[str]:
+        """Reported, in use by this router's requests there, or sent there after the last poll began."""
+        in_use = {a for a, c in self.adapters_in_flight.items() if c > 0}
+        return self.adapters | in_use | self.adapters_sent.keys()
+
+    def adapters_polled(self, reported: frozenset[str], poll_started: float) -> None:
+        """A poll's word on the adapters: sends it may not have seen (after it began) are kept."""
+        self.adapters = reported
+        self.adapters_sent = {a: t for a, t in self.adapters_sent.items() if t >= poll_started}
 
     def state(self) -> EngineState:
         return EngineState(
@@ -55,12 +74,17 @@ class Upstream:
             others=others_from_report(self.reported, self.sent_at_scrape),
             capacity=self.capacity,
             shapes=frozenset(s for s, c in self.shapes.items() if c > 0),
+            adapters=self.held_adapters(),
         )
 
     def add(self, cost: RequestCost) -> None:
         self.sent += cost.row_steps
         self.in_flight += 1
         self.shapes[cost.shape] += 1
+        now = time.monotonic()
+        for a in cost.adapters:
+            self.adapters_in_flight[a] += 1
+            self.adapters_sent[a] = now
 
     def release(self, cost: RequestCost) -> None:
         self.in_flight = max(0, self.in_flight - 1)
@@ -69,6 +93,10 @@ class Upstream:
         self.shapes[cost.shape] -= 1
         if self.shapes[cost.shape] <= 0:
             del self.shapes[cost.shape]
+        for a in cost.adapters:
+            self.adapters_in_flight[a] -= 1
+            if self.adapters_in_flight[a] <= 0:
+                del self.adapters_in_flight[a]
 
     def progress(self, cost: RequestCost, done_row_steps: float) -> None:
         """Steps reported done by a streamed request: they no longer weigh on the engine."""
@@ -112,6 +140,15 @@ class UpstreamPool:
         """The engines' native side in pixels (they serve one model; the largest reported, should
         a rollout mix two), None before any reported it."""
         return max((u.native_size for u in self.upstreams.values() if u.native_size), default=None)
+
+    def model_cost(self) -> ModelCost | None:
+        """What a request costs on the engines' model: as the engine of the largest native size
+        published it (with only a native size from /metrics: by pixels), None before any reported."""
+        native = self.native_size()
+        if native is None:
+            return None
+        full = [u.model for u in self.upstreams.values() if u.model is not None and u.model.native_size == native]
+        return full[0] if full else ModelCost(native)
 
     def any_ready(self, exclude: Iterable[str] = ()) -> bool:
         ex = set(exclude)
@@ -192,10 +229,13 @@ class UpstreamPool:
     async def _poll(self, up: Upstream) -> None:
         try:
             sent_before = up.sent
+            started = time.monotonic()
             ready_resp = await self.client.get(up.url + "/readyz")
             body = _json(ready_resp)
             up.ready = ready_resp.status_code == 200
             up.draining = ready_resp.status_code == 503 and body.get("status") == "draining"
+            up.adapters_polled(_adapters(body.get(readiness.LOAD)), started)
+            up.model = _model_cost(body.get(readiness.LOAD)) or up.model
             gauges = _load(body.get(readiness.LOAD))
             if gauges is None:  # an engine that does not put its load in /readyz: its Prometheus page has it
                 sent_before = up.sent
@@ -235,6 +275,31 @@ def _load(load: Any) -> dict[str, float] | None:
         names.NATIVE_SIZE: load.get(readiness.NATIVE_SIZE),
     }
     return {k: float(v) for k, v in values.items() if _usable(v)}
+
+
+def _model_cost(load: Any) -> ModelCost | None:
+    """What a request costs on the engine's model, from a /readyz `load` object that says so."""
+    if not isinstance(load, dict):
+        return None
+    native, text, side = load.get(readiness.NATIVE_SIZE), load.get(readiness.TEXT_TOKENS), load.get(readiness.TOKEN_SIDE)
+    if not (_usable(native) and native >= 1 and _usable(text) and _usable(side) and side >= 1):
+        return None
+    cfg, default = load.get(readiness.CFG_ROWS), load.get(readiness.DEFAULT_GUIDANCE)
+    return ModelCost(
+        native_size=int(native),
+        text_tokens=int(text),
+        token_side=int(side),
+        cfg_rows=cfg if isinstance(cfg, bool) else True,
+        default_guidance=float(default) if _usable(default) else None,
+    )
+
+
+def _adapters(load: Any) -> frozenset[str]:
+    """The adapter names of a /readyz `load` object (none when it has no list of them)."""
+    names = load.get(readiness.ADAPTERS) if isinstance(load, dict) else None
+    if not isinstance(names, list):
+        return frozenset()
+    return frozenset(n for n in names[:1024] if isinstance(n, str))
 
 
 def _json(resp: httpx.Response) -> dict[str, Any]:
