@@ -53,9 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m synerdiff_bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    b = sub.add_parser("build-model", help="write the SD1.5- or SDXL-shaped random-weight model")
+    b = sub.add_parser("build-model", help="write the SD1.5-, SDXL-, SD3-medium- or FLUX.1-dev-shaped random-weight model")
     b.add_argument("out", nargs="?", default=None)
-    b.add_argument("--shape", default="sd15", choices=["sd15", "sdxl"])
+    b.add_argument("--shape", default="sd15", choices=["sd15", "sdxl", "sd3", "flux"])
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--device", default="auto")
 

@@ -29,7 +29,7 @@ from .systems import DoneFn, EngineSystem, HttpSystem, System
 from .workload import BenchRequest
 
 if TYPE_CHECKING:
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import StableDiffusionPipeline
 
 log = logging.getLogger("synerdiff_bench")
 
@@ -43,12 +43,39 @@ STATIC_BATCH = 8
 STATIC_WAIT_S = 1.0
 
 
-def make_pipeline(model: ModelBundle) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+def make_pipeline(model: ModelBundle) -> Any:
     """A diffusers pipeline over the very modules the engines use (no second copy of the weights):
-    StableDiffusionXLPipeline for an SDXL model, else StableDiffusionPipeline."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    the family's (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline,
+    FluxPipeline)."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    scheduler = DIFFUSERS_CLASSES["euler"].from_config(model.scheduler_config)
+    scheduler = DIFFUSERS_CLASSES[model.rules.default_sampler].from_config(model.scheduler_config)
+    dit: Any = None
+    if model.family == "sd3":
+        dit = StableDiffusion3Pipeline(
+            transformer=model.transformer,
+            scheduler=scheduler,
+            vae=model.vae,
+            text_encoder=model.text_encoder,
+            tokenizer=model.tokenizer,
+            text_encoder_2=model.text_encoder_2,
+            tokenizer_2=model.tokenizer_2,
+            text_encoder_3=model.text_encoder_3,
+            tokenizer_3=model.tokenizer_3,
+        )
+    elif model.family == "flux":
+        dit = FluxPipeline(
+            scheduler=scheduler,
+            vae=model.vae,
+            text_encoder=model.text_encoder,
+            tokenizer=model.tokenizer,
+            text_encoder_2=model.text_encoder_2,
+            tokenizer_2=model.tokenizer_2,
+            transformer=model.transformer,
+        )
+    if dit is not None:
+        dit.set_progress_bar_config(disable=True)
+        return dit
     if model.family == "sdxl":
         # The engine keeps a force_upcast VAE in fp32; diffusers' SDXL pipeline expects the
         # pipeline's dtype and upcasts around each decode itself, as its users run it.

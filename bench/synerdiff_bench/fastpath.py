@@ -47,16 +47,18 @@ def engine_config(args: argparse.Namespace, policy: str) -> EngineConfig:
     return EngineConfig(
         model=args.model_path,
         device="cuda",
-        dtype="float16",
+        dtype=args.dtype,
         compile_cache_dir=args.cache_dir,
         fast_path_compile=args.engine_compile == "on",
         scheduler=SchedulerConfig(policy=policy, max_rows=args.max_rows),  # type: ignore[arg-type]
         profile_path=args.profile_path,
+        fast_path_rows=args.engine_rows,
     )
 
 
 def request(args: argparse.Namespace, seed: int) -> GenerationRequest:
-    return GenerationRequest(prompt=PROMPT, height=args.size, width=args.size, steps=args.steps, guidance_scale=args.guidance, sampler="euler", seed=seed)
+    """The benchmark's request; the sampler is the model family's (euler for UNets, flow_euler for DiTs)."""
+    return GenerationRequest(prompt=PROMPT, height=args.size, width=args.size, steps=args.steps, guidance_scale=args.guidance, seed=seed)
 
 
 # ---------------------------------------------------------------------------------- start-up
@@ -118,26 +120,26 @@ def startup(args: argparse.Namespace) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------- ceiling
 def ceiling(model, args: argparse.Namespace) -> dict[str, float]:
-    """Images/s if every UNet FLOP ran at the measured dense fp16 GEMM rate (the VAE not counted)."""
+    """Images/s if every denoiser FLOP ran at the measured dense GEMM rate in the model's dtype (the
+    VAE and text encoders not counted). One row is counted through the family's denoiser with the
+    conditions a row carries; a guided image is two rows where guidance adds rows (not FLUX)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from synerdiff.models.conditioning import conditioner_for
+    from synerdiff.models.denoisers import denoiser_for
+
+    dt = model.dtype
     f = model.vae_scale_factor
-    x = torch.randn(1, model.unet_in_channels, args.size // f, args.size // f, device="cuda", dtype=torch.float16)
-    c = torch.randn(1, model.tokenizer.model_max_length, int(model.unet.config.cross_attention_dim), device="cuda", dtype=torch.float16)
-    kw: dict[str, Any] = {}
-    cfg = model.unet.config
-    if cfg.addition_embed_type == "text_time":  # SDXL: the pooled text embedding and six time ids per row
-        pooled = int(cfg.projection_class_embeddings_input_dim) - 6 * int(cfg.addition_time_embed_dim)
-        kw["added_cond_kwargs"] = {
-            "text_embeds": torch.randn(1, pooled, device="cuda", dtype=torch.float16),
-            "time_ids": torch.tensor([[args.size, args.size, 0, 0, args.size, args.size]], device="cuda", dtype=torch.float16),
-        }
+    x = torch.randn(1, model.unet_in_channels, args.size // f, args.size // f, device="cuda", dtype=dt)
+    cond = conditioner_for(model).example(1)
+    if model.family == "sdxl":
+        cond = cond.with_added(time_ids=torch.tensor([[args.size, args.size, 0, 0, args.size, args.size]], device="cuda", dtype=dt))
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
-        model.unet(x, torch.tensor([500.0], device="cuda"), encoder_hidden_states=c, return_dict=False, **kw)
+        denoiser_for(model)(x, torch.tensor([500.0], device="cuda"), cond.context, cond.added)
     flops_row = float(counter.get_total_flops())
     n = 8192
-    a = torch.randn(n, n, device="cuda", dtype=torch.float16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.float16)
+    a = torch.randn(n, n, device="cuda", dtype=dt)
+    b = torch.randn(n, n, device="cuda", dtype=dt)
     for _ in range(3):
         a @ b
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -147,10 +149,11 @@ def ceiling(model, args: argparse.Namespace) -> dict[str, float]:
     end.record()
     end.synchronize()
     rate = 2 * n**3 * 20 / (start.elapsed_time(end) / 1e3)
-    rows_per_image = 2  # guided
+    rows_per_image = 2 if model.rules.guidance == "cfg" and args.guidance > 1 else 1
     return {
         "unet_gflop_per_row": flops_row / 1e9,
         "gemm_tflops": rate / 1e12,
+        "rows_per_image": rows_per_image,
         "ceiling_images_per_s": rate / (flops_row * rows_per_image * args.steps),
     }
 
@@ -158,10 +161,11 @@ def ceiling(model, args: argparse.Namespace) -> dict[str, float]:
 # ---------------------------------------------------------------------------------- diffusers
 def diffusers_runs(model, args: argparse.Namespace, compiled: bool) -> dict[str, Any]:
     pipe = make_pipeline(model)
+    net = "unet" if model.unet is not None else "transformer"  # the denoiser a user compiles
     t0 = time.perf_counter()
     if compiled:
-        pipe.unet.to(memory_format=torch.channels_last)
-        pipe.unet = torch.compile(pipe.unet, fullgraph=True)
+        getattr(pipe, net).to(memory_format=torch.channels_last)
+        setattr(pipe, net, torch.compile(getattr(pipe, net), fullgraph=True))
 
     def call(batch: int, seed: int) -> tuple[float, torch.Tensor]:
         gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(batch)]
@@ -187,7 +191,7 @@ def diffusers_runs(model, args: argparse.Namespace, compiled: bool) -> dict[str,
         batch_s = [call(batch, 100 + i)[0] for i in range(2)]
         out.update(static_batch=batch, static_batch_s=batch_s, static_images_per_s=batch / statistics.median(batch_s))
     if compiled:
-        pipe.unet = pipe.unet._orig_mod
+        setattr(pipe, net, getattr(pipe, net)._orig_mod)
     return out
 
 
@@ -250,7 +254,7 @@ def compare(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] = l
     """Each system in turn; `save` gets the results so far after each, so a run cut short keeps them."""
     from synerdiff.models.loader import load_model
 
-    model = load_model(args.model_path, "cuda", "float16")
+    model = load_model(args.model_path, "cuda", args.dtype)
     result: dict[str, Any] = {"ceiling": ceiling(model, args), "details": {}, "errors": {}}
     result["ceiling_images_per_s"] = result["ceiling"]["ceiling_images_per_s"]
     print(f"ceiling: {result['ceiling']}", flush=True)
@@ -282,7 +286,7 @@ def compare(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] = l
     torch.cuda.empty_cache()
     phase("engine_exact", lambda: engine_runs(args, "continuous", lone=True))
     phase("engine_synerdiff", lambda: engine_runs(args, "synerdiff", lone=False))
-    phase("diffusers_compiled", lambda: diffusers_runs(load_model(args.model_path, "cuda", "float16"), args, compiled=True))
+    phase("diffusers_compiled", lambda: diffusers_runs(load_model(args.model_path, "cuda", args.dtype), args, compiled=True))
     return result
 
 
@@ -336,9 +340,10 @@ def modes(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] = lam
 
     from synerdiff.engine.fastpath import GraphedUNet
     from synerdiff.models.conditioning import conditioner_for
+    from synerdiff.models.denoisers import denoiser_for
     from synerdiff.models.loader import load_model
 
-    model = load_model(args.model_path, "cuda", "float16")
+    model = load_model(args.model_path, "cuda", args.dtype)
     f = model.vae_scale_factor
     shape = (model.unet_in_channels, args.size // f, args.size // f)
     example = conditioner_for(model).example(1, random=False)  # the context and added conditions a row carries
@@ -349,10 +354,10 @@ def modes(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] = lam
     def measure(name: str, mode: str) -> None:
         torch._dynamo.reset()
         g = GraphedUNet(
-            model.unet,
+            denoiser_for(model),
             ctx_shape=ctx,
             added_shapes=added,
-            dtype=torch.float16,
+            dtype=model.dtype,
             device=torch.device("cuda"),
             compile=True,
             mode=mode,
@@ -377,7 +382,7 @@ def modes(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] = lam
     for variant in filter(None, args.variants.split(",")):
         for key, value in VARIANTS[variant].items():
             if key == "fuse_qkv":
-                model.unet.fuse_qkv_projections()
+                model.net.fuse_qkv_projections()
             else:
                 setattr(inductor, key, value)
             applied[key] = value
@@ -392,8 +397,12 @@ def main(argv: list[str] | None = None, stamp: list[str] | None = None) -> None:
     ap.add_argument("--modes", default="default,max-autotune-no-cudagraphs", help="modes: torch.compile modes to compare at --max-rows rows")
     ap.add_argument("--variants", default="", help=f"modes: then these inductor variants, cumulative ({', '.join(VARIANTS)})")
     ap.add_argument("--attention", default="cudnn", help="modes: the SDPA backend to compile with")
-    ap.add_argument("--model", default="sd15", help="'sd15' or 'sdxl' (built from a seed in --model-dir), 'tiny' or a diffusers directory")
-    ap.add_argument("--model-dir", default=None, help="where 'sd15'/'sdxl' are built (default: /tmp/synerdiff-<shape>)")
+    ap.add_argument("--model", default="sd15", help="'sd15', 'sdxl', 'sd3' or 'flux' (built from a seed in --model-dir), 'tiny' or a diffusers directory")
+    ap.add_argument("--model-dir", default=None, help="where the shaped models are built (default: /tmp/synerdiff-<shape>)")
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"], help="weights dtype (the DiT shapes: bfloat16)")
+    ap.add_argument(
+        "--engine-rows", type=lambda v: [int(x) for x in v.split(",")], default=[], help="the engine's graph row sizes (fast_path_rows), e.g. 1,2,4"
+    )
     ap.add_argument("--cache-dir", required=True, help="compile cache folder (startup: must be empty)")
     ap.add_argument("--max-rows", type=int, default=64)
     ap.add_argument("--size", type=int, default=512)
@@ -424,7 +433,7 @@ def main(argv: list[str] | None = None, stamp: list[str] | None = None) -> None:
         start_once(args)
         return
     path = result_path(args.out, args.name)
-    report = json.loads(path.read_text()) if path.is_file() else new_report("fastpath", args.name, stamp, model=args.model, dtype="float16")
+    report = json.loads(path.read_text()) if path.is_file() else new_report("fastpath", args.name, stamp, model=args.model, dtype=args.dtype)
     if args.phase == "modes":
 
         def save_modes(partial: dict[str, Any]) -> None:

@@ -160,13 +160,18 @@ def build_sdxl(out: str | Path, seed: int = 0, device: str = "auto") -> Path:
 
 
 def resolve_model(spec: str, model_dir: str | None = None, seed: int = 0, device: str = "auto") -> str:
-    """`tiny` = the embedded model, `sd15`/`sdxl` = build (or reuse) the shaped one, else a path."""
+    """`tiny` = the embedded model, `sd15`/`sdxl`/`sd3`/`flux` = build (or reuse) the shaped one
+    (the DiT shapes on a CUDA device: `ditmodels`), else a path."""
     if spec == "tiny":
         return str(EMBEDDED_MODEL_DIR)
     if spec == "sd15":
         return str(build_sd15(model_dir or DEFAULT_SD15_DIR, seed=seed, device=device))
     if spec == "sdxl":
         return str(build_sdxl(model_dir or DEFAULT_SDXL_DIR, seed=seed, device=device))
+    if spec in ("sd3", "flux"):
+        from .ditmodels import build_dit
+
+        return str(build_dit(spec, model_dir or f"/tmp/synerdiff-{spec}", seed=seed, device="cuda" if device == "auto" else device))
     if not (Path(spec) / "model_index.json").is_file():
-        raise SystemExit(f"--model {spec!r}: not 'tiny', 'sd15', 'sdxl' or a diffusers directory")
+        raise SystemExit(f"--model {spec!r}: not 'tiny', 'sd15', 'sdxl', 'sd3', 'flux' or a diffusers directory")
     return spec
