@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -38,6 +39,8 @@ class GenerationRequest:
     image: Any = None
     strength: float = 0.8
     mask: Any = None
+    # LoRA adapters: (name, scale) pairs, names of files in `engine.lora.dir`, checked at submit.
+    lora: Sequence[tuple[str, float]] = ()
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
 
     def validate(self, limits: LimitsConfig) -> None:
