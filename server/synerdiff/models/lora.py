@@ -390,8 +390,9 @@ class AdapterCache:
 
     def resolve(self, refs: Sequence[tuple[str, float]]) -> list[tuple[Adapter, float]]:
         """The parsed adapters a request names, or AdapterError naming the problem."""
-        if len(refs) > self.pairs:
-            raise AdapterError(f"names {len(refs)} adapters; at most {self.pairs} per request")
+        most = min(self.pairs, self.slots)  # more than the slots could never be admitted
+        if len(refs) > most:
+            raise AdapterError(f"names {len(refs)} adapters; at most {most} per request")
         names = [n for n, _ in refs]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
