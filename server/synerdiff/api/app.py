@@ -123,6 +123,7 @@ def _load(engine: Engine) -> dict[str, Any] | None:
             readiness.TOKEN_SIDE: m.size_multiple,
             readiness.CFG_ROWS: m.rules.guidance == "cfg",
             readiness.DEFAULT_GUIDANCE: engine.default_guidance(),
+            readiness.ADAPTERS: engine.adapters_loaded(),
         }
     except Exception:  # noqa: BLE001 - a probe answers whatever the model looks like
         log.exception("reading the engine's load for /readyz")
@@ -170,15 +171,18 @@ def _models_router() -> APIRouter:
     errors: dict[int | str, dict[str, Any]] = {401: {"model": ErrorResponse, "description": "Missing or wrong bearer token."}}
 
     def card(state: AppState) -> ModelCard:
-        return ModelCard(id=state.settings.served_model_name, created=state.created)
+        engine = state.engine
+        adapters = engine.adapters_available() if engine.config.lora.dir else None
+        return ModelCard(id=state.settings.served_model_name, created=state.created, lora_adapters=adapters)
 
-    @router.get("/models", response_model=ModelList, responses=errors, summary="The served model (OpenAI shape)")
+    @router.get("/models", response_model=ModelList, response_model_exclude_none=True, responses=errors, summary="The served model (OpenAI shape)")
     async def list_models(request: Request) -> ModelList:
         return ModelList(data=[card(request.app.state.synerdiff)])
 
     @router.get(
         "/models/{model_id}",
         response_model=ModelCard,
+        response_model_exclude_none=True,
         responses={**errors, 404: {"model": ErrorResponse, "description": "Unknown model."}},
         summary="One model",
     )

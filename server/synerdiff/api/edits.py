@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import time
 import warnings
 from typing import Any
@@ -56,6 +57,7 @@ _TEXT_FIELDS = {
     "cfg_skip",
     "strength",
     "stream",
+    "lora",
 }
 _FILE_FIELDS = {"image", "mask"}
 
@@ -114,6 +116,27 @@ class EditForm:
         if value != value or value in (float("inf"), float("-inf")):
             raise _invalid(name, "must be a finite number")
         return value
+
+
+def lora_field(raw: str | None) -> list[tuple[str, float]]:
+    """The `lora` form field: a JSON list of {"name": ..., "scale": ...} (scale optional, 1.0)."""
+    if raw is None or not raw.strip():
+        return []
+    try:
+        items = json.loads(raw)
+    except ValueError:
+        raise _invalid("lora", 'must be a JSON list such as [{"name": "style", "scale": 0.8}]') from None
+    if not isinstance(items, list):
+        raise _invalid("lora", "must be a JSON list of {name, scale} objects")
+    out = []
+    for item in items:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or set(item) - {"name", "scale"}:
+            raise _invalid("lora", 'each entry must be an object {"name": string, "scale": number}')
+        scale = item.get("scale", 1.0)
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise _invalid("lora", f"{item['name'][:60]!r}: scale must be a number")
+        out.append((item["name"], float(scale)))
+    return out
 
 
 def decode_image(name: str, data: bytes, max_pixels: int, formats: tuple[str, ...] = IMAGE_FORMATS) -> Image.Image:
@@ -227,6 +250,7 @@ async def build_edit(form: EditForm, state: AppState) -> GenerationRequest:
         image=_rgb(image),
         mask=mask,
         strength=strength if strength is not None else 0.8,
+        lora=lora_field(form.str_("lora")),
     )
 
 
@@ -256,6 +280,7 @@ def _form_schema() -> dict[str, Any]:
     props["strength"] = {"type": "number", "minimum": 0, "maximum": 1, "default": 0.8}
     props["sampler"] = {"type": "string", "enum": list(SAMPLER_NAMES)}
     props["image"] = {"type": "string", "format": "binary", "description": "PNG, JPEG or WebP"}
+    props["lora"] = {"type": "string", "description": 'JSON list of LoRA adapters, e.g. [{"name": "style", "scale": 0.8}]'}
     props["mask"] = {"type": "string", "format": "binary", "description": "PNG with alpha: fully transparent pixels are repainted"}
     return {
         "requestBody": {

@@ -84,6 +84,7 @@ def build_request(body: ImageGenerationRequest, state: AppState) -> GenerationRe
         seed=body.seed,
         sampler=body.sampler,
         cfg_skip=body.cfg_skip,
+        lora=[(ref.name, ref.scale) for ref in body.lora or ()],
     )
 
 

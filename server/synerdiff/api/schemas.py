@@ -16,6 +16,18 @@ from ..contract.requests import SamplerName
 SIZE_PATTERN = r"^(auto|[0-9]{1,5}x[0-9]{1,5})$"
 
 
+class LoraRef(BaseModel):
+    """One LoRA adapter a request applies: a file of `engine.lora.dir` (GET /v1/models lists them)."""
+
+    # Non-finite scales pass here and are refused by the engine with a 400 naming the field.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=True)
+
+    name: str = Field(
+        ..., min_length=1, max_length=128, description="The adapter's name: NAME.safetensors or NAME/pytorch_lora_weights.safetensors in the folder."
+    )
+    scale: float = Field(1.0, description="Its weight (diffusers' set_adapters weight): the adapter's alpha/r times this. Between -100 and 100.")
+
+
 class ImageGenerationRequest(BaseModel):
     # Unknown fields are refused (422 naming them) so that a misspelt extension such as
     # `num_inference_step` fails loudly instead of silently using the default.
@@ -76,6 +88,11 @@ class ImageGenerationRequest(BaseModel):
         description="Extension: `auto` lets the scheduler run up to `scheduler.skip_cfg_bound` of the late steps "
         "without guidance when that raises throughput; `never` keeps guidance on every step.",
     )
+    lora: list[LoraRef] | None = Field(
+        None,
+        description="Extension: LoRA adapters applied to this request's rows only (at most `engine.lora.max_per_request`), "
+        "inside the shared batch; unknown, unreadable or too large adapters are refused with a 400.",
+    )
 
 
 class ImageData(BaseModel):
@@ -128,6 +145,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "synerdiff"
+    lora_adapters: list[str] | None = Field(None, description="Extension: the LoRA adapters a request may name (absent when LoRA is off).")
 
 
 class ModelList(BaseModel):

@@ -40,6 +40,10 @@ VAE_CHUNKS = "synerdiff_vae_chunks"
 VAE_BESIDE = "synerdiff_vae_beside_images"
 VAE_FALLBACKS = "synerdiff_vae_oom_fallbacks"
 PADDED_ROWS = "synerdiff_unet_padded_rows"
+LORA_LOADED = "synerdiff_lora_adapters_loaded"
+LORA_LOADS = "synerdiff_lora_loads"
+LORA_EVICTIONS = "synerdiff_lora_evictions"
+LORA_LOAD_SECONDS = "synerdiff_lora_load_seconds"
 
 
 def total(counter: str) -> str:

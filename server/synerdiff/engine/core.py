@@ -242,6 +242,10 @@ class EngineCore:
     # ------------------------------------------------------------------ stages
     def _admit(self, ids: Sequence[str], stats: IterationStats) -> None:
         specs = [self.table.waiting[i] for i in ids if i in self.table.waiting]
+        fits = getattr(self.runner, "admissible", None)
+        if fits is not None and specs:  # e.g. LoRA adapters that do not fit the free device slots: they wait
+            ok = set(fits([s.id for s in specs]))
+            specs = [s for s in specs if s.id in ok]
         if not specs or not self._guard(Stage.ENCODE, specs):
             return
         t0 = self.timer()

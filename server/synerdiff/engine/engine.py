@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -39,6 +39,9 @@ from .jobs import Decoding, Denoising, JobSpec, Phase
 from .observer import EngineObserver, IterationStats
 from .request import GenerationRequest, GenerationResult, Timings
 from .runner import TorchRunner
+
+if TYPE_CHECKING:
+    from ..models.lora import AdapterCache
 
 log = logging.getLogger("synerdiff.engine")
 
@@ -116,6 +119,7 @@ class Engine:
         self._in_flight = 0  # submitted, not yet finished
         self.ready = False
         self.startup = Startup()
+        self.lora: AdapterCache | None = None  # per-request LoRA adapters, when engine.lora.dir is set
 
     # ------------------------------------------------------------------ life cycle
     @property
@@ -141,6 +145,8 @@ class Engine:
         if self._model is None:
             self.startup.stage = "loading model"
             self._model = load_model(self.config.model, self.config.device, self.config.dtype, self.config.vae)
+        if self.config.lora.dir and self.lora is None:
+            self.lora = self._start_lora()
         self.executor = StepExecutor(self._model)
         if self.config.fast_path and self._model.device.type == "cuda":
             self.startup.stage = "compiling" if self.config.fast_path_compile else "capturing graphs"
@@ -152,7 +158,7 @@ class Engine:
         if self.cost_model is None and (self.config.profile_path or self.config.scheduler.policy == "synerdiff"):
             self.startup.stage = "profiling"
             self.cost_model = self._load_cost_model()
-        self._runner = TorchRunner(self._model, self.executor, self.config.vae_tiling)
+        self._runner = TorchRunner(self._model, self.executor, self.config.vae_tiling, self.lora)
         cfg = self.config.scheduler
         policy = self._policy_override or policy_for(cfg, self.cost_model)
         self._core = EngineCore(
@@ -178,6 +184,45 @@ class Engine:
         self.startup.stage = "ready"
         self.ready = True
         return self
+
+    def _start_lora(self) -> AdapterCache:
+        """Wrap the denoiser's and text encoders' LoRA-target linears (before any graph is captured)."""
+        from ..models.lora import AdapterCache
+
+        cfg = self.config
+        rows = max([cfg.scheduler.max_rows, 2 * cfg.limits.max_n, *cfg.fast_path_rows])
+        cache = AdapterCache(cfg.lora, self.model, rows)
+        # Captured graphs run the LoRA term on every replay; eager forwards skip it when no row has an adapter.
+        cache.denoiser_rows.always = cache.denoiser_rows.active = cfg.fast_path and self.model.device.type == "cuda"
+        return cache
+
+    def adapters_available(self) -> list[str]:
+        """The LoRA adapters in the folder (empty when LoRA is off)."""
+        if not self.config.lora.dir:
+            return []
+        from ..models.lora import list_adapters
+
+        return list_adapters(self.config.lora.dir)
+
+    def adapters_loaded(self) -> list[str]:
+        """The LoRA adapters in the device slots, least recently used first."""
+        return self.lora.loaded() if self.lora is not None else []
+
+    def _resolve_lora(self, request: GenerationRequest) -> list[Any] | None:
+        if not request.lora:
+            return None
+        if self.lora is None:
+            raise RequestError("lora", "LoRA adapters are not served here (engine.lora.dir is not set)")
+        from ..models.lora import AdapterError
+
+        try:
+            refs = [(str(name), scale) for name, scale in request.lora]
+        except (TypeError, ValueError):
+            raise RequestError("lora", "must be a list of (name, scale) pairs") from None
+        try:
+            return self.lora.resolve(refs)
+        except AdapterError as exc:
+            raise RequestError("lora", str(exc)) from None
 
     def _load_cost_model(self) -> CostModel | None:
         """The profile that matches this GPU/model/dtype, or a quick fresh one (cached on disk)."""
@@ -256,6 +301,7 @@ class Engine:
             make_plan(request.sampler or "", m.scheduler_config, request.steps, request.start_step, **m.plan_inputs(request.height, request.width))
         except ValueError as exc:
             raise RequestError("num_inference_steps", f"{request.steps} steps with sampler {request.sampler}: {exc}") from exc
+        adapters = self._resolve_lora(request)
         seed = request.seed if request.seed is not None else random.randrange(2**63)
         handle = RequestHandle(self, request, seed)
         timeout = request.timeout_s or self.config.limits.request_timeout_s
@@ -273,6 +319,8 @@ class Engine:
             self._in_flight += 1
             spec = _spec(request, self.clock(), timeout, self.row_weight(request.height, request.width))
             self._queued_work += spec.work(spec.steps)
+            if adapters is not None and self.lora is not None:
+                self.lora.hold(request.request_id, adapters)
             self._inbox.put(("submit", (handle, spec)))
         self._wake.set()
         return handle

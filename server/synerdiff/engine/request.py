@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -39,6 +40,8 @@ class GenerationRequest:
     image: Any = None
     strength: float = 0.8
     mask: Any = None
+    # LoRA adapters: (name, scale) pairs, names of files in `engine.lora.dir`, checked at submit.
+    lora: Sequence[tuple[str, float]] = ()
     request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     # The served model's family (the engine binds it at submission): which samplers exist, how
     # guidance is paid for, which steps an edit runs.

@@ -24,6 +24,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..models.conditioning import Conditioning, Prompt
 from ..models.inpainting import Blend, Inpainter, InpaintStart
 from ..models.loader import ModelBundle
+from ..models.lora import AdapterCache
 from ..samplers import SamplerPlan, apply_update, make_plan
 from .core import DecodeReport, DecodeWork, StepReport
 from .decoder import Decoder, Tiling, free_cache_after
@@ -51,8 +52,9 @@ class DeviceRows:
 
 
 class TorchRunner:
-    def __init__(self, model: ModelBundle, executor: StepExecutor, tiling: Tiling):
+    def __init__(self, model: ModelBundle, executor: StepExecutor, tiling: Tiling, lora: AdapterCache | None = None):
         self.model = model
+        self.lora = lora  # per-row LoRA adapters (models.lora), when served
         self.executor = executor
         self.decoder = Decoder(executor, tiling)
         self._requests: dict[str, tuple[GenerationRequest, int]] = {}  # queued: the request and its seed
@@ -64,7 +66,13 @@ class TorchRunner:
         """Hold a queued request's inputs until it is admitted."""
         self._requests[job_id] = (request, seed)
 
+    def admissible(self, job_ids: Sequence[str]) -> list[str]:
+        """Those of the jobs that may be admitted now: all, unless their LoRA adapters do not fit the free slots."""
+        return self.lora.admissible(job_ids) if self.lora is not None else list(job_ids)
+
     def release(self, job_id: str) -> None:
+        if self.lora is not None:
+            self.lora.release(job_id)
         self._requests.pop(job_id, None)
         self._rows.pop(job_id, None)
         self.decoder.forget(job_id)
@@ -85,6 +93,9 @@ class TorchRunner:
         reqs = [self._requests[j.id] for j in jobs]
         prompts = [Prompt(r.prompt, False, r.height, r.width, r.guidance_scale or 0.0) for r, _ in reqs]
         prompts += [Prompt(r.negative_prompt, True, r.height, r.width, r.guidance_scale or 0.0) for r, _ in reqs if r.guided]
+        if self.lora is not None:  # each prompt's rows with its request's adapters, loaded and pinned
+            pairs = [self.lora.pin(j.id) for j in jobs]
+            self.lora.set_text_rows(pairs + [p for p, (r, _) in zip(pairs, reqs, strict=True) if r.guided])
         conds = self.executor.encode_prompts(prompts)
         neg = iter(range(len(reqs), len(prompts)))
         made: dict[str, DeviceRows] = {}
@@ -196,6 +207,9 @@ class TorchRunner:
             ctx = Conditioning.stack(uncond_ctx + cond_ctx)
         else:
             tsteps_all, ctx = tsteps, Conditioning.stack(cond_ctx)
+        if self.lora is not None:  # every row of an image (its unconditional row too) with its request's adapters
+            image_pairs = [p for d, r in zip(jobs, rows, strict=True) for p in [self.lora.pin(d.spec.id)] * r.request.n]
+            self.lora.set_denoiser_rows([image_pairs[i] for i in guided_idx] + image_pairs)
         padded_before = ex.padded_rows
         out = ex.denoise(model_in, tsteps_all, ctx)
         ex.synchronize()  # without it unet_s would time only the (asynchronous) launches

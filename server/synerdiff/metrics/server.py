@@ -117,6 +117,11 @@ class ServerMetrics:
             names.PADDED_ROWS, "Rows the replayed UNet graphs ran beyond the requests' rows (padding up to a compiled row size).", registry=r
         )
         self.vae_fallbacks = Counter(names.VAE_FALLBACKS, "Decodes that ran out of GPU memory and were redone one image at a time (then in tiles).", registry=r)
+        Gauge(names.LORA_LOADED, "LoRA adapters held in the device slots.", registry=r).set_function(lambda: len(engine.adapters_loaded()))
+        self.lora_loads = Counter(names.LORA_LOADS, "LoRA adapters loaded into a device slot.", registry=r)
+        self.lora_evictions = Counter(names.LORA_EVICTIONS, "LoRA adapters evicted from a device slot (least recently used, unpinned).", registry=r)
+        self.lora_load = Histogram(names.LORA_LOAD_SECONDS, "Copying one LoRA adapter into its device slot.", buckets=STEP_BUCKETS, registry=r)
+        self._lora_seen = (0, 0)
         for status, reason in _INITIAL_OUTCOMES:
             self.requests.labels(status, reason)
         self._observer = EngineObserver(on_iteration=self.on_iteration)
@@ -141,6 +146,14 @@ class ServerMetrics:
             self.cfg_skipped.inc(stats.cfg_skipped)
         for wait in stats.queue_waits_s:
             self.queue_wait.observe(wait)
+        lora = self.engine.lora
+        if lora is not None:
+            loads, evictions = lora.stats.loads, lora.stats.evictions
+            self.lora_loads.inc(loads - self._lora_seen[0])
+            self.lora_evictions.inc(evictions - self._lora_seen[1])
+            self._lora_seen = (loads, evictions)
+            while lora.stats.load_seconds:
+                self.lora_load.observe(lora.stats.load_seconds.popleft())
 
     def attach(self) -> None:
         if self._observer not in self.engine.observers:
