@@ -177,7 +177,7 @@ def read_adapter(
     if unet_config is not None:
         kw["unet_config"] = unet_config
     try:
-        state, alphas, metadata = family_pipeline.lora_state_dict(str(path.parent), **kw)
+        state, alphas, metadata = _lora_state_dict(family_pipeline, str(path.parent), kw)
     except Exception as exc:  # noqa: BLE001 - any reader error is a bad file
         raise AdapterError(f"could not read {path.name}: {type(exc).__name__}: {str(exc)[:300]}") from None
     if not state:
@@ -327,9 +327,24 @@ def wrap_linears(module: nn.Module, targets: Sequence[str], make: Callable[[nn.L
 
 
 def family_pipeline(family: str) -> Any:
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 
-    return {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline}[family]
+    return {"sd": StableDiffusionPipeline, "sdxl": StableDiffusionXLPipeline, "sd3": StableDiffusion3Pipeline, "flux": FluxPipeline}[family]
+
+
+def _lora_state_dict(pipeline: Any, folder: str, kw: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None, dict[str, Any] | None]:
+    """(state dict, network alphas, metadata) as the family's pipeline reads an adapter: the SD and
+    SDXL readers return alphas, SD3's none (its loader passes none on), FLUX's when asked."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    if issubclass(pipeline, StableDiffusion3Pipeline):
+        state, metadata = pipeline.lora_state_dict(folder, **kw)
+        return state, None, metadata
+    if issubclass(pipeline, FluxPipeline):
+        state, alphas, metadata = pipeline.lora_state_dict(folder, return_alphas=True, **kw)
+        return state, alphas, metadata
+    state, alphas, metadata = pipeline.lora_state_dict(folder, **kw)
+    return state, alphas, metadata
 
 
 @dataclass
