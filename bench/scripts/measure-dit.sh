@@ -19,7 +19,7 @@ esac
 /usr/bin/time -f "build-model %e s" python3 -m synerdiff_bench build-model --shape "$shape" --device cuda || exit 1
 mkdir -p "$OUT/results"
 [ -f "/tmp/dit-$shape.json" ] && cp "/tmp/dit-$shape.json" "$OUT/results/"
-timeout 560 python3 -m synerdiff_bench fastpath compare --model "$shape" --dtype bfloat16 --size 1024 --steps 28 "${extra[@]}" \
+timeout "${DIT_TIMEOUT:-560}" python3 -m synerdiff_bench fastpath compare --model "$shape" --dtype bfloat16 --size 1024 --steps 28 "${extra[@]}" \
   --repeats 2 --engine-compile off --only "$only" --cache-dir "/tmp/synerdiff-$shape-cache" \
   --out "$OUT/results" --name "dit-$shape" 2>&1 | tee -a "$OUT/dit-$shape.log" | grep -v Warning
 cp "$OUT/results/dit-$shape.json" "/tmp/dit-$shape.json" 2>/dev/null

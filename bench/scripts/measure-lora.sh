@@ -4,6 +4,6 @@
 set -u
 source "$(dirname "$0")/gpu-env.sh"
 mkdir -p "$OUT/results"
-timeout 400 python3 -m synerdiff_bench.lora_bench --model sd15 --rows 32 --adapters 8 --rank 16 --size 512 --repeats 20 \
+timeout "${LORA_TIMEOUT:-400}" python3 -m synerdiff_bench.lora_bench --model sd15 --rows 32 --adapters 8 --rank 16 --size 512 --repeats 20 \
   --out "$OUT/results" --name lora 2>&1 | tee "$OUT/lora.log" | grep -v Warning | tail -5
 true
