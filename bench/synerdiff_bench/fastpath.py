@@ -250,12 +250,15 @@ def engine_runs(args: argparse.Namespace, policy: str, lone: bool) -> dict[str, 
     return out
 
 
-def compare(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] = lambda _: None) -> dict[str, Any]:
-    """Each system in turn; `save` gets the results so far after each, so a run cut short keeps them."""
+def compare(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] = lambda _: None, earlier: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Each system in turn; `save` gets the results so far after each, so a run cut short keeps them.
+    `earlier`: the report of earlier calls on the same machine (`--only` splits the systems over
+    calls): their systems' details stay, and the headline figures draw on them too."""
     from synerdiff.models.loader import load_model
 
     model = load_model(args.model_path, "cuda", args.dtype)
-    result: dict[str, Any] = {"ceiling": ceiling(model, args), "details": {}, "errors": {}}
+    details = dict((earlier or {}).get("details") or {})
+    result: dict[str, Any] = {"ceiling": ceiling(model, args), "details": details, "errors": dict((earlier or {}).get("errors") or {})}
     result["ceiling_images_per_s"] = result["ceiling"]["ceiling_images_per_s"]
     print(f"ceiling: {result['ceiling']}", flush=True)
     runs: dict[str, dict[str, Any]] = {}
@@ -269,6 +272,7 @@ def compare(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] = l
             logging.getLogger("synerdiff_bench").exception("%s failed", name)
             result["errors"][name] = f"{type(exc).__name__}: {exc}"
         else:
+            result["errors"].pop(name, None)  # an earlier call's failure of this system
             d = runs[name]
             print(
                 f"{name}: " + ", ".join(f"{k} {d[k]:.3f}" for k in ("lone_s", "saturated_images_per_s", "static_images_per_s", "vae_share_lone") if k in d),
@@ -294,7 +298,7 @@ def summarize(result: dict[str, Any], runs: dict[str, dict[str, Any]]) -> None:
     """The headline figures from the systems that have run."""
 
     def pick(system: str, key: str) -> Any:
-        return runs.get(system, {}).get(key)
+        return runs.get(system, result["details"].get(system, {})).get(key)
 
     result["lone_s"] = {
         "engine": pick("engine_exact", "lone_s"),
@@ -452,7 +456,7 @@ def main(argv: list[str] | None = None, stamp: list[str] | None = None) -> None:
             report.update(partial)
             write_json(report, path)
 
-        compare(args, save)
+        compare(args, save, earlier=report)
     report["settings"] = {k: getattr(args, k) for k in ("max_rows", "size", "steps", "guidance", "static_batch", "saturation_requests")}
     write_json(report, path)
     print(f"wrote {path}", flush=True)

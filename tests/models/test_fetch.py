@@ -218,6 +218,36 @@ def test_sharded_variant_weights_come_with_their_index() -> None:
     assert "unet/diffusion_pytorch_model.safetensors.index.fp16.json" in got
 
 
+def test_a_flux_repository_gets_its_transformer_and_t5_but_not_what_the_engine_never_reads() -> None:
+    """FLUX.1-dev's layout: a sharded transformer and T5 encoder with their index files, T5's
+    sentencepiece model; the engine loads no image encoder."""
+    files = [
+        "model_index.json",
+        "transformer/config.json",
+        "transformer/diffusion_pytorch_model.safetensors.index.json",
+        "transformer/diffusion_pytorch_model-00001-of-00003.safetensors",
+        "transformer/diffusion_pytorch_model-00002-of-00003.safetensors",
+        "transformer/diffusion_pytorch_model-00003-of-00003.safetensors",
+        "text_encoder_2/config.json",
+        "text_encoder_2/model.safetensors.index.json",
+        "text_encoder_2/model-00001-of-00002.safetensors",
+        "text_encoder_2/model-00002-of-00002.safetensors",
+        "tokenizer_2/spiece.model",
+        "tokenizer_2/tokenizer.json",
+        "image_encoder/model.safetensors",
+        "flux1-dev.safetensors",
+    ]
+    index = {
+        "_class_name": "FluxPipeline",
+        "transformer": ["diffusers", "FluxTransformer2DModel"],
+        "text_encoder_2": ["transformers", "T5EncoderModel"],
+        "tokenizer_2": ["transformers", "T5TokenizerFast"],
+        "image_encoder": ["transformers", "CLIPVisionModelWithProjection"],
+    }
+    got = pipeline_files(index, files, "bfloat16")
+    assert got == sorted(f for f in files if not f.startswith("image_encoder/") and f != "flux1-dev.safetensors")
+
+
 def test_a_component_with_only_variant_weights_still_gets_them() -> None:
     files = ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.fp16.safetensors", "unet/diffusion_pytorch_model.ema.safetensors"]
     index = {"unet": ["diffusers", "UNet2DConditionModel"]}

@@ -132,7 +132,9 @@ class LoraConfig(_Strict):
 class EngineConfig(_Strict):
     model: str = Field(str(EMBEDDED_MODEL_DIR), description="Path of a diffusers pipeline directory (Stable Diffusion 1.x/2.x, SDXL, SD3/SD3.5, FLUX.1).")
     device: str = Field("auto", description="'auto' (cuda if present), 'cpu', 'cuda' or 'cuda:N'.")
-    dtype: DType | Literal["auto"] = Field("auto", description="'auto' = float16 on CUDA, float32 on CPU.")
+    dtype: DType | Literal["auto"] = Field(
+        "auto", description="'auto' = float32 on CPU; on CUDA float16 for SD and SDXL, bfloat16 for SD3 and FLUX (their released weights' dtype)."
+    )
     default_sampler: SamplerName | None = Field(
         None, description="Sampler when a request names none; unset = the model family's (euler for SD and SDXL, flow_euler for SD3 and FLUX)."
     )

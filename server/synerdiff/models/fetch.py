@@ -41,7 +41,9 @@ SOURCE_FILE = ".synerdiff-source.json"
 LOCK_FILE = ".synerdiff-fetch.lock"
 # Components the engine loads; others a pipeline lists (safety_checker, feature_extractor,
 # image_encoder) are never read.
-LOADED_COMPONENTS = frozenset({"unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "scheduler"})
+LOADED_COMPONENTS = frozenset(
+    {"unet", "transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3", "scheduler"}
+)
 # What a component folder holds besides weights: configs, tokenizer vocabularies and merges, sentencepiece models.
 SMALL_FILES = (".json", ".txt", ".model")
 WEIGHT_FORMATS = (".safetensors", ".bin")  # in order of preference

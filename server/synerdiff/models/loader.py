@@ -167,9 +167,13 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str, device: torch.device, family: FamilyName = "sd") -> torch.dtype:
+    """auto: float32 on a CPU; on a GPU float16 for the UNet families, bfloat16 for the DiT families
+    (SD3's and FLUX's released weights and pipelines are bfloat16; FLUX's activations overflow float16)."""
     if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if family in ("sd3", "flux") else torch.float16
     if dtype not in DTYPES:
         raise ModelLoadError(f"dtype must be one of {', '.join(DTYPES)} or auto, got {dtype!r}")
     return DTYPES[dtype]
@@ -229,7 +233,7 @@ def load_model(path: str | Path, device: str = "auto", dtype: str = "auto", vae:
     if missing:
         raise ModelLoadError(f"{root} lacks the component folder(s): {', '.join(missing)}")
     dev = resolve_device(device)
-    dt = resolve_dtype(dtype, dev)
+    dt = resolve_dtype(dtype, dev, family)
     parts: dict[str, Any] = {}
     try:
         kw = dict(local_files_only=True, torch_dtype=dt)
