@@ -314,7 +314,7 @@ async def edit(request: Request) -> Response:
             greq = await build_edit(form, state)
         finally:
             await form.close()
-        handle = submit(state, greq)
+        handle = await submit(state, greq)
     except APIError as err:
         raise refused(state, err) from None
     if stream:

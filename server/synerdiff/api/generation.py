@@ -88,8 +88,13 @@ def build_request(body: ImageGenerationRequest, state: AppState) -> GenerationRe
     )
 
 
-def submit(state: AppState, greq: GenerationRequest) -> RequestHandle:
+async def submit(state: AppState, greq: GenerationRequest) -> RequestHandle:
+    """Queue the request with the engine. A request naming LoRA adapters is submitted from a
+    worker thread: the first request for an adapter reads and checks its file there, off the
+    event loop."""
     try:
+        if greq.lora:
+            return await asyncio.to_thread(state.engine.submit, greq)
         return state.engine.submit(greq)
     except RequestError as exc:
         raise from_request_error(exc) from None
@@ -143,7 +148,7 @@ async def generate(body: ImageGenerationRequest, request: Request) -> Response:
     try:
         check_available(state)
         greq = build_request(body, state)
-        handle = submit(state, greq)
+        handle = await submit(state, greq)
     except APIError as err:
         raise refused(state, err) from None
     if body.stream:
