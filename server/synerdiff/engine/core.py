@@ -61,6 +61,10 @@ class DecodeReport:
 class Runner(Protocol):
     """Does the device work a plan asks for. Raising fails the requests of that call."""
 
+    def admissible(self, job_ids: Sequence[str]) -> list[str]:
+        """Those of the waiting jobs the device can take now (all, unless a resource they need,
+        such as free LoRA adapter slots, is short: those wait in the queue)."""
+
     def admit(self, jobs: Sequence[JobSpec]) -> None:
         """Encode the prompts of `jobs` and draw their initial noise, as one batch."""
 
@@ -242,9 +246,8 @@ class EngineCore:
     # ------------------------------------------------------------------ stages
     def _admit(self, ids: Sequence[str], stats: IterationStats) -> None:
         specs = [self.table.waiting[i] for i in ids if i in self.table.waiting]
-        fits = getattr(self.runner, "admissible", None)
-        if fits is not None and specs:  # e.g. LoRA adapters that do not fit the free device slots: they wait
-            ok = set(fits([s.id for s in specs]))
+        if specs:  # e.g. LoRA adapters that do not fit the free device slots: they wait
+            ok = set(self.runner.admissible([s.id for s in specs]))
             specs = [s for s in specs if s.id in ok]
         if not specs or not self._guard(Stage.ENCODE, specs):
             return

@@ -143,6 +143,9 @@ class CostModelRunner:
     def release(self, job_id: str) -> None:
         pass
 
+    def admissible(self, job_ids: Sequence[str]) -> list[str]:
+        return list(job_ids)
+
 
 class _Recorder:
     """The core's listener: writes what happened into the `SimRequest`s."""
