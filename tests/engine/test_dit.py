@@ -246,3 +246,11 @@ def test_a_row_costs_its_tokens(sd3, flux):
         native = m.image_tokens(n, n) + m.text_tokens
         assert eng.row_weight(n, n) == 1.0
         assert eng.row_weight(2 * n, 2 * n) == pytest.approx((4 * m.image_tokens(n, n) + m.text_tokens) / native)
+
+
+def test_a_default_sampler_of_another_family_fails_the_start(sd3_dir):
+    """engine.default_sampler names a sampler the model's family does not serve: the start fails
+    saying so, instead of every request without a sampler getting a 400 about a field it never sent."""
+    cfg = EngineConfig(model=str(sd3_dir), device="cpu", dtype="float32", warmup=False, default_sampler="euler")
+    with pytest.raises(ValueError, match="not served for the sd3 family"):
+        Engine(cfg).start()

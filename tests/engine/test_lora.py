@@ -85,6 +85,10 @@ def folder(tmp_path_factory, sd_pipe):
     (d / "broken.safetensors").write_bytes(b"not a safetensors file")
     conv = {"unet.conv_in.lora_A.weight": torch.randn(2, 4, 3, 3), "unet.conv_in.lora_B.weight": torch.randn(32, 2, 1, 1)}
     save_file(conv, str(d / "locon.safetensors"))
+    # Keys diffusers' readers cannot convert (they raise their own errors, not the pipeline's).
+    q = "text_encoder.text_model.encoder.layers.0.self_attn.q_proj"
+    save_file({f"{q}.lora_weird.weight": torch.randn(2, 32)}, str(d / "weird.safetensors"))
+    save_file({"unet.down_blocks.0.attentions.0.proj_in.lora.down.weight": torch.randn(2, 32)}, str(d / "half.safetensors"))
     return d
 
 
@@ -145,6 +149,8 @@ def test_loaded_adapters_are_listed(lora_engine):
         ([("style", 1.0), ("ink", 1.0), ("kohya", 1.0)], "at most 2"),
         ([("style", 1.0), ("style", 0.5)], "more than once"),
         ([("broken", 1.0)], "could not read"),
+        ([("weird", 1.0)], "could not read"),
+        ([("half", 1.0)], "could not read"),
         ([("wide", 1.0)], "rank 8"),
         ([("locon", 1.0)], "conv_in"),
         ([("style", float("nan"))], "finite"),
@@ -157,6 +163,30 @@ def test_bad_adapters_are_refused_at_submit(lora_engine, lora, words):
         lora_engine.submit(req(lora))
     assert err.value.field == "lora"
     assert words in err.value.message, err.value.message
+
+
+def test_a_request_of_new_adapters_is_not_passed_over(folder):
+    """Admission is first come first served for free slots: while a request waits for two slots,
+    a later one that would take the one free slot waits behind it; one whose adapters are loaded
+    already goes on. A file parsed again (its host copy let go) is still the adapter in its slot."""
+    from synerdiff.models.lora import AdapterCache
+
+    engine = Engine(EngineConfig(device="cpu", dtype="float32", warmup=False)).start()
+    try:
+        cache = AdapterCache(LoraConfig(dir=str(folder), cache_slots=2, max_per_request=2, max_rank=4), engine.model, rows=8)
+        for job, names in (("a", ["style"]), ("b", ["ink", "kohya"]), ("c", ["unet_only"]), ("d", ["style"])):
+            cache.hold(job, cache.resolve([(n, 1.0) for n in names]))
+        cache.pin("a")  # style in a slot, one slot free
+        assert cache.admissible(["b", "c", "d"]) == ["d"]
+        cache.release("a")
+        assert cache.admissible(["b", "c"]) == ["b"]
+        cache._parsed.clear()  # the host copy is let go; a new request parses the file again
+        cache.hold("e", cache.resolve([("style", 0.5)]))
+        cache.pin("e")
+        cache.hold("f", cache.resolve([("style", 1.0)]))
+        assert cache.pin("f")[0][0] == cache.pin("e")[0][0]  # one slot for one file version
+    finally:
+        engine.shutdown()
 
 
 def test_lora_off_refuses_adapters(engine):

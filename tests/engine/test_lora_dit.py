@@ -56,7 +56,7 @@ def setup(family, tmp_path_factory):
         dtype="float32",
         warmup=False,
         scheduler=SchedulerConfig(policy="continuous", max_rows=64),
-        lora=LoraConfig(dir=str(adapters), cache_slots=2),
+        lora=LoraConfig(dir=str(adapters), cache_slots=4),
     )
     engine = Engine(cfg).start()
     cache: dict = {}
@@ -105,12 +105,19 @@ def test_an_adapter_alone_equals_the_pipeline_with_it(setup, family):
 
 
 def test_mixed_adapters_in_one_running_batch(setup, family):
-    """Rows with another adapter, two adapters, none: each equals its pipeline alone, through
-    two device slots (an adapter is loaded again after eviction)."""
+    """Rows with another adapter, two adapters, none, in the same forwards: each equals its
+    pipeline alone."""
     engine, reference = setup
-    first = [req(lora=[("neon", 1.0)], steps=7, seed=3)]
-    later = [req(lora=[("ink", 0.5), ("wash", 1.2)], seed=4, n=2), req(seed=5, guidance_scale=1.0), req(lora=[("wash", 0.7)], seed=6, height=48)]
-    results, shared = submit_joining(engine, first, later, join_at_step=1)
-    assert shared > 1
+    cache = engine.lora
+    forwards: list[set] = []  # the distinct adapter sets of each denoiser forward's rows
+    set_rows = cache.set_denoiser_rows
+    cache.set_denoiser_rows = lambda rows: (forwards.append({tuple(r) for r in rows if r}), set_rows(rows))[1]
+    try:
+        first = [req(lora=[("neon", 1.0)], steps=7, seed=3)]
+        later = [req(lora=[("ink", 0.5), ("wash", 1.2)], seed=4, n=2), req(seed=5, guidance_scale=1.0), req(lora=[("wash", 0.7)], seed=6)]
+        results, shared = submit_joining(engine, first, later, join_at_step=1)
+    finally:
+        cache.set_denoiser_rows = set_rows
+    assert shared > 1 and max(len(f) for f in forwards) >= 3  # three different adapter sets in one forward
     for r, res in zip(first + later, results, strict=True):
         check(res, reference(r), reference(r, seed=r.seed + 30), label=f"{family} {list(r.lora)}")

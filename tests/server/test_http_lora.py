@@ -111,7 +111,13 @@ def test_edit_takes_lora_as_a_json_field(lora_live: Live):
         timeout=120,
     )
     assert ok.status_code == 200, ok.text
-    for bad, words in (("not json", "JSON list"), (json.dumps({"name": "blue"}), "JSON list"), (json.dumps([{"name": "nope"}]), "no adapter")):
+    huge = '[{"name": "blue", "scale": ' + "9" * 400 + "}]"  # an integer no float holds
+    for bad, words in (
+        ("not json", "JSON list"),
+        (json.dumps({"name": "blue"}), "JSON list"),
+        (json.dumps([{"name": "nope"}]), "no adapter"),
+        (huge, "finite"),
+    ):
         resp = httpx.post(lora_live.url + "/v1/images/edits", files=files, data={"prompt": "a red circle", "lora": bad}, timeout=60)
         assert resp.status_code == 400, resp.text
         assert resp.json()["error"]["param"] == "lora" and words in resp.json()["error"]["message"]

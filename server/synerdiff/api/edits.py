@@ -135,7 +135,10 @@ def lora_field(raw: str | None) -> list[tuple[str, float]]:
         scale = item.get("scale", 1.0)
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise _invalid("lora", f"{item['name'][:60]!r}: scale must be a number")
-        out.append((item["name"], float(scale)))
+        try:
+            out.append((item["name"], float(scale)))
+        except OverflowError:  # an integer of hundreds of digits
+            raise _invalid("lora", f"{item['name'][:60]!r}: scale must be a finite number") from None
     return out
 
 

@@ -94,7 +94,13 @@ async def submit(state: AppState, greq: GenerationRequest) -> RequestHandle:
     event loop."""
     try:
         if greq.lora:
-            return await asyncio.to_thread(state.engine.submit, greq)
+            queued = asyncio.ensure_future(asyncio.to_thread(state.engine.submit, greq))
+            try:
+                return await asyncio.shield(queued)
+            except asyncio.CancelledError:
+                # The thread may still queue it: then nobody would wait for it, so it is cancelled.
+                queued.add_done_callback(lambda f: f.result().cancel() if not f.cancelled() and f.exception() is None else None)
+                raise
         return state.engine.submit(greq)
     except RequestError as exc:
         raise from_request_error(exc) from None

@@ -145,6 +145,12 @@ class Engine:
         if self._model is None:
             self.startup.stage = "loading model"
             self._model = load_model(self.config.model, self.config.device, self.config.dtype, self.config.vae)
+        rules = self._model.rules
+        if self.config.default_sampler is not None and self.config.default_sampler not in rules.samplers:
+            raise ValueError(
+                f"engine.default_sampler {self.config.default_sampler!r} is not served for the {rules.name} family "
+                f"({', '.join(rules.samplers)}); leave it unset for the family's ({rules.default_sampler})"
+            )
         if self.config.lora.dir and self.lora is None:
             self.lora = self._start_lora()
         self.executor = StepExecutor(self._model)

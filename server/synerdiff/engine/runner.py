@@ -2,7 +2,7 @@
 
 Admission encodes the prompts of the admitted requests in one batch and draws each request's
 initial noise from its own generator. A step stacks the latents of every request of one shape
-bucket (for a DiT: one token sequence length), adds the unconditional rows of those guided this
+bucket (one image size: for a DiT, one token sequence length too), adds the unconditional rows of those guided this
 step, runs ONE denoiser forward (graph replay when the fast path is on), combines each image's guidance, and applies every row's
 sampler update in one tensor expression (`samplers.apply_update`). What conditions a row (text
 embeddings, for SDXL the pooled embedding and size ids, for an inpainting UNet the mask
@@ -243,8 +243,11 @@ class TorchRunner:
             off += n
             if r.blend is not None:
                 r.latents = r.blend.apply(r.latents, d.step)
-            if d.step + 1 == d.spec.steps and not bool(torch.isfinite(r.latents).all()):
-                nonfinite.add(d.spec.id)
+            if d.step + 1 == d.spec.steps:
+                if self.lora is not None:  # its last denoiser step: the adapter slots are free for the queue
+                    self.lora.release(d.spec.id)
+                if not bool(torch.isfinite(r.latents).all()):
+                    nonfinite.add(d.spec.id)
         return StepReport(
             unet_s=t1 - t0,
             sampler_s=t2 - t1,

@@ -92,7 +92,11 @@ class Adapter:
     rank: int
     layers: dict[str, LayerDelta]  # "component.module" -> delta
     stamp: tuple[float, int] = (0.0, 0)  # the file's mtime and size when read
-    slot: int = 0  # the device slot holding it, 0 when not loaded
+
+    @property
+    def key(self) -> tuple[str, tuple[float, int]]:
+        """Which file version it is: one slot a version, however often the file was parsed."""
+        return (self.name, self.stamp)
 
     @property
     def components(self) -> set[str]:
@@ -270,7 +274,7 @@ class BatchedLoraLinear(nn.Module):
         w = base.weight
         self.register_buffer("lora_A", torch.zeros(slots + 1, rank, base.in_features, dtype=w.dtype, device=w.device), persistent=False)
         self.register_buffer("lora_B", torch.zeros(slots + 1, base.out_features, rank, dtype=w.dtype, device=w.device), persistent=False)
-        self.register_buffer("lora_s", torch.zeros(slots + 1, dtype=w.dtype, device=w.device), persistent=False)
+        self.register_buffer("lora_s", torch.zeros(slots + 1, dtype=torch.float32, device=w.device), persistent=False)
 
     # nn.Linear's attributes, for code that reads them off the layer it replaced.
     @property
@@ -301,7 +305,7 @@ class BatchedLoraLinear(nn.Module):
         a = self.lora_A[idx]  # (n, K, R, in)
         b = self.lora_B[idx]  # (n, K, out, R)
         xs = x.reshape(n, -1, x.shape[-1]).to(a.dtype)  # (n, L, in)
-        h = torch.einsum("nli,nkri->nlkr", xs, a) * scale[:, None, :, None]
+        h = (torch.einsum("nli,nkri->nlkr", xs, a).float() * scale[:, None, :, None]).to(b.dtype)
         delta = torch.einsum("nlkr,nkor->nlo", h, b)
         return out + delta.reshape(out.shape).to(out.dtype)
 
@@ -364,10 +368,11 @@ class AdapterCache:
         self.slots = config.cache_slots
         self.pairs = config.max_per_request
         self.max_rank = config.max_rank
-        dev, dt = model.device, model.dtype
+        dev = model.device
         # The denoiser's table: every row a step can hold; the text encoders': grown as needed.
-        self.denoiser_rows = RowTable(rows, self.pairs, dev, dt)
-        self.text_rows = RowTable(16, self.pairs, dev, dt)
+        # Scales stay float32 (PEFT keeps its scaling a Python float): 0.8 is 0.80078 in bfloat16.
+        self.denoiser_rows = RowTable(rows, self.pairs, dev, torch.float32)
+        self.text_rows = RowTable(16, self.pairs, dev, torch.float32)
         self.components: dict[str, nn.Module] = {}
         self.layers: dict[str, BatchedLoraLinear] = {}
         for comp in DENOISERS + TEXT_ENCODERS:
@@ -447,6 +452,8 @@ class AdapterCache:
             deltas = read_adapter(path, name, family_pipeline(self.model.family), self.components, unet_config)
         except AdapterError as exc:
             raise AdapterError(f"{name!r}: {exc}") from None
+        except Exception as exc:  # noqa: BLE001 - diffusers' key conversions and PEFT's metadata raise anything on a malformed file
+            raise AdapterError(f"{name!r}: could not read it as a LoRA file ({type(exc).__name__}: {str(exc)[:200]})") from None
         layers = {}
         rank = 0
         for key, (a, b, scaling) in deltas.items():
@@ -478,13 +485,18 @@ class AdapterCache:
     def admissible(self, jobs: Sequence[str]) -> list[str]:
         """Those of `jobs` (in order) whose adapters fit the device slots beside the pinned ones."""
         with self._lock:
-            taken = {id(self._owner[s]) for s, c in self._refs.items() if c > 0}
+            taken = {self._owner[s].key for s, c in self._refs.items() if c > 0}
             ok = []
+            blocked = False
             for job in jobs:
-                wanted = {id(a) for a, _ in self._held.get(job, ())}
-                if len(taken | wanted) <= self.slots:
+                wanted = {a.key for a, _ in self._held.get(job, ())}
+                if wanted <= taken or (not blocked and len(taken | wanted) <= self.slots):
                     taken |= wanted
                     ok.append(job)
+                else:
+                    # Its slots are reserved: later jobs that would take free slots wait behind it, so
+                    # a request of several new adapters is not passed over until its deadline.
+                    blocked = True
             return ok
 
     def pin(self, job_id: str) -> list[tuple[int, float]]:
@@ -515,7 +527,7 @@ class AdapterCache:
     def _load(self, adapter: Adapter) -> int:
         with self._lock:
             for s, owner in self._owner.items():
-                if owner is adapter:
+                if owner.key == adapter.key:
                     self._lru.move_to_end(s)
                     return s
             free = [s for s in range(1, self.slots + 1) if s not in self._owner]
@@ -543,7 +555,10 @@ class AdapterCache:
 
     @torch.inference_mode()
     def _write(self, slot: int, adapter: Adapter) -> None:
-        for key in self._written.pop(slot, []):
+        stale = self._written.get(slot, [])
+        # Listed before any copy: a write cut short leaves no layer that the next write would not zero.
+        self._written[slot] = list(dict.fromkeys([*stale, *adapter.layers]))
+        for key in stale:
             layer = self.layers[key]
             layer.lora_A[slot].zero_()
             layer.lora_B[slot].zero_()
