@@ -160,3 +160,14 @@ def test_sigterm_drains_in_flight_then_exits_zero(served: Served):
     assert "drain complete" in log
     # Timestamped log lines (YYYY-MM-DD HH:MM:SS).
     assert time.strftime("%Y-") in log
+
+
+def test_fp8_precision_without_fp8_hardware_exits_naming_the_reason(free_port):
+    """A CPU (or a GPU without FP8 tensor cores) refuses precision fp8 at start, before loading the model."""
+    env = _env(SYNERDIFF_ENGINE__PRECISION="fp8")
+    out = _run("serve", "--port", str(free_port()), "--device", "cpu", env=env, timeout=120)
+    assert out.returncode == 1
+    said = out.stdout + out.stderr
+    assert "precision fp8 needs a CUDA GPU with FP8 tensor cores" in said and "compute capability 8.9" in said, said[-2000:]
+    bad = _run("serve", "--print-config", env=_env(SYNERDIFF_ENGINE__PRECISION="fp8", SYNERDIFF_ENGINE__DTYPE="float16"))
+    assert bad.returncode == 2 and "dtype float16 cannot be combined" in bad.stderr

@@ -144,6 +144,13 @@ class EngineConfig(_Strict):
         ge=0.0,
         description="Guidance scale when a request names none; unset = the family's pipeline default (7.5 SD and SDXL, 7.0 SD3, 3.5 FLUX).",
     )
+    precision: Literal["fp16", "fp8"] = Field(
+        "fp16",
+        description="The denoiser's arithmetic. fp16: the engine dtype throughout (float16, or bfloat16 for SD3 and FLUX). "
+        "fp8: its linear layers in float8 (torchao: activations scaled per row as they come, weights per output channel) "
+        "over bfloat16 weights; lossy (its fidelity against fp16 is in docs/engine.md), a request's image still independent of "
+        "its batch; CUDA GPUs with FP8 tensor cores only (compute capability 8.9+: Ada, Hopper, Blackwell) and the torchao package.",
+    )
     fast_path: bool = Field(True, description="CUDA only: capture CUDA graphs of the UNet for fixed row buckets at start-up.")
     fast_path_compile: bool = Field(
         True,
@@ -164,6 +171,11 @@ class EngineConfig(_Strict):
         "auto",
         description="CUDA only: the SDPA kernel of the UNet's attention. auto: the fastest of cudnn, flash and efficient, measured at start "
         "(and remembered with the compile cache); torch: torch's own per-call choice.",
+    )
+    vae_compile: bool = Field(
+        True,
+        description="CUDA with fast_path_compile: torch.compile the VAE's decode (and encode, for edits) for one image of each fast-path "
+        "size at start-up; a batch decodes image by image through it, other sizes decode eagerly.",
     )
     compile_cache: bool = Field(True, description="CUDA only: keep compiled kernels on disk (compile_cache_dir) and load them at start instead of compiling.")
     compile_cache_dir: str = Field(
@@ -199,7 +211,16 @@ class EngineConfig(_Strict):
     def _steps_within_limits(self) -> EngineConfig:
         if self.default_steps > self.limits.max_steps:
             raise ValueError("default_steps must be <= limits.max_steps")
+        if self.precision == "fp8" and self.dtype not in ("auto", "bfloat16"):
+            raise ValueError(
+                f"precision fp8 quantizes bfloat16 weights (float8 with per-row scales is computed from bfloat16); "
+                f"dtype {self.dtype} cannot be combined with it: set dtype to auto or bfloat16"
+            )
         return self
+
+    def model_dtype(self) -> str:
+        """The dtype the model is loaded in: `dtype`, except that fp8 precision loads bfloat16 where dtype is auto."""
+        return "bfloat16" if self.precision == "fp8" and self.dtype == "auto" else self.dtype
 
 
 class _ConfigFileSource(PydanticBaseSettingsSource):

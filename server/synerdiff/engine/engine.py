@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..contract.config import EngineConfig, LimitsConfig, SchedulerConfig
-from ..models.loader import ModelBundle, load_model
+from ..models.loader import ModelBundle, load_model, resolve_device
+from ..models.precision import PrecisionError, apply_fp8, fp8_unsupported
 from ..samplers import make_plan
 from ..scheduling.controller import ControllerState
 from ..scheduling.cost_model import CostModel
@@ -78,6 +79,7 @@ class Startup:
     stage: str = "starting"  # loading model, compiling (or capturing graphs), profiling, warming up, ready
     fast_path: FastPathStart | None = None
     seconds: float = 0.0  # start() to ready, the model load included
+    fp8_layers: int = 0  # the denoiser's linear layers running in float8 (precision fp8)
 
 
 class Engine:
@@ -142,9 +144,14 @@ class Engine:
             torch.set_num_threads(threads)
         log.info("torch intra-op threads: %d%s", threads, "" if self.config.threads else " (one less than the CPU affinity, quota or limit allows)")
         t0 = time.perf_counter()
+        if self.config.precision == "fp8":
+            # Refused before minutes of loading: a GPU without FP8 tensor cores, or no torchao.
+            reason = fp8_unsupported(resolve_device(self.config.device))
+            if reason is not None:
+                raise PrecisionError(reason)
         if self._model is None:
             self.startup.stage = "loading model"
-            self._model = load_model(self.config.model, self.config.device, self.config.dtype, self.config.vae)
+            self._model = load_model(self.config.model, self.config.device, self.config.model_dtype(), self.config.vae)
         rules = self._model.rules
         if self.config.default_sampler is not None and self.config.default_sampler not in rules.samplers:
             raise ValueError(
@@ -154,6 +161,9 @@ class Engine:
         if self.config.lora.dir and self.lora is None:
             self.lora = self._start_lora()
         self.executor = StepExecutor(self._model)
+        if self.config.precision == "fp8":  # after LoRA wrapped its linears: the base layers are quantized
+            self.startup.fp8_layers = apply_fp8(self._model.net, self._model.device)
+            self.executor.precision = "fp8"
         if self.config.fast_path and self._model.device.type == "cuda":
             self.startup.stage = "compiling" if self.config.fast_path_compile else "capturing graphs"
 

@@ -22,6 +22,7 @@ from ..contract.config import EngineConfig
 from ..models.conditioning import Conditioning, Prompt, conditioner_for
 from ..models.denoisers import denoiser_for
 from ..models.loader import ModelBundle
+from .compiled_vae import CompiledVae
 from .fastpath import Capture, GraphedUNet
 
 log = logging.getLogger("synerdiff.executor")
@@ -42,6 +43,7 @@ class FastPathStart:
     attention: str = "torch"
     attention_ms: dict[str, float] = field(default_factory=dict)  # eager step time under each SDPA backend, when measured
     seconds: float = 0.0
+    vae_s: float = 0.0  # compiling (or loading) the VAE's one-image decode and encode, within `seconds`
 
 
 def _compile_misses() -> int:
@@ -56,6 +58,13 @@ def _version(dist: str) -> str:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return "none"
+
+
+def shapes_latent(model: ModelBundle, sizes: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """The VAE latents (C, h, w) of images of `sizes` (H, W)."""
+    f = model.vae_scale_factor
+    c = int(model.vae.config.latent_channels)
+    return [(c, h // f, w // f) for h, w in sizes]
 
 
 class PendingDecode(NamedTuple):
@@ -84,6 +93,8 @@ class StepExecutor:
                 torch.tensor(std, dtype=torch.float32, device=self.device).view(1, -1, 1, 1),
             )
         self.graphed: GraphedUNet | None = None  # set by enable_fast_path
+        self.precision = "fp16"  # "fp8" once the denoiser's linears are float8 (set by the engine)
+        self.vae_compiled: CompiledVae | None = None  # set by enable_fast_path where the VAE is compiled
 
     def enable_fast_path(self, config: EngineConfig, sizes: list[tuple[int, int]], progress: Callable[[FastPathStart], None] | None = None) -> FastPathStart:
         """Capture the UNet's graphs (compiled, from the compile cache where it holds them) for
@@ -124,6 +135,8 @@ class StepExecutor:
                 rows=[rows[shape] for shape in shapes],
                 mode=config.compile_mode,
                 attention=config.attention_backend,
+                precision=self.precision,
+                vae=config.vae_compile,
             )
             cache = CompileCache(Path(config.compile_cache_dir) if config.compile_cache_dir else default_cache_dir(), facts)
             start.cache = "warm" if cache.load() else "cold"
@@ -173,6 +186,11 @@ class StepExecutor:
         for shape in shapes:
             g.capture(shape, rows[shape], captured)
         self.graphed = g
+        if compile and config.vae_compile:
+            vae = CompiledVae(m.vae, dtype=self._vae_dtype, device=self.device, mode=None if config.compile_mode == "default" else config.compile_mode)
+            vae.prepare(shapes_latent(m, sizes), f)
+            self.vae_compiled = vae
+            start.vae_s = vae.seconds
         if start.cache == "warm" and _compile_misses() > misses:
             # The entry did not hold every graph (written by a start that was cut short, or by
             # another build): what compiled here goes back into it.
@@ -234,7 +252,12 @@ class StepExecutor:
         statistics: normalise by the VAE's latent statistics where its config has them (SDXL's
         img2img pipeline does; the inpaint pipelines scale only)."""
         pixels = pixels.to(self.device, self._vae_dtype)
-        latents = self.model.vae.encode(pixels).latent_dist.sample(generator).float()
+        if self.vae_compiled is not None and self.vae_compiled.encodes(pixels):
+            from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+            latents = DiagonalGaussianDistribution(self.vae_compiled.moments(pixels)).sample(generator).float()
+        else:
+            latents = self.model.vae.encode(pixels).latent_dist.sample(generator).float()
         if statistics and self._latent_stats is not None:  # SDXL's img2img normalises by the VAE's statistics
             mean, std = self._latent_stats
             return (latents - mean) * self._vae_scale / std
@@ -284,7 +307,10 @@ class StepExecutor:
         return pending.images.cpu()
 
     def _decode_gpu(self, latents: torch.Tensor) -> torch.Tensor:
-        return self._image(self.model.vae.decode(self._vae_input(latents), return_dict=False)[0])
+        z = self._vae_input(latents)
+        if self.vae_compiled is not None and self.vae_compiled.covers(z) and not (self.model.vae.use_tiling and self.tiles(z)):
+            return self._image(self.vae_compiled.decode(z))
+        return self._image(self.model.vae.decode(z, return_dict=False)[0])
 
     def _vae_input(self, latents: torch.Tensor) -> torch.Tensor:
         if self._latent_stats is not None:

@@ -87,6 +87,11 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def arithmetic(executor: StepExecutor) -> str:
+    """The denoiser's arithmetic as profiles are keyed: its dtype, `+fp8` where its linears run in float8."""
+    return dtype_name(executor.model.dtype) + ("+fp8" if executor.precision == "fp8" else "")
+
+
 def _until_oom(label: str, counts, time_one, dev: torch.device, progress: bool, per_item: str | None = None) -> list[tuple[int, float]]:
     """Time `time_one(n)` for each n, stopping at the first that runs out of memory."""
     pts: list[tuple[int, float]] = []
@@ -201,7 +206,7 @@ def profile_executor(
     progress: bool = False,
 ) -> Profile:
     m = executor.model
-    dev, dt = m.device, m.dtype
+    dev = m.device
     sync = synchronizer(dev)
     f = m.vae_scale_factor
     sizes = sizes or [(m.default_size, m.default_size)]
@@ -234,7 +239,7 @@ def profile_executor(
     return Profile(
         gpu=gpu_name(dev),
         model=model_id(model_path),
-        dtype=dtype_name(dt),
+        dtype=arithmetic(executor),
         unet=unet,
         vae=vae,
         encode=_monotone(enc),
@@ -250,7 +255,7 @@ def default_profile_path(executor: StepExecutor, model_path: str | Path) -> Path
 
     digest = hashlib.sha1(model_id(model_path).encode()).hexdigest()[:10]
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", gpu_name(executor.model.device)).strip("-")
-    return Path.home() / ".cache" / "synerdiff" / "profiles" / f"{gpu}-{dtype_name(executor.model.dtype)}-{digest}.json"
+    return Path.home() / ".cache" / "synerdiff" / "profiles" / f"{gpu}-{arithmetic(executor)}-{digest}.json"
 
 
 def ensure_profile(config: EngineConfig, executor: StepExecutor, path: str | Path | None = None) -> Profile:
@@ -262,7 +267,7 @@ def ensure_profile(config: EngineConfig, executor: StepExecutor, path: str | Pat
     """
     p = Path(path or config.profile_path or default_profile_path(executor, config.model))
     m = executor.model
-    key = (gpu_name(m.device), model_id(config.model), dtype_name(m.dtype), uses_fast_path(executor), uses_compiled(executor))
+    key = (gpu_name(m.device), model_id(config.model), arithmetic(executor), uses_fast_path(executor), uses_compiled(executor))
     if p.is_file():
         try:
             prof = Profile.load(p)
