@@ -159,6 +159,11 @@ def ceiling(model, args: argparse.Namespace) -> dict[str, float]:
 
 
 # ---------------------------------------------------------------------------------- diffusers
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def diffusers_runs(model, args: argparse.Namespace, compiled: bool) -> dict[str, Any]:
     pipe = make_pipeline(model)
     net = "unet" if model.unet is not None else "transformer"  # the denoiser a user compiles
@@ -169,12 +174,12 @@ def diffusers_runs(model, args: argparse.Namespace, compiled: bool) -> dict[str,
 
     def call(batch: int, seed: int) -> tuple[float, torch.Tensor]:
         gens = [torch.Generator("cpu").manual_seed(seed + i) for i in range(batch)]
-        torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         out = pipe(
             [PROMPT] * batch, height=args.size, width=args.size, num_inference_steps=args.steps, guidance_scale=args.guidance, generator=gens, output_type="pt"
         )
-        torch.cuda.synchronize()
+        sync()
         return time.perf_counter() - t, out.images
 
     call(1, 0)  # lazy initialisation (and the compile of the 2-row shape)
@@ -403,7 +408,7 @@ def main(argv: list[str] | None = None, stamp: list[str] | None = None) -> None:
     ap.add_argument("--attention", default="cudnn", help="modes: the SDPA backend to compile with")
     ap.add_argument("--model", default="sd15", help="'sd15', 'sdxl', 'sd3' or 'flux' (built from a seed in --model-dir), 'tiny' or a diffusers directory")
     ap.add_argument("--model-dir", default=None, help="where the shaped models are built (default: /tmp/synerdiff-<shape>)")
-    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"], help="weights dtype (the DiT shapes: bfloat16)")
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"], help="weights dtype (the DiT shapes: bfloat16)")
     ap.add_argument(
         "--engine-rows", type=lambda v: [int(x) for x in v.split(",")], default=[], help="the engine's graph row sizes (fast_path_rows), e.g. 1,2,4"
     )
@@ -423,16 +428,33 @@ def main(argv: list[str] | None = None, stamp: list[str] | None = None) -> None:
     ap.add_argument(
         "--engine-compile", default="on", choices=["on", "off"], help="the engine's fast path: compiled CUDA graphs (on, the default) or plain CUDA graphs"
     )
-    ap.add_argument("--only", default="", help="compare: run only these systems (engine_exact, engine_synerdiff, diffusers_eager, diffusers_compiled)")
+    ap.add_argument(
+        "--only",
+        default="",
+        help="compare: run only these systems (engine_exact, engine_synerdiff, diffusers_eager, diffusers_compiled; with --via http also engine_fp8)",
+    )
+    ap.add_argument(
+        "--via",
+        default="process",
+        choices=["process", "http"],
+        help="compare: the engines in this process (process), or each a `synerdiff serve` driven over HTTP by concurrent clients (http)",
+    )
+    ap.add_argument("--concurrency", type=int, default=128, help="http: closed-loop clients at saturation")
+    ap.add_argument("--warmup-s", type=float, default=20.0, help="http: saturation seconds before the measured window")
+    ap.add_argument("--window-s", type=float, default=40.0, help="http: the measured window of saturation")
+    ap.add_argument("--fidelity-images", type=int, default=16, help="http: images compared across engines (the first requests of each run)")
+    ap.add_argument("--device", default="cuda", help="http: the engines' and diffusers' device (cpu for a smoke run)")
+    ap.add_argument("--vae-compile", default="on", choices=["on", "off"], help="http: the engines' vae_compile")
     ap.add_argument("--profile-path", default=None, help="the synerdiff policy's cost model (profiled at its start when absent)")
     ap.add_argument("--saturation-requests", type=int, default=128)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--name", default="fastpath")
+    ap.add_argument("--name", default=None, help="the result file's name (default: fastpath, or throughput with --via http)")
     args = ap.parse_args(argv)
+    args.name = args.name or ("throughput" if args.via == "http" else "fastpath")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("synerdiff").setLevel(logging.INFO)  # start-up progress: graph k of n, cache warm or cold
-    args.model_path = args.model if args.phase == "start" else resolve_model(args.model, args.model_dir, device="cuda")
+    args.model_path = args.model if args.phase == "start" else resolve_model(args.model, args.model_dir, device=args.device)
     if args.phase == "start":
         start_once(args)
         return
@@ -449,6 +471,17 @@ def main(argv: list[str] | None = None, stamp: list[str] | None = None) -> None:
         runs = startup(args)
         report["startup_s"] = {k: v["process_to_ready_s"] for k, v in runs.items()}
         report["startup_details"] = runs
+    elif args.via == "http":
+        from .throughput import compare_http
+
+        report["command_compare"] = command_line(stamp)
+        report["gpu"] = report["environment"]["gpu"]
+        report["model"] = args.model
+
+        def save_http() -> None:
+            write_json(report, path)
+
+        compare_http(args, report, save_http)
     else:
         report["command_compare"] = command_line(stamp)
 
@@ -457,7 +490,10 @@ def main(argv: list[str] | None = None, stamp: list[str] | None = None) -> None:
             write_json(report, path)
 
         compare(args, save, earlier=report)
-    report["settings"] = {k: getattr(args, k) for k in ("max_rows", "size", "steps", "guidance", "static_batch", "saturation_requests")}
+    keys = ["max_rows", "size", "steps", "guidance", "static_batch", "saturation_requests"]
+    if args.via == "http":
+        keys = ["max_rows", "size", "steps", "guidance", "static_batch", "concurrency", "warmup_s", "window_s", "engine_rows", "dtype", "vae_compile"]
+    report["settings"] = {k: getattr(args, k) for k in keys}
     write_json(report, path)
     print(f"wrote {path}", flush=True)
 

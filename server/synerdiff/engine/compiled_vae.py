@@ -43,12 +43,14 @@ class CompiledVae:
         options: dict[str, Any] = dict(dynamic=False, fullgraph=True, backend=backend)
         if mode is not None:
             options["mode"] = mode
+        self._decode_eager = decode_one
         self._decode: Callable[[torch.Tensor], torch.Tensor] = torch.compile(decode_one, **options)
         self._moments: Callable[[torch.Tensor], torch.Tensor] = torch.compile(moments_one, **options)
         self.latent_shapes: set[tuple[int, int, int]] = set()  # (C, h, w) decoded through the compile
         self.pixel_shapes: set[tuple[int, int]] = set()  # (H, W) encoded through it
         self.seconds = 0.0  # compiling and warming, at start
         self.decode_ms: dict[tuple[int, int, int], float] = {}  # one image, compiled, as measured at start
+        self.eager_decode_ms: dict[tuple[int, int, int], float] = {}  # the same image, eager
 
     @torch.inference_mode()
     def prepare(self, latent_shapes: Iterable[tuple[int, int, int]], scale_factor: int, encode: bool = True) -> None:
@@ -66,12 +68,14 @@ class CompiledVae:
                     self._moments(x)
                 self.pixel_shapes.add((h * scale_factor, w * scale_factor))
             self.decode_ms[(c, h, w)] = _time_ms(partial(self._decode, z), self.device)
+            self.eager_decode_ms[(c, h, w)] = _time_ms(partial(self._decode_eager, z), self.device)
         self.seconds = time.perf_counter() - t0
         log.info(
-            "VAE compiled for %s in %.1f s (one-image decode, ms: %s)",
+            "VAE compiled for %s in %.1f s (one-image decode, ms: %s; eager: %s)",
             sorted(self.latent_shapes),
             self.seconds,
             {k: round(v, 2) for k, v in self.decode_ms.items()},
+            {k: round(v, 2) for k, v in self.eager_decode_ms.items()},
         )
 
     def covers(self, latents: torch.Tensor) -> bool:

@@ -19,7 +19,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -79,6 +79,7 @@ class Startup:
     stage: str = "starting"  # loading model, compiling (or capturing graphs), profiling, warming up, ready
     fast_path: FastPathStart | None = None
     seconds: float = 0.0  # start() to ready, the model load included
+    stages: dict[str, float] = field(default_factory=dict)  # seconds in each stage, in order
     fp8_layers: int = 0  # the denoiser's linear layers running in float8 (precision fp8)
 
 
@@ -121,6 +122,7 @@ class Engine:
         self._in_flight = 0  # submitted, not yet finished
         self.ready = False
         self.startup = Startup()
+        self._stage_t0 = time.perf_counter()
         self.lora: AdapterCache | None = None  # per-request LoRA adapters, when engine.lora.dir is set
 
     # ------------------------------------------------------------------ life cycle
@@ -150,7 +152,7 @@ class Engine:
             if reason is not None:
                 raise PrecisionError(reason)
         if self._model is None:
-            self.startup.stage = "loading model"
+            self._enter_stage("loading model")
             self._model = load_model(self.config.model, self.config.device, self.config.model_dtype(), self.config.vae)
         rules = self._model.rules
         if self.config.default_sampler is not None and self.config.default_sampler not in rules.samplers:
@@ -165,14 +167,14 @@ class Engine:
             self.startup.fp8_layers = apply_fp8(self._model.net, self._model.device)
             self.executor.precision = "fp8"
         if self.config.fast_path and self._model.device.type == "cuda":
-            self.startup.stage = "compiling" if self.config.fast_path_compile else "capturing graphs"
+            self._enter_stage("compiling" if self.config.fast_path_compile else "capturing graphs")
 
             def progress(fp: FastPathStart) -> None:
                 self.startup.fast_path = fp
 
             self.startup.fast_path = self.executor.enable_fast_path(self.config, self._fast_path_sizes(), progress)
         if self.cost_model is None and (self.config.profile_path or self.config.scheduler.policy == "synerdiff"):
-            self.startup.stage = "profiling"
+            self._enter_stage("profiling")
             self.cost_model = self._load_cost_model()
         self._runner = TorchRunner(self._model, self.executor, self.config.vae_tiling, self.lora)
         cfg = self.config.scheduler
@@ -193,13 +195,23 @@ class Engine:
         self._thread = threading.Thread(target=self._run, name="synerdiff-engine", daemon=True)
         self._thread.start()
         if self.config.warmup:
-            self.startup.stage = "warming up"
+            self._enter_stage("warming up")
             size = self._model.default_size
             self.submit(GenerationRequest(prompt="warm-up", height=size, width=size, steps=2, seed=0)).wait()  # the family's sampler and guidance
         self.startup.seconds = time.perf_counter() - t0
-        self.startup.stage = "ready"
+        self._enter_stage("ready")
+        log.info("engine ready in %.1f s (%s)", self.startup.seconds, ", ".join(f"{k} {v:.1f} s" for k, v in self.startup.stages.items()))
         self.ready = True
         return self
+
+    def _enter_stage(self, stage: str) -> None:
+        """Start-up moves to `stage`; the seconds of the one it leaves are kept for the log."""
+        now = time.perf_counter()
+        last = self.startup.stage
+        if last not in ("starting", "ready"):
+            self.startup.stages[last] = self.startup.stages.get(last, 0.0) + now - self._stage_t0
+        self._stage_t0 = now
+        self.startup.stage = stage
 
     def _start_lora(self) -> AdapterCache:
         """Wrap the denoiser's and text encoders' LoRA-target linears (before any graph is captured)."""

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Throughput over HTTP on one GPU: SD1.5-shaped fp16 (random weights), 512², 50 steps, CFG 7.5,
+# Euler; `synerdiff serve` (exact, synerdiff policy, fp8) driven by 128 closed-loop clients, beside
+# diffusers eager and compiled (static batch 16), and the FLOP ceiling -> $OUT/throughput.json.
+#
+#   OUT=... bash bench/scripts/measure-throughput.sh engines   # exact (cold start) and synerdiff (warm start of a new pod)
+#   OUT=... bash bench/scripts/measure-throughput.sh rest      # fp8 and the diffusers peers, on the same machine right after
+#
+# The two halves keep each call under ten minutes; the second reads the first's report and
+# reference images from /tmp on the same machine (or the report from bench/results/, carried).
+set -euo pipefail
+half=${1:?engines or rest}
+source bench/scripts/gpu-env.sh
+python3 -c "import torchao" 2>/dev/null || echo "torchao missing: the fp8 engine will be refused" >&2
+cc=/tmp/synerdiff-cc
+keep=/tmp/synerdiff-throughput
+mkdir -p "$keep"
+common=(--model sd15 --cache-dir "$cc" --engine-rows 2,64 --max-rows 64 --concurrency 128 --warmup-s 15 --window-s 30 --out "$OUT" --name throughput)
+if [ "$half" = engines ]; then
+  rm -rf "$cc"
+  python3 -m synerdiff_bench fastpath compare --via http "${common[@]}" --only engine_exact,engine_synerdiff
+else
+  if [ -f "$keep/throughput.json" ]; then cp "$keep/throughput.json" "$OUT/"; else cp "${EARLIER:-/nonexistent}" "$OUT/throughput.json" 2>/dev/null || true; fi
+  python3 -m synerdiff_bench fastpath compare --via http "${common[@]}" --only engine_fp8,diffusers_compiled,diffusers_eager
+fi
+cp "$OUT/throughput.json" "$keep/"

@@ -1,0 +1,43 @@
+"""`fastpath compare --via http`: real `synerdiff serve` processes on loopback driven by concurrent
+clients, beside diffusers eager, on the CPU and the embedded model (a smoke run of the GPU tool)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from synerdiff_bench.fastpath import main
+from synerdiff_bench.throughput import completion_rate
+
+
+def test_completion_rate_follows_bursts_of_completions():
+    # 8 images finishing together every 2 s: 4 images/s, where a count over a 7 s window says 3.4 or 4.6.
+    bursts = [k * 2.0 + i * 1e-3 for k in range(1, 8) for i in range(8)]
+    assert completion_rate(bursts) == pytest.approx(4.0, rel=1e-3)
+    assert completion_rate([0.5 * k for k in range(1, 40)]) == pytest.approx(2.0, rel=1e-6)
+    assert completion_rate([1.0, 2.0]) is None
+
+
+def test_http_compare_serves_measures_and_reports(tmp_path):
+    out = tmp_path / "out"
+    argv = ["compare", "--via", "http", "--model", "tiny", "--device", "cpu", "--dtype", "float32", "--cache-dir", str(tmp_path / "cc")]
+    argv += ["--size", "64", "--steps", "3", "--guidance", "5", "--concurrency", "3", "--warmup-s", "2", "--window-s", "4", "--fidelity-images", "4"]
+    argv += ["--repeats", "1", "--static-batch", "2", "--max-rows", "4", "--out", str(out)]
+    argv += ["--only", "engine_exact,engine_synerdiff,engine_fp8,diffusers_eager"]
+    main(argv, stamp=["fastpath", *argv])
+    r = json.loads((out / "throughput.json").read_text())
+    assert r["gpu"] == "cpu" and r["command"].startswith("python -m synerdiff_bench fastpath compare --via http")
+    sat = r["saturated_images_per_s"]
+    assert sat["engine_exact_http"] > 0 and sat["engine_synerdiff_http"] > 0 and sat["diffusers_eager_static"] > 0
+    assert sat["engine_fp8_http"] is None and sat["diffusers_compiled_static"] is None  # refused on a CPU; not asked for
+    assert "FP8 tensor cores" in r["errors"]["engine_fp8"]
+    assert r["lone_s"]["engine"] > 0 and r["startup_s"]["cold"] > 0 and r["startup_s"]["warm_new_pod"] > 0
+    exact = r["details"]["engine_exact"]
+    assert exact["errors"] == 0 and exact["completed_in_window"] > 3
+    w = exact["window_metrics"]
+    assert 2 <= w["mean_rows_per_step"] <= 4 and 0 < w["unet_busy_fraction"] <= 1.05
+    # The same requests (seeds) in both engines: the synerdiff policy's images against the exact ones.
+    fid = r["details"]["engine_synerdiff"]["fidelity_vs_exact"]
+    assert fid["images"] == 4 and fid["median_db"] > 30
+    assert (out / "throughput-engine_exact.log").is_file()
