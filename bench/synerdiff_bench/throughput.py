@@ -79,9 +79,9 @@ class Server:
         config.write_text(json.dumps({"host": "127.0.0.1", "port": port, "engine": engine}))
         env = {k: v for k, v in os.environ.items() if not k.startswith("SYNERDIFF_")}
         env["SYNERDIFF_CONFIG_FILE"] = str(config)
-        if fresh_caches:  # what a new pod has: no inductor, Triton or profile caches, only the compile cache file
-            home = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=workdir))
-            env.update(TORCHINDUCTOR_CACHE_DIR=str(home / "inductor"), TRITON_CACHE_DIR=str(home / "triton"), HOME=str(home))
+        if fresh_caches:  # what a new pod has: no inductor or Triton caches, only the compile cache file
+            fresh = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=workdir))
+            env.update(TORCHINDUCTOR_CACHE_DIR=str(fresh / "inductor"), TRITON_CACHE_DIR=str(fresh / "triton"))
         self._log = self.log_path.open("w")
         t0 = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, "-m", "synerdiff.cli", "serve"], stdout=self._log, stderr=subprocess.STDOUT, env=env)
@@ -293,7 +293,7 @@ def completion_rate(times: list[float]) -> float | None:
 
 
 # ---------------------------------------------------------------------------------- the run
-def engine_settings(args: argparse.Namespace, policy: str, precision: str) -> dict[str, Any]:
+def engine_settings(args: argparse.Namespace, policy: str, precision: str, workdir: Path) -> dict[str, Any]:
     s: dict[str, Any] = {
         "model": args.model_path,
         "device": args.device,
@@ -305,13 +305,15 @@ def engine_settings(args: argparse.Namespace, policy: str, precision: str) -> di
         "scheduler": {"policy": policy, "max_rows": args.max_rows},
         "limits": {"max_queue": max(256, 2 * args.concurrency), "max_steps": max(100, args.steps)},
     }
+    if policy == "synerdiff":  # a file of its own: a new pod has no profile, and this policy measures one at start
+        s["profile_path"] = str(workdir / f"profile-{precision}.json")
     if args.engine_rows:
         s["fast_path_rows"] = args.engine_rows
     return s
 
 
 def run_engine(name: str, args: argparse.Namespace, workdir: Path, policy: str, precision: str, *, with_lone: bool) -> dict[str, Any]:
-    server = Server(name, engine_settings(args, policy, precision), workdir)
+    server = Server(name, engine_settings(args, policy, precision, workdir), workdir)
     try:
         out: dict[str, Any] = {"process_to_ready_s": server.ready_s}
         print(f"{name}: ready in {server.ready_s:.1f} s", flush=True)
