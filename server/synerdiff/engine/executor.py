@@ -44,6 +44,39 @@ class FastPathStart:
     attention_ms: dict[str, float] = field(default_factory=dict)  # eager step time under each SDPA backend, when measured
     seconds: float = 0.0
     vae_s: float = 0.0  # compiling (or loading) the VAE's one-image decode and encode, within `seconds`
+    compile_s: dict[str, float] = field(default_factory=dict)  # where torch.compile's seconds went (dynamo's own timers)
+
+
+# dynamo's timers worth reading at start-up, by what they measure: all of torch.compile's work,
+# tracing the Python bytecode (dynamo), the backend (AOT autograd and inductor), inductor's
+# cache hits being loaded, kernels compiled in worker processes, and guards built.
+_COMPILE_TIMERS = {
+    "_compile.compile_inner": "total",
+    "bytecode_tracing": "dynamo_trace",
+    "OutputGraph.call_user_compiler": "backend",
+    "AOTAutogradCache.inductor_load": "cache_load",
+    "async_compile.wait": "kernel_compile_wait",
+    "build_guards": "guards",
+}
+
+
+def compile_breakdown() -> dict[str, float]:
+    """Seconds this process has spent in torch.compile's phases (dynamo's aggregated timers)."""
+    try:
+        from torch._dynamo.utils import compile_times
+
+        text = compile_times(repr="str", aggregate=True)
+    except Exception:  # a private API: its absence costs the breakdown, never the start
+        return {}
+    out: dict[str, float] = {}
+    for line in str(text).splitlines():
+        name, _, value = line.rpartition(", ")
+        if name in _COMPILE_TIMERS:
+            try:
+                out[_COMPILE_TIMERS[name]] = float(value)
+            except ValueError:
+                pass
+    return out
 
 
 def _compile_misses() -> int:
@@ -198,6 +231,9 @@ class StepExecutor:
         if cache is not None and start.cache in ("cold", "partial"):
             start.cache_bytes = cache.save({"attention": start.attention, "compile_s": time.perf_counter() - t0})
         start.seconds = time.perf_counter() - t0
+        if compile:
+            start.compile_s = compile_breakdown()
+            log.info("compile seconds: %s", ", ".join(f"{k} {v:.1f}" for k, v in start.compile_s.items()))
         log.info(
             "UNet fast path ready in %.1f s (%s, compile cache %s, attention %s)",
             start.seconds,
