@@ -474,7 +474,7 @@ def main(argv: list[str] | None = None, stamp: list[str] | None = None) -> None:
     elif args.via == "http":
         from .throughput import compare_http
 
-        report["command_compare"] = command_line(stamp)
+        report.setdefault("commands", []).append(command_line(stamp))  # one per call: --only splits the systems over calls
         report["gpu"] = report["environment"]["gpu"]
         report["model"] = args.model
 
