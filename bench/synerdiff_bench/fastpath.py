@@ -37,7 +37,7 @@ from synerdiff.engine import Engine, EngineObserver, GenerationRequest, Iteratio
 
 from .baselines import make_pipeline
 from .quality import psnr
-from .report import command_line, new_report, result_path, write_json
+from .report import command_line, environment, new_report, result_path, write_json
 from .sdmodels import resolve_model
 
 PROMPT = "a photo of an astronaut riding a horse on the moon"
@@ -476,6 +476,11 @@ def main(argv: list[str] | None = None, stamp: list[str] | None = None) -> None:
 
         report.setdefault("commands", []).append(command_line(stamp))  # one per call: --only splits the systems over calls
         report["gpu"] = report["environment"]["gpu"]
+        here = environment()
+        if here["gpu"] != report["gpu"] or here["torch"] != report["environment"]["torch"]:
+            raise SystemExit(
+                f"{path} was measured on {report['gpu']} (torch {report['environment']['torch']}); this machine has {here['gpu']} (torch {here['torch']}): use another --out"
+            )
         report["model"] = args.model
 
         def save_http() -> None:

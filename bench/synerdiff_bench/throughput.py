@@ -84,7 +84,9 @@ class Server:
             env.update(TORCHINDUCTOR_CACHE_DIR=str(fresh / "inductor"), TRITON_CACHE_DIR=str(fresh / "triton"))
         self._log = self.log_path.open("w")
         t0 = time.perf_counter()
-        self.proc = subprocess.Popen([sys.executable, "-m", "synerdiff.cli", "serve"], stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "synerdiff.cli", "serve"], stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         deadline = t0 + timeout_s
         while True:
             if self.proc.poll() is not None:
@@ -99,7 +101,11 @@ class Server:
             if time.perf_counter() > deadline:
                 self.stop()
                 raise RuntimeError(f"{name}: not ready within {timeout_s:.0f} s: {self.log_tail()}")
-            time.sleep(0.25)
+            try:
+                time.sleep(0.25)
+            except BaseException:  # interrupted while it starts: it must not keep the GPU
+                self.stop()
+                raise
         self.ready_s = time.perf_counter() - t0
 
     def log_tail(self, chars: int = 2500) -> str:
@@ -155,7 +161,7 @@ class Server:
             try:
                 self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                os.killpg(self.proc.pid, signal.SIGKILL)  # its compile workers too
                 self.proc.wait()
         if not self._log.closed:
             self._log.close()
@@ -224,7 +230,9 @@ def saturate(server: Server, args: argparse.Namespace) -> dict[str, Any]:
             try:
                 data = await _post(client, server.url, body(args, seed))
             except Exception as exc:  # recorded: a saturated engine must not fail requests
-                errors.append(f"{type(exc).__name__}: {exc}"[:300])
+                if len(errors) < 1000:
+                    errors.append(f"{type(exc).__name__}: {exc}"[:300])
+                await asyncio.sleep(0.1)  # a dead server must not turn the clients into a busy loop
                 continue
             done.append(time.perf_counter())
             if seed in keep:
@@ -232,7 +240,11 @@ def saturate(server: Server, args: argparse.Namespace) -> dict[str, Any]:
 
     async def metrics_at(when: float, key: str) -> None:
         await asyncio.sleep(max(0.0, when - time.perf_counter()))
-        marks[key] = await asyncio.to_thread(server.metrics)
+        try:
+            marks[key] = await asyncio.to_thread(server.metrics)
+        except Exception as exc:  # the window's metrics are lost, not the run
+            errors.append(f"metrics at the window's {key}: {type(exc).__name__}: {exc}"[:300])
+            return
         marks[key]["_t"] = time.perf_counter()
 
     async def run() -> None:
@@ -316,7 +328,15 @@ def engine_settings(args: argparse.Namespace, policy: str, precision: str, workd
 
 
 def run_engine(name: str, args: argparse.Namespace, workdir: Path, policy: str, precision: str, *, with_lone: bool) -> dict[str, Any]:
-    server = Server(name, engine_settings(args, policy, precision, workdir), workdir)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    kept = Path(args.out) / f"{args.name}-{name}.log"
+    try:
+        server = Server(name, engine_settings(args, policy, precision, workdir), workdir)
+    except Exception:
+        log_path = workdir / f"{name}.log"
+        if log_path.is_file():  # why it did not start, beside the report
+            shutil.copy(log_path, kept)
+        raise
     try:
         out: dict[str, Any] = {"process_to_ready_s": server.ready_s}
         print(f"{name}: ready in {server.ready_s:.1f} s", flush=True)
@@ -327,8 +347,7 @@ def run_engine(name: str, args: argparse.Namespace, workdir: Path, policy: str, 
         return out
     finally:
         server.stop()
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        shutil.copy(server.log_path, Path(args.out) / f"{args.name}-{name}.log")
+        shutil.copy(server.log_path, kept)
 
 
 def fidelity(images: dict[int, torch.Tensor], reference: dict[int, torch.Tensor]) -> dict[str, Any] | None:

@@ -83,14 +83,16 @@ class CompiledVae:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """The decoder's output for latents (N, C, h, w) of a compiled shape, image by image."""
-        return torch.cat([self._decode(latents[i : i + 1]) for i in range(latents.shape[0])])
+        # Contiguous: the compile's guards hold it to the strides it was made for, and an edit's
+        # latents come channels_last from the image processor (a miss would compile while serving).
+        return torch.cat([self._decode(latents[i : i + 1].contiguous()) for i in range(latents.shape[0])])
 
     def encodes(self, pixels: torch.Tensor) -> bool:
         return pixels.shape[0] == 1 and tuple(pixels.shape[2:]) in self.pixel_shapes
 
     def moments(self, pixels: torch.Tensor) -> torch.Tensor:
         """The encoder's distribution parameters (what `AutoencoderKL._encode` returns) for one image."""
-        return self._moments(pixels)
+        return self._moments(pixels.contiguous())
 
 
 def _time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> float:

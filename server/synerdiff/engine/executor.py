@@ -169,7 +169,9 @@ class StepExecutor:
                 mode=config.compile_mode,
                 attention=config.attention_backend,
                 precision=self.precision,
-                vae=config.vae_compile,
+                torchao=_version("torchao") if self.precision == "fp8" else None,
+                vae=model_fingerprint(dict(m.vae.config)) if config.vae_compile else None,
+                vae_dtype=str(self._vae_dtype),
             )
             cache = CompileCache(Path(config.compile_cache_dir) if config.compile_cache_dir else default_cache_dir(), facts)
             start.cache = "warm" if cache.load() else "cold"

@@ -34,16 +34,23 @@ def fp8_unsupported(device: torch.device) -> str | None:
         name = torch.cuda.get_device_name(device)
         return f"precision fp8 needs FP8 tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell); {name} has {cap[0]}.{cap[1]}: use precision fp16"
     try:
-        import torchao  # noqa: F401
+        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_  # noqa: F401
     except ImportError:
-        return "precision fp8 needs the torchao package (pip install torchao), which is not installed"
+        return "precision fp8 needs the torchao package, 0.18 or later (pip install 'synerdiff[fp8]'), which is not installed or too old"
+    except Exception as exc:  # a torchao built for another torch fails in other ways
+        return f"precision fp8 needs a working torchao (pip install 'synerdiff[fp8]'); importing it failed: {type(exc).__name__}: {exc}"
     return None
 
 
 def _float8_compatible(module: torch.nn.Module, fqn: str) -> bool:
-    if not isinstance(module, torch.nn.Linear):
+    if not isinstance(module, torch.nn.Linear) or _quantized(module.weight):
         return False
     return module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+
+def _quantized(weight: torch.Tensor) -> bool:
+    """A weight torchao already holds (a model shared by two fp8 engines is quantized once)."""
+    return type(weight) is not torch.nn.Parameter and type(weight) is not torch.Tensor
 
 
 def apply_fp8(net: torch.nn.Module, device: torch.device) -> int:
@@ -60,6 +67,8 @@ def apply_fp8(net: torch.nn.Module, device: torch.device) -> int:
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
     count = sum(1 for name, m in net.named_modules() if _float8_compatible(m, name))
-    quantize_(net, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=_float8_compatible)
+    # set_inductor_config=False: torchao's recommended inductor settings would apply to every
+    # later compile in the process (the VAE's too) and make fp8 against fp16 a comparison of two tunings.
+    quantize_(net, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False), filter_fn=_float8_compatible)
     log.info("precision fp8: %d linear layers in float8 (per-row activation scales, per-channel weight scales)", count)
     return count
