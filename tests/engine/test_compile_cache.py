@@ -141,3 +141,20 @@ def test_pruning_keeps_the_newest_entries_and_the_current_one(tmp_path: Path) ->
     assert sorted(removed) == ["k1", "k2", "k3"]
     assert sorted(p.name for p in tmp_path.glob("k*")) == ["k0.bin", "k0.json", "k4.bin", "k4.json", "k5.bin", "k5.json"]
     assert fresh.exists() and not stale.exists()  # a writer may still be busy with the fresh one
+
+
+def test_compile_breakdown_reads_dynamo_timers_in_either_layout(monkeypatch):
+    """torch prints dynamo's timers as "name, seconds" lines or as a table; both are read, by what they measure."""
+    import torch._dynamo.utils
+
+    from synerdiff.engine.executor import compile_breakdown
+
+    table = (
+        "TorchDynamo compilation metrics:\nFunction      Runtimes (s)\n------------  ------------\n"
+        "_compile.compile_inner      12.5\nbytecode_tracing      3.25\nAOTAutogradCache.inductor_load     4.0\ncompile_attempt_0   12.4\n"
+    )
+    lines = "TorchDynamo compilation metrics:\nFunction, Runtimes (s)\n_compile.compile_inner, 2.5\nbuild_guards, 0.125\n"
+    monkeypatch.setattr(torch._dynamo.utils, "compile_times", lambda repr, aggregate: table)
+    assert compile_breakdown() == {"total": 12.5, "dynamo_trace": 3.25, "cache_load": 4.0}
+    monkeypatch.setattr(torch._dynamo.utils, "compile_times", lambda repr, aggregate: lines)
+    assert compile_breakdown() == {"total": 2.5, "guards": 0.125}

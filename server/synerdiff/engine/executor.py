@@ -9,6 +9,7 @@ pipeline's.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -69,13 +70,10 @@ def compile_breakdown() -> dict[str, float]:
     except Exception:  # a private API: its absence costs the breakdown, never the start
         return {}
     out: dict[str, float] = {}
-    for line in str(text).splitlines():
-        name, _, value = line.rpartition(", ")
-        if name in _COMPILE_TIMERS:
-            try:
-                out[_COMPILE_TIMERS[name]] = float(value)
-            except ValueError:
-                pass
+    # "name, 1.23" lines, or a table of "name   1.23" rows (torch versions differ).
+    for m in re.finditer(r"^\s*([\w.]+)[,\s]+([0-9.]+)\s*$", str(text), re.M):
+        if m[1] in _COMPILE_TIMERS:
+            out[_COMPILE_TIMERS[m[1]]] = float(m[2])
     return out
 
 
