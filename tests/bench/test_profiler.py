@@ -3,6 +3,7 @@ from __future__ import annotations
 from itertools import pairwise
 
 import pytest
+import torch
 
 from synerdiff.contract.config import EMBEDDED_MODEL_DIR, EngineConfig, SchedulerConfig
 from synerdiff.engine import profiler
@@ -80,3 +81,29 @@ def test_ensure_profile_loads_a_match_and_reprofiles_a_mismatch(tiny_model, tmp_
     other.save(path)
     fresh = profiler.ensure_profile(cfg, ex, path)
     assert fresh.gpu == "cpu" and Profile.load(path).gpu == "cpu"
+
+
+def test_a_profile_is_keyed_by_the_arithmetic_and_the_compiled_vae(tiny_model, tmp_path, monkeypatch):
+    """fp8 linears and the compiled VAE change what a step and a decode cost: a profile measured
+    without them is not used with them (and the fp8 one lives in a file of its own)."""
+    cfg = EngineConfig(model=str(EMBEDDED_MODEL_DIR), device="cpu", dtype="float32", scheduler=SchedulerConfig(max_rows=2))
+    ex = StepExecutor(tiny_model)
+    path = tmp_path / "prof.json"
+    plain = profiler.ensure_profile(cfg, ex, path)
+    assert plain.dtype == "float32" and plain.vae_compiled is False
+    from synerdiff.engine.compiled_vae import CompiledVae
+
+    ex.vae_compiled = CompiledVae(tiny_model.vae, dtype=torch.float32, device=tiny_model.device, backend="eager")  # nothing prepared: decodes stay eager
+    calls = []
+    real = profiler.profile_executor
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(profiler, "profile_executor", counted)
+    assert profiler.ensure_profile(cfg, ex, path).vae_compiled is True and calls == [1]
+    ex.vae_compiled = None
+    ex.precision = "fp8"
+    assert profiler.arithmetic(ex) == "float32+fp8"
+    assert "float32+fp8" in str(profiler.default_profile_path(ex, EMBEDDED_MODEL_DIR))

@@ -246,6 +246,7 @@ def profile_executor(
         vae_beside=beside,
         fast_path=uses_fast_path(executor),
         compiled=uses_compiled(executor),
+        vae_compiled=executor.vae_compiled is not None,
         versions=versions(),
     )
 
@@ -267,7 +268,14 @@ def ensure_profile(config: EngineConfig, executor: StepExecutor, path: str | Pat
     """
     p = Path(path or config.profile_path or default_profile_path(executor, config.model))
     m = executor.model
-    key = (gpu_name(m.device), model_id(config.model), arithmetic(executor), uses_fast_path(executor), uses_compiled(executor))
+    key = (
+        gpu_name(m.device),
+        model_id(config.model),
+        arithmetic(executor),
+        uses_fast_path(executor),
+        uses_compiled(executor),
+        executor.vae_compiled is not None,
+    )
     if p.is_file():
         try:
             prof = Profile.load(p)

@@ -42,9 +42,11 @@ class Profile:
     versions: dict[str, str] = field(default_factory=dict)
     version: int = PROFILE_VERSION
     compiled: bool = False  # the fast path's graphs were compiled
+    vae_compiled: bool = False  # decodes went through the compiled one-image VAE
 
-    def matches(self, gpu: str, model: str, dtype: str, fast_path: bool, compiled: bool = False) -> bool:
-        return (self.version, self.gpu, self.model, self.dtype, self.fast_path, self.compiled) == (PROFILE_VERSION, gpu, model, dtype, fast_path, compiled)
+    def matches(self, gpu: str, model: str, dtype: str, fast_path: bool, compiled: bool = False, vae_compiled: bool = False) -> bool:
+        mine = (self.version, self.gpu, self.model, self.dtype, self.fast_path, self.compiled, self.vae_compiled)
+        return mine == (PROFILE_VERSION, gpu, model, dtype, fast_path, compiled, vae_compiled)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(asdict(self), indent=1))
