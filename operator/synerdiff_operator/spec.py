@@ -711,6 +711,11 @@ SPEC_RULES = (
         "!has(self.adapters) || !has(self.engine.lora) || !has(self.engine.lora.dir) || self.engine.lora.dir == ''",
         "engine.lora.dir is set by the operator when spec.adapters is given (the adapters are mounted into the engine); leave it unset",
     ),
+    (
+        "!has(self.engine.precision) || self.engine.precision != 'fp8' || (self.model.dtype == 'bfloat16' && self.gpu.count > 0)",
+        "engine.precision fp8 needs model.dtype bfloat16 (float8 with per-row scales is computed from bfloat16 weights) and gpu.count >= 1 "
+        "on GPUs with FP8 tensor cores (Ada, Hopper, Blackwell)",
+    ),
 )
 
 
@@ -783,6 +788,8 @@ class PoolSpec(_Spec):
             raise ValueError(SPEC_RULES[4][1])
         if self.adapters is not None and self.engine.lora.dir:
             raise ValueError(SPEC_RULES[5][1])
+        if self.engine.precision == "fp8" and (self.model.dtype != "bfloat16" or self.gpu.count == 0):
+            raise ValueError(SPEC_RULES[6][1])
         return self
 
     def drain_seconds(self) -> float:

@@ -158,6 +158,8 @@ INVALID = [
     ({"adapters": {"uri": "s3://loras/../x"}}, "does not match"),
     ({"adapters": {"uri": "s3://loras/sd15"}, "engine": {"lora": {"dir": "/opt/loras"}}}, "engine.lora.dir is set by the operator"),
     ({"podTemplate": {"spec": {"volumeMounts": [{"name": "data", "mountPath": "/adapters"}]}}}, "are mounted by the operator"),
+    ({"engine": {"precision": "fp8"}}, "engine.precision fp8 needs model.dtype bfloat16"),  # the default dtype is float16
+    ({"engine": {"precision": "fp8"}, "gpu": {"count": 0}, "model": {"uri": "hf://org/model", "dtype": "bfloat16"}}, "engine.precision fp8 needs"),
 ]
 
 
@@ -210,6 +212,7 @@ VALID_EDGES = [
     {"replicas": 9, "maxReplicas": 4, "autoscaling": {"enabled": True}},  # the autoscaler's value is clamped
     {"model": {"path": "relative/dir", "pvc": "models"}},
     {"gpu": {"count": 0}, "model": {"uri": "hf://org/model", "dtype": "float32"}},
+    {"engine": {"precision": "fp8"}, "model": {"uri": "hf://org/model", "dtype": "bfloat16"}},
     {
         "model": {
             "uri": "s3://models/sd/sd15",
