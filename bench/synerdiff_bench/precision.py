@@ -11,7 +11,9 @@ PSNR, plus one eager UNet step of `--rows` rows in each (CUDA). -> OUT/precision
 from __future__ import annotations
 
 import argparse
+import shlex
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     report: dict[str, Any] = new_report(
         "precision", args.name, None, model=args.model, size=args.size, steps=args.steps, guidance=args.guidance, seeds=args.seeds
     )
+    report["command"] = shlex.join(["python", "-m", "synerdiff_bench.precision", *(sys.argv[1:] if argv is None else argv)])
     imgs: dict[str, list[torch.Tensor]] = {}
     report["eager_step_ms"] = {}
     report["errors"] = {}

@@ -31,7 +31,7 @@ def environment() -> dict[str, Any]:
         "gpu_count": torch.cuda.device_count() if torch.cuda.is_available() else 0,
         "cpu_count": os.cpu_count(),
     }
-    for mod in ("diffusers", "transformers", "numpy", "pydantic"):
+    for mod in ("diffusers", "transformers", "numpy", "pydantic", "torchao"):
         try:
             env[mod] = __import__(mod).__version__
         except ImportError:

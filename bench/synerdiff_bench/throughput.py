@@ -139,18 +139,18 @@ class Server:
             "engine_start_s": re.search(r"model loaded and warmed up in ([\d.]+)s", text),
             "fp8_layers": re.search(r"precision fp8: (\d+) linear layers", text),
             "engine_ready_s": re.search(r"engine ready in ([\d.]+) s \((.*)\)$", text, re.M),
-            "compile_total_s": re.search(r"compile seconds: total ([\d.]+)(.*)$", text, re.M),
+            "compile_breakdown": re.search(r"compile seconds: (.+)$", text, re.M),
         }
         out: dict[str, Any] = {"graphs": graphs}
         for key, m in found.items():
-            if m:
+            if m and key != "compile_breakdown":
                 out[key] = float(m[1])
         if found["fast_path_s"]:
             out["fast_path"] = found["fast_path_s"][2]
         if found["engine_ready_s"]:
             out["engine_stages"] = found["engine_ready_s"][2]
-        if found["compile_total_s"]:
-            out["compile_breakdown"] = "total " + found["compile_total_s"][1] + found["compile_total_s"][2]
+        if found["compile_breakdown"]:
+            out["compile_breakdown"] = found["compile_breakdown"][1]
         if found["vae_compile_s"]:
             out["vae_decode_ms"] = found["vae_compile_s"][2]
         return out

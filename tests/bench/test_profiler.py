@@ -106,4 +106,5 @@ def test_a_profile_is_keyed_by_the_arithmetic_and_the_compiled_vae(tiny_model, t
     ex.vae_compiled = None
     ex.precision = "fp8"
     assert profiler.arithmetic(ex) == "float32+fp8"
+    assert profiler.ensure_profile(cfg, ex, path).dtype == "float32+fp8" and calls == [1, 1]  # the 16-bit one is not used
     assert "float32+fp8" in str(profiler.default_profile_path(ex, EMBEDDED_MODEL_DIR))

@@ -158,3 +158,13 @@ def test_compile_breakdown_reads_dynamo_timers_in_either_layout(monkeypatch):
     assert compile_breakdown() == {"total": 12.5, "dynamo_trace": 3.25, "cache_load": 4.0}
     monkeypatch.setattr(torch._dynamo.utils, "compile_times", lambda repr, aggregate: lines)
     assert compile_breakdown() == {"total": 2.5, "guards": 0.125}
+
+
+def test_compile_breakdown_reads_this_torch_s_own_timers():
+    import torch
+
+    from synerdiff.engine.executor import compile_breakdown
+
+    torch.compile(lambda x: x.sin() * 2, backend="eager", fullgraph=True)(torch.randn(4))
+    got = compile_breakdown()
+    assert got["total"] > 0 and got["dynamo_trace"] > 0 and got["total"] >= got["dynamo_trace"]

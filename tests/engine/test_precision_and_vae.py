@@ -93,3 +93,40 @@ def test_compiled_vae_encodes_an_edit_like_the_eager_vae():
     torch.testing.assert_close(eager, got, atol=1e-5, rtol=0)
     assert (eager - other).abs().max() > 1e-3  # the sample is drawn from the generator
     assert big.shape == (1, 4, 64 // m.vae_scale_factor, 96 // m.vae_scale_factor)
+
+
+def test_compiled_vae_never_recompiles_for_channels_last_inputs():
+    """An edit's latents and pixels arrive channels_last (the image processor's layout); the compiled
+    one-image VAE must take them without a second compile, which on a GPU would stall serving."""
+    cfg = EngineConfig(device="cpu", dtype="float32", warmup=False)
+    with Engine(cfg).start() as eng:
+        m = eng.model
+        vae = Counting(m.vae, dtype=torch.float32, device=m.device)
+        vae.prepare(shapes_latent(m, [(64, 64)]), m.vae_scale_factor)
+        f = m.vae_scale_factor
+        z = torch.randn(3, 4, 64 // f, 64 // f).to(memory_format=torch.channels_last)
+        x = torch.rand(1, 3, 64, 64).to(memory_format=torch.channels_last)
+        assert not z[0:1].is_contiguous() and not x.is_contiguous()
+        with torch._dynamo.config.patch(error_on_recompile=True), torch.inference_mode():  # as the executor calls it
+            out = vae.decode(z)
+            moments = vae.moments(x)
+            again = vae.decode(z.contiguous())
+        torch.testing.assert_close(out, again, atol=0, rtol=0)
+        assert out.shape == (3, 3, 64, 64) and moments.shape[0] == 1
+
+
+class FakeFloat8(torch.Tensor):
+    """Stands for a torchao float8 weight: what the engine checks is that torchao holds it."""
+
+
+def test_an_fp16_engine_refuses_a_model_an_fp8_engine_quantized():
+    from synerdiff.models.loader import load_model
+    from synerdiff.models.precision import float8_layers
+
+    model = load_model(str(EngineConfig().model), "cpu", "float32")
+    assert float8_layers(model.net) == 0
+    lin = next(m for m in model.net.modules() if isinstance(m, torch.nn.Linear))
+    lin.weight = torch.nn.Parameter(lin.weight.detach().as_subclass(FakeFloat8), requires_grad=False)
+    assert float8_layers(model.net) == 1
+    with pytest.raises(PrecisionError, match="give the fp16 engine a model of its own"):
+        Engine(EngineConfig(device="cpu", dtype="float32", warmup=False), model=model).start()

@@ -68,6 +68,7 @@ class CompiledVae:
                     self._moments(x)
                 self.pixel_shapes.add((h * scale_factor, w * scale_factor))
             self.decode_ms[(c, h, w)] = _time_ms(partial(self._decode, z), self.device)
+            self._decode_eager(z)  # its first call picks kernels: timed warm, as the compiled one is
             self.eager_decode_ms[(c, h, w)] = _time_ms(partial(self._decode_eager, z), self.device)
         self.seconds = time.perf_counter() - t0
         log.info(

@@ -26,7 +26,7 @@ import torch
 
 from ..contract.config import EngineConfig, LimitsConfig, SchedulerConfig
 from ..models.loader import ModelBundle, load_model, resolve_device
-from ..models.precision import PrecisionError, apply_fp8, fp8_unsupported
+from ..models.precision import PrecisionError, apply_fp8, float8_layers, fp8_unsupported
 from ..samplers import make_plan
 from ..scheduling.controller import ControllerState
 from ..scheduling.cost_model import CostModel
@@ -166,6 +166,11 @@ class Engine:
         if self.config.precision == "fp8":  # after LoRA wrapped its linears: the base layers are quantized
             self.startup.fp8_layers = apply_fp8(self._model.net, self._model.device)
             self.executor.precision = "fp8"
+        elif float8_layers(self._model.net):
+            raise PrecisionError(
+                "precision fp16, but this model's denoiser runs float8 linear layers (an engine with precision fp8 quantized the "
+                "shared model in place): give the fp16 engine a model of its own"
+            )
         if self.config.fast_path and self._model.device.type == "cuda":
             self._enter_stage("compiling" if self.config.fast_path_compile else "capturing graphs")
 

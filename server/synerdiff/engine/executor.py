@@ -233,7 +233,8 @@ class StepExecutor:
         start.seconds = time.perf_counter() - t0
         if compile:
             start.compile_s = compile_breakdown()
-            log.info("compile seconds: %s", ", ".join(f"{k} {v:.1f}" for k, v in start.compile_s.items()))
+            if start.compile_s:
+                log.info("compile seconds: %s", ", ".join(f"{k} {v:.1f}" for k, v in start.compile_s.items()))
         log.info(
             "UNet fast path ready in %.1f s (%s, compile cache %s, attention %s)",
             start.seconds,

@@ -48,6 +48,11 @@ def _float8_compatible(module: torch.nn.Module, fqn: str) -> bool:
     return module.in_features % 16 == 0 and module.out_features % 16 == 0
 
 
+def float8_layers(net: torch.nn.Module) -> int:
+    """The linear layers of `net` whose weights torchao holds (0 for a 16-bit model)."""
+    return sum(1 for m in net.modules() if isinstance(m, torch.nn.Linear) and _quantized(m.weight))
+
+
 def _quantized(weight: torch.Tensor) -> bool:
     """A weight torchao already holds (a model shared by two fp8 engines is quantized once)."""
     return type(weight) is not torch.nn.Parameter and type(weight) is not torch.Tensor
@@ -55,7 +60,8 @@ def _quantized(weight: torch.Tensor) -> bool:
 
 def apply_fp8(net: torch.nn.Module, device: torch.device) -> int:
     """Quantize `net`'s linear layers in place to float8 (per-row activation scales, per-channel
-    weight scales); the number of layers quantized. Raises PrecisionError where it cannot run."""
+    weight scales); the number of its float8 layers (those quantized before by an engine sharing
+    the model included). Raises PrecisionError where it cannot run."""
     reason = fp8_unsupported(device)
     if reason is not None:
         raise PrecisionError(reason)
@@ -66,9 +72,9 @@ def apply_fp8(net: torch.nn.Module, device: torch.device) -> int:
         )
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-    count = sum(1 for name, m in net.named_modules() if _float8_compatible(m, name))
     # set_inductor_config=False: torchao's recommended inductor settings would apply to every
     # later compile in the process (the VAE's too) and make fp8 against fp16 a comparison of two tunings.
     quantize_(net, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow(), set_inductor_config=False), filter_fn=_float8_compatible)
+    count = float8_layers(net)
     log.info("precision fp8: %d linear layers in float8 (per-row activation scales, per-channel weight scales)", count)
     return count
