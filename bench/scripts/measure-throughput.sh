@@ -5,17 +5,22 @@
 #
 #   OUT=... bash bench/scripts/measure-throughput.sh engines   # exact (cold start) and synerdiff (warm start of a new pod)
 #   OUT=... bash bench/scripts/measure-throughput.sh rest      # fp8 and the diffusers peers, on the same machine right after
+#   OUT=... bash bench/scripts/measure-throughput.sh startup   # cold and new-pod warm start with the default row list (8 sizes for 64 rows) -> $OUT/startup-default.json
 #
 # The two halves keep each call under ten minutes; the second reads the first's report and
 # reference images from /tmp on the same machine (or the report from bench/results/, carried).
 set -euo pipefail
-half=${1:?engines or rest}
+half=${1:?engines, rest or startup}
 source bench/scripts/gpu-env.sh
 python3 -c "import torchao" 2>/dev/null || echo "torchao missing: the fp8 engine will be refused" >&2
 cc=/tmp/synerdiff-cc
 keep=/tmp/synerdiff-throughput
 mkdir -p "$keep"
 common=(--model sd15 --cache-dir "$cc" --engine-rows 2,64 --max-rows 64 --concurrency 128 --warmup-s 15 --window-s 30 --out "$OUT" --name throughput)
+if [ "$half" = startup ]; then
+  rm -rf /tmp/synerdiff-cc-default
+  exec python3 -m synerdiff_bench fastpath startup --model sd15 --cache-dir /tmp/synerdiff-cc-default --max-rows 64 --out "$OUT" --name startup-default
+fi
 if [ "$half" = engines ]; then
   rm -rf "$cc"
   python3 -m synerdiff_bench fastpath compare --via http "${common[@]}" --only engine_exact,engine_synerdiff

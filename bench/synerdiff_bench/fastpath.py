@@ -3,9 +3,9 @@
     python -m synerdiff_bench fastpath startup --cache-dir D   # cold start, then warm start, each in a fresh process
     python -m synerdiff_bench fastpath compare --cache-dir D   # engine vs diffusers eager and compiled (reads startup.json)
 
-`startup` starts the engine twice in new processes against one compile cache folder: the
-first finds it empty and compiles every row size (cold), the second loads what the first
-wrote (warm). Each reports seconds from process start to ready, and the engine's own
+`startup` starts the engine twice in new processes against one compile cache folder, each with
+empty inductor and Triton caches (a new pod): the first finds the folder empty and compiles every
+row size (cold), the second loads the file the first wrote (warm). Each reports seconds from process start to ready, and the engine's own
 start-up (model load, compile or cache load, graph capture, warm-up).
 
 `compare` measures, on the same weights and GPU: a lone guided image end to end (engine,
@@ -22,9 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -96,8 +98,14 @@ def timed_start(args: argparse.Namespace) -> dict[str, Any]:
         "--max-rows",
         str(args.max_rows),
     ]
+    if args.engine_rows:
+        cmd += ["--engine-rows", ",".join(map(str, args.engine_rows))]
+    # Each start sees empty inductor and Triton caches, as a new pod does: warm means the compile
+    # cache file alone, not this machine's local caches from the start before.
+    fresh = tempfile.mkdtemp(prefix="synerdiff-start-")
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": f"{fresh}/inductor", "TRITON_CACHE_DIR": f"{fresh}/triton"}
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     assert proc.stdout is not None
     line = proc.stdout.readline()
     ready_s = time.perf_counter() - t0
