@@ -5,7 +5,8 @@
 #
 #   OUT=... bash bench/scripts/measure-throughput.sh engines   # exact (cold start) and synerdiff (warm start of a new pod)
 #   OUT=... bash bench/scripts/measure-throughput.sh rest      # fp8 and the diffusers peers, on the same machine right after
-#   OUT=... bash bench/scripts/measure-throughput.sh startup   # cold and new-pod warm start with the default row list (8 sizes for 64 rows) -> $OUT/startup-default.json
+#   OUT=... bash bench/scripts/measure-throughput.sh startup   # cold and new-pod warm start with the default row list (8 sizes for 64 rows) -> $OUT/startup-default-per_size.json
+#   TRACE=once ... startup                                     # the same with one dynamo trace for every row size (compile_trace once)
 #
 # The two halves keep each call under ten minutes; the second reads the first's report and
 # reference images from /tmp on the same machine (or the report from bench/results/, carried).
@@ -19,7 +20,8 @@ mkdir -p "$keep"
 common=(--model sd15 --cache-dir "$cc" --engine-rows 2,64 --max-rows 64 --concurrency 128 --warmup-s 15 --window-s 30 --out "$OUT" --name throughput)
 if [ "$half" = startup ]; then
   rm -rf /tmp/synerdiff-cc-default
-  exec python3 -m synerdiff_bench fastpath startup --model sd15 --cache-dir /tmp/synerdiff-cc-default --max-rows 64 --out "$OUT" --name startup-default
+  exec python3 -m synerdiff_bench fastpath startup --model sd15 --cache-dir /tmp/synerdiff-cc-default --max-rows 64 \
+    --compile-trace "${TRACE:-per_size}" --out "$OUT" --name "startup-default-${TRACE:-per_size}"
 fi
 if [ "$half" = engines ]; then
   rm -rf "$cc"

@@ -55,6 +55,7 @@ def engine_config(args: argparse.Namespace, policy: str) -> EngineConfig:
         scheduler=SchedulerConfig(policy=policy, max_rows=args.max_rows),  # type: ignore[arg-type]
         profile_path=args.profile_path,
         fast_path_rows=args.engine_rows,
+        compile_trace=args.compile_trace,
     )
 
 
@@ -100,6 +101,7 @@ def timed_start(args: argparse.Namespace) -> dict[str, Any]:
     ]
     if args.engine_rows:
         cmd += ["--engine-rows", ",".join(map(str, args.engine_rows))]
+    cmd += ["--compile-trace", args.compile_trace]
     # Each start sees empty inductor and Triton caches, as a new pod does: warm means the compile
     # cache file alone, not this machine's local caches from the start before.
     fresh = tempfile.mkdtemp(prefix="synerdiff-start-")
@@ -432,6 +434,9 @@ def main(argv: list[str] | None = None, stamp: list[str] | None = None) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="compare: also time diffusers compiled at --static-batch (a second compile)",
+    )
+    ap.add_argument(
+        "--compile-trace", default="per_size", choices=["per_size", "once"], help="the engines' compile_trace (one dynamo trace for every row size: once)"
     )
     ap.add_argument(
         "--engine-compile", default="on", choices=["on", "off"], help="the engine's fast path: compiled CUDA graphs (on, the default) or plain CUDA graphs"

@@ -316,6 +316,7 @@ def engine_settings(args: argparse.Namespace, policy: str, precision: str, workd
         "precision": precision,
         "compile_cache_dir": str(Path(args.cache_dir).resolve()),
         "fast_path_compile": args.engine_compile == "on",
+        "compile_trace": args.compile_trace,
         "vae_compile": args.vae_compile == "on",
         "scheduler": {"policy": policy, "max_rows": args.max_rows},
         "limits": {"max_queue": max(256, 2 * args.concurrency), "max_steps": max(100, args.steps)},

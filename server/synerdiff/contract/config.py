@@ -167,6 +167,12 @@ class EngineConfig(_Strict):
         "default",
         description="torch.compile mode for the fast path; max-autotune benchmarks GEMM and convolution kernels at compile time (a much slower cold start).",
     )
+    compile_trace: Literal["per_size", "once"] = Field(
+        "per_size",
+        description="How the fast path's compile traces the denoiser. per_size: dynamo traces each row size anew (a static-shape "
+        "torch.compile per size); once: one trace with a dynamic batch, specialized per size by inductor (static kernels either way; "
+        "saves the re-tracing that dominates a warm start; falls back to per_size if the trace or its first output disagrees).",
+    )
     attention_backend: Literal["auto", "torch", "cudnn", "flash", "efficient", "math"] = Field(
         "auto",
         description="CUDA only: the SDPA kernel of the UNet's attention. auto: the fastest of cudnn, flash and efficient, measured at start "

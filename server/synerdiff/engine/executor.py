@@ -166,6 +166,7 @@ class StepExecutor:
                 rows=[rows[shape] for shape in shapes],
                 mode=config.compile_mode,
                 attention=config.attention_backend,
+                trace=config.compile_trace,
                 precision=self.precision,
                 torchao=_version("torchao") if self.precision == "fp8" else None,
                 vae=model_fingerprint(dict(m.vae.config)) if config.vae_compile else None,
@@ -197,6 +198,7 @@ class StepExecutor:
             compile=compile,
             mode=config.compile_mode,
             attention_backend=attn,
+            trace_once=config.compile_trace == "once",
         )
 
         def captured(cap: Capture) -> None:

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .size_compile import PerSizeBackend, agrees, mark_batch_dynamic
+
 log = logging.getLogger("synerdiff.fastpath")
 
 # Uncompiled graphs: one per guided image (2 rows) up to 64 rows. A step costs about 3 ms a
@@ -118,6 +120,7 @@ class GraphedUNet:
         compile: bool = False,
         mode: str = "default",
         attention_backend: str | None = None,
+        trace_once: bool = False,
     ):
         self.unet = unet
         self.ctx_shape = ctx_shape
@@ -139,11 +142,45 @@ class GraphedUNet:
 
         self._eager: Callable = forward
         self._fn: Callable = forward
+        self._mode = mode
+        self.per_size: PerSizeBackend | None = None  # trace_once: one dynamo trace, a compile per size
+        self._checked = False  # trace_once: its first compiled output was held against the eager one
         if compile:
             # channels_last lets inductor pick NHWC convolutions, the layout Hopper's tensor cores want
             # (a DiT has one convolution, its patch embedding).
             unet.to(memory_format=torch.channels_last)
-            self._fn = torch.compile(forward, dynamic=False, fullgraph=True, mode=None if mode == "default" else mode)
+            if trace_once:
+                self.per_size = PerSizeBackend(mode)
+                self._fn = torch.compile(forward, backend=self.per_size, fullgraph=True)
+            else:
+                self._fn = self._static_compile()
+
+    def _static_compile(self) -> Callable:
+        """A static-shape compile of the forward: dynamo traces each row size anew."""
+        return torch.compile(self._eager, dynamic=False, fullgraph=True, mode=None if self._mode == "default" else self._mode)
+
+    def _trace_once_failed(self, why: str) -> None:
+        log.warning("one trace for every row size did not work (%s); compiling each size on its own", why)
+        self.per_size = None
+        self._fn = self._static_compile()
+
+    def _warm(self, g: _Graph) -> None:
+        """The two runs before a capture (the compile runs, cuDNN and cuBLAS pick kernels); with
+        trace_once, the first size's compiled output is held against the eager forward's."""
+        if self.per_size is not None and g.rows >= 2:
+            mark_batch_dynamic(g.x, g.t, g.c, *g.added.values())
+            try:
+                out = self._fn(g.x, g.t, g.c, g.added)
+                if not self._checked:
+                    self._checked = True
+                    if not agrees(out, self._eager(g.x, g.t, g.c, g.added)):
+                        self._trace_once_failed("its output differs from the eager forward's")
+            except Exception as exc:  # the per-size compile is the one known to work
+                self._trace_once_failed(f"{type(exc).__name__}: {exc}")
+        elif self.per_size is not None:  # one row cannot be traced with a dynamic batch
+            self._trace_once_failed("a row size of 1")
+        for _ in range(2):
+            self._fn(g.x, g.t, g.c, g.added)
 
     def sizes(self, shape: tuple[int, int, int]) -> list[int]:
         return list(self._sizes.get(shape, ()))
@@ -177,8 +214,7 @@ class GraphedUNet:
             side.wait_stream(torch.cuda.current_stream(self.device))
             with attention(self.attention_backend):
                 with torch.cuda.stream(side):
-                    for _ in range(2):  # outside the capture: the compile runs, cuDNN/cuBLAS pick kernels
-                        self._fn(g.x, g.t, g.c, g.added)
+                    self._warm(g)  # outside the capture
                 torch.cuda.current_stream(self.device).wait_stream(side)
                 with torch.cuda.graph(g.graph, pool=self._pool):
                     g.out = self._fn(g.x, g.t, g.c, g.added)

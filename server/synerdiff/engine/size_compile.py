@@ -1,0 +1,94 @@
+"""One dynamo trace for every row size, one static inductor compile per size.
+
+`torch.compile(dynamic=False)` traces the denoiser's Python again for each static batch size, and
+from a warm compile cache that trace is most of a size's start-up: an SD1.5-shaped UNet takes 3.9 s
+of dynamo bytecode tracing and 0.45 s of guards a size on a 2-core CPU machine, against seconds
+for inductor to load the size's cached kernels. Here dynamo traces once with the batch dimension
+dynamic, and the backend hands inductor that one graph with each size's concrete inputs, so every
+size still gets static-shape kernels (the same FX graph cache entries a static compile would make
+warm) while the tracing is paid once. A size's compile runs on its first call, which the fast path
+makes outside graph capture.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+log = logging.getLogger("synerdiff.fastpath")
+
+Compiler = Callable[[Any, Sequence[Any]], Callable[..., Any]]
+
+
+def _inductor(mode: str) -> Compiler:
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = {"max_autotune": True, "triton.cudagraphs": False} if mode.startswith("max-autotune") else None
+
+    def compile_static(gm: Any, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        out = compile_fx(gm, list(example_inputs), config_patches=patches)
+        assert callable(out), f"inductor returned {type(out).__name__}, not a compiled function"
+        return out
+
+    return compile_static
+
+
+class PerSizeBackend:
+    """A `torch.compile` backend: dynamo's graph (batch dynamic) compiled once per batch size.
+
+    `compiler(gm, example_inputs)` compiles the graph for concrete inputs (inductor's
+    `compile_fx` by default); a size is keyed by the batch of every tensor input and the values
+    of the symbolic sizes dynamo passes."""
+
+    def __init__(self, mode: str = "default", compiler: Compiler | None = None):
+        self.compiler = compiler or _inductor(mode)
+        self.traces = 0  # graphs dynamo handed over: one, unless a guard failed
+        self.compiled: dict[tuple[int, ...], float] = {}  # size key -> seconds its compile took
+
+    def __call__(self, gm: Any, example_inputs: Sequence[Any]) -> Callable[..., Any]:
+        self.traces += 1
+        per_size: dict[tuple[int, ...], Callable[..., Any]] = {}
+
+        def run(*args: Any) -> Any:
+            key = size_key(args)
+            fn = per_size.get(key)
+            if fn is None:
+                t0 = time.perf_counter()
+                fn = per_size[key] = self.compiler(gm, args)
+                self.compiled[key] = time.perf_counter() - t0
+            return fn(*args)
+
+        return run
+
+
+def size_key(args: Sequence[Any]) -> tuple[int, ...]:
+    """What tells one size's call from another's: the first dimension of every non-parameter
+    tensor input, and the values of the symbolic sizes dynamo passes as ints."""
+    key = []
+    for a in args:
+        if isinstance(a, torch.nn.Parameter):
+            continue
+        if isinstance(a, torch.Tensor):
+            key.append(int(a.shape[0]) if a.dim() else -1)
+        elif isinstance(a, int):
+            key.append(a)
+    return tuple(key)
+
+
+def mark_batch_dynamic(*tensors: torch.Tensor) -> None:
+    """The batch dimension of these inputs traced as a symbol (they must have 2 rows or more)."""
+    import torch._dynamo
+
+    for t in tensors:
+        torch._dynamo.mark_dynamic(t, 0)
+
+
+def agrees(out: torch.Tensor, ref: torch.Tensor, tolerance: float = 2e-2) -> bool:
+    """The compiled output against the eager one: relative error of the whole, fp16 rounding allowed."""
+    diff = (out.float() - ref.float()).norm()
+    scale = ref.float().norm().clamp_min(1e-6)
+    return bool(torch.isfinite(out).all()) and float(diff / scale) <= tolerance

@@ -1,0 +1,83 @@
+"""One dynamo trace for every row size, a static inductor compile per size (`engine/size_compile.py`).
+
+On the CPU with a small conv/attention block: inductor builds real kernels for each size from the
+one traced graph, and each size's output equals the eager module's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch._dynamo
+from torch._dynamo.utils import counters
+
+from synerdiff.engine.size_compile import PerSizeBackend, agrees, mark_batch_dynamic, size_key
+
+
+class Block(torch.nn.Module):
+    """A denoiser's shapes in small: a convolution, group norm, and attention over the pixels
+    conditioned on a context, with a per-row timestep."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(4, 32, 3, padding=1)
+        self.norm = torch.nn.GroupNorm(4, 32)
+        self.q = torch.nn.Linear(32, 32)
+        self.kv = torch.nn.Linear(16, 64)
+        self.out = torch.nn.Conv2d(32, 4, 1)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        h = torch.nn.functional.silu(self.norm(self.conv(x))) * (t / 1000).view(-1, 1, 1, 1)
+        b, ch, hh, ww = h.shape
+        seq = h.flatten(2).transpose(1, 2)
+        k, v = self.kv(c).chunk(2, dim=-1)
+        att = torch.nn.functional.scaled_dot_product_attention(self.q(seq), k, v)
+        return self.out(att.transpose(1, 2).reshape(b, ch, hh, ww)) + x
+
+
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def inputs(rows: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(rows, 4, 8, 8, generator=g), torch.rand(rows, generator=g) * 1000, torch.randn(rows, 5, 16, generator=g)
+
+
+@torch.inference_mode()
+def test_one_trace_serves_every_size_with_static_kernels_of_its_own():
+    block = Block().eval()
+    backend = PerSizeBackend()
+    fn = torch.compile(block.forward, backend=backend, fullgraph=True)
+    first = inputs(2, 0)
+    mark_batch_dynamic(*first)
+    for args in (first, inputs(4, 1), inputs(3, 2), inputs(2, 3)):
+        out = fn(*args)
+        torch.testing.assert_close(out, block(*args), atol=1e-4, rtol=1e-4)
+    assert backend.traces == 1 and counters["stats"]["unique_graphs"] == 1  # dynamo traced once
+    assert sorted(k[0] for k in backend.compiled) == [2, 3, 4]  # inductor compiled each size once
+
+
+def test_size_key_and_agreement():
+    p = torch.nn.Parameter(torch.zeros(7, 3))
+    assert size_key([p, torch.zeros(5, 2), 5, torch.tensor(1.0), torch.zeros(5)]) == (5, 5, -1, 5)
+    ref = torch.randn(4, 8)
+    assert agrees(ref + 1e-4 * torch.randn(4, 8), ref)
+    assert not agrees(ref * 1.5, ref)
+    assert not agrees(torch.full((4, 8), float("nan")), ref)
+
+
+def test_a_compiler_failure_surfaces_on_the_first_call():
+    """The fast path falls back to per-size compiles when the one-trace path raises: it must raise, not run eager."""
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("no kernels today")
+
+    fn = torch.compile(Block().eval().forward, backend=PerSizeBackend(compiler=broken), fullgraph=True)
+    args = inputs(2, 0)
+    mark_batch_dynamic(*args)
+    with pytest.raises(Exception, match="no kernels today"), torch.inference_mode():
+        fn(*args)
