@@ -171,7 +171,7 @@ class EngineConfig(_Strict):
         "per_size",
         description="How the fast path's compile traces the denoiser. per_size: dynamo traces each row size anew (a static-shape "
         "torch.compile per size); once: one trace with a dynamic batch, specialized per size by inductor (static kernels either way; "
-        "saves the re-tracing that dominates a warm start; falls back to per_size if the trace or its first output disagrees).",
+        "saves re-tracing, a large part of a warm start; falls back to per_size if the trace or its first output disagrees).",
     )
     attention_backend: Literal["auto", "torch", "cudnn", "flash", "efficient", "math"] = Field(
         "auto",

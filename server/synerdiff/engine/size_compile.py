@@ -1,9 +1,9 @@
 """One dynamo trace for every row size, one static inductor compile per size.
 
 `torch.compile(dynamic=False)` traces the denoiser's Python again for each static batch size, and
-from a warm compile cache that trace is most of a size's start-up: an SD1.5-shaped UNet takes 3.9 s
-of dynamo bytecode tracing and 0.45 s of guards a size on a 2-core CPU machine, against seconds
-for inductor to load the size's cached kernels. Here dynamo traces once with the batch dimension
+from a warm compile cache that trace is a large part of a size's start-up: an SD1.5-shaped UNet
+took 3.9 s of dynamo bytecode tracing and 0.45 s of guards a size on a 2-core CPU machine, where
+a warm size took 6.9-10 s in all on an H100's host. Here dynamo traces once with the batch dimension
 dynamic, and the backend hands inductor that one graph with each size's concrete inputs, so every
 size still gets static-shape kernels (the same FX graph cache entries a static compile would make
 warm) while the tracing is paid once. A size's compile runs on its first call, which the fast path
