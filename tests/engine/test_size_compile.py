@@ -81,3 +81,19 @@ def test_a_compiler_failure_surfaces_on_the_first_call():
     mark_batch_dynamic(*args)
     with pytest.raises(Exception, match="no kernels today"), torch.inference_mode():
         fn(*args)
+
+
+def test_unmarked_inputs_compile_static_again():
+    """After a failed one-trace start the same buffers go to a static compile: their dynamic mark is gone."""
+    from synerdiff.engine.size_compile import unmark_batch
+
+    x = torch.zeros(3, 2)
+    mark_batch_dynamic(x)
+    assert 0 in x._dynamo_dynamic_indices
+    unmark_batch(x, torch.zeros(1))
+    assert not hasattr(x, "_dynamo_dynamic_indices")
+    backend = PerSizeBackend(compiler=lambda gm, args: gm.forward)
+    fn = torch.compile(lambda a: a * 2, backend=backend, dynamic=False, fullgraph=True)
+    fn(x)
+    fn(torch.zeros(4, 2))
+    assert backend.traces == 2  # static: one trace a size, as dynamic=False asks

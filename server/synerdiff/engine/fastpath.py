@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .size_compile import PerSizeBackend, agrees, mark_batch_dynamic
+from .size_compile import PerSizeBackend, agrees, mark_batch_dynamic, unmark_batch
 
 log = logging.getLogger("synerdiff.fastpath")
 
@@ -177,6 +177,8 @@ class GraphedUNet:
                         self._trace_once_failed("its output differs from the eager forward's")
             except Exception as exc:  # the per-size compile is the one known to work
                 self._trace_once_failed(f"{type(exc).__name__}: {exc}")
+            if self.per_size is None:
+                unmark_batch(g.x, g.t, g.c, *g.added.values())
         elif self.per_size is not None:  # one row cannot be traced with a dynamic batch
             self._trace_once_failed("a row size of 1")
         for _ in range(2):

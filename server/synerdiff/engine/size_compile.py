@@ -87,6 +87,14 @@ def mark_batch_dynamic(*tensors: torch.Tensor) -> None:
         torch._dynamo.mark_dynamic(t, 0)
 
 
+def unmark_batch(*tensors: torch.Tensor) -> None:
+    """Undo `mark_batch_dynamic`: a static compile of these inputs must not see a dynamic dimension."""
+    for t in tensors:
+        for mark in ("_dynamo_dynamic_indices", "_dynamo_dynamic_range", "_dynamo_hint_overrides", "_has_dynamo_dim_marking"):
+            if hasattr(t, mark):
+                delattr(t, mark)
+
+
 def agrees(out: torch.Tensor, ref: torch.Tensor, tolerance: float = 2e-2) -> bool:
     """The compiled output against the eager one: relative error of the whole, fp16 rounding allowed."""
     diff = (out.float() - ref.float()).norm()
