@@ -46,6 +46,7 @@ class FastPathStart:
     seconds: float = 0.0
     vae_s: float = 0.0  # compiling (or loading) the VAE's one-image decode and encode, within `seconds`
     compile_s: dict[str, float] = field(default_factory=dict)  # where torch.compile's seconds went (dynamo's own timers)
+    trace: str = "none"  # per_size, once, or per_size after a failed once (compile_trace)
 
 
 # dynamo's timers worth reading at start-up, by what they measure: all of torch.compile's work,
@@ -233,16 +234,20 @@ class StepExecutor:
         if cache is not None and start.cache in ("cold", "partial"):
             start.cache_bytes = cache.save({"attention": start.attention, "compile_s": time.perf_counter() - t0})
         start.seconds = time.perf_counter() - t0
+        start.trace = g.trace
         if compile:
             start.compile_s = compile_breakdown()
+            if g.per_size is not None:  # its compiles run after dynamo's backend call, outside that timer
+                start.compile_s["per_size_compiles"] = sum(g.per_size.compiled.values())
             if start.compile_s:
                 log.info("compile seconds: %s", ", ".join(f"{k} {v:.1f}" for k, v in start.compile_s.items()))
         log.info(
-            "UNet fast path ready in %.1f s (%s, compile cache %s, attention %s)",
+            "UNet fast path ready in %.1f s (%s, compile cache %s, attention %s, trace %s)",
             start.seconds,
             "compiled" if compile else "graphs",
             start.cache,
             start.attention,
+            start.trace,
         )
         return start
 

@@ -144,14 +144,17 @@ class GraphedUNet:
         self._fn: Callable = forward
         self._mode = mode
         self.per_size: PerSizeBackend | None = None  # trace_once: one dynamo trace, a compile per size
-        self._checked = False  # trace_once: its first compiled output was held against the eager one
+        self.trace = "per_size" if compile else "none"  # how the compile traced: once, per_size, or per_size after a failed once
         if compile:
             # channels_last lets inductor pick NHWC convolutions, the layout Hopper's tensor cores want
             # (a DiT has one convolution, its patch embedding).
             unet.to(memory_format=torch.channels_last)
             if trace_once:
                 self.per_size = PerSizeBackend(mode)
-                self._fn = torch.compile(forward, backend=self.per_size, fullgraph=True)
+                self.trace = "once"
+                # dynamic=False: only the marked batch dimension is a symbol (no automatic dynamic
+                # latent sides when a second shape is captured).
+                self._fn = torch.compile(forward, backend=self.per_size, dynamic=False, fullgraph=True)
             else:
                 self._fn = self._static_compile()
 
@@ -162,19 +165,32 @@ class GraphedUNet:
     def _trace_once_failed(self, why: str) -> None:
         log.warning("one trace for every row size did not work (%s); compiling each size on its own", why)
         self.per_size = None
+        self.trace = f"per_size (one trace failed: {why[:200]})"
         self._fn = self._static_compile()
+
+    def _probe(self, g: _Graph) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Inputs of a graph's shapes that differ row by row (a kernel that mixes rows shows)."""
+        gen = torch.Generator(self.device).manual_seed(g.rows)
+        x = torch.randn(g.x.shape, generator=gen, device=self.device).to(self.dtype)
+        t = torch.randint(0, 1000, (g.rows,), generator=gen, device=self.device).float()
+        c = torch.randn(g.c.shape, generator=gen, device=self.device).to(self.dtype)
+        added = {k: torch.randn(v.shape, generator=gen, device=self.device).to(self.dtype) for k, v in g.added.items()}
+        return x, t, c, added
 
     def _warm(self, g: _Graph) -> None:
         """The two runs before a capture (the compile runs, cuDNN and cuBLAS pick kernels); with
-        trace_once, the first size's compiled output is held against the eager forward's."""
+        trace_once, each size's compiled output is first held against the eager forward's."""
         if self.per_size is not None and g.rows >= 2:
             mark_batch_dynamic(g.x, g.t, g.c, *g.added.values())
             try:
-                out = self._fn(g.x, g.t, g.c, g.added)
-                if not self._checked:
-                    self._checked = True
-                    if not agrees(out, self._eager(g.x, g.t, g.c, g.added)):
-                        self._trace_once_failed("its output differs from the eager forward's")
+                before = len(self.per_size.compiled)
+                self._fn(g.x, g.t, g.c, g.added)  # this size's compile
+                if len(self.per_size.compiled) == before:
+                    self._trace_once_failed(f"dynamo did not hand the {g.rows}-row call to the per-size compiler")
+                else:
+                    x, t, c, added = self._probe(g)
+                    if not agrees(self._fn(x, t, c, added), self._eager(x, t, c, added)):
+                        self._trace_once_failed(f"its {g.rows}-row output differs from the eager forward's")
             except Exception as exc:  # the per-size compile is the one known to work
                 self._trace_once_failed(f"{type(exc).__name__}: {exc}")
             if self.per_size is None:

@@ -4,14 +4,16 @@
 from a warm compile cache that trace is a large part of a size's start-up: an SD1.5-shaped UNet
 took 3.9 s of dynamo bytecode tracing and 0.45 s of guards a size on a 2-core CPU machine, where
 a warm size took 6.9-10 s in all on an H100's host. Here dynamo traces once with the batch dimension
-dynamic, and the backend hands inductor that one graph with each size's concrete inputs, so every
-size still gets static-shape kernels (the same FX graph cache entries a static compile would make
-warm) while the tracing is paid once. A size's compile runs on its first call, which the fast path
-makes outside graph capture.
+dynamic, and the backend hands inductor a copy of that graph with each size's concrete inputs, so
+every size still gets static-shape kernels (cached under keys of their own: the traced graph is not
+a static trace's) while the tracing is paid once per guard: diffusers' `Upsample2D` branches on a
+batch of 64 rows, so an SD UNet is traced twice, below 64 rows and from 64 up. A size's compile
+runs on its first call, which the fast path makes outside graph capture.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -25,12 +27,16 @@ Compiler = Callable[[Any, Sequence[Any]], Callable[..., Any]]
 
 
 def _inductor(mode: str) -> Compiler:
+    import torch._inductor
     from torch._inductor.compile_fx import compile_fx
 
-    patches = {"max_autotune": True, "triton.cudagraphs": False} if mode.startswith("max-autotune") else None
+    # The options torch.compile's mode would set, CUDA graphs left to the fast path.
+    patches = {**torch._inductor.list_mode_options(mode), "triton.cudagraphs": False} if mode != "default" else None
 
     def compile_static(gm: Any, example_inputs: Sequence[Any]) -> Callable[..., Any]:
-        out = compile_fx(gm, list(example_inputs), config_patches=patches)
+        # compile_fx takes ownership of the graph it is given (its passes edit it): each size gets a copy.
+        own = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
+        out = compile_fx(own, list(example_inputs), config_patches=patches)
         assert callable(out), f"inductor returned {type(out).__name__}, not a compiled function"
         return out
 
@@ -47,11 +53,11 @@ class PerSizeBackend:
     def __init__(self, mode: str = "default", compiler: Compiler | None = None):
         self.compiler = compiler or _inductor(mode)
         self.traces = 0  # graphs dynamo handed over: one, unless a guard failed
-        self.compiled: dict[tuple[int, ...], float] = {}  # size key -> seconds its compile took
+        self.compiled: dict[tuple[Any, ...], float] = {}  # size key -> seconds its compile took
 
     def __call__(self, gm: Any, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         self.traces += 1
-        per_size: dict[tuple[int, ...], Callable[..., Any]] = {}
+        per_size: dict[tuple[Any, ...], Callable[..., Any]] = {}
 
         def run(*args: Any) -> Any:
             key = size_key(args)
@@ -65,15 +71,15 @@ class PerSizeBackend:
         return run
 
 
-def size_key(args: Sequence[Any]) -> tuple[int, ...]:
-    """What tells one size's call from another's: the first dimension of every non-parameter
-    tensor input, and the values of the symbolic sizes dynamo passes as ints."""
-    key = []
+def size_key(args: Sequence[Any]) -> tuple[Any, ...]:
+    """What tells one compiled specialization from another: the shape, strides and dtype of every
+    non-parameter tensor input, and the values of the symbolic sizes dynamo passes as ints."""
+    key: list[Any] = []
     for a in args:
         if isinstance(a, torch.nn.Parameter):
             continue
         if isinstance(a, torch.Tensor):
-            key.append(int(a.shape[0]) if a.dim() else -1)
+            key.append((tuple(a.shape), a.stride(), a.dtype))
         elif isinstance(a, int):
             key.append(a)
     return tuple(key)
