@@ -15,7 +15,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,11 +25,7 @@ from typing import Any
 
 import httpx
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from .scaling import free_port
 
 
 def _lone(url: str, repeats: int, steps: int) -> list[float]:
@@ -44,7 +39,7 @@ def _lone(url: str, repeats: int, steps: int) -> list[float]:
 
 
 def measure(policy: str, threads: int, repeats: int, steps: int) -> dict[str, Any]:
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("SYNERDIFF_")} | {"OMP_WAIT_POLICY": policy, "SYNERDIFF_ENGINE__THREADS": str(threads)}
     with tempfile.TemporaryFile() as log:
         server = subprocess.Popen(

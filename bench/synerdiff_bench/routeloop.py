@@ -39,6 +39,8 @@ from typing import Any
 
 import httpx
 
+from .scaling import free_port
+
 OUTSTANDING = "synerdiff_outstanding_row_steps"
 SIZES = ("64x64", "64x64", "96x96", "128x128")
 STEPS = (4, 8, 8, 12, 16, 24)
@@ -47,14 +49,6 @@ STEPS = (4, 8, 8, 12, 16, 24)
 def _synerdiff() -> list[str]:
     script = Path(sys.executable).parent / "synerdiff"
     return [str(script)] if script.exists() else [sys.executable, "-m", "synerdiff.cli"]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Proc:
@@ -210,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     def start_engines() -> tuple[list[Proc], list[str]]:
         nonlocal cpu
         cpu = 0
-        ports = [_free_port() for _ in range(args.engines)]
+        ports = [free_port() for _ in range(args.engines)]
         es = [
             Proc(["serve", "--port", str(pt), "--device", "cpu", "--drain-timeout", "120", "--max-queue", "1024"], logs / f"engine{i}-{pt}.log", cpus())
             for i, pt in enumerate(ports)
@@ -224,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         engines, urls = start_engines()
         procs += engines
-        rport = _free_port()
+        rport = free_port()
         router_cpus = f"{cpu}-{cpu + 1}" if args.cpus_per_engine else None
         router = Proc(
             ["route", "--port", str(rport), "--poll-interval", "0.25", "--default-steps", "20", *sum((["--upstream", u] for u in urls), [])],

@@ -43,6 +43,15 @@ class ServerProcess:
     ready_s: float | None = None
 
 
+def free_port() -> int:
+    """A port on 127.0.0.1 the kernel has just handed out (free until someone binds it)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 def server_command(model: str, port: int, *, device: str, dtype: str, host: str = "127.0.0.1", policy: str | None = None) -> list[str]:
     cmd = [sys.executable, "-m", "synerdiff.cli", "serve", "--model", model, "--host", host, "--port", str(port), "--device", device, "--dtype", dtype]
     if policy:

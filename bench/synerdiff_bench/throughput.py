@@ -33,7 +33,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -48,6 +47,7 @@ import numpy as np
 import torch
 
 from .quality import psnr
+from .scaling import ServerProcess, free_port, stop, wait_ready
 
 log = logging.getLogger("synerdiff_bench.throughput")
 
@@ -58,17 +58,9 @@ SEED0 = 1000
 
 
 # ---------------------------------------------------------------------------------- one server
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 class Server:
-    """One `synerdiff serve` process on loopback; `ready_s` = process start to `/readyz` 200."""
+    """One `synerdiff serve` process on loopback (started, waited for and stopped as `scaling`
+    starts a pool's); `ready_s` = process start to `/readyz` 200."""
 
     def __init__(self, name: str, engine: dict[str, Any], workdir: Path, *, fresh_caches: bool = True, timeout_s: float = 900):
         self.name = name
@@ -82,31 +74,21 @@ class Server:
         if fresh_caches:  # what a new pod has: no inductor or Triton caches, only the compile cache file
             fresh = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=workdir))
             env.update(TORCHINDUCTOR_CACHE_DIR=str(fresh / "inductor"), TRITON_CACHE_DIR=str(fresh / "triton"))
-        self._log = self.log_path.open("w")
-        t0 = time.perf_counter()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "synerdiff.cli", "serve"], stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True
-        )
-        deadline = t0 + timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                self._log.close()
-                said = re.findall(r"cannot serve: (.*)", self.log_path.read_text(errors="replace"))
-                raise RuntimeError(f"{name}: synerdiff serve exited with {self.proc.returncode}: {said[-1] if said else self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.perf_counter() > deadline:
-                self.stop()
-                raise RuntimeError(f"{name}: not ready within {timeout_s:.0f} s: {self.log_tail()}")
-            try:
-                time.sleep(0.25)
-            except BaseException:  # interrupted while it starts: it must not keep the GPU
-                self.stop()
-                raise
-        self.ready_s = time.perf_counter() - t0
+        with self.log_path.open("w") as log_file:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "synerdiff.cli", "serve"], stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True
+            )
+        self.process = ServerProcess(0, self.url, proc, self.log_path)
+        try:
+            wait_ready([self.process], timeout_s, log=lambda _: None)
+        except BaseException as exc:  # failed, timed out or interrupted: it must not keep the GPU
+            self.stop()
+            said = re.findall(r"cannot serve: (.*)", self.log_path.read_text(errors="replace"))
+            if said and isinstance(exc, RuntimeError):
+                raise RuntimeError(f"{name}: synerdiff serve exited with {proc.returncode}: {said[-1]}") from exc
+            raise
+        assert self.process.ready_s is not None
+        self.ready_s = self.process.ready_s
 
     def log_tail(self, chars: int = 2500) -> str:
         return self.log_path.read_text(errors="replace")[-chars:]
@@ -156,15 +138,7 @@ class Server:
         return out
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)  # its compile workers too
-                self.proc.wait()
-        if not self._log.closed:
-            self._log.close()
+        stop([self.process], timeout_s=60)
 
 
 # ---------------------------------------------------------------------------------- requests

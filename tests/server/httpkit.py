@@ -64,6 +64,20 @@ def serve_app(app) -> Iterator[str]:
 TEST_LIMITS = dict(max_prompt_chars=2000, max_n=8, min_side=32, max_side=1024, max_pixels=1024 * 1024, size_multiple=8, max_steps=100, max_guidance=20.0)
 
 
+@contextmanager
+def serve_engine(cfg: EngineConfig) -> Iterator[str]:
+    """An engine of `cfg`, started and served on loopback (the URL); shut down after."""
+    from synerdiff.api import create_app
+    from synerdiff.contract.config import ServerSettings
+
+    engine = Engine(cfg).start()
+    try:
+        with serve_app(create_app(ServerSettings(), engine=engine)) as url:
+            yield url
+    finally:
+        engine.shutdown(0)
+
+
 def make_engine(**limits) -> Engine:
     merged = {**TEST_LIMITS, **limits}
     cfg = EngineConfig(device="cpu", dtype="float32", default_steps=min(4, merged["max_steps"]), limits=LimitsConfig(**merged))

@@ -13,13 +13,11 @@ import pytest
 import torch
 from openai import BadRequestError, OpenAI
 
-from synerdiff.api import create_app
 from synerdiff.contract import readiness
-from synerdiff.contract.config import EngineConfig, LimitsConfig, ServerSettings
-from synerdiff.engine import Engine
+from synerdiff.contract.config import EngineConfig, LimitsConfig
 from synerdiff_training.make_tiny import build_flux
 
-from .httpkit import TEST_LIMITS, decode_png, psnr, serve_app
+from .httpkit import TEST_LIMITS, decode_png, psnr, serve_engine
 from .test_http_edits import PICTURE, png
 
 STEPS = 4
@@ -33,12 +31,8 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def url(model_dir) -> Iterator[str]:
     cfg = EngineConfig(model=str(model_dir), device="cpu", dtype="float32", default_steps=STEPS, warmup=False, limits=LimitsConfig(**TEST_LIMITS))
-    engine = Engine(cfg).start()
-    try:
-        with serve_app(create_app(ServerSettings(), engine=engine)) as live:
-            yield live
-    finally:
-        engine.shutdown(0)
+    with serve_engine(cfg) as live:
+        yield live
 
 
 @pytest.fixture(scope="module")

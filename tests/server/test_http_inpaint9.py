@@ -14,13 +14,11 @@ import torch
 from openai import OpenAI
 from PIL import Image
 
-from synerdiff.api import create_app
-from synerdiff.contract.config import EngineConfig, LimitsConfig, ServerSettings
-from synerdiff.engine import Engine
+from synerdiff.contract.config import EngineConfig, LimitsConfig
 from synerdiff.samplers import DIFFUSERS_CLASSES
 from synerdiff_training.make_tiny import build
 
-from .httpkit import TEST_LIMITS, decode_png, psnr, serve_app
+from .httpkit import TEST_LIMITS, decode_png, psnr, serve_engine
 from .test_http_edits import PICTURE, png
 
 MASK_RGBA = Image.new("RGBA", (64, 64), (0, 0, 0, 255))
@@ -39,12 +37,8 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def url(model_dir) -> Iterator[str]:
     cfg = EngineConfig(model=str(model_dir), device="cpu", dtype="float32", default_steps=4, default_guidance=GUIDANCE, limits=LimitsConfig(**TEST_LIMITS))
-    engine = Engine(cfg).start()  # its warm-up is a text-to-image request: everything repainted
-    try:
-        with serve_app(create_app(ServerSettings(), engine=engine)) as live:
-            yield live
-    finally:
-        engine.shutdown(0)
+    with serve_engine(cfg) as live:  # its warm-up is a text-to-image request: everything repainted
+        yield live
 
 
 @pytest.fixture(scope="module")

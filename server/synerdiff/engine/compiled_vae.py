@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from .profiler import median_time, synchronizer
+
 log = logging.getLogger("synerdiff.vae")
 
 
@@ -67,9 +69,9 @@ class CompiledVae:
                 for _ in range(2):
                     self._moments(x)
                 self.pixel_shapes.add((h * scale_factor, w * scale_factor))
-            self.decode_ms[(c, h, w)] = _time_ms(partial(self._decode, z), self.device)
-            self._decode_eager(z)  # its first call picks kernels: timed warm, as the compiled one is
-            self.eager_decode_ms[(c, h, w)] = _time_ms(partial(self._decode_eager, z), self.device)
+            sync = synchronizer(self.device)
+            self.decode_ms[(c, h, w)] = 1e3 * median_time(partial(self._decode, z), sync, warmup=1, repeats=3)
+            self.eager_decode_ms[(c, h, w)] = 1e3 * median_time(partial(self._decode_eager, z), sync, warmup=1, repeats=3)
         self.seconds = time.perf_counter() - t0
         log.info(
             "VAE compiled for %s in %.1f s (one-image decode, ms: %s; eager: %s)",
@@ -94,16 +96,3 @@ class CompiledVae:
     def moments(self, pixels: torch.Tensor) -> torch.Tensor:
         """The encoder's distribution parameters (what `AutoencoderKL._encode` returns) for one image."""
         return self._moments(pixels.contiguous())
-
-
-def _time_ms(fn: Callable[[], object], device: torch.device, repeats: int = 3) -> float:
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    sync()
-    t = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync()
-    return (time.perf_counter() - t) * 1e3 / repeats
