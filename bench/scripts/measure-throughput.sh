@@ -7,6 +7,7 @@
 #   OUT=... bash bench/scripts/measure-throughput.sh rest      # fp8 and the diffusers peers, on the same machine right after
 #   OUT=... bash bench/scripts/measure-throughput.sh startup   # cold and new-pod warm start with the default row list (8 sizes for 64 rows) -> $OUT/startup-default-per_size.json
 #   TRACE=once ... startup                                     # the same with one dynamo trace for every row size (compile_trace once)
+#   OUT=... bash bench/scripts/measure-throughput.sh sustained # right after startup, on its cache: a saturated step against its graph alone -> $OUT/sustained-<trace>.json
 #
 # The two halves keep each call under ten minutes; the second reads the first's report and
 # reference images from /tmp on the same machine (or the report from bench/results/, carried).
@@ -22,6 +23,12 @@ if [ "$half" = startup ]; then
   rm -rf /tmp/synerdiff-cc-default
   exec python3 -m synerdiff_bench fastpath startup --model sd15 --cache-dir /tmp/synerdiff-cc-default --max-rows 64 \
     --compile-trace "${TRACE:-per_size}" --out "$OUT" --name "startup-default-${TRACE:-per_size}"
+fi
+if [ "$half" = sustained ]; then
+  rows=()
+  [ -n "${ROWS:-}" ] && rows=(--engine-rows "$ROWS")
+  exec python3 -m synerdiff_bench fastpath sustained --model sd15 --cache-dir /tmp/synerdiff-cc-default --max-rows 64 "${rows[@]}" \
+    --compile-trace "${TRACE:-per_size}" --concurrency 48 --warmup-s 15 --window-s 45 --replay-s 30 --out "$OUT" --name "sustained-${TRACE:-per_size}"
 fi
 if [ "$half" = engines ]; then
   rm -rf "$cc"

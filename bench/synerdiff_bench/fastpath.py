@@ -2,6 +2,7 @@
 
     python -m synerdiff_bench fastpath startup --cache-dir D   # cold start, then warm start, each in a fresh process
     python -m synerdiff_bench fastpath compare --cache-dir D   # engine vs diffusers eager and compiled (reads startup.json)
+    python -m synerdiff_bench fastpath sustained --cache-dir D # a saturated step against its graph alone, under sustained load
 
 `startup` starts the engine twice in new processes against one compile cache folder, each with
 empty inductor and Triton caches (a new pod): the first finds the folder empty and compiles every
@@ -73,9 +74,12 @@ def start_once(args: argparse.Namespace) -> None:
         json.dumps(
             {
                 "engine_startup_s": eng.startup.seconds,
+                "stages_s": eng.startup.stages,
                 "fast_path": None
                 if fp is None
-                else {k: getattr(fp, k) for k in ("cache", "kernels_total", "seconds", "attention", "attention_ms", "cache_bytes")},
+                else {
+                    k: getattr(fp, k) for k in ("cache", "kernels_total", "seconds", "attention", "attention_ms", "cache_bytes", "vae_s", "compile_s", "trace")
+                },
                 "captures": [dict(rows=c.rows, seconds=c.seconds, replay_ms=c.replay_ms) for c in eng.executor.graphed.captures]
                 if eng.executor and eng.executor.graphed
                 else [],
@@ -117,12 +121,14 @@ def timed_start(args: argparse.Namespace) -> dict[str, Any]:
     return {"process_to_ready_s": ready_s, **json.loads(line)}
 
 
-def startup(args: argparse.Namespace) -> dict[str, Any]:
+def startup(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] = lambda _: None) -> dict[str, Any]:
+    """`save` gets the cold start's result before the warm start begins."""
     Path(args.cache_dir).mkdir(parents=True, exist_ok=True)
     if any(Path(args.cache_dir).iterdir()):
         raise SystemExit(f"--cache-dir {args.cache_dir} is not empty: a cold start needs an empty one")
     cold = timed_start(args)
     print(f"cold start: {cold['process_to_ready_s']:.1f} s to ready ({cold['fast_path']})", flush=True)
+    save({"cold": cold})
     warm = timed_start(args)
     print(f"warm start: {warm['process_to_ready_s']:.1f} s to ready ({warm['fast_path']})", flush=True)
     return {"cold": cold, "warm": warm}
@@ -339,6 +345,135 @@ def summarize(result: dict[str, Any], runs: dict[str, dict[str, Any]]) -> None:
         result["synerdiff_fidelity_db"] = {"median": statistics.median(fidelity), "min": min(fidelity), "vs": "the exact engine's images, same seeds"}
 
 
+# ---------------------------------------------------------------------------------- sustained load
+class GpuSampler:
+    """The GPU's SM clock (MHz), power (W) and temperature (C), sampled by `nvidia-smi` every
+    `every_ms` in the background; each sample stamped with `time.perf_counter()`."""
+
+    def __init__(self, every_ms: int = 250):
+        import threading
+
+        self.samples: list[tuple[float, float, float, float]] = []
+        query = "--query-gpu=clocks.sm,power.draw,temperature.gpu"
+        self._proc = subprocess.Popen(
+            ["nvidia-smi", query, "--format=csv,noheader,nounits", "-lms", str(every_ms), "-i", "0"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            try:
+                clock, power, temp = (float(v) for v in line.split(","))
+            except ValueError:
+                continue  # "[N/A]" or a partial line
+            self.samples.append((time.perf_counter(), clock, power, temp))
+
+    def between(self, t0: float, t1: float) -> dict[str, float | None]:
+        picked = [s for s in self.samples if t0 <= s[0] <= t1]
+        if not picked:
+            return {"sm_clock_mhz": None, "power_w": None, "temperature_c": None}
+        return {
+            "sm_clock_mhz": statistics.median(s[1] for s in picked),
+            "power_w": statistics.median(s[2] for s in picked),
+            "temperature_c": max(s[3] for s in picked),
+        }
+
+    def stop(self) -> None:
+        self._proc.terminate()
+        self._proc.wait(timeout=10)
+
+
+def sustained(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] = lambda _: None) -> dict[str, Any]:
+    """Where a saturated step's time goes under sustained load, one engine in this process (its
+    compile cache warm from --cache-dir, or compiled here): the largest graph replayed back to back
+    (the kernels alone), then the engine saturated by --concurrency closed-loop requests (its own
+    denoising steps, sampler updates, decodes and the rest of each iteration), then the graph
+    alone again; the GPU's clock and power sampled throughout."""
+    import threading
+
+    eng = Engine(engine_config(args, "continuous")).start()
+    graphed = eng.executor.graphed if eng.executor else None
+    if graphed is None or not graphed.shapes:
+        raise SystemExit("sustained needs the engine's fast path (a CUDA device)")
+    shape = graphed.shapes[0]
+    rows = graphed.sizes(shape)[-1]
+    gpu = GpuSampler()
+    out: dict[str, Any] = {"rows": rows, "shape": list(shape), "concurrency": args.concurrency}
+
+    def replays(seconds: float) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        times: list[tuple[float, float]] = []
+        while time.perf_counter() - t0 < seconds:
+            times.append((time.perf_counter() - t0, graphed.replay_ms(shape, rows, 5)))
+        ms = [m for _, m in times]
+        first = [m for t, m in times if t < 5.0] or ms
+        last = [m for t, m in times if t >= seconds - 5.0] or ms
+        return {
+            "seconds": seconds,
+            "replay_ms_median": statistics.median(ms),
+            "replay_ms_first_5s": statistics.median(first),
+            "replay_ms_last_5s": statistics.median(last),
+            **gpu.between(t0, time.perf_counter()),
+        }
+
+    try:
+        out["graph_alone_before"] = replays(args.replay_s)
+        print(f"graph alone: {out['graph_alone_before']}", flush=True)
+        save(out)
+        iterations: list[tuple[float, IterationStats]] = []
+        eng.observers.append(EngineObserver(on_iteration=lambda st: iterations.append((time.perf_counter(), st))))
+        stop_at = time.perf_counter() + args.warmup_s + args.window_s
+        seeds = iter(range(1000, 10**9))
+        lock = threading.Lock()
+
+        def client() -> None:
+            while time.perf_counter() < stop_at:
+                with lock:
+                    seed = next(seeds)
+                eng.generate_sync(request(args, seed), timeout=900)
+
+        t_start = time.perf_counter()
+        clients = [threading.Thread(target=client, daemon=True) for _ in range(args.concurrency)]
+        for c in clients:
+            c.start()
+        for c in clients:
+            c.join()
+        w0, w1 = t_start + args.warmup_s, t_start + args.warmup_s + args.window_s
+        window = [(t, st) for t, st in iterations if w0 <= t <= w1]
+        full = [st for _, st in window if st.rows == rows]
+        if len(window) < 2 or not full:
+            raise SystemExit(f"no full {rows}-row step in the window: raise --concurrency or --window-s")
+        span = window[-1][0] - window[0][0]
+
+        def share(key: str) -> float:
+            return sum(getattr(st, key) for _, st in window[1:]) / span
+
+        out["engine_saturated"] = {
+            "window_s": span,
+            "iterations": len(window) - 1,
+            "full_steps": len(full),
+            "mean_rows_per_step": statistics.mean(st.rows for _, st in window if st.rows),
+            "step_ms_median": 1e3 * statistics.median(st.unet_s for st in full),  # inputs gathered, graph replayed, synchronized
+            "sampler_ms_median": 1e3 * statistics.median(st.sampler_s for st in full),
+            "iteration_ms_median": 1e3 * statistics.median(b[0] - a[0] for a, b in zip(window, window[1:], strict=False)),
+            "busy_share": {k: share(k) for k in ("unet_s", "sampler_s", "vae_s", "encode_s")},
+            **gpu.between(w0, w1),
+        }
+        out["engine_saturated"]["rest_share"] = 1 - sum(out["engine_saturated"]["busy_share"].values())
+        print(f"engine saturated: {out['engine_saturated']}", flush=True)
+        save(out)
+        out["graph_alone_after"] = replays(args.replay_s)
+        print(f"graph alone again: {out['graph_alone_after']}", flush=True)
+    finally:
+        gpu.stop()
+        eng.shutdown()
+    return out
+
+
 # ---------------------------------------------------------------------------------- compile modes
 # Inductor settings and model changes that keep the math (fp16 rounding aside), each added on top
 # of the ones before it in --variants order: diffusers' own recipe for a compiled SDXL.
@@ -388,7 +523,7 @@ def modes(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] = lam
             "rows": cap.rows,
             "compile_and_capture_s": cap.seconds,
             "replay_ms": cap.replay_ms,
-            "replay_ms_again": g._replay_ms(g._graphs[shape][args.max_rows], 10),
+            "replay_ms_again": g.replay_ms(shape, args.max_rows, 10),
         }
         print(f"{name}: {out[name]}", flush=True)
         del g
@@ -412,7 +547,7 @@ def modes(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] = lam
 def main(argv: list[str] | None = None, stamp: list[str] | None = None) -> None:
     """stamp: the command line to record (`python -m synerdiff_bench` + stamp)."""
     ap = argparse.ArgumentParser(prog="python -m synerdiff_bench fastpath", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("phase", choices=["startup", "compare", "modes", "start"])
+    ap.add_argument("phase", choices=["startup", "compare", "modes", "start", "sustained"])
     ap.add_argument("--modes", default="default,max-autotune-no-cudagraphs", help="modes: torch.compile modes to compare at --max-rows rows")
     ap.add_argument("--variants", default="", help=f"modes: then these inductor variants, cumulative ({', '.join(VARIANTS)})")
     ap.add_argument("--attention", default="cudnn", help="modes: the SDPA backend to compile with")
@@ -452,9 +587,10 @@ def main(argv: list[str] | None = None, stamp: list[str] | None = None) -> None:
         choices=["process", "http"],
         help="compare: the engines in this process (process), or each a `synerdiff serve` driven over HTTP by concurrent clients (http)",
     )
-    ap.add_argument("--concurrency", type=int, default=128, help="http: closed-loop clients at saturation")
-    ap.add_argument("--warmup-s", type=float, default=20.0, help="http: saturation seconds before the measured window")
-    ap.add_argument("--window-s", type=float, default=40.0, help="http: the measured window of saturation")
+    ap.add_argument("--concurrency", type=int, default=128, help="http, sustained: closed-loop clients at saturation")
+    ap.add_argument("--replay-s", type=float, default=30.0, help="sustained: seconds of the largest graph replayed alone, before and after the engine's load")
+    ap.add_argument("--warmup-s", type=float, default=20.0, help="http, sustained: saturation seconds before the measured window")
+    ap.add_argument("--window-s", type=float, default=40.0, help="http, sustained: the measured window of saturation")
     ap.add_argument("--fidelity-images", type=int, default=16, help="http: images compared across engines (the first requests of each run)")
     ap.add_argument("--device", default="cuda", help="http: the engines' and diffusers' device (cpu for a smoke run)")
     ap.add_argument("--vae-compile", default="on", choices=["on", "off"], help="http: the engines' vae_compile")
@@ -473,7 +609,14 @@ def main(argv: list[str] | None = None, stamp: list[str] | None = None) -> None:
         return
     path = result_path(args.out, args.name)
     report = json.loads(path.read_text()) if path.is_file() else new_report("fastpath", args.name, stamp, model=args.model, dtype=args.dtype)
-    if args.phase == "modes":
+    if args.phase == "sustained":
+
+        def save_sustained(partial: dict[str, Any]) -> None:
+            report["sustained"] = partial
+            write_json(report, path)
+
+        save_sustained(sustained(args, save_sustained))
+    elif args.phase == "modes":
 
         def save_modes(partial: dict[str, Any]) -> None:
             report["compile_modes"] = partial
@@ -481,9 +624,13 @@ def main(argv: list[str] | None = None, stamp: list[str] | None = None) -> None:
 
         modes(args, save_modes)
     elif args.phase == "startup":
-        runs = startup(args)
-        report["startup_s"] = {k: v["process_to_ready_s"] for k, v in runs.items()}
-        report["startup_details"] = runs
+
+        def save_startup(runs: dict[str, Any]) -> None:
+            report["startup_s"] = {k: v["process_to_ready_s"] for k, v in runs.items()}
+            report["startup_details"] = runs
+            write_json(report, path)
+
+        save_startup(startup(args, save_startup))
     elif args.via == "http":
         from .throughput import compare_http
 
@@ -509,7 +656,9 @@ def main(argv: list[str] | None = None, stamp: list[str] | None = None) -> None:
 
         compare(args, save, earlier=report)
     keys = ["max_rows", "size", "steps", "guidance", "static_batch", "saturation_requests"]
-    if args.via == "http":
+    if args.phase == "sustained":
+        keys = ["max_rows", "size", "steps", "guidance", "concurrency", "warmup_s", "window_s", "replay_s", "engine_rows", "compile_trace"]
+    elif args.via == "http":
         keys = ["max_rows", "size", "steps", "guidance", "static_batch", "concurrency", "warmup_s", "window_s", "engine_rows", "dtype", "vae_compile"]
     report["settings"] = {k: getattr(args, k) for k in keys}
     write_json(report, path)

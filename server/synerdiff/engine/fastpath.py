@@ -245,6 +245,11 @@ class GraphedUNet:
             if progress is not None:
                 progress(cap)
 
+    def replay_ms(self, shape: tuple[int, int, int], rows: int, repeats: int = 3) -> float:
+        """The captured graph of `rows` rows replayed `repeats` times back to back: ms a replay
+        (the kernels alone, for benchmarks; call it while no step runs)."""
+        return self._replay_ms(self._graphs[shape][rows], repeats)
+
     def _replay_ms(self, g: _Graph, repeats: int = 3) -> float:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         g.graph.replay()
