@@ -7,6 +7,7 @@
 #   OUT=... bash bench/scripts/measure-throughput.sh rest      # fp8 and the diffusers peers, on the same machine right after
 #   OUT=... bash bench/scripts/measure-throughput.sh startup   # cold and new-pod warm start with the default row list (8 sizes for 64 rows) -> $OUT/startup-default-per_size.json
 #   TRACE=once ... startup                                     # the same with one dynamo trace for every row size (compile_trace once)
+#   ROWS=2,8,24,64 ... startup                                 # other row sizes than the default -> $OUT/startup-2-8-24-64-<trace>.json
 #   OUT=... bash bench/scripts/measure-throughput.sh sustained # right after startup, on its cache: a saturated step against its graph alone -> $OUT/sustained-<trace>.json
 #
 # The two halves keep each call under ten minutes; the second reads the first's report and
@@ -21,8 +22,11 @@ mkdir -p "$keep"
 common=(--model sd15 --cache-dir "$cc" --engine-rows 2,64 --max-rows 64 --concurrency 128 --warmup-s 15 --window-s 30 --out "$OUT" --name throughput)
 if [ "$half" = startup ]; then
   rm -rf /tmp/synerdiff-cc-default
-  exec python3 -m synerdiff_bench fastpath startup --model sd15 --cache-dir /tmp/synerdiff-cc-default --max-rows 64 \
-    --compile-trace "${TRACE:-per_size}" --out "$OUT" --name "startup-default-${TRACE:-per_size}"
+  rows=()
+  [ -n "${ROWS:-}" ] && rows=(--engine-rows "$ROWS")
+  list=${ROWS:-default}
+  exec python3 -m synerdiff_bench fastpath startup --model sd15 --cache-dir /tmp/synerdiff-cc-default --max-rows 64 "${rows[@]}" \
+    --compile-trace "${TRACE:-per_size}" --out "$OUT" --name "startup-${list//,/-}-${TRACE:-per_size}"
 fi
 if [ "$half" = sustained ]; then
   rows=()
