@@ -53,6 +53,10 @@ def test_metrics_after_traffic(live: Live):
     assert metric_value(after, "synerdiff_fast_path_graphs") == 0 == metric_value(after, "synerdiff_fast_path_graphs_ready")
     assert delta("synerdiff_unet_padded_rows_total") == 0
     assert metric_value(after, "synerdiff_startup_seconds") > 0
+    # Where the start-up's seconds went, stage by stage: together no more than the whole.
+    stages = {st: metric_value(after, "synerdiff_startup_stage_seconds", stage=st) for st in ("loading model", "warming up")}
+    assert all(v > 0 for v in stages.values()), stages
+    assert sum(stages.values()) <= metric_value(after, "synerdiff_startup_seconds") + 1e-6
     assert metric_value(after, "synerdiff_compile_cache", state="off") == 1
     assert metric_value(after, "synerdiff_model_info", family="sd", repo="", commit="") == 1  # the embedded model: not fetched
     assert delta("synerdiff_vae_decode_seconds_count") >= 1

@@ -18,6 +18,7 @@ MAX_ROWS = "synerdiff_scheduler_max_rows"
 GRAPHS_READY = "synerdiff_fast_path_graphs_ready"
 GRAPHS = "synerdiff_fast_path_graphs"
 STARTUP_SECONDS = "synerdiff_startup_seconds"
+STARTUP_STAGE_SECONDS = "synerdiff_startup_stage_seconds"  # label stage: loading model, compiling (or capturing graphs), profiling, warming up
 COMPILE_CACHE = "synerdiff_compile_cache"  # 1 for the label state = warm | partial | cold | off the start used
 MODEL_INFO = "synerdiff_model_info"  # 1, labels family, repo and commit (repo and commit of a `synerdiff fetch` download, else empty)
 # UNet rows x steps queued and still to run, a row counted at its pixels over the native pixels (what a router balances)

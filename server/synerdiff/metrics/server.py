@@ -73,6 +73,12 @@ class ServerMetrics:
             lambda: engine.startup.fast_path.kernels_total if engine.startup.fast_path else 0
         )
         Gauge(names.STARTUP_SECONDS, "Seconds from the start of loading to ready (0 until ready).", registry=r).set_function(lambda: engine.startup.seconds)
+        self.startup_stages = Gauge(
+            names.STARTUP_STAGE_SECONDS,
+            "Seconds each start-up stage took (loading model, compiling or capturing graphs, profiling, warming up); absent until ready.",
+            ["stage"],
+            registry=r,
+        )
         self._cache_state_shown = False
         self.model_info = Gauge(
             names.MODEL_INFO,
@@ -176,6 +182,8 @@ class ServerMetrics:
             self.compile_cache.labels(fp.cache if fp is not None else "off").set(1)
             source = recorded(self.engine.model.path)
             self.model_info.labels(self.engine.model.family, source.repo if source else "", source.commit if source else "").set(1)
+            for stage, seconds in self.engine.startup.stages.items():
+                self.startup_stages.labels(stage).set(seconds)
             self._cache_state_shown = True
         return generate_latest(self.registry)
 
