@@ -390,7 +390,7 @@ class GpuSampler:
 def sustained(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] = lambda _: None) -> dict[str, Any]:
     """Where a saturated step's time goes under sustained load, one engine in this process (its
     compile cache warm from --cache-dir, or compiled here): the largest graph replayed back to back
-    (the kernels alone), then the engine saturated by --concurrency closed-loop requests (its own
+    (the kernels alone, on zeros and on random inputs), then the engine saturated by --concurrency closed-loop requests (its own
     denoising steps, sampler updates, decodes and the rest of each iteration), then the graph
     alone again; the GPU's clock and power sampled throughout."""
     import threading
@@ -405,20 +405,24 @@ def sustained(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] =
     out: dict[str, Any] = {"rows": rows, "shape": list(shape), "concurrency": args.concurrency}
 
     def replays(seconds: float) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        times: list[tuple[float, float]] = []
-        while time.perf_counter() - t0 < seconds:
-            times.append((time.perf_counter() - t0, graphed.replay_ms(shape, rows, 5)))
-        ms = [m for _, m in times]
-        first = [m for t, m in times if t < 5.0] or ms
-        last = [m for t, m in times if t >= seconds - 5.0] or ms
-        return {
-            "seconds": seconds,
-            "replay_ms_median": statistics.median(ms),
-            "replay_ms_first_5s": statistics.median(first),
-            "replay_ms_last_5s": statistics.median(last),
-            **gpu.between(t0, time.perf_counter()),
-        }
+        """Half the time on zeros (what a graph holds after capture), half on random inputs."""
+        result: dict[str, Any] = {}
+        for data in ("zeros", "random"):
+            t0 = time.perf_counter()
+            times: list[tuple[float, float]] = []
+            while time.perf_counter() - t0 < seconds / 2:
+                times.append((time.perf_counter() - t0, graphed.replay_ms(shape, rows, 5, data=data)))
+            ms = [m for _, m in times]
+            first = [m for t, m in times if t < 5.0] or ms
+            last = [m for t, m in times if t >= seconds / 2 - 5.0] or ms
+            result[data] = {
+                "seconds": seconds / 2,
+                "replay_ms_median": statistics.median(ms),
+                "replay_ms_first_5s": statistics.median(first),
+                "replay_ms_last_5s": statistics.median(last),
+                **gpu.between(t0, time.perf_counter()),
+            }
+        return result
 
     try:
         out["graph_alone_before"] = replays(args.replay_s)

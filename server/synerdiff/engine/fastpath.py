@@ -240,17 +240,33 @@ class GraphedUNet:
             self._sizes[shape] = sorted(graphs)
             torch.cuda.synchronize(self.device)
             seconds = time.perf_counter() - t0
-            cap = Capture(shape, rows, seconds, self._replay_ms(g))
+            cap = Capture(shape, rows, seconds, self._replay_ms(g, data="random"))
             self.captures.append(cap)
             if progress is not None:
                 progress(cap)
 
-    def replay_ms(self, shape: tuple[int, int, int], rows: int, repeats: int = 3) -> float:
-        """The captured graph of `rows` rows replayed `repeats` times back to back: ms a replay
-        (the kernels alone, for benchmarks; call it while no step runs)."""
-        return self._replay_ms(self._graphs[shape][rows], repeats)
+    @torch.inference_mode()  # the graph's buffers are inference tensors
+    def replay_ms(self, shape: tuple[int, int, int], rows: int, repeats: int = 3, data: str = "random") -> float:
+        """The captured graph of `rows` rows replayed `repeats` times back to back on `data`
+        ("random": row-distinct normal inputs, "zeros"): ms a replay (the kernels alone, for
+        benchmarks; call it while no step runs)."""
+        return self._replay_ms(self._graphs[shape][rows], repeats, data)
 
-    def _replay_ms(self, g: _Graph, repeats: int = 3) -> float:
+    def _replay_ms(self, g: _Graph, repeats: int = 3, data: str = "random") -> float:
+        # Timed on inputs like a step's: on zeros the tensor cores switch fewer bits and draw less
+        # power, so a power-capped GPU can run the same kernels faster than it serves.
+        if data == "random":
+            x, t, c, added = self._probe(g)
+        elif data == "zeros":
+            x, t, c = torch.zeros_like(g.x), torch.full_like(g.t, 500.0), torch.zeros_like(g.c)
+            added = {k: torch.zeros_like(v) for k, v in g.added.items()}
+        else:
+            raise ValueError(f"data must be 'random' or 'zeros', not {data!r}")
+        g.x.copy_(x)
+        g.t.copy_(t)
+        g.c.copy_(c)
+        for k, buf in g.added.items():
+            buf.copy_(added[k])
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         g.graph.replay()
         start.record()
