@@ -661,7 +661,7 @@ def main(argv: list[str] | None = None, stamp: list[str] | None = None) -> None:
         compare(args, save, earlier=report)
     keys = ["max_rows", "size", "steps", "guidance", "static_batch", "saturation_requests"]
     if args.phase == "sustained":
-        keys = ["max_rows", "size", "steps", "guidance", "concurrency", "warmup_s", "window_s", "replay_s", "engine_rows", "compile_trace"]
+        keys = ["max_rows", "size", "steps", "guidance", "concurrency", "warmup_s", "window_s", "replay_s", "engine_rows", "engine_compile", "compile_trace"]
     elif args.via == "http":
         keys = ["max_rows", "size", "steps", "guidance", "static_batch", "concurrency", "warmup_s", "window_s", "engine_rows", "dtype", "vae_compile"]
     report["settings"] = {k: getattr(args, k) for k in keys}
