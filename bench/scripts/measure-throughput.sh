@@ -8,12 +8,13 @@
 #   OUT=... bash bench/scripts/measure-throughput.sh startup   # cold and new-pod warm start with the default row list (8 sizes for 64 rows) -> $OUT/startup-default-per_size.json
 #   TRACE=once ... startup                                     # the same with one dynamo trace for every row size (compile_trace once)
 #   ROWS=2,8,24,64 ... startup                                 # other row sizes than the default -> $OUT/startup-2-8-24-64-<trace>.json
-#   OUT=... bash bench/scripts/measure-throughput.sh sustained # right after startup, on its cache: a saturated step against its graph alone -> $OUT/sustained-<trace>.json
+#   OUT=... bash bench/scripts/measure-throughput.sh sustained # right after startup, on its cache (same ROWS and TRACE, or it compiles cold):
+#                                                              # a saturated step against its graph alone -> $OUT/sustained-<rows>-<trace>.json
 #
 # The two halves keep each call under ten minutes; the second reads the first's report and
 # reference images from /tmp on the same machine (or the report from bench/results/, carried).
 set -euo pipefail
-half=${1:?engines, rest or startup}
+half=${1:?engines, rest, startup or sustained}
 source bench/scripts/gpu-env.sh
 python3 -c "import torchao" 2>/dev/null || echo "torchao missing: the fp8 engine will be refused" >&2
 cc=/tmp/synerdiff-cc
@@ -31,8 +32,9 @@ fi
 if [ "$half" = sustained ]; then
   rows=()
   [ -n "${ROWS:-}" ] && rows=(--engine-rows "$ROWS")
+  list=${ROWS:-default}
   exec python3 -m synerdiff_bench fastpath sustained --model sd15 --cache-dir /tmp/synerdiff-cc-default --max-rows 64 "${rows[@]}" \
-    --compile-trace "${TRACE:-per_size}" --concurrency 48 --warmup-s 15 --window-s 45 --replay-s 30 --out "$OUT" --name "sustained-${TRACE:-per_size}"
+    --compile-trace "${TRACE:-per_size}" --concurrency 48 --warmup-s 15 --window-s 45 --replay-s 30 --out "$OUT" --name "sustained-${list//,/-}-${TRACE:-per_size}"
 fi
 if [ "$half" = engines ]; then
   rm -rf "$cc"

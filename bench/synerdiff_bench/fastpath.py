@@ -350,13 +350,14 @@ class GpuSampler:
     """The GPU's SM clock (MHz), power (W) and temperature (C), sampled by `nvidia-smi` every
     `every_ms` in the background; each sample stamped with `time.perf_counter()`."""
 
-    def __init__(self, every_ms: int = 250):
+    def __init__(self, every_ms: int = 250, gpu: str = "0"):
+        """gpu: nvidia-smi's `-i`, an index or a UUID (CUDA_VISIBLE_DEVICES renumbers indices, not UUIDs)."""
         import threading
 
         self.samples: list[tuple[float, float, float, float]] = []
         query = "--query-gpu=clocks.sm,power.draw,temperature.gpu"
         self._proc = subprocess.Popen(
-            ["nvidia-smi", query, "--format=csv,noheader,nounits", "-lms", str(every_ms), "-i", "0"],
+            ["nvidia-smi", query, "--format=csv,noheader,nounits", "-lms", str(every_ms), "-i", gpu],
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -399,13 +400,22 @@ def sustained(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] =
     graphed = eng.executor.graphed if eng.executor else None
     if graphed is None or not graphed.shapes:
         raise SystemExit("sustained needs the engine's fast path (a CUDA device)")
-    shape = graphed.shapes[0]
+    model = eng.model
+    shape = (model.latent_channels, args.size // model.vae_scale_factor, args.size // model.vae_scale_factor)
+    if shape not in graphed.shapes:
+        eng.shutdown()
+        raise SystemExit(f"no graph was captured for {args.size}² (latents {shape}); captured: {graphed.shapes}")
     rows = graphed.sizes(shape)[-1]
-    gpu = GpuSampler()
     out: dict[str, Any] = {"rows": rows, "shape": list(shape), "concurrency": args.concurrency}
+    uuid = getattr(torch.cuda.get_device_properties(eng.executor.device), "uuid", None)  # type: ignore[union-attr]
+    try:
+        gpu = GpuSampler(gpu=f"GPU-{uuid}" if uuid is not None else "0")
+    except Exception:
+        eng.shutdown()
+        raise
 
     def replays(seconds: float) -> dict[str, Any]:
-        """Half the time on zeros (what a graph holds after capture), half on random inputs."""
+        """Half the time on zeros (what a graph was captured on), half on random inputs."""
         result: dict[str, Any] = {}
         for data in ("zeros", "random"):
             t0 = time.perf_counter()
@@ -433,12 +443,17 @@ def sustained(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] =
         stop_at = time.perf_counter() + args.warmup_s + args.window_s
         seeds = iter(range(1000, 10**9))
         lock = threading.Lock()
+        errors: list[str] = []
 
         def client() -> None:
             while time.perf_counter() < stop_at:
                 with lock:
                     seed = next(seeds)
-                eng.generate_sync(request(args, seed), timeout=900)
+                try:
+                    eng.generate_sync(request(args, seed), timeout=900)
+                except Exception as exc:  # counted and reported: a failing client must not pass for a light load
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                    return
 
         t_start = time.perf_counter()
         clients = [threading.Thread(target=client, daemon=True) for _ in range(args.concurrency)]
@@ -446,6 +461,9 @@ def sustained(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] =
             c.start()
         for c in clients:
             c.join()
+        out["client_errors"] = len(errors)
+        if errors:
+            print(f"{len(errors)} clients stopped on an error, the first: {errors[0]}", flush=True)
         w0, w1 = t_start + args.warmup_s, t_start + args.warmup_s + args.window_s
         window = [(t, st) for t, st in iterations if w0 <= t <= w1]
         full = [st for _, st in window if st.rows == rows]

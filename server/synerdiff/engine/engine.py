@@ -203,8 +203,8 @@ class Engine:
             self._enter_stage("warming up")
             size = self._model.default_size
             self.submit(GenerationRequest(prompt="warm-up", height=size, width=size, steps=2, seed=0)).wait()  # the family's sampler and guidance
-        self.startup.seconds = time.perf_counter() - t0
         self._enter_stage("ready")
+        self.startup.seconds = self._stage_t0 - t0  # the same instant the last stage ended: the stages sum to the whole
         log.info("engine ready in %.1f s (%s)", self.startup.seconds, ", ".join(f"{k} {v:.1f} s" for k, v in self.startup.stages.items()))
         self.ready = True
         return self
