@@ -99,9 +99,55 @@ SCRIPT = textwrap.dedent(
 )
 
 
-def _run(root: Path, mode: str, inductor_dir: Path) -> dict[str, object]:
+# The same with one dynamo trace for two row sizes (compile_trace once): each size's inductor
+# compile runs outside dynamo's backend call, and must still be cached, not bypassed.
+SCRIPT_ONE_TRACE = textwrap.dedent(
+    """
+    import json, sys
+    from pathlib import Path
+    import torch
+    from torch._dynamo.utils import counters
+    from synerdiff.engine.compile_cache import CompileCache
+    from synerdiff.engine.size_compile import PerSizeBackend, mark_batch_dynamic
+
+    root, mode = Path(sys.argv[1]), sys.argv[2]
+    cache = CompileCache(root, {"what": "a conv and a linear, one trace", "rows": [2, 3]})
+    loaded = cache.load() if mode == "warm" else False
+    torch.manual_seed(0)
+    conv, lin = torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.Linear(8, 8)
+
+    def forward(x, t):
+        h = torch.nn.functional.silu(conv(x)) * t.view(-1, 1, 1, 1)
+        return lin(h.flatten(2).transpose(1, 2)).sum(1)
+
+    backend = PerSizeBackend()
+    fn = torch.compile(forward, backend=backend, dynamic=False, fullgraph=True)
+    sums = []
+    with torch.inference_mode():
+        for rows in (2, 3):
+            g = torch.Generator().manual_seed(rows)
+            x, t = torch.randn(rows, 4, 6, 6, generator=g), torch.rand(rows, generator=g)
+            if rows == 2:
+                mark_batch_dynamic(x, t)
+            sums.append(float(fn(x, t).sum()))
+    written = cache.save() if mode == "cold" else 0
+    print(json.dumps({
+        "loaded": loaded,
+        "written": written,
+        "traces": backend.traces,
+        "sizes": len(backend.compiled),
+        "hits": counters["inductor"]["fxgraph_cache_hit"],
+        "misses": counters["inductor"]["fxgraph_cache_miss"],
+        "bypasses": counters["inductor"]["fxgraph_cache_bypass"],
+        "sums": sums,
+    }))
+    """
+)
+
+
+def _run(root: Path, mode: str, inductor_dir: Path, script: str = SCRIPT) -> dict[str, object]:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor_dir), "TORCHINDUCTOR_FX_GRAPH_CACHE": "1"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(root), mode], env=env, capture_output=True, text=True, timeout=240)
+    proc = subprocess.run([sys.executable, "-c", script, str(root), mode], env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])
     return result
@@ -123,6 +169,18 @@ def test_a_fresh_process_starts_warm_from_what_another_wrote(tmp_path: Path) -> 
     assert warm["sum"] == pytest.approx(cold["sum"])
     cache = CompileCache(root, {"what": "a small pointwise function", "shape": [64]})
     assert cache.remembered("attention") == "flash"
+
+
+def test_one_trace_for_every_size_is_cached_per_size_for_a_fresh_process(tmp_path: Path) -> None:
+    root = tmp_path / "shared"
+    cold = _run(root, "cold", tmp_path / "inductor-a", SCRIPT_ONE_TRACE)
+    assert cold["traces"] == 1 and cold["sizes"] == 2
+    assert cold["misses"] == 2 and not cold["bypasses"] and not cold["hits"]
+    assert isinstance(cold["written"], int) and cold["written"] > 0
+    warm = _run(root, "warm", tmp_path / "inductor-b", SCRIPT_ONE_TRACE)
+    assert warm["loaded"] is True and warm["traces"] == 1 and warm["sizes"] == 2
+    assert warm["hits"] == 2 and not warm["misses"] and not warm["bypasses"]
+    assert warm["sums"] == pytest.approx(cold["sums"])
 
 
 def test_pruning_keeps_the_newest_entries_and_the_current_one(tmp_path: Path) -> None:

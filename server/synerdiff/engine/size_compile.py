@@ -28,7 +28,10 @@ Compiler = Callable[[Any, Sequence[Any]], Callable[..., Any]]
 
 def _inductor(mode: str) -> Compiler:
     import torch._inductor
+    from torch._guards import TracingContext, tracing
     from torch._inductor.compile_fx import compile_fx
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     # The options torch.compile's mode would set, CUDA graphs left to the fast path.
     patches = {**torch._inductor.list_mode_options(mode), "triton.cudagraphs": False} if mode != "default" else None
@@ -36,7 +39,14 @@ def _inductor(mode: str) -> Compiler:
     def compile_static(gm: Any, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         # compile_fx takes ownership of the graph it is given (its passes edit it): each size gets a copy.
         own = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
-        out = compile_fx(own, list(example_inputs), config_patches=patches)
+        # Inductor's FX graph cache keys a compile by the shape environment of the trace it is
+        # part of, and bypasses the cache where there is none: outside dynamo's backend call, each
+        # size gets a tracing context of its own (static shapes), so its kernels are cached and a
+        # new process finds them.
+        fake_mode = FakeTensorMode(shape_env=ShapeEnv())
+        with tracing(TracingContext(fake_mode)):
+            fakes = [fake_mode.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor) else a for a in example_inputs]
+            out = compile_fx(own, fakes, config_patches=patches)
         assert callable(out), f"inductor returned {type(out).__name__}, not a compiled function"
         return out
 
