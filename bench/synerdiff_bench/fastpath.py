@@ -78,7 +78,8 @@ def start_once(args: argparse.Namespace) -> None:
                 "fast_path": None
                 if fp is None
                 else {
-                    k: getattr(fp, k) for k in ("cache", "kernels_total", "seconds", "attention", "attention_ms", "cache_bytes", "vae_s", "compile_s", "trace")
+                    k: getattr(fp, k)
+                    for k in ("cache", "kernels_total", "seconds", "attention", "attention_ms", "cache_bytes", "vae_s", "compile_s", "trace", "uncacheable")
                 },
                 "captures": [dict(rows=c.rows, seconds=c.seconds, replay_ms=c.replay_ms) for c in eng.executor.graphed.captures]
                 if eng.executor and eng.executor.graphed

@@ -114,3 +114,25 @@ def test_another_latent_shape_is_a_trace_of_its_own_with_its_sides_static():
                 mark_batch_dynamic(x, t, c)
             torch.testing.assert_close(fn(x, t, c), block(x, t, c), atol=1e-4, rtol=1e-4)
     assert backend.traces == 2 and len(backend.compiled) == 4  # a trace a shape, a compile a (shape, rows)
+
+
+@torch.inference_mode()
+def test_cache_counts_tell_a_storable_compile_from_a_bypass():
+    """The start reports graphs inductor's caches cannot hold: a compile outside any tracing
+    context (as a per-size compile was before it got one of its own) is one."""
+    from torch._inductor.compile_fx import compile_fx
+
+    from synerdiff.engine.executor import compile_cache_counts
+
+    block = Block().eval()
+    args = inputs(2, 0)
+    misses, bypasses = compile_cache_counts()
+    hits = counters["inductor"]["fxgraph_cache_hit"]
+    fn = torch.compile(block.forward, backend=PerSizeBackend(), dynamic=False, fullgraph=True)
+    torch.testing.assert_close(fn(*args), block(*args), atol=1e-4, rtol=1e-4)
+    after = compile_cache_counts()
+    assert after[1] == bypasses  # each size in its own tracing context: storable
+    assert after[0] - misses + counters["inductor"]["fxgraph_cache_hit"] - hits == 1  # compiled and stored, or found
+    gm = torch.fx.symbolic_trace(lambda x: torch.sin(x) * 2)
+    compile_fx(gm, [torch.randn(4)])  # real inputs, no tracing context: no shape environment
+    assert compile_cache_counts()[1] == bypasses + 1

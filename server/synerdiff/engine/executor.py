@@ -36,8 +36,8 @@ class FastPathStart:
     compiled: bool = False
     kernels_total: int = 0
     kernels_ready: int = 0
-    # "warm": every graph from the compile cache; "partial": some compiled here and added to it;
-    # "cold": compiled here; "off": no compile cache
+    # "warm": every graph from the compile cache; "partial": some compiled here (added to it where
+    # inductor can cache them); "cold": compiled here; "off": no compile cache
     cache: str = "off"
     cache_path: str = ""
     cache_bytes: int = 0  # written after a cold compile
@@ -47,6 +47,9 @@ class FastPathStart:
     vae_s: float = 0.0  # compiling (or loading) the VAE's one-image decode and encode, within `seconds`
     compile_s: dict[str, float] = field(default_factory=dict)  # where torch.compile's seconds went (dynamo's own timers)
     trace: str = "none"  # per_size, once, or per_size after a failed once (compile_trace)
+    # Graphs inductor compiled here that its caches could not hold (a cache bypass): every start,
+    # warm or not, compiles them again.
+    uncacheable: int = 0
 
 
 # dynamo's timers worth reading at start-up, by what they measure: all of torch.compile's work,
@@ -78,11 +81,12 @@ def compile_breakdown() -> dict[str, float]:
     return out
 
 
-def _compile_misses() -> int:
-    """Graphs inductor compiled rather than found in its caches, in this process so far."""
+def compile_cache_counts() -> tuple[int, int]:
+    """Graphs inductor compiled in this process so far rather than finding them in its caches:
+    (misses, bypasses). A miss is stored for the next start; a bypass is not storable."""
     from torch._dynamo.utils import counters
 
-    return int(counters["inductor"]["fxgraph_cache_miss"])
+    return int(counters["inductor"]["fxgraph_cache_miss"]), int(counters["inductor"]["fxgraph_cache_bypass"])
 
 
 def _version(dist: str) -> str:
@@ -218,7 +222,7 @@ class StepExecutor:
             if progress is not None:
                 progress(start)
 
-        misses = _compile_misses()
+        misses, bypasses = compile_cache_counts()
         for shape in shapes:
             g.capture(shape, rows[shape], captured)
         self.graphed = g
@@ -227,9 +231,16 @@ class StepExecutor:
             vae.prepare(shapes_latent(m, sizes), f)
             self.vae_compiled = vae
             start.vae_s = vae.seconds
-        if start.cache == "warm" and _compile_misses() > misses:
+        misses_now, bypasses_now = compile_cache_counts()
+        start.uncacheable = bypasses_now - bypasses
+        if start.uncacheable:
+            log.warning(
+                "%d compiled graphs bypassed inductor's caches: every start compiles them again (TORCH_LOGS=+torch._inductor.codecache logs why)",
+                start.uncacheable,
+            )
+        if start.cache == "warm" and (misses_now > misses or start.uncacheable):
             # The entry did not hold every graph (written by a start that was cut short, or by
-            # another build): what compiled here goes back into it.
+            # another build, or the graphs cannot be cached): what compiled here goes back into it.
             start.cache = "partial"
         if cache is not None and start.cache in ("cold", "partial"):
             start.cache_bytes = cache.save({"attention": start.attention, "compile_s": time.perf_counter() - t0})
