@@ -147,6 +147,7 @@ SCRIPT_ONE_TRACE = textwrap.dedent(
 
 def _run(root: Path, mode: str, inductor_dir: Path, script: str = SCRIPT) -> dict[str, object]:
     env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(inductor_dir), "TORCHINDUCTOR_FX_GRAPH_CACHE": "1"}
+    env.pop("TORCHINDUCTOR_FORCE_DISABLE_CACHES", None)
     proc = subprocess.run([sys.executable, "-c", script, str(root), mode], env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result: dict[str, object] = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -36,8 +36,8 @@ class FastPathStart:
     compiled: bool = False
     kernels_total: int = 0
     kernels_ready: int = 0
-    # "warm": every graph from the compile cache; "partial": some compiled here (added to it where
-    # inductor can cache them); "cold": compiled here; "off": no compile cache
+    # "warm": every graph from the compile cache; "partial": some compiled here and added to it;
+    # "cold": compiled here; "off": no compile cache
     cache: str = "off"
     cache_path: str = ""
     cache_bytes: int = 0  # written after a cold compile
@@ -238,9 +238,9 @@ class StepExecutor:
                 "%d compiled graphs bypassed inductor's caches: every start compiles them again (TORCH_LOGS=+torch._inductor.codecache logs why)",
                 start.uncacheable,
             )
-        if start.cache == "warm" and (misses_now > misses or start.uncacheable):
+        if start.cache == "warm" and misses_now > misses:
             # The entry did not hold every graph (written by a start that was cut short, or by
-            # another build, or the graphs cannot be cached): what compiled here goes back into it.
+            # another build): what compiled here goes back into it. (A bypassed graph cannot.)
             start.cache = "partial"
         if cache is not None and start.cache in ("cold", "partial"):
             start.cache_bytes = cache.save({"attention": start.attention, "compile_s": time.perf_counter() - t0})

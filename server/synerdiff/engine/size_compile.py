@@ -39,10 +39,12 @@ def _inductor(mode: str) -> Compiler:
     def compile_static(gm: Any, example_inputs: Sequence[Any]) -> Callable[..., Any]:
         # compile_fx takes ownership of the graph it is given (its passes edit it): each size gets a copy.
         own = torch.fx.GraphModule(gm, copy.deepcopy(gm.graph))
-        # Inductor's FX graph cache keys a compile by the shape environment of the trace it is
-        # part of, and bypasses the cache where there is none: outside dynamo's backend call, each
-        # size gets a tracing context of its own (static shapes), so its kernels are cached and a
-        # new process finds them.
+        # Inductor's FX-graph and AOT-autograd caches store a compile's shape guards in the shape
+        # environment of the trace it is part of, and are bypassed where there is none. Outside
+        # dynamo's backend call each size gets a tracing context of its own, with tensors faked
+        # at their concrete shapes, so its kernels are cached and a new process finds them (the
+        # batch sizes dynamo passes as ints become symbols there, pinned by guards to this size:
+        # the kernels stay static).
         fake_mode = FakeTensorMode(shape_env=ShapeEnv())
         with tracing(TracingContext(fake_mode)):
             fakes = [fake_mode.from_tensor(a, static_shapes=True) if isinstance(a, torch.Tensor) else a for a in example_inputs]
