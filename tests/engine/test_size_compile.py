@@ -127,19 +127,15 @@ def test_cache_counts_tell_a_storable_compile_from_a_bypass():
     from synerdiff.engine.executor import compile_cache_counts
 
     with torch._inductor.config.patch(fx_graph_cache=True, force_disable_caches=False):
-        _storable_then_bypass(compile_fx, compile_cache_counts)
-
-
-def _storable_then_bypass(compile_fx, compile_cache_counts):
-    block = Block().eval()
-    args = inputs(2, 0)
-    misses, bypasses = compile_cache_counts()
-    hits = counters["inductor"]["fxgraph_cache_hit"]
-    fn = torch.compile(block.forward, backend=PerSizeBackend(), dynamic=False, fullgraph=True)
-    torch.testing.assert_close(fn(*args), block(*args), atol=1e-4, rtol=1e-4)
-    after = compile_cache_counts()
-    assert after[1] == bypasses  # each size in its own tracing context: storable
-    assert after[0] - misses + counters["inductor"]["fxgraph_cache_hit"] - hits == 1  # compiled and stored, or found
-    gm = torch.fx.symbolic_trace(lambda x: torch.sin(x) * 2)
-    compile_fx(gm, [torch.randn(4)])  # real inputs, no tracing context: no shape environment
-    assert compile_cache_counts()[1] == bypasses + 1
+        block = Block().eval()
+        args = inputs(2, 0)
+        misses, bypasses = compile_cache_counts()
+        hits = counters["inductor"]["fxgraph_cache_hit"]
+        fn = torch.compile(block.forward, backend=PerSizeBackend(), dynamic=False, fullgraph=True)
+        torch.testing.assert_close(fn(*args), block(*args), atol=1e-4, rtol=1e-4)
+        after = compile_cache_counts()
+        assert after[1] == bypasses  # each size in its own tracing context: storable
+        assert after[0] - misses + counters["inductor"]["fxgraph_cache_hit"] - hits == 1  # compiled and stored, or found
+        gm = torch.fx.symbolic_trace(lambda x: torch.sin(x) * 2)
+        compile_fx(gm, [torch.randn(4)])  # real inputs, no tracing context: no shape environment
+        assert compile_cache_counts()[1] == bypasses + 1
