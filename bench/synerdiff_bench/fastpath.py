@@ -395,25 +395,27 @@ def sustained(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] =
     (the kernels alone, on zeros and on random inputs), then the engine saturated by --concurrency closed-loop requests (its own
     denoising steps, sampler updates, decodes and the rest of each iteration), then the graph
     alone again; the GPU's clock and power sampled throughout."""
+    eng = Engine(engine_config(args, "continuous")).start()
+    try:
+        return _sustained(args, eng, save)
+    finally:
+        eng.shutdown()
+
+
+def _sustained(args: argparse.Namespace, eng: Engine, save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     import threading
 
-    eng = Engine(engine_config(args, "continuous")).start()
     graphed = eng.executor.graphed if eng.executor else None
     if graphed is None or not graphed.shapes:
         raise SystemExit("sustained needs the engine's fast path (a CUDA device)")
     model = eng.model
     shape = (model.latent_channels, args.size // model.vae_scale_factor, args.size // model.vae_scale_factor)
     if shape not in graphed.shapes:
-        eng.shutdown()
         raise SystemExit(f"no graph was captured for {args.size}² (latents {shape}); captured: {graphed.shapes}")
     rows = graphed.sizes(shape)[-1]
     out: dict[str, Any] = {"rows": rows, "shape": list(shape), "concurrency": args.concurrency}
     uuid = getattr(torch.cuda.get_device_properties(eng.executor.device), "uuid", None)  # type: ignore[union-attr]
-    try:
-        gpu = GpuSampler(gpu=f"GPU-{uuid}" if uuid is not None else "0")
-    except Exception:
-        eng.shutdown()
-        raise
+    gpu = GpuSampler(gpu=f"GPU-{uuid}" if uuid is not None else "0")
 
     def replays(seconds: float) -> dict[str, Any]:
         """Half the time on zeros (what a graph was captured on), half on random inputs."""
@@ -493,7 +495,6 @@ def sustained(args: argparse.Namespace, save: Callable[[dict[str, Any]], None] =
         print(f"graph alone again: {out['graph_alone_after']}", flush=True)
     finally:
         gpu.stop()
-        eng.shutdown()
     return out
 
 
