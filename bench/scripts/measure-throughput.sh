@@ -5,8 +5,8 @@
 #
 #   OUT=... bash bench/scripts/measure-throughput.sh engines   # exact (cold start) and synerdiff (warm start of a new pod)
 #   OUT=... bash bench/scripts/measure-throughput.sh rest      # fp8 and the diffusers peers, on the same machine right after
-#   OUT=... bash bench/scripts/measure-throughput.sh startup   # cold and new-pod warm start with the default row list (8 sizes for 64 rows) -> $OUT/startup-default-per_size.json
-#   TRACE=once ... startup                                     # the same with one dynamo trace for every row size (compile_trace once)
+#   OUT=... bash bench/scripts/measure-throughput.sh startup   # cold and new-pod warm start with the default row list (8 sizes for 64 rows) -> $OUT/startup-default-once.json
+#   TRACE=per_size ... startup                                 # the same with a dynamo trace for each row size (compile_trace per_size)
 #   ROWS=2,8,24,64 ... startup                                 # other row sizes than the default -> $OUT/startup-2-8-24-64-<trace>.json
 #   OUT=... bash bench/scripts/measure-throughput.sh sustained # right after startup, on its cache (same ROWS and TRACE, or it compiles cold):
 #                                                              # a saturated step against its graph alone -> $OUT/sustained-<rows>-<trace>.json
@@ -27,14 +27,14 @@ if [ "$half" = startup ]; then
   [ -n "${ROWS:-}" ] && rows=(--engine-rows "$ROWS")
   list=${ROWS:-default}
   exec python3 -m synerdiff_bench fastpath startup --model sd15 --cache-dir /tmp/synerdiff-cc-default --max-rows 64 "${rows[@]}" \
-    --compile-trace "${TRACE:-per_size}" --out "$OUT" --name "startup-${list//,/-}-${TRACE:-per_size}"
+    --compile-trace "${TRACE:-once}" --out "$OUT" --name "startup-${list//,/-}-${TRACE:-once}"
 fi
 if [ "$half" = sustained ]; then
   rows=()
   [ -n "${ROWS:-}" ] && rows=(--engine-rows "$ROWS")
   list=${ROWS:-default}
   exec python3 -m synerdiff_bench fastpath sustained --model sd15 --cache-dir /tmp/synerdiff-cc-default --max-rows 64 "${rows[@]}" \
-    --compile-trace "${TRACE:-per_size}" --concurrency 48 --warmup-s 15 --window-s 45 --replay-s 30 --out "$OUT" --name "sustained-${list//,/-}-${TRACE:-per_size}"
+    --compile-trace "${TRACE:-once}" --concurrency 48 --warmup-s 15 --window-s 45 --replay-s 30 --out "$OUT" --name "sustained-${list//,/-}-${TRACE:-once}"
 fi
 if [ "$half" = engines ]; then
   rm -rf "$cc"

@@ -595,7 +595,7 @@ def main(argv: list[str] | None = None, stamp: list[str] | None = None) -> None:
         help="compare: also time diffusers compiled at --static-batch (a second compile)",
     )
     ap.add_argument(
-        "--compile-trace", default="per_size", choices=["per_size", "once"], help="the engines' compile_trace (one dynamo trace for every row size: once)"
+        "--compile-trace", default="once", choices=["per_size", "once"], help="the engines' compile_trace (a dynamo trace for each row size: per_size)"
     )
     ap.add_argument(
         "--engine-compile", default="on", choices=["on", "off"], help="the engine's fast path: compiled CUDA graphs (on, the default) or plain CUDA graphs"

@@ -168,15 +168,16 @@ class EngineConfig(_Strict):
         description="torch.compile mode for the fast path; max-autotune benchmarks GEMM and convolution kernels at compile time (a much slower cold start).",
     )
     compile_trace: Literal["per_size", "once"] = Field(
-        "per_size",
-        description="How the fast path's compile traces the denoiser. per_size: dynamo traces each row size anew (a static-shape "
-        "torch.compile per size); once: one trace with a dynamic batch, specialized per size by inductor (static kernels either way; "
-        "saves re-tracing, a large part of a warm start; falls back to per_size if the trace or its first output disagrees).",
+        "once",
+        description="How the fast path's compile traces the denoiser. once: one trace with a dynamic batch, specialized per size by "
+        "inductor (static kernels either way; saves re-tracing, a large part of a warm start; falls back to per_size if the trace or "
+        "its first output disagrees); per_size: dynamo traces each row size anew (a static-shape torch.compile per size).",
     )
     attention_backend: Literal["auto", "torch", "cudnn", "flash", "efficient", "math"] = Field(
         "auto",
-        description="CUDA only: the SDPA kernel of the UNet's attention. auto: the fastest of cudnn, flash and efficient, measured at start "
-        "(and remembered with the compile cache); torch: torch's own per-call choice.",
+        description="CUDA only: the SDPA kernel of the denoiser's attention. auto: the fastest of cudnn, flash and efficient on the "
+        "step's own attention calls at the largest compiled row size, measured at start (and remembered with the compile cache); "
+        "torch: torch's own per-call choice.",
     )
     vae_compile: bool = Field(
         True,

@@ -1,0 +1,26 @@
+"""The step-kernels benchmark's sorting of GPU kernels into classes, by names CUDA libraries give them."""
+
+from __future__ import annotations
+
+import pytest
+
+from synerdiff_bench.step_kernels import kernel_class
+
+
+@pytest.mark.parametrize(
+    ("name", "cls"),
+    [
+        # cuDNN's fused attention says "fprop" too: attention is matched first.
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x128_4x1x1_kernel0_0", "attention"),
+        ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 64, 4> >(Flash_fwd_params)", "attention"),
+        ("fmha_cutlassF_f16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel<...>::Params)", "attention"),
+        # An implicit-GEMM convolution is a convolution, not a GEMM.
+        ("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x128x64_warpgroupsize1x1x1", "convolution"),
+        ("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTN", "gemm"),
+        ("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1_execute_segment_k_off", "gemm"),
+        ("triton_per_fused_native_group_norm_silu_0", "triton"),
+        ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>, std::array<char*, 1ul> >", "other"),
+    ],
+)
+def test_kernel_names_sort_into_their_class(name: str, cls: str) -> None:
+    assert kernel_class(name) == cls
