@@ -10,6 +10,8 @@ On the same weights (CUDA):
   the fastest compiled graph's.
 - **cuDNN's convolution autotuning** (`torch.backends.cudnn.benchmark`): the compiled graph of
   the fastest backend captured again with it on (inductor's kernels come from its cache).
+- **One trace**: `--trace-once` sizes compiled as `compile_trace: once` does, and how many dynamo
+  graphs that took (one, where no Python branch on the batch splits the sizes).
 - **Kernel classes**: the compiled forward (no graph) under the profiler, its GPU time summed
   by attention, convolution, GEMM, inductor's Triton kernels and the rest, and the top kernels.
 -> OUT/step-kernels.json
@@ -89,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", default="8,64", help="row counts for the chooser's and the eager timings")
     ap.add_argument("--compiled", type=int, default=64, help="rows of the compiled graph timed under each backend (0: none)")
     ap.add_argument("--backends", default=",".join(ATTENTION_BACKENDS), help="backends to compile (each a cold compile)")
+    ap.add_argument("--trace-once", default="2,64", help="row sizes compiled from one dynamo trace (compile_trace once) to count its traces ('': none)")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--name", default="step-kernels")
     args = ap.parse_args(argv)
@@ -163,6 +166,22 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         torch.backends.cudnn.benchmark = False
     write_json(report, out)
+    if args.trace_once:
+        from torch._dynamo.utils import counters
+
+        sizes = [int(n) for n in args.trace_once.split(",")]
+        torch._dynamo.reset()
+        counters.clear()
+        g = GraphedUNet(ex.denoiser, ctx_shape=ctx, added_shapes=added, dtype=ex.dtype, device=ex.device, compile=True, attention_backend=best, trace_once=True)
+        g.capture(shape, sizes)
+        report["trace_once"] = {
+            "sizes": sizes,
+            "trace": g.trace,
+            "dynamo_graphs": counters["stats"]["unique_graphs"],
+            "replay_ms": {c.rows: c.replay_ms for c in g.captures},
+        }
+        print("trace once", report["trace_once"], flush=True)
+        write_json(report, out)
     print("chooser", report["chooser_pick"], "compiled fastest", best, flush=True)
 
 

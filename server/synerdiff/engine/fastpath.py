@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .size_compile import PerSizeBackend, agrees, mark_batch_dynamic, unmark_batch
+from .trace_shims import drop_batch_branches
 
 log = logging.getLogger("synerdiff.fastpath")
 
@@ -149,6 +150,9 @@ class GraphedUNet:
             # channels_last lets inductor pick NHWC convolutions, the layout Hopper's tensor cores want
             # (a DiT has one convolution, its patch embedding).
             unet.to(memory_format=torch.channels_last)
+            if isinstance(unet, torch.nn.Module):
+                # One trace for 64 rows and more too, in channels_last throughout (trace_shims.py).
+                drop_batch_branches(unet)
             if trace_once:
                 self.per_size = PerSizeBackend(mode)
                 self.trace = "once"

@@ -1,0 +1,73 @@
+"""Compile-time stand-ins for diffusers layers whose Python branches on the batch size.
+
+diffusers' `Upsample2D.forward` makes its input contiguous (NCHW) once a batch reaches 64 rows,
+a guard against an old PyTorch eager kernel (upsample_nearest on NHWC inputs failed at large
+batches). Under `torch.compile` with a dynamic batch that branch is a guard on the batch symbol:
+dynamo traces an SD UNet twice, once below 64 rows and once from 64 up, and the second trace is
+about 11 s of every warm start (H100 host). It also hands the graphs of 64 rows and more an NCHW
+tensor in the middle of a channels_last UNet. Inductor lowers nearest upsampling to its own
+kernel, so the compiled graph needs no such guard.
+
+`drop_batch_branches` gives each such layer a forward that, while dynamo traces, computes the same
+values without the batch branch, and calls diffusers' own forward otherwise (eager calls keep the
+guard). It only touches layers whose class still has the branch, and only configurations whose
+computation it reproduces (no norm, no transposed convolution, nearest interpolation).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import types
+from typing import Any
+
+import torch
+
+log = logging.getLogger("synerdiff.fastpath")
+
+_BRANCH = "hidden_states.shape[0] >= 64"
+
+
+@functools.cache
+def _upsample_has_branch(cls: type) -> bool:
+    try:
+        return _BRANCH in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+
+
+def _upsample_traced(module: Any, hidden_states: torch.Tensor, output_size: Any = None, *args: Any, **kwargs: Any) -> torch.Tensor:
+    if not torch.compiler.is_compiling():
+        return type(module).forward(module, hidden_states, output_size, *args, **kwargs)
+    # diffusers' computation for this configuration, less the batch branch (values are the same:
+    # that branch only changes the memory layout).
+    scale = 2 if output_size is None else max(f / s for f, s in zip(output_size, hidden_states.shape[-2:], strict=True))
+    if hidden_states.numel() * scale > 2**31:  # diffusers' other layout guard, kept
+        hidden_states = hidden_states.contiguous()
+    if output_size is None:
+        hidden_states = torch.nn.functional.interpolate(hidden_states, scale_factor=2.0, mode="nearest")
+    else:
+        hidden_states = torch.nn.functional.interpolate(hidden_states, size=output_size, mode="nearest")
+    if module.use_conv:
+        hidden_states = (module.conv if module.name == "conv" else module.Conv2d_0)(hidden_states)
+    return hidden_states
+
+
+def drop_batch_branches(net: torch.nn.Module) -> int:
+    """Give `net`'s upsampling layers the compile-time forward above; returns how many it changed."""
+    try:
+        from diffusers.models.upsampling import Upsample2D
+    except ImportError:  # an older diffusers layout: nothing known to change
+        return 0
+    changed = 0
+    for m in net.modules():
+        if type(m) is not Upsample2D or not _upsample_has_branch(type(m)):
+            continue
+        if getattr(m, "norm", None) is not None or m.use_conv_transpose or not m.interpolate:
+            continue
+        m.forward = types.MethodType(_upsample_traced, m)
+        changed += 1
+    if changed:
+        log.debug("compile-time forward without the batch branch for %d upsampling layers", changed)
+    return changed
