@@ -16,7 +16,6 @@ computation it reproduces (no norm, no transposed convolution, nearest interpola
 
 from __future__ import annotations
 
-import functools
 import inspect
 import logging
 import types
@@ -29,17 +28,17 @@ log = logging.getLogger("synerdiff.fastpath")
 _BRANCH = "hidden_states.shape[0] >= 64"
 
 
-@functools.cache
-def _upsample_has_branch(cls: type) -> bool:
+def _has_branch(forward: Any) -> bool:
     try:
-        return _BRANCH in inspect.getsource(cls.forward)
+        return _BRANCH in inspect.getsource(forward)
     except (OSError, TypeError):
         return False
 
 
 def _upsample_traced(module: Any, hidden_states: torch.Tensor, output_size: Any = None, *args: Any, **kwargs: Any) -> torch.Tensor:
     if not torch.compiler.is_compiling():
-        return type(module).forward(module, hidden_states, output_size, *args, **kwargs)
+        out: torch.Tensor = type(module).forward(module, hidden_states, output_size, *args, **kwargs)
+        return out
     # diffusers' computation for this configuration, less the batch branch (values are the same:
     # that branch only changes the memory layout).
     scale = 2 if output_size is None else max(f / s for f, s in zip(output_size, hidden_states.shape[-2:], strict=True))
@@ -60,9 +59,11 @@ def drop_batch_branches(net: torch.nn.Module) -> int:
         from diffusers.models.upsampling import Upsample2D
     except ImportError:  # an older diffusers layout: nothing known to change
         return 0
+    if not _has_branch(Upsample2D.forward):
+        return 0
     changed = 0
     for m in net.modules():
-        if type(m) is not Upsample2D or not _upsample_has_branch(type(m)):
+        if type(m) is not Upsample2D:
             continue
         if getattr(m, "norm", None) is not None or m.use_conv_transpose or not m.interpolate:
             continue
