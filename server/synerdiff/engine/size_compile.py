@@ -6,8 +6,8 @@ took 3.9 s of dynamo bytecode tracing and 0.45 s of guards a size on a 2-core CP
 a warm size took 6.9-10 s in all on an H100's host. Here dynamo traces once with the batch dimension
 dynamic, and the backend hands inductor a copy of that graph with each size's concrete inputs, so
 every size still gets static-shape kernels (cached under keys of their own: the traced graph is not
-a static trace's) while the tracing is paid once per guard: diffusers' `Upsample2D` branches on a
-batch of 64 rows, so an SD UNet is traced twice, below 64 rows and from 64 up. A size's compile
+a static trace's) while the tracing is paid once per guard on the batch (diffusers' `Upsample2D`
+had one at 64 rows; `trace_shims.py` removes it from the traced forward). A size's compile
 runs on its first call, which the fast path makes outside graph capture.
 """
 
