@@ -414,10 +414,9 @@ def fastest_attention(
 
     Each backend runs the step's own SDPA calls (shapes and memory layout recorded from one
     eager forward of a row) at `rows` rows, alone: inductor keeps the SDPA kernel of the eager
-    op, and the rest of the step does not depend on the backend. Timing whole eager steps
-    instead ranked them by noise: at 8 rows an eager step waits on its kernel launches, which
-    hid a 12 % slower backend for the 64-row compiled graph. A backend that refuses a call's
-    shapes or dtype is left out.
+    op, and the rest of the step does not depend on the backend. Whole eager steps of a few rows
+    wait on their kernel launches, which drown the backends' difference (docs/engine.md,
+    Attention). A backend that refuses a call's shapes or dtype is left out.
     """
     x = torch.randn(1, *shape, dtype=dtype, device=device)
     t = torch.full((1,), 500.0, dtype=torch.float32, device=device)
