@@ -72,3 +72,12 @@ def test_a_backend_that_refuses_a_call_raises_and_the_choice_leaves_it_out():
         assert set(times) == {"flash"} and name == "flash" and times["flash"] > 0
     finally:
         eng.shutdown()
+
+
+def test_a_denoiser_without_sdpa_calls_leaves_the_choice_to_torch():
+    conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+
+    def denoiser(x, t, c, added):
+        return conv(x)
+
+    assert fastest_attention(denoiser, shape=(4, 8, 8), rows=4, ctx_shape=(3, 8), dtype=torch.float32, device=torch.device("cpu")) == (None, {})

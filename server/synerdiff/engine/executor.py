@@ -182,13 +182,15 @@ class StepExecutor:
             start.cache_path = str(cache.blob_path)
         attn: str | None = None if config.attention_backend == "torch" else config.attention_backend
         if attn == "auto":
-            attn = cache.remembered("attention") if cache is not None and start.cache == "warm" else None
-            if attn is None and start.cache == "warm":
+            remembered = cache.remembered("attention") if cache is not None and start.cache == "warm" else None
+            # "torch": the start that compiled it found no SDPA call to restrict.
+            attn = None if remembered == "torch" else remembered
+            if remembered is None and start.cache == "warm":
                 # Kernels without the backend they were compiled for: measuring again may pick
                 # another and miss every graph, so this start compiles and rewrites the entry.
                 log.warning("compile cache %s has no recorded attention backend; compiling as if cold", start.cache_path)
                 start.cache = "cold"
-            if attn is None:
+            if remembered is None:
                 # Ranked where throughput is decided: the largest graph of the first image size.
                 top = max(rows[shapes[0]])
                 attn, start.attention_ms = fastest_attention(

@@ -408,9 +408,9 @@ def fastest_attention(
     added_shapes: Mapping[str, tuple[int, ...]] | None = None,
     dtype: torch.dtype,
     device: torch.device,
-) -> tuple[str, dict[str, float]]:
+) -> tuple[str | None, dict[str, float]]:
     """The SDPA backend under which the attention of a step of `rows` rows runs fastest, and each
-    backend's milliseconds for it.
+    backend's milliseconds for it (None where the denoiser makes no SDPA call).
 
     Each backend runs the step's own SDPA calls (shapes and memory layout recorded from one
     eager forward of a row) at `rows` rows, alone: inductor keeps the SDPA kernel of the eager
@@ -423,8 +423,8 @@ def fastest_attention(
     c = torch.randn(1, *ctx_shape, dtype=dtype, device=device)
     added = {k: torch.randn(1, *s, dtype=dtype, device=device) for k, s in (added_shapes or {}).items()}
     calls = attention_calls(unet, x, t, c, added)
-    if not calls:
-        raise RuntimeError("the denoiser made no scaled_dot_product_attention call")
+    if not calls:  # its attention is not torch's SDPA: nothing to choose
+        return None, {}
     times: dict[str, float] = {}
     for name in ATTENTION_BACKENDS:
         try:
