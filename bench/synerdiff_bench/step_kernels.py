@@ -12,8 +12,8 @@ On the same weights (CUDA):
   the fastest backend captured again with it on (inductor's kernels come from its cache).
 - **One trace**: `--trace-once` sizes compiled as `compile_trace: once` does, and how many dynamo
   graphs that took (one, where no Python branch on the batch splits the sizes).
-- **Kernel classes**: the compiled forward (no graph) under the profiler, its GPU time summed
-  by attention, convolution, GEMM, inductor's Triton kernels and the rest, and the top kernels.
+- **Kernel classes**: each backend's compiled forward (no graph) under the profiler, its GPU time
+  summed by attention, convolution, GEMM, inductor's Triton kernels and the rest, and the top kernels.
 -> OUT/step-kernels.json
 """
 
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from synerdiff.engine.executor import StepExecutor
-from synerdiff.engine.fastpath import ATTENTION_BACKENDS, GraphedUNet, attention, attention_calls, time_attention
+from synerdiff.engine.fastpath import ATTENTION_BACKENDS, GraphedUNet, attention, attention_calls, fastest_attention
 from synerdiff.models.loader import load_model
 
 from .report import new_report, result_path, write_json
@@ -50,14 +50,14 @@ def _cuda_ms(fn, repeats: int) -> float:
 def kernel_class(name: str) -> str:
     """A GPU kernel's class by its name (cuDNN, cuBLAS, CUTLASS, Triton and PyTorch's naming)."""
     n = name.lower()
+    if n.startswith("triton"):  # inductor's kernels are named after what they fuse ("…_fused_convolution_…")
+        return "triton"
     if any(s in n for s in ("sdpa", "flash", "fmha", "attention", "attn")):
         return "attention"
     if any(s in n for s in ("fprop", "conv", "wgrad", "dgrad")):
         return "convolution"
     if any(s in n for s in ("gemm", "nvjet", "cutlass", "matmul")):
         return "gemm"
-    if n.startswith("triton"):
-        return "triton"
     return "other"
 
 
@@ -104,32 +104,35 @@ def main(argv: list[str] | None = None) -> None:
     ex = StepExecutor(model)
     f = model.vae_scale_factor
     shape = (model.unet_in_channels, args.size // f, args.size // f)
-    one = ex.example_conditioning(1)
+    two = ex.example_conditioning(2)
     calls = attention_calls(
-        ex.denoiser, torch.randn(1, *shape, device=ex.device, dtype=ex.dtype), torch.full((1,), 500.0, device=ex.device), one.context, one.added
+        ex.denoiser, torch.randn(2, *shape, device=ex.device, dtype=ex.dtype), torch.full((2,), 500.0, device=ex.device), two.context, two.added
     )
-    report["sdpa_calls"] = [{"q": c.q, "k": c.k, "v": c.v, "order": c.order, "count": n} for c, n in calls.items()]
-    report["sdpa_ms"] = {}  # the chooser's measure
+    report["sdpa_calls"] = [{"q": c.q.shape, "k": c.k.shape, "v": c.v.shape, "q_order": c.q.order, "count": n} for c, n in calls.items()]
+    ctx = (int(two.context.shape[1]), int(two.context.shape[2]))
+    added = {k: tuple(v.shape[1:]) for k, v in two.added.items()}
+    report["sdpa_ms"] = {}  # the chooser's measure, and its pick
+    report["chooser_pick"] = {}
     report["eager_step_ms"] = {}
     for r in rows:
+        pick, report["sdpa_ms"][str(r)] = fastest_attention(
+            ex.denoiser, shape=shape, rows=r, ctx_shape=ctx, added_shapes=added, dtype=ex.dtype, device=ex.device
+        )
+        report["chooser_pick"][str(r)] = pick
         x = torch.randn(r, *shape, device=ex.device, dtype=ex.dtype)
         t = torch.full((r,), 500.0, device=ex.device)
         cond = ex.example_conditioning(r)
         for name in ATTENTION_BACKENDS:
             try:
-                report["sdpa_ms"].setdefault(str(r), {})[name] = time_attention(calls, r, name, ex.device)
                 with torch.inference_mode(), attention(name):
                     report["eager_step_ms"].setdefault(str(r), {})[name] = _cuda_ms(lambda x=x, t=t, cond=cond: ex.denoiser(x, t, cond.context, cond.added), 5)
             except RuntimeError as exc:
                 report.setdefault("unavailable", {})[name] = str(exc).splitlines()[0]
-        print(r, "rows: sdpa", report["sdpa_ms"].get(str(r)), "eager step", report["eager_step_ms"].get(str(r)), flush=True)
-    report["chooser_pick"] = {r: min(ms, key=ms.__getitem__) for r, ms in report["sdpa_ms"].items()}
+        print(r, "rows: chooser", pick, report["sdpa_ms"][str(r)], "eager step", report["eager_step_ms"].get(str(r)), flush=True)
     write_json(report, out)
     if not args.compiled:
         return
     r = args.compiled
-    ctx = (int(one.context.shape[1]), int(one.context.shape[2]))
-    added = {k: tuple(v.shape[1:]) for k, v in one.added.items()}
     x = torch.randn(r, *shape, device=ex.device, dtype=ex.dtype)
     tt = torch.randint(0, 1000, (r,), device=ex.device).float()
     cond = ex.example_conditioning(r)
@@ -144,21 +147,28 @@ def main(argv: list[str] | None = None) -> None:
         return _cuda_ms(lambda: g(x, tt, cond.context, cond.added), 20)
 
     report["compiled_replay_ms"] = {}
-    graphs: dict[str, GraphedUNet] = {}
+    report["profile"] = {}
     for name in args.backends.split(","):
-        graphs[name] = graphed(name)
-        report["compiled_replay_ms"][name] = replay_ms(graphs[name])
-        print(name, "compiled", r, "rows:", report["compiled_replay_ms"][name], "ms", flush=True)
+        if name in report.get("unavailable", {}):
+            continue
+        try:
+            g = graphed(name)
+        except Exception as exc:  # one backend's failed compile leaves the others to measure
+            report.setdefault("compile_failed", {})[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            print(name, "compile failed:", report["compile_failed"][name], flush=True)
+            continue
+        report["compiled_replay_ms"][name] = replay_ms(g)
+        # Before the next backend's dynamo reset, while this compiled forward is the one dynamo holds.
+        with torch.inference_mode(), attention(name):
+            report["profile"][name] = profile_classes(lambda g=g: g._fn(x, tt, cond.context, cond.added))
+        print(name, "compiled", r, "rows:", report["compiled_replay_ms"][name], "ms; by class:", report["profile"][name]["ms_by_class"], flush=True)
         write_json(report, out)
+        del g
+        torch.cuda.empty_cache()
+    if not report["compiled_replay_ms"]:
+        raise SystemExit("no backend compiled")
     best = min(report["compiled_replay_ms"], key=report["compiled_replay_ms"].__getitem__)
     report["compiled_fastest"] = best
-    with torch.inference_mode(), attention(best):
-        report["profile"] = profile_classes(lambda: graphs[best]._fn(x, tt, cond.context, cond.added))
-    report["profile"]["backend"] = best
-    print("profile", report["profile"]["ms_by_class"], flush=True)
-    write_json(report, out)
-    graphs.clear()
-    torch.cuda.empty_cache()
     torch.backends.cudnn.benchmark = True
     try:
         report["cudnn_benchmark_replay_ms"] = {best: replay_ms(graphed(best))}

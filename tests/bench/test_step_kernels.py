@@ -19,6 +19,9 @@ from synerdiff_bench.step_kernels import kernel_class
         ("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTN", "gemm"),
         ("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1_execute_segment_k_off", "gemm"),
         ("triton_per_fused_native_group_norm_silu_0", "triton"),
+        # Inductor names a kernel after the ops it fuses: a conv's bias add is still its own kernel.
+        ("triton_poi_fused_convolution_0", "triton"),
+        ("triton_per_fused_convolution_native_group_norm_1", "triton"),
         ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>, std::array<char*, 1ul> >", "other"),
     ],
 )

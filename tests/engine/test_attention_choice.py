@@ -9,49 +9,84 @@ from __future__ import annotations
 import torch
 from diffusers.models.attention_processor import Attention
 
-from synerdiff.engine.fastpath import AttentionCall, _strided, attention_calls, fastest_attention, time_attention
+from synerdiff.engine.executor import StepExecutor
+from synerdiff.engine.fastpath import AttentionCall, Operand, attention_calls, fastest_attention, time_attention
+from synerdiff.models.loader import load_model
+from synerdiff_training.make_tiny import build_flux
 
 from .conftest import make_engine
 
 
-def _one_row(ex):
-    cond = ex.conditioner.example(1)
+def _two_rows(ex):
+    cond = ex.conditioner.example(2)
     shape = (ex.model.unet_in_channels, 8, 8)
-    return shape, torch.randn(1, *shape), torch.full((1,), 500.0), cond
+    return shape, torch.randn(2, *shape), torch.full((2,), 500.0), cond
 
 
 def test_the_recorded_calls_are_every_attention_layer_of_the_denoiser():
     eng = make_engine(max_rows=4)
     try:
         ex = eng.executor
-        shape, x, t, cond = _one_row(ex)
+        shape, x, t, cond = _two_rows(ex)
         calls = attention_calls(ex.denoiser, x, t, cond.context, cond.added)
         layers = [m for m in ex.model.net.modules() if isinstance(m, Attention)]
         assert layers
         assert sum(calls.values()) == len(layers)  # one SDPA call per attention layer and forward
         ctx_tokens = cond.context.shape[1]
         for call in calls:
-            heads, tokens, dim = call.q
-            assert call.k[0] == heads and call.k[2] == dim and call.v[1] == call.k[1]
+            heads, tokens, dim = call.q.shape
+            assert call.k.shape[0] == heads and call.k.shape[2] == dim and call.v.shape[1] == call.k.shape[1]
             # Self-attention over the latent's pixels at some level, or cross-attention to the prompt.
-            assert call.k[1] in (tokens, ctx_tokens)
+            assert call.k.shape[1] in (tokens, ctx_tokens)
             assert tokens <= shape[1] * shape[2]
             # diffusers splits heads with a transpose: the heads are not the outer dim in memory.
-            assert call.order == (0, 2, 1, 3)
-        assert any(c.k[1] == ctx_tokens for c in calls) and any(c.k[1] == c.q[1] != ctx_tokens for c in calls)
+            assert call.q.order == (0, 2, 1, 3) and call.q.batch and call.mask is None and not call.causal
+        assert any(c.k.shape[1] == ctx_tokens for c in calls) and any(c.k.shape[1] == c.q.shape[1] != ctx_tokens for c in calls)
     finally:
         eng.shutdown()
 
 
 def test_timed_inputs_have_the_recorded_layout():
-    t = _strided(3, (2, 5, 4), (0, 2, 1, 3), torch.float32, torch.device("cpu"))
-    assert t.shape == (3, 2, 5, 4)
-    assert t.transpose(1, 2).is_contiguous() and not t.is_contiguous()
-    assert _strided(3, (2, 5, 4), (0, 1, 2, 3), torch.float32, torch.device("cpu")).is_contiguous()
+    cpu = torch.device("cpu")
+    q = torch.randn(2, 5, 3, 4).transpose(1, 2)  # (B, H, S, D) over (B, S, H, D) memory, as diffusers makes it
+    op = Operand.of(q)
+    assert op == Operand((3, 5, 4), (0, 2, 1, 3), torch.float32, True)
+    t = op.make(6, cpu)
+    assert t.shape == (6, 3, 5, 4) and t.transpose(1, 2).is_contiguous() and not t.is_contiguous()
+    # A mask shared by every row stays one row; a mask lets every token attend.
+    shared = Operand.of(torch.zeros(1, 1, 5, 5, dtype=torch.bool).expand(2, 1, 5, 5))
+    assert not shared.batch and shared.make(6, cpu, mask=True).shape == (1, 1, 5, 5) and shared.make(6, cpu, mask=True).all()
+    additive = Operand.of(torch.randn(2, 1, 5, 5))
+    assert additive.batch and torch.equal(additive.make(6, cpu, mask=True), torch.zeros(6, 1, 5, 5))
+
+
+def test_arguments_passed_by_name_are_recorded():
+    # diffusers' attention dispatcher calls SDPA with keywords only.
+    def denoiser(x, t, c, added):
+        q = x.flatten(2).unsqueeze(1)  # (B, 1 head, C, h*w)
+        return torch.nn.functional.scaled_dot_product_attention(query=q, key=q, value=q, is_causal=True, enable_gqa=False)
+
+    calls = attention_calls(denoiser, torch.randn(2, 4, 2, 2), torch.zeros(2), torch.zeros(2, 1, 1), {})
+    (call,) = calls
+    assert call.causal and not call.gqa and call.q.shape == (1, 4, 4) and calls[call] == 1
+
+
+def test_flux_attention_is_recorded_and_timed(tmp_path):
+    ex = StepExecutor(load_model(build_flux(tmp_path / "flux", seed=0), "cpu", "float32"))
+    cond = ex.conditioner.example(2)
+    shape = (ex.model.unet_in_channels, 8, 8)
+    calls = attention_calls(ex.denoiser, torch.randn(2, *shape), torch.full((2,), 500.0), cond.context, cond.added)
+    blocks = len(ex.model.net.transformer_blocks) + len(ex.model.net.single_transformer_blocks)
+    assert sum(calls.values()) == blocks
+    ctx = tuple(cond.context.shape[1:])
+    added = {k: tuple(v.shape[1:]) for k, v in cond.added.items()}
+    name, times = fastest_attention(ex.denoiser, shape=shape, rows=4, ctx_shape=ctx, added_shapes=added, dtype=torch.float32, device=torch.device("cpu"))
+    assert name == "flash" and set(times) == {"flash"}
 
 
 def test_a_backend_that_refuses_a_call_raises_and_the_choice_leaves_it_out():
-    call = AttentionCall(q=(2, 16, 8), k=(2, 16, 8), v=(2, 16, 8), order=(0, 1, 2, 3), mask=((1, 16, 16), torch.bool), causal=False, dtype=torch.float32)
+    op = Operand((2, 16, 8), (0, 1, 2, 3), torch.float32)
+    call = AttentionCall(q=op, k=op, v=op, mask=Operand((1, 16, 16), (0, 1, 2, 3), torch.bool, batch=False), causal=False, gqa=False)
     cpu = torch.device("cpu")
     # The memory-efficient and cuDNN kernels are CUDA-only: the op refuses them on the CPU.
     for name in ("cudnn", "efficient"):
@@ -66,7 +101,7 @@ def test_a_backend_that_refuses_a_call_raises_and_the_choice_leaves_it_out():
     eng = make_engine(max_rows=4)
     try:
         ex = eng.executor
-        shape, *_ = _one_row(ex)
+        shape, *_ = _two_rows(ex)
         ctx = tuple(ex.conditioner.example(1).context.shape[1:])
         name, times = fastest_attention(ex.denoiser, shape=shape, rows=4, ctx_shape=ctx, dtype=torch.float32, device=cpu)
         assert set(times) == {"flash"} and name == "flash" and times["flash"] > 0

@@ -29,6 +29,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import logging
+import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -310,23 +311,54 @@ class GraphedUNet:
         return g.out[:rows].clone()
 
 
+_SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+@dataclass(frozen=True)
+class Operand:
+    """One SDPA input of a denoiser step, per row: its shape past the batch and memory layout."""
+
+    shape: tuple[int, ...]
+    order: tuple[int, ...]  # dims from outermost to innermost in memory (diffusers' q is (B, S, H, D) transposed)
+    dtype: torch.dtype
+    batch: bool = True  # False: one for every row (a mask broadcast over the batch)
+
+    @classmethod
+    def of(cls, t: torch.Tensor) -> Operand:
+        """From a call of a forward of two or more rows (one row in it: broadcast over the batch)."""
+        strides = t.stride()
+        broadcast = t.shape[0] == 1 or strides[0] == 0
+        return cls(tuple(t.shape[1:]), tuple(sorted(range(t.dim()), key=lambda d: -strides[d])), t.dtype, not broadcast)
+
+    def make(self, rows: int, device: torch.device, mask: bool = False) -> torch.Tensor:
+        """Random values at `rows` rows in this layout, or a mask that lets every token attend
+        (boolean True, or additive zeros)."""
+        full = (rows if self.batch else 1, *self.shape)
+        dims = [full[d] for d in self.order]
+        if mask:
+            t = torch.ones(dims, dtype=torch.bool, device=device) if self.dtype == torch.bool else torch.zeros(dims, dtype=self.dtype, device=device)
+        else:
+            t = torch.randn(dims, dtype=self.dtype, device=device)
+        return t.permute([self.order.index(d) for d in range(len(full))])
+
+
 @dataclass(frozen=True)
 class AttentionCall:
-    """One SDPA call of a denoiser step, per row: what a backend has to run."""
+    """One SDPA call of a denoiser step: what a backend has to run."""
 
-    q: tuple[int, ...]  # (heads, tokens, head dim)
-    k: tuple[int, ...]
-    v: tuple[int, ...]
-    order: tuple[int, ...]  # q's dims from outermost to innermost in memory (diffusers' q is (B, S, H, D) transposed)
-    mask: tuple[tuple[int, ...], torch.dtype] | None  # the attention mask's shape past the batch and dtype, if any
+    q: Operand
+    k: Operand
+    v: Operand
+    mask: Operand | None
     causal: bool
-    dtype: torch.dtype
+    gqa: bool
 
 
 def attention_calls(
     denoiser, sample: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor, added: Mapping[str, torch.Tensor]
 ) -> dict[AttentionCall, int]:
-    """The SDPA calls one denoiser forward makes on these inputs, with how often each comes."""
+    """The SDPA calls one denoiser forward makes on these inputs (two rows or more, so that an
+    input shared by every row shows), with how often each comes."""
     from torch.overrides import TorchFunctionMode
 
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -336,16 +368,16 @@ def attention_calls(
         def __torch_function__(self, func, types, args=(), kwargs=None):
             kwargs = kwargs or {}
             if func is sdpa:
-                q, k, v = args[:3]
-                mask = kwargs.get("attn_mask", args[3] if len(args) > 3 else None)
+                # By name: diffusers' dispatcher passes every argument as a keyword.
+                bound = {**dict(zip(_SDPA_PARAMS, args, strict=False)), **kwargs}
+                mask = bound.get("attn_mask")
                 call = AttentionCall(
-                    q=tuple(q.shape[1:]),
-                    k=tuple(k.shape[1:]),
-                    v=tuple(v.shape[1:]),
-                    order=tuple(sorted(range(q.dim()), key=lambda d: -q.stride(d))),
-                    mask=None if mask is None else (tuple(mask.shape[1:]), mask.dtype),
-                    causal=bool(kwargs.get("is_causal", False)),
-                    dtype=q.dtype,
+                    q=Operand.of(bound["query"]),
+                    k=Operand.of(bound["key"]),
+                    v=Operand.of(bound["value"]),
+                    mask=None if mask is None else Operand.of(mask),
+                    causal=bool(bound.get("is_causal", False)),
+                    gqa=bool(bound.get("enable_gqa", False)),
                 )
                 calls[call] = calls.get(call, 0) + 1
             return func(*args, **kwargs)
@@ -355,31 +387,17 @@ def attention_calls(
     return calls
 
 
-def _strided(rows: int, shape: tuple[int, ...], order: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Random (rows, *shape) laid out in memory in `order` (outermost dim first)."""
-    full = (rows, *shape)
-    t = torch.randn([full[d] for d in order], dtype=dtype, device=device)
-    return t.permute([order.index(d) for d in range(len(full))])
-
-
 def time_attention(calls: Mapping[AttentionCall, int], rows: int, backend: str, device: torch.device, repeats: int = 5) -> float:
     """Milliseconds the SDPA calls of one step of `rows` rows take under `backend` (RuntimeError
     where the backend refuses one of them)."""
     total = 0.0
     with torch.inference_mode(), attention(backend):
         for call, n in calls.items():
-            q = _strided(rows, call.q, call.order, call.dtype, device)
-            k = _strided(rows, call.k, call.order, call.dtype, device)
-            v = _strided(rows, call.v, call.order, call.dtype, device)
-            mask = None
-            if call.mask is not None:  # one that lets every token attend: boolean True, or additive zeros
-                mask_shape, mask_dtype = call.mask
-                mask = torch.zeros(rows, *mask_shape, dtype=mask_dtype, device=device)
-                if mask_dtype == torch.bool:
-                    mask.logical_not_()
+            q, k, v = call.q.make(rows, device), call.k.make(rows, device), call.v.make(rows, device)
+            mask = None if call.mask is None else call.mask.make(rows, device, mask=True)
 
-            def run(q=q, k=k, v=v, mask=mask, causal=call.causal) -> torch.Tensor:
-                return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+            def run(q=q, k=k, v=v, mask=mask, call=call) -> torch.Tensor:
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=call.causal, enable_gqa=call.gqa)
 
             run()  # first call: a backend may build its plan for the shape
             if device.type == "cuda":
@@ -408,29 +426,41 @@ def fastest_attention(
     added_shapes: Mapping[str, tuple[int, ...]] | None = None,
     dtype: torch.dtype,
     device: torch.device,
+    rounds: int = 3,
 ) -> tuple[str | None, dict[str, float]]:
     """The SDPA backend under which the attention of a step of `rows` rows runs fastest, and each
-    backend's milliseconds for it (None where the denoiser makes no SDPA call).
+    backend's milliseconds for it (None where the denoiser makes no SDPA call or no backend runs
+    its calls: torch then chooses per call).
 
     Each backend runs the step's own SDPA calls (shapes and memory layout recorded from one
-    eager forward of a row) at `rows` rows, alone: inductor keeps the SDPA kernel of the eager
+    eager forward of two rows) at `rows` rows, alone: inductor keeps the SDPA kernel of the eager
     op, and the rest of the step does not depend on the backend. Whole eager steps of a few rows
     wait on their kernel launches, which drown the backends' difference (docs/engine.md,
     Attention). A backend that refuses a call's shapes or dtype is left out.
     """
-    x = torch.randn(1, *shape, dtype=dtype, device=device)
-    t = torch.full((1,), 500.0, dtype=torch.float32, device=device)
-    c = torch.randn(1, *ctx_shape, dtype=dtype, device=device)
-    added = {k: torch.randn(1, *s, dtype=dtype, device=device) for k, s in (added_shapes or {}).items()}
+    x = torch.randn(2, *shape, dtype=dtype, device=device)
+    t = torch.full((2,), 500.0, dtype=torch.float32, device=device)
+    c = torch.randn(2, *ctx_shape, dtype=dtype, device=device)
+    added = {k: torch.randn(2, *s, dtype=dtype, device=device) for k, s in (added_shapes or {}).items()}
     calls = attention_calls(unet, x, t, c, added)
     if not calls:  # its attention is not torch's SDPA: nothing to choose
         return None, {}
-    times: dict[str, float] = {}
-    for name in ATTENTION_BACKENDS:
-        try:
-            times[name] = time_attention(calls, rows, name, device)
-        except RuntimeError as exc:
-            log.info("attention backend %s unavailable here: %s", name, str(exc).splitlines()[0] if str(exc) else exc)
-    if not times:
-        raise RuntimeError("no SDPA backend runs this denoiser's attention")
+    runs: dict[str, list[float]] = {}
+    usable = list(ATTENTION_BACKENDS)
+    # A first pass that is not counted (the GPU's clock ramps up, each backend builds its plans),
+    # then rounds that alternate the backends, so none is always timed first; the median counts.
+    for round_ in range(rounds + 1):
+        for name in list(usable):
+            try:
+                ms = time_attention(calls, rows, name, device)
+            except RuntimeError as exc:
+                log.info("attention backend %s unavailable here: %s", name, str(exc).splitlines()[0] if str(exc) else exc)
+                usable.remove(name)
+                continue
+            if round_:
+                runs.setdefault(name, []).append(ms)
+    if not runs:
+        log.warning("no restricted SDPA backend runs this denoiser's attention at %d rows; torch chooses per call", rows)
+        return None, {}
+    times = {name: statistics.median(ms) for name, ms in runs.items()}
     return min(times, key=times.__getitem__), times
