@@ -79,7 +79,19 @@ def start_once(args: argparse.Namespace) -> None:
                 if fp is None
                 else {
                     k: getattr(fp, k)
-                    for k in ("cache", "kernels_total", "seconds", "attention", "attention_ms", "cache_bytes", "vae_s", "compile_s", "trace", "uncacheable")
+                    for k in (
+                        "cache",
+                        "kernels_total",
+                        "seconds",
+                        "attention",
+                        "attention_ms",
+                        "cache_bytes",
+                        "vae_s",
+                        "compile_s",
+                        "trace",
+                        "dynamo_graphs",
+                        "uncacheable",
+                    )
                 },
                 "captures": [dict(rows=c.rows, seconds=c.seconds, replay_ms=c.replay_ms) for c in eng.executor.graphed.captures]
                 if eng.executor and eng.executor.graphed

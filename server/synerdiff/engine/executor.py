@@ -47,6 +47,7 @@ class FastPathStart:
     vae_s: float = 0.0  # compiling (or loading) the VAE's one-image decode and encode, within `seconds`
     compile_s: dict[str, float] = field(default_factory=dict)  # where torch.compile's seconds went (dynamo's own timers)
     trace: str = "none"  # per_size, once, or per_size after a failed once (compile_trace)
+    dynamo_graphs: int = 0  # the denoiser's dynamo traces: one a shape with `once`, where no Python branch on the batch splits it
     # Graphs inductor compiled here that its caches could not hold (a cache bypass): every start,
     # warm or not, compiles them again.
     uncacheable: int = 0
@@ -87,6 +88,13 @@ def compile_cache_counts() -> tuple[int, int]:
     from torch._dynamo.utils import counters
 
     return int(counters["inductor"]["fxgraph_cache_miss"]), int(counters["inductor"]["fxgraph_cache_bypass"])
+
+
+def dynamo_graph_count() -> int:
+    """Graphs dynamo has traced in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _version(dist: str) -> str:
@@ -227,9 +235,11 @@ class StepExecutor:
                 progress(start)
 
         misses, bypasses = compile_cache_counts()
+        graphs_before = dynamo_graph_count()
         for shape in shapes:
             g.capture(shape, rows[shape], captured)
         self.graphed = g
+        start.dynamo_graphs = dynamo_graph_count() - graphs_before
         if compile and config.vae_compile:
             vae = CompiledVae(m.vae, dtype=self._vae_dtype, device=self.device, mode=None if config.compile_mode == "default" else config.compile_mode)
             vae.prepare(shapes_latent(m, sizes), f)
@@ -257,12 +267,13 @@ class StepExecutor:
             if start.compile_s:
                 log.info("compile seconds: %s", ", ".join(f"{k} {v:.1f}" for k, v in start.compile_s.items()))
         log.info(
-            "UNet fast path ready in %.1f s (%s, compile cache %s, attention %s, trace %s)",
+            "UNet fast path ready in %.1f s (%s, compile cache %s, attention %s, trace %s, %d dynamo graphs)",
             start.seconds,
             "compiled" if compile else "graphs",
             start.cache,
             start.attention,
             start.trace,
+            start.dynamo_graphs,
         )
         return start
 
