@@ -71,6 +71,18 @@ def test_arguments_passed_by_name_are_recorded():
     assert call.causal and not call.gqa and call.q.shape == (1, 4, 4) and calls[call] == 1
 
 
+def test_a_mask_of_fewer_dims_than_the_query_is_made_as_it_was():
+    def denoiser(x, t, c, added):
+        q = x.flatten(2).unsqueeze(1)  # (B, 1 head, C, h*w)
+        keep = torch.ones(q.shape[2], q.shape[2], dtype=torch.bool).tril()
+        return torch.nn.functional.scaled_dot_product_attention(q, q, q, keep)
+
+    (call,) = attention_calls(denoiser, torch.randn(2, 4, 2, 2), torch.zeros(2), torch.zeros(2, 1, 1), {})
+    assert call.mask == Operand((4, 4), (0, 1), torch.bool, batch=False, batch_dim=False)
+    assert call.mask.make(8, torch.device("cpu"), mask=True).shape == (4, 4)
+    assert time_attention({call: 1}, 8, "flash", torch.device("cpu")) > 0
+
+
 def test_flux_attention_is_recorded_and_timed(tmp_path):
     ex = StepExecutor(load_model(build_flux(tmp_path / "flux", seed=0), "cpu", "float32"))
     cond = ex.conditioner.example(2)

@@ -318,22 +318,26 @@ _SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", 
 class Operand:
     """One SDPA input of a denoiser step, per row: its shape past the batch and memory layout."""
 
-    shape: tuple[int, ...]
+    shape: tuple[int, ...]  # past the batch dim, where it has one
     order: tuple[int, ...]  # dims from outermost to innermost in memory (diffusers' q is (B, S, H, D) transposed)
     dtype: torch.dtype
     batch: bool = True  # False: one for every row (a mask broadcast over the batch)
+    batch_dim: bool = True  # False: a mask of fewer dims than the query, broadcast from the right
 
     @classmethod
-    def of(cls, t: torch.Tensor) -> Operand:
+    def of(cls, t: torch.Tensor, query_dims: int | None = None) -> Operand:
         """From a call of a forward of two or more rows (one row in it: broadcast over the batch)."""
         strides = t.stride()
+        order = tuple(sorted(range(t.dim()), key=lambda d: -strides[d]))
+        if query_dims is not None and t.dim() < query_dims:
+            return cls(tuple(t.shape), order, t.dtype, batch=False, batch_dim=False)
         broadcast = t.shape[0] == 1 or strides[0] == 0
-        return cls(tuple(t.shape[1:]), tuple(sorted(range(t.dim()), key=lambda d: -strides[d])), t.dtype, not broadcast)
+        return cls(tuple(t.shape[1:]), order, t.dtype, not broadcast)
 
     def make(self, rows: int, device: torch.device, mask: bool = False) -> torch.Tensor:
         """Random values at `rows` rows in this layout, or a mask that lets every token attend
         (boolean True, or additive zeros)."""
-        full = (rows if self.batch else 1, *self.shape)
+        full = (rows if self.batch else 1, *self.shape) if self.batch_dim else self.shape
         dims = [full[d] for d in self.order]
         if mask:
             t = torch.ones(dims, dtype=torch.bool, device=device) if self.dtype == torch.bool else torch.zeros(dims, dtype=self.dtype, device=device)
@@ -375,7 +379,7 @@ def attention_calls(
                     q=Operand.of(bound["query"]),
                     k=Operand.of(bound["key"]),
                     v=Operand.of(bound["value"]),
-                    mask=None if mask is None else Operand.of(mask),
+                    mask=None if mask is None else Operand.of(mask, query_dims=bound["query"].dim()),
                     causal=bool(bound.get("is_causal", False)),
                     gqa=bool(bound.get("enable_gqa", False)),
                 )
@@ -396,8 +400,10 @@ def time_attention(calls: Mapping[AttentionCall, int], rows: int, backend: str, 
             q, k, v = call.q.make(rows, device), call.k.make(rows, device), call.v.make(rows, device)
             mask = None if call.mask is None else call.mask.make(rows, device, mask=True)
 
-            def run(q=q, k=k, v=v, mask=mask, call=call) -> torch.Tensor:
-                return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=call.causal, enable_gqa=call.gqa)
+            extra = {"enable_gqa": True} if call.gqa else {}  # a keyword torch before 2.5 lacks
+
+            def run(q=q, k=k, v=v, mask=mask, call=call, extra=extra) -> torch.Tensor:
+                return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=call.causal, **extra)
 
             run()  # first call: a backend may build its plan for the shape
             if device.type == "cuda":
@@ -450,7 +456,8 @@ def fastest_attention(
     # A first pass that is not counted (the GPU's clock ramps up, each backend builds its plans),
     # then rounds that alternate the backends, so none is always timed first; the median counts.
     for round_ in range(rounds + 1):
-        for name in list(usable):
+        turn = round_ % len(usable) if usable else 0
+        for name in usable[turn:] + usable[:turn]:
             try:
                 ms = time_attention(calls, rows, name, device)
             except RuntimeError as exc:
