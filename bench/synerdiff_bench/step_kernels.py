@@ -20,13 +20,13 @@ On the same weights (CUDA):
 from __future__ import annotations
 
 import argparse
-import statistics
 from typing import Any
 
 import torch
 
 from synerdiff.engine.executor import StepExecutor
 from synerdiff.engine.fastpath import ATTENTION_BACKENDS, GraphedUNet, attention, attention_calls, fastest_attention
+from synerdiff.engine.profiler import median_time, synchronizer
 from synerdiff.models.loader import load_model
 
 from .report import new_report, result_path, write_json
@@ -34,17 +34,8 @@ from .sdmodels import resolve_model
 
 
 def _cuda_ms(fn, repeats: int) -> float:
-    """Median milliseconds of `fn` on the current stream, after one untimed call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+    """Median milliseconds of `fn` on the GPU, after one untimed call."""
+    return median_time(fn, synchronizer(torch.device("cuda")), warmup=1, repeats=repeats) * 1e3
 
 
 def kernel_class(name: str) -> str:

@@ -68,6 +68,18 @@ def reference(pipe):
     return run
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches and counters empty before and after a test that counts its traces."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
 def make_engine(**scheduler) -> Engine:
     sched = SchedulerConfig(**{"policy": "continuous", **scheduler})
     return Engine(EngineConfig(device="cpu", dtype="float32", scheduler=sched)).start()

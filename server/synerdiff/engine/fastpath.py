@@ -394,6 +394,9 @@ def attention_calls(
 def time_attention(calls: Mapping[AttentionCall, int], rows: int, backend: str, device: torch.device, repeats: int = 5) -> float:
     """Milliseconds the SDPA calls of one step of `rows` rows take under `backend` (RuntimeError
     where the backend refuses one of them)."""
+    from .profiler import median_time, synchronizer
+
+    sync = synchronizer(device)
     total = 0.0
     with torch.inference_mode(), attention(backend):
         for call, n in calls.items():
@@ -405,20 +408,12 @@ def time_attention(calls: Mapping[AttentionCall, int], rows: int, backend: str, 
             def run(q=q, k=k, v=v, mask=mask, call=call, extra=extra) -> torch.Tensor:
                 return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=call.causal, **extra)
 
-            run()  # first call: a backend may build its plan for the shape
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
+            def span(run=run) -> None:
                 for _ in range(repeats):
                     run()
-                end.record()
-                end.synchronize()
-                ms = start.elapsed_time(end) / repeats
-            else:
-                t0 = time.perf_counter()
-                for _ in range(repeats):
-                    run()
-                ms = (time.perf_counter() - t0) * 1e3 / repeats
+
+            run()  # not counted: a backend may build its plan for the shape
+            ms = median_time(span, sync, warmup=0, repeats=1) * 1e3 / repeats
             total += ms * n
     return total
 

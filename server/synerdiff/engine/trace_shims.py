@@ -39,8 +39,8 @@ def _upsample_traced(module: Any, hidden_states: torch.Tensor, output_size: Any 
     if not torch.compiler.is_compiling():
         out: torch.Tensor = type(module).forward(module, hidden_states, output_size, *args, **kwargs)
         return out
-    # diffusers' computation for this configuration, less the batch branch (values are the same:
-    # that branch only changes the memory layout).
+    # diffusers' computation for this configuration, less the batch branch: that branch only
+    # changes the memory layout (the convolution after it may round differently in the other one).
     scale_factor = 2 if output_size is None else max([f / s for f, s in zip(output_size, hidden_states.shape[-2:])])  # noqa: B905 (diffusers' own expression)
     if hidden_states.numel() * scale_factor > pow(2, 31):  # diffusers' other layout guard, kept
         hidden_states = hidden_states.contiguous()
