@@ -14,12 +14,17 @@ On the same weights (CUDA):
   graphs that took (one, where no Python branch on the batch splits the sizes).
 - **Kernel classes**: each backend's compiled forward (no graph) under the profiler, its GPU time
   summed by attention, convolution, GEMM, inductor's Triton kernels and the rest, and the top kernels.
+- **The compiled peer** (`--peer-rows`, UNets): diffusers' UNet compiled the way the throughput
+  peer is (`torch.compile(unet, fullgraph=True)`, channels_last, torch's own attention choice, no
+  CUDA graph; first called at 2 rows, so later batches run the recompiled dynamic-batch graph, as
+  a pipeline that served one image first does), timed and profiled by class at each row count.
 -> OUT/step-kernels.json
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from typing import Any
 
 import torch
@@ -31,6 +36,14 @@ from synerdiff.models.loader import load_model
 
 from .report import new_report, result_path, write_json
 from .sdmodels import resolve_model
+
+# Compile settings beyond the engine's default: (torch.compile mode, inductor config).
+TUNINGS: dict[str, tuple[str, dict[str, Any]]] = {
+    # Triton's pointwise and reduction kernels (group norms, activations) tuned by coordinate descent.
+    "coordinate": ("default", {"coordinate_descent_tuning": True, "coordinate_descent_check_all_directions": True}),
+    # GEMM and convolution kernels benchmarked against Triton templates at compile time.
+    "max-autotune": ("max-autotune-no-cudagraphs", {}),
+}
 
 
 def _cuda_ms(fn, repeats: int) -> float:
@@ -49,6 +62,18 @@ def kernel_class(name: str) -> str:
         return "convolution"
     if any(s in n for s in ("gemm", "nvjet", "cutlass", "matmul")):
         return "gemm"
+    return "other"
+
+
+def attention_family(name: str) -> str:
+    """Which SDPA backend an attention kernel is (the compiled graph's real choice)."""
+    n = name.lower()
+    if "cudnn" in n:
+        return "cudnn"
+    if "flash" in n:
+        return "flash"
+    if "fmha" in n or "memeff" in n:
+        return "efficient"
     return "other"
 
 
@@ -71,8 +96,40 @@ def profile_classes(fn, top: int = 25) -> dict[str, Any]:
     return {
         "ms_by_class": classes,
         "ms_total": sum(classes.values()),
+        "attention_kernels": sorted({attention_family(name) for name, _, _ in kernels if kernel_class(name) == "attention"}),
         "top": [{"kernel": name[:160], "class": kernel_class(name), "ms": ms, "launches": n} for name, ms, n in kernels[:top]],
     }
+
+
+def peer_runs(unet: Any, rows: list[int], shape: tuple[int, int, int], ex: StepExecutor) -> dict[str, Any]:
+    """diffusers' UNet under a user's `torch.compile` (see the module docstring): milliseconds a
+    forward and GPU time by kernel class at each row count, and the dynamo graphs it took."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    unet.to(memory_format=torch.channels_last)
+    peer = torch.compile(unet, fullgraph=True)
+    t = torch.tensor(500.0, device=ex.device)  # the pipeline's scalar timestep of the whole batch
+
+    def forward(r: int):
+        x = torch.randn(r, *shape, device=ex.device, dtype=ex.dtype)
+        cond = ex.example_conditioning(r)
+        added = dict(cond.added) or None
+        return lambda: peer(x, t, encoder_hidden_states=cond.context, added_cond_kwargs=added, return_dict=False)
+
+    out: dict[str, Any] = {"compile": "torch.compile(unet, fullgraph=True), channels_last", "ms": {}, "profile": {}}
+    with torch.inference_mode():
+        forward(2)()  # the pipeline's first image: the static compile
+        for r in rows:
+            fn = forward(r)
+            out["ms"][str(r)] = _cuda_ms(fn, 10)  # its untimed first call is the dynamic-batch recompile
+            out["profile"][str(r)] = profile_classes(fn)
+            print("peer", r, "rows:", out["ms"][str(r)], "ms; by class:", out["profile"][str(r)]["ms_by_class"], flush=True)
+    out["dynamo_graphs"] = counters["stats"]["unique_graphs"]
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,13 +139,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", default="8,64", help="row counts for the chooser's and the eager timings")
     ap.add_argument("--compiled", type=int, default=64, help="rows of the compiled graph timed under each backend (0: none)")
     ap.add_argument("--backends", default=",".join(ATTENTION_BACKENDS), help="backends to compile (each a cold compile)")
+    ap.add_argument("--peer-rows", default="32,64", help="row counts of the compiled diffusers UNet ('': none; UNets only)")
     ap.add_argument("--trace-once", default="2,64", help="row sizes compiled from one dynamo trace (compile_trace once) to count its traces ('': none)")
+    ap.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True, help="the fastest backend's graph again with cuDNN's autotuning")
+    ap.add_argument("--tunings", default="", help=f"the fastest backend's graph compiled again with each of: {', '.join(TUNINGS)}")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--name", default="step-kernels")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         raise SystemExit("the attention backends are CUDA kernels: run this on a GPU")
-    rows = [int(r) for r in args.rows.split(",")]
+    rows = [int(r) for r in args.rows.split(",") if r]
     report: dict[str, Any] = new_report("step-kernels", args.name, argv, model=args.model, size=args.size, rows=rows, compiled_rows=args.compiled)
     out = result_path(args.out, args.name)
     model = load_model(resolve_model(args.model, device="cuda"), "cuda", "float16")
@@ -121,6 +181,11 @@ def main(argv: list[str] | None = None) -> None:
                 report.setdefault("unavailable", {})[name] = str(exc).splitlines()[0]
         print(r, "rows: chooser", pick, report["sdpa_ms"][str(r)], "eager step", report["eager_step_ms"].get(str(r)), flush=True)
     write_json(report, out)
+    peer_rows = [int(n) for n in args.peer_rows.split(",") if n]
+    if peer_rows and getattr(model, "unet", None) is not None:
+        # Before any engine compile: the engine's trace stand-ins (trace_shims) are not the peer's.
+        report["peer"] = peer_runs(model.unet, peer_rows, shape, ex)
+        write_json(report, out)
     if not args.compiled:
         return
     r = args.compiled
@@ -128,45 +193,65 @@ def main(argv: list[str] | None = None) -> None:
     tt = torch.randint(0, 1000, (r,), device=ex.device).float()
     cond = ex.example_conditioning(r)
 
-    def graphed(name: str) -> GraphedUNet:
+    def graphed(name: str, mode: str = "default", inductor: dict[str, Any] | None = None) -> tuple[GraphedUNet, float]:
+        """A cold compile and capture of the `r`-row graph, and its seconds (torch's compile
+        caches off, so that each setting's compile is its own and its seconds a cold compile's)."""
         torch._dynamo.reset()
-        g = GraphedUNet(ex.denoiser, ctx_shape=ctx, added_shapes=added, dtype=ex.dtype, device=ex.device, compile=True, attention_backend=name)
-        g.capture(shape, [r])
-        return g
+        with torch._functorch.config.patch(enable_autograd_cache=False), torch._inductor.config.patch(fx_graph_cache=False, **(inductor or {})):
+            t0 = time.perf_counter()
+            g = GraphedUNet(ex.denoiser, ctx_shape=ctx, added_shapes=added, dtype=ex.dtype, device=ex.device, compile=True, mode=mode, attention_backend=name)
+            g.capture(shape, [r])
+            return g, time.perf_counter() - t0
 
     def replay_ms(g: GraphedUNet) -> float:
         return _cuda_ms(lambda: g(x, tt, cond.context, cond.added), 20)
 
-    report["compiled_replay_ms"] = {}
-    report["profile"] = {}
-    for name in args.backends.split(","):
-        if name in report.get("unavailable", {}):
-            continue
+    def measure(key: str, name: str, mode: str = "default", inductor: dict[str, Any] | None = None) -> None:
         try:
-            g = graphed(name)
-        except Exception as exc:  # one backend's failed compile leaves the others to measure
-            report.setdefault("compile_failed", {})[name] = f"{type(exc).__name__}: {str(exc)[:300]}"
-            print(name, "compile failed:", report["compile_failed"][name], flush=True)
-            continue
-        report["compiled_replay_ms"][name] = replay_ms(g)
-        # Before the next backend's dynamo reset, while this compiled forward is the one dynamo holds.
+            g, compile_s = graphed(name, mode, inductor)
+        except Exception as exc:  # one failed compile leaves the others to measure
+            report.setdefault("compile_failed", {})[key] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            print(key, "compile failed:", report["compile_failed"][key], flush=True)
+            return
+        report["compile_s"][key] = compile_s
+        report["compiled_replay_ms"][key] = replay_ms(g)
+        # Before the next dynamo reset, while this compiled forward is the one dynamo holds.
         with torch.inference_mode(), attention(name):
-            report["profile"][name] = profile_classes(lambda g=g: g._fn(x, tt, cond.context, cond.added))
-        print(name, "compiled", r, "rows:", report["compiled_replay_ms"][name], "ms; by class:", report["profile"][name]["ms_by_class"], flush=True)
+            report["profile"][key] = profile_classes(lambda g=g: g._fn(x, tt, cond.context, cond.added))
+        print(
+            key,
+            "compiled",
+            r,
+            "rows in",
+            round(compile_s, 1),
+            "s:",
+            report["compiled_replay_ms"][key],
+            "ms; by class:",
+            report["profile"][key]["ms_by_class"],
+            flush=True,
+        )
         write_json(report, out)
         del g
         torch.cuda.empty_cache()
-    if not report["compiled_replay_ms"]:
-        raise SystemExit("no backend compiled")
-    best = min(report["compiled_replay_ms"], key=report["compiled_replay_ms"].__getitem__)
+
+    report["compiled_replay_ms"] = {}
+    report["compile_s"] = {}
+    report["profile"] = {}
+    for name in [b for b in args.backends.split(",") if b]:
+        if name not in report.get("unavailable", {}):
+            measure(name, name)
+    done = [b for b in args.backends.split(",") if b in report["compiled_replay_ms"]]
+    best = min(done, key=report["compiled_replay_ms"].__getitem__) if done else (report["chooser_pick"].get(str(max(rows, default=0))) or "cudnn")
     report["compiled_fastest"] = best
-    torch.backends.cudnn.benchmark = True
-    try:
-        report["cudnn_benchmark_replay_ms"] = {best: replay_ms(graphed(best))}
-        print("cudnn.benchmark", report["cudnn_benchmark_replay_ms"], flush=True)
-    finally:
-        torch.backends.cudnn.benchmark = False
-    write_json(report, out)
+    if args.cudnn_benchmark:
+        torch.backends.cudnn.benchmark = True
+        try:
+            measure(f"{best}+cudnn.benchmark", best)
+        finally:
+            torch.backends.cudnn.benchmark = False
+    for tuning in [t for t in args.tunings.split(",") if t]:
+        mode, inductor = TUNINGS[tuning]
+        measure(f"{best}+{tuning}", best, mode, inductor)
     if args.trace_once:
         from torch._dynamo.utils import counters
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from synerdiff_bench.step_kernels import kernel_class
+from synerdiff_bench.step_kernels import attention_family, kernel_class
 
 
 @pytest.mark.parametrize(
@@ -27,3 +27,16 @@ from synerdiff_bench.step_kernels import kernel_class
 )
 def test_kernel_names_sort_into_their_class(name: str, cls: str) -> None:
     assert kernel_class(name) == cls
+
+
+@pytest.mark.parametrize(
+    ("name", "family"),
+    [
+        ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64_4x1x1_cga1x1x1_kernel0_0", "cudnn"),
+        ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 64, 4> >(Flash_fwd_params)", "flash"),
+        ("fmha_cutlassF_f16_aligned_64x64_rf_sm80(PyTorchMemEffAttention::AttentionKernel<...>::Params)", "efficient"),
+    ],
+)
+def test_attention_kernels_name_their_backend(name: str, family: str) -> None:
+    """A compiled graph's attention kernels show which backend it really runs (cuDNN's say "flash" too)."""
+    assert attention_family(name) == family

@@ -128,3 +128,27 @@ def test_a_denoiser_without_sdpa_calls_leaves_the_choice_to_torch():
         return conv(x)
 
     assert fastest_attention(denoiser, shape=(4, 8, 8), rows=4, ctx_shape=(3, 8), dtype=torch.float32, device=torch.device("cpu")) == (None, {})
+
+
+def test_a_compiled_graph_runs_the_backend_it_was_compiled_under(fresh_dynamo, tmp_path, monkeypatch):
+    """torch's compile caches key a graph by its traced code, which names SDPA but not the backend
+    it lowers to: a second compile under another backend must not load the first's kernels."""
+    from torch._inductor.utils import run_and_get_code
+
+    from synerdiff.engine.fastpath import attention
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))  # caches on, and empty
+
+    def attend(q):
+        return torch.nn.functional.scaled_dot_product_attention(q, q, q)
+
+    q = torch.randn(1, 2, 16, 8)
+    code = {}
+    for name in ("math", "flash", "math"):  # the CPU's two backends, and back: the first math is cached
+        torch._dynamo.reset()
+        with attention(name):
+            out, sources = run_and_get_code(torch.compile(attend, fullgraph=True), q)
+        torch.testing.assert_close(out, attend(q))
+        code[name] = "\n".join(sources)
+    assert "flash_attention" in code["flash"]
+    assert "flash_attention" not in code["math"]

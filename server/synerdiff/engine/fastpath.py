@@ -33,6 +33,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -79,13 +80,18 @@ def sdpa_backend(name: str) -> torch.nn.attention.SDPBackend:
 
 @contextlib.contextmanager
 def attention(name: str | None) -> Iterator[None]:
-    """SDPA restricted to one backend (None: torch's own choice)."""
+    """SDPA restricted to one backend (None: torch's own choice), and torch's compile caches keyed
+    by it: AOTAutograd lowers SDPA to the backend's kernel, but its cache and inductor's key a graph
+    by the traced code, which names SDPA only, so a compile under another backend would load the
+    first one's kernels."""
     if name is None:
         yield
         return
     from torch.nn.attention import sdpa_kernel
 
-    with sdpa_kernel(sdpa_backend(name)):
+    compiler_config: Any = torch.compiler.config  # a config module: `patch` is added at import
+    tag = f"{compiler_config.cache_key_tag}|sdpa:{name}"
+    with sdpa_kernel(sdpa_backend(name)), compiler_config.patch(cache_key_tag=tag):
         yield
 
 
