@@ -90,8 +90,9 @@ def attention(name: str | None) -> Iterator[None]:
     from torch.nn.attention import sdpa_kernel
 
     compiler_config: Any = torch.compiler.config  # a config module: `patch` is added at import
-    tag = f"{compiler_config.cache_key_tag}|sdpa:{name}"
-    with sdpa_kernel(sdpa_backend(name)), compiler_config.patch(cache_key_tag=tag):
+    tag = getattr(compiler_config, "cache_key_tag", None)  # torch ≥ 2.7
+    keyed = contextlib.nullcontext() if tag is None else compiler_config.patch(cache_key_tag=f"{tag}|sdpa:{name}")
+    with sdpa_kernel(sdpa_backend(name)), keyed:
         yield
 
 
