@@ -1,6 +1,6 @@
 """Many pools at rest: the operator writes nothing, and a slow pool holds up no other.
 
-The real kopf operator on kmock's emulator with short periods: twelve autoscaled pools, each with
+The real kopf operator on kmock's emulator with short periods: six autoscaled pools, each with
 one ready pod whose `/metrics` a static engine scrape answers, except one pool whose pod accepts
 connections and never answers. The numbers for a hundred pools at production periods come from
 `python -m tests.operator.scale_bench` (bench/results/operator-100-pools.json).
@@ -27,8 +27,8 @@ from synerdiff_operator import manifests
 from .harness import POOLS, LeanEmulator, OperatorThread, pool_body
 
 METRICS = (Path(__file__).parent / "data" / "engine_metrics_idle.txt").read_bytes()
-PERIOD = 0.5
-N_POOLS = 12
+PERIOD = 1.0
+N_POOLS = 6
 NAMESPACES = ("team-a", "team-b")
 
 
@@ -80,7 +80,7 @@ async def lean(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator
         }
         (tmp_path / "kubeconfig").write_text(json.dumps(config))
         monkeypatch.setenv("KUBECONFIG", str(tmp_path / "kubeconfig"))
-        monkeypatch.setenv("SYNERDIFF_OPERATOR_RESYNC_SECONDS", "0.5")
+        monkeypatch.setenv("SYNERDIFF_OPERATOR_RESYNC_SECONDS", str(PERIOD))
         monkeypatch.setenv("SYNERDIFF_OPERATOR_AUTOSCALE_TICK_SECONDS", "0.1")
         monkeypatch.setenv("SYNERDIFF_OPERATOR_SCRAPE_TIMEOUT_SECONDS", "1")
         monkeypatch.setenv("SYNERDIFF_OPERATOR_MAX_PARALLEL_POOLS", "4")
@@ -176,8 +176,9 @@ async def test_pools_at_rest_cost_no_writes_and_a_slow_pool_holds_up_no_other(le
         assert looked == {(ns, "pods") for ns in NAMESPACES}
         reads = [c for c in lean.calls if start <= c[0] < end and c[1] == "GET" and c[2] == "diffusionpools" and c[4]]
         per_pool = {(ns, n): sum(1 for c in reads if (c[3], c[4]) == (ns, n)) for ns, n in pools}
-        # Each period brings one autoscaling read and one resync read per pool (16 in the window,
-        # fewer on a busy machine); the silent pool's own scrapes wait out their timeout.
+        # Each period brings one autoscaling read and one resync read per pool (16 in the window;
+        # 10-12 measured on a 2-core machine, idle or with both cores busy elsewhere). The silent pool's scrapes
+        # wait out their 2 s budget, two periods, without holding up the others' reads.
         assert min(n for key, n in per_pool.items() if key != pools[0]) >= window / PERIOD / 2, per_pool
         assert per_pool[pools[0]] >= 1, per_pool
         assert auto(*pools[0])["reason"] == "MetricsUnknown" or auto(*pools[0])["unknownPods"] == 1
