@@ -14,6 +14,10 @@ On the same weights (CUDA):
   graphs that took (one, where no Python branch on the batch splits the sizes).
 - **Kernel classes**: each backend's compiled forward (no graph) under the profiler, its GPU time
   summed by attention, convolution, GEMM, inductor's Triton kernels and the rest, and the top kernels.
+- **Precisions** (`--precisions fp16,bf16,fp8`): the compiled graph at `--compiled` rows again on
+  a fresh copy of the weights in each (fp8: bfloat16 with the engine's float8 linear layers,
+  `models/precision.py`), timed and profiled by class, with its output's distance from the first
+  precision's on the same inputs (how far one denoiser call moves, before 50 steps compound it).
 - **The compiled peer** (`--peer-rows`, UNets): diffusers' UNet compiled the way the throughput
   peer is (`torch.compile(unet, fullgraph=True)`, channels_last, torch's own attention choice, no
   CUDA graph; first called at 2 rows, so later batches run the recompiled dynamic-batch graph, as
@@ -33,9 +37,13 @@ from synerdiff.engine.executor import StepExecutor
 from synerdiff.engine.fastpath import ATTENTION_BACKENDS, GraphedUNet, attention, attention_calls, fastest_attention
 from synerdiff.engine.profiler import median_time, synchronizer
 from synerdiff.models.loader import load_model
+from synerdiff.models.precision import apply_fp8
 
 from .report import new_report, result_path, write_json
 from .sdmodels import resolve_model
+
+# What `--precisions` names: (the dtype the model loads in, float8 linear layers).
+PRECISIONS: dict[str, tuple[str, bool]] = {"fp16": ("float16", False), "bf16": ("bfloat16", False), "fp8": ("bfloat16", True)}
 
 # Compile settings beyond the engine's default: (torch.compile mode, inductor config).
 TUNINGS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -132,6 +140,82 @@ def peer_runs(unet: Any, rows: list[int], shape: tuple[int, int, int], ex: StepE
     return out
 
 
+def distance(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
+    """How far a denoiser output is from a reference one: relative RMS error, and PSNR over the
+    reference's peak-to-peak range."""
+    a, b = out.float(), ref.float()
+    mse = float(torch.mean((a - b) ** 2))
+    rel = (mse / max(float(torch.mean(b**2)), 1e-30)) ** 0.5
+    span = float(b.max() - b.min())
+    psnr = float("inf") if mse == 0 else 10.0 * float(torch.log10(torch.tensor(span**2 / mse)))
+    return {"relative_rms": rel, "psnr_db": psnr}
+
+
+def precision_runs(path: str, precisions: list[str], rows: int, size: int, backend: str) -> dict[str, Any]:
+    """The compiled graph of `rows` rows in each precision, each on a fresh load of `path`: its
+    replay, cold compile seconds, GPU time by class, float8 layer count, and its output against
+    the first precision's on the same inputs."""
+    out: dict[str, Any] = {"rows": rows, "backend": backend, "replay_ms": {}, "compile_s": {}, "profile": {}, "float8_layers": {}, "vs_first": {}}
+    inputs: dict[str, Any] | None = None
+    first: torch.Tensor | None = None
+    for name in precisions:
+        dtype, fp8 = PRECISIONS[name]
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+        model = load_model(path, "cuda", dtype)
+        if fp8:
+            out["float8_layers"][name] = apply_fp8(model.net, model.device)
+        ex = StepExecutor(model)
+        f = model.vae_scale_factor
+        shape = (model.unet_in_channels, size // f, size // f)
+        if inputs is None:  # drawn once in float32, so that every precision sees the same values
+            gen = torch.Generator("cuda").manual_seed(0)
+            cond = ex.example_conditioning(rows)
+            inputs = {
+                "x": torch.randn(rows, *shape, device="cuda", generator=gen),
+                "t": torch.randint(0, 1000, (rows,), device="cuda", generator=gen).float(),
+                "c": torch.randn(cond.context.shape, device="cuda", generator=gen),
+                "added": {k: torch.randn(v.shape, device="cuda", generator=gen) for k, v in cond.added.items()},
+            }
+        x, t = inputs["x"].to(ex.dtype), inputs["t"]
+        c = inputs["c"].to(ex.dtype)
+        added = {k: v.to(ex.dtype) for k, v in inputs["added"].items()}
+        with torch._functorch.config.patch(enable_autograd_cache=False), torch._inductor.config.patch(fx_graph_cache=False):
+            t0 = time.perf_counter()
+            g = GraphedUNet(
+                ex.denoiser,
+                ctx_shape=(int(c.shape[1]), int(c.shape[2])),
+                added_shapes={k: tuple(v.shape[1:]) for k, v in added.items()},
+                dtype=ex.dtype,
+                device=ex.device,
+                compile=True,
+                attention_backend=backend,
+            )
+            g.capture(shape, [rows])
+            out["compile_s"][name] = time.perf_counter() - t0
+        args = (x, t, c, added)
+        out["replay_ms"][name] = _cuda_ms(lambda g=g, args=args: g(*args), 20)
+        with torch.inference_mode(), attention(backend):
+            out["profile"][name] = profile_classes(lambda g=g, args=args: g._fn(*args))
+        y = g(x, t, c, added).float().clone()
+        if first is None:
+            first = y
+        else:
+            out["vs_first"][name] = distance(y, first)
+        print(
+            name,
+            f"compiled {rows} rows in {out['compile_s'][name]:.1f} s:",
+            f"{out['replay_ms'][name]:.2f} ms; by class:",
+            out["profile"][name]["ms_by_class"],
+            out["vs_first"].get(name, ""),
+            flush=True,
+        )
+        del g, ex, model
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m synerdiff_bench.step_kernels", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="sd15")
@@ -143,15 +227,23 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--trace-once", default="2,64", help="row sizes compiled from one dynamo trace (compile_trace once) to count its traces ('': none)")
     ap.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=True, help="the fastest backend's graph again with cuDNN's autotuning")
     ap.add_argument("--tunings", default="", help=f"the fastest backend's graph compiled again with each of: {', '.join(TUNINGS)}")
+    ap.add_argument("--dtype", default="float16", choices=["float16", "bfloat16"], help="the weights of every measurement but --precisions'")
+    ap.add_argument(
+        "--precisions", default="", help=f"the compiled graph of --compiled rows in each of: {', '.join(PRECISIONS)} (each a fresh model and a cold compile)"
+    )
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--name", default="step-kernels")
     args = ap.parse_args(argv)
+    precisions = [p for p in args.precisions.split(",") if p]
+    if unknown := [p for p in precisions if p not in PRECISIONS]:
+        ap.error(f"--precisions: {', '.join(unknown)} not among {', '.join(PRECISIONS)}")
     if not torch.cuda.is_available():
         raise SystemExit("the attention backends are CUDA kernels: run this on a GPU")
     rows = [int(r) for r in args.rows.split(",") if r]
     report: dict[str, Any] = new_report("step-kernels", args.name, argv, model=args.model, size=args.size, rows=rows, compiled_rows=args.compiled)
     out = result_path(args.out, args.name)
-    model = load_model(resolve_model(args.model, device="cuda"), "cuda", "float16")
+    path = resolve_model(args.model, device="cuda")
+    model = load_model(path, "cuda", args.dtype)
     ex = StepExecutor(model)
     f = model.vae_scale_factor
     shape = (model.unet_in_channels, args.size // f, args.size // f)
@@ -267,6 +359,9 @@ def main(argv: list[str] | None = None) -> None:
             "replay_ms": {c.rows: c.replay_ms for c in g.captures},
         }
         print("trace once", report["trace_once"], flush=True)
+        write_json(report, out)
+    if precisions:
+        report["precisions"] = precision_runs(path, precisions, r, args.size, best)
         write_json(report, out)
     print("chooser", report["chooser_pick"], "compiled fastest", best, flush=True)
 

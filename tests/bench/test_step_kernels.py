@@ -17,6 +17,8 @@ from synerdiff_bench.step_kernels import attention_family, kernel_class
         # An implicit-GEMM convolution is a convolution, not a GEMM.
         ("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x128x64_warpgroupsize1x1x1", "convolution"),
         ("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTN", "gemm"),
+        # float8 GEMMs: torch._scaled_mm with per-row scales runs CUTLASS kernels.
+        ("void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<cute::tuple<int, int, int>, cutlass::gemm::collective::CollectiveMma<float_e4m3_t> > >", "gemm"),
         ("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1_execute_segment_k_off", "gemm"),
         ("triton_per_fused_native_group_norm_silu_0", "triton"),
         # Inductor names a kernel after the ops it fuses: a conv's bias add is still its own kernel.
@@ -40,3 +42,19 @@ def test_kernel_names_sort_into_their_class(name: str, cls: str) -> None:
 def test_attention_kernels_name_their_backend(name: str, family: str) -> None:
     """A compiled graph's attention kernels show which backend it really runs (cuDNN's say "flash" too)."""
     assert attention_family(name) == family
+
+
+def test_an_output_distance_is_relative_error_and_psnr_over_the_reference_range() -> None:
+    import math
+
+    import torch
+
+    from synerdiff_bench.step_kernels import distance
+
+    ref = torch.tensor([-1.0, 1.0, -1.0, 1.0])
+    same = distance(ref.clone(), ref)
+    assert same["relative_rms"] == 0.0 and math.isinf(same["psnr_db"])
+    off = distance(ref + 0.1, ref)  # an error of 0.1 everywhere on a range of 2
+    assert off["relative_rms"] == pytest.approx(0.1)
+    assert off["psnr_db"] == pytest.approx(10 * math.log10(4 / 0.01))
+    assert distance(ref.half(), ref)["relative_rms"] == 0.0  # compared in float32
