@@ -15,8 +15,8 @@ On the same weights (CUDA):
 - **Kernel classes**: each backend's compiled forward (no graph) under the profiler, its GPU time
   summed by attention, convolution, GEMM, inductor's Triton kernels and the rest, and the top kernels.
 - **Precisions** (`--precisions fp16,bf16,fp8`): the compiled graph at `--compiled` rows again on
-  a fresh copy of the weights in each (fp8: bfloat16 with the engine's float8 linear layers,
-  `models/precision.py`), timed and profiled by class, with its output's distance from the first
+  a fresh copy of the weights in each (fp8: bfloat16 with the float8 linear layers the engine
+  picks by default, `fp8_layers: paying`; fp8-all: every one, `models/precision.py`), timed and profiled by class, with its output's distance from the first
   precision's on the same inputs (how far one denoiser call moves, before 50 steps compound it).
 - **The compiled peer** (`--peer-rows`, UNets): diffusers' UNet compiled the way the throughput
   peer is (`torch.compile(unet, fullgraph=True)`, channels_last, torch's own attention choice, no
@@ -28,7 +28,9 @@ On the same weights (CUDA):
 from __future__ import annotations
 
 import argparse
+import functools
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,13 +39,19 @@ from synerdiff.engine.executor import StepExecutor
 from synerdiff.engine.fastpath import ATTENTION_BACKENDS, GraphedUNet, attention, attention_calls, fastest_attention
 from synerdiff.engine.profiler import median_time, synchronizer
 from synerdiff.models.loader import load_model
-from synerdiff.models.precision import apply_fp8
+from synerdiff.models.precision import apply_fp8, linear_rows, paying_layers
 
 from .report import new_report, result_path, write_json
 from .sdmodels import resolve_model
 
-# What `--precisions` names: (the dtype the model loads in, float8 linear layers).
-PRECISIONS: dict[str, tuple[str, bool]] = {"fp16": ("float16", False), "bf16": ("bfloat16", False), "fp8": ("bfloat16", True)}
+# What `--precisions` names: (the dtype the model loads in, which linear layers go float8: the
+# engine's `fp8_layers`, or none).
+PRECISIONS: dict[str, tuple[str, str | None]] = {
+    "fp16": ("float16", None),
+    "bf16": ("bfloat16", None),
+    "fp8": ("bfloat16", "paying"),
+    "fp8-all": ("bfloat16", "all"),
+}
 
 # Compile settings beyond the engine's default: (torch.compile mode, inductor config).
 TUNINGS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -151,10 +159,10 @@ def distance(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     return {"relative_rms": rel, "psnr_db": psnr}
 
 
-def precision_runs(path: str, precisions: list[str], rows: int, size: int, backend: str) -> dict[str, Any]:
+def precision_runs(path: str, precisions: list[str], rows: int, size: int, backend: str, save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
     """The compiled graph of `rows` rows in each precision, each on a fresh load of `path`: its
     replay, cold compile seconds, GPU time by class, float8 layer count, and its output against
-    the first precision's on the same inputs."""
+    the first precision's on the same inputs (`save`d after each precision)."""
     out: dict[str, Any] = {"rows": rows, "backend": backend, "replay_ms": {}, "compile_s": {}, "profile": {}, "float8_layers": {}, "vs_first": {}}
     inputs: dict[str, Any] | None = None
     first: torch.Tensor | None = None
@@ -163,11 +171,17 @@ def precision_runs(path: str, precisions: list[str], rows: int, size: int, backe
         torch._dynamo.reset()
         torch.cuda.empty_cache()
         model = load_model(path, "cuda", dtype)
-        if fp8:
-            out["float8_layers"][name] = apply_fp8(model.net, model.device)
         ex = StepExecutor(model)
         f = model.vae_scale_factor
         shape = (model.unet_in_channels, size // f, size // f)
+        if fp8 is not None:
+            only = None
+            if fp8 == "paying":  # as the engine chooses, at this graph's rows
+                two = ex.example_conditioning(2)
+                x2, t2 = torch.randn(2, *shape, device="cuda", dtype=ex.dtype), torch.full((2,), 500.0, device="cuda")
+                at_two = linear_rows(model.net, functools.partial(ex.denoise, x2, t2, two))
+                only = paying_layers(model.net, {k: v * rows // 2 for k, v in at_two.items()})
+            out["float8_layers"][name] = apply_fp8(model.net, model.device, only)
         if inputs is None:  # drawn once in float32, so that every precision sees the same values
             gen = torch.Generator("cuda").manual_seed(0)
             cond = ex.example_conditioning(rows)
@@ -210,6 +224,7 @@ def precision_runs(path: str, precisions: list[str], rows: int, size: int, backe
             out["vs_first"].get(name, ""),
             flush=True,
         )
+        save(out)
         del g, ex, model
     torch._dynamo.reset()
     torch.cuda.empty_cache()
@@ -361,8 +376,12 @@ def main(argv: list[str] | None = None) -> None:
         print("trace once", report["trace_once"], flush=True)
         write_json(report, out)
     if precisions:
-        report["precisions"] = precision_runs(path, precisions, r, args.size, best)
-        write_json(report, out)
+
+        def save(runs: dict[str, Any]) -> None:
+            report["precisions"] = runs
+            write_json(report, out)
+
+        precision_runs(path, precisions, r, args.size, best, save)
     print("chooser", report["chooser_pick"], "compiled fastest", best, flush=True)
 
 

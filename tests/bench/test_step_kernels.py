@@ -18,7 +18,10 @@ from synerdiff_bench.step_kernels import attention_family, kernel_class
         ("sm90_xmma_fprop_implicit_gemm_f16f16_f16f32_f32_nhwckrsc_nhwc_tilesize128x128x64_warpgroupsize1x1x1", "convolution"),
         ("nvjet_hsh_256x128_64x4_1x2_h_bz_coopA_NTN", "gemm"),
         # float8 GEMMs: torch._scaled_mm with per-row scales runs CUTLASS kernels.
-        ("void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<cute::tuple<int, int, int>, cutlass::gemm::collective::CollectiveMma<float_e4m3_t> > >", "gemm"),
+        (
+            "void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<cute::tuple<int, int, int>, cutlass::gemm::collective::CollectiveMma<float_e4m3_t> > >",
+            "gemm",
+        ),
         ("sm90_xmma_gemm_f16f16_f16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1_execute_segment_k_off", "gemm"),
         ("triton_per_fused_native_group_norm_silu_0", "triton"),
         # Inductor names a kernel after the ops it fuses: a conv's bias add is still its own kernel.

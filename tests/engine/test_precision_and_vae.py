@@ -130,3 +130,57 @@ def test_an_fp16_engine_refuses_a_model_an_fp8_engine_quantized():
     assert float8_layers(model.net) == 1
     with pytest.raises(PrecisionError, match="give the fp16 engine a model of its own"):
         Engine(EngineConfig(device="cpu", dtype="float32", warmup=False), model=model).start()
+
+
+def test_the_fp8_roofline_keeps_memory_bound_layers_16_bit():
+    from synerdiff.models.precision import fp8_pays, gemm_time
+
+    tokens = 64 * 64 * 64  # 64 rows of SD1.5's 64×64 level at 512²
+    # SD1.5's 320-wide projections and feed-forward there: bound by memory, the scaling pass on top.
+    assert not fp8_pays(tokens, 320, 320)
+    assert not fp8_pays(tokens, 1280, 320)
+    assert not fp8_pays(tokens, 320, 2560)
+    # SD3-medium's (1536 wide) and FLUX's (3072) at 8 rows of 1024²: bound by the tensor cores.
+    dit = 8 * 4096
+    assert fp8_pays(dit, 1536, 6144) and fp8_pays(dit, 1536, 1536) and fp8_pays(dit, 3072, 3072)
+    # A few rows through a wide layer (a time embedding): reading the weights is the cost, and float8 halves it.
+    assert fp8_pays(64, 1280, 1280)
+    # The estimate: compute-bound GEMMs halve in float8 up to the scaling; memory-bound ones do not.
+    assert gemm_time(dit, 3072, 3072, True) < 0.7 * gemm_time(dit, 3072, 3072, False)
+    assert gemm_time(tokens, 320, 320, True) > gemm_time(tokens, 320, 320, False)
+    # A GPU with less bandwidth for its FLOPs (a higher ridge) has fewer compute-bound layers.
+    assert fp8_pays(dit, 1536, 1536, flops_per_byte=300) and not fp8_pays(dit, 1536, 1536, flops_per_byte=3000)
+
+
+def test_the_rows_each_linear_layer_multiplies_are_counted_from_one_denoiser_call():
+    from synerdiff.engine.executor import StepExecutor, shapes_latent
+    from synerdiff.models.loader import load_model
+    from synerdiff.models.precision import linear_rows, paying_layers
+
+    model = load_model(str(EngineConfig().model), "cpu", "float32")
+    ex = StepExecutor(model)
+    (shape,) = shapes_latent(model, [(64, 64)])
+    tokens = shape[1] * shape[2]
+    x, t = torch.randn(2, *shape), torch.full((2,), 500.0)
+    cond = ex.example_conditioning(2, shape)
+    rows = linear_rows(model.net, lambda: ex.denoise(x, t, cond))
+    linears = {n: m for n, m in model.net.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert rows and set(rows) <= set(linears)
+    # Self-attention projections see every latent token of both rows at their level of the UNet
+    # (a quarter of the tokens a level down); cross-attention's keys the prompt's tokens; the time
+    # embedding one vector a row.
+    self_q = [rows[n] for n in rows if n.endswith("attn1.to_q")]
+    assert self_q and all(2 * tokens // r in (1, 4, 16, 64) and 2 * tokens % r == 0 for r in self_q)
+    cross_k = [n for n in rows if n.endswith("attn2.to_k")]
+    assert cross_k and all(rows[n] == 2 * cond.context.shape[1] for n in cross_k)
+    assert rows["time_embedding.linear_1"] == 2
+    assert all(not m._forward_pre_hooks for m in linears.values())  # no hook left behind
+    # At these two rows the time embedding multiplies two vectors: reading its weights is its cost,
+    # and float8 halves it. At a full step of 64 rows every token-wise layer of this narrow model is
+    # bound by memory, the scaling pass on top: only layers of one vector a row may still pay.
+    chosen = paying_layers(model.net, rows)
+    assert "time_embedding.linear_1" in chosen
+    full = {n: r * 32 for n, r in rows.items()}
+    assert all(full[n] <= 64 for n in paying_layers(model.net, full))
+    # A layer the call did not reach has no rows to judge by, and stays 16-bit.
+    assert "time_embedding.linear_1" not in paying_layers(model.net, {k: v for k, v in rows.items() if k != "time_embedding.linear_1"})

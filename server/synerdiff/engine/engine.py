@@ -26,7 +26,7 @@ import torch
 
 from ..contract.config import EngineConfig, LimitsConfig, SchedulerConfig
 from ..models.loader import ModelBundle, load_model, resolve_device
-from ..models.precision import PrecisionError, apply_fp8, float8_layers, fp8_unsupported
+from ..models.precision import PrecisionError, apply_fp8, float8_layers, fp8_unsupported, linear_rows, paying_layers
 from ..samplers import make_plan
 from ..scheduling.controller import ControllerState
 from ..scheduling.cost_model import CostModel
@@ -35,7 +35,7 @@ from ..scheduling.policies import policy_for
 from .core import EngineCore
 from .cpus import cpu_budget
 from .errors import Cancelled, EngineError, QueueFull, RequestError, ShuttingDown
-from .executor import FastPathStart, StepExecutor
+from .executor import FastPathStart, StepExecutor, shapes_latent
 from .jobs import Decoding, Denoising, JobSpec, Phase
 from .observer import EngineObserver, IterationStats
 from .request import GenerationRequest, GenerationResult, Timings
@@ -164,7 +164,7 @@ class Engine:
             self.lora = self._start_lora()
         self.executor = StepExecutor(self._model)
         if self.config.precision == "fp8":  # after LoRA wrapped its linears: the base layers are quantized
-            self.startup.fp8_layers = apply_fp8(self._model.net, self._model.device)
+            self.startup.fp8_layers = apply_fp8(self._model.net, self._model.device, self._fp8_only())
             self.executor.precision = "fp8"
         elif float8_layers(self._model.net):
             raise PrecisionError(
@@ -267,6 +267,23 @@ class Engine:
         except Exception:  # planning with a stale model beats not serving at all
             log.exception("profiling failed; planning with the reference H100 cost model")
             return None
+
+    def _fp8_only(self) -> set[str] | None:
+        """The linear layers precision fp8 quantizes: None for every one (`fp8_layers: all`), else
+        those whose GEMM the roofline says gains at a full step (`max_rows` rows of the native
+        size), counted by one eager denoiser call of 2 rows."""
+        if self.config.fp8_layers == "all":
+            return None
+        assert self.executor is not None and self._model is not None
+        ex = self.executor
+        size = self._model.default_size
+        (shape,) = shapes_latent(self._model, [(size, size)])
+        x = torch.randn(2, *shape, device=ex.device, dtype=ex.dtype)
+        t = torch.full((2,), 500.0, device=ex.device)
+        cond = ex.example_conditioning(2, shape)
+        at_two = linear_rows(self._model.net, lambda: ex.denoise(x, t, cond))
+        full = self.config.scheduler.max_rows / 2  # every layer's rows grow with the batch
+        return paying_layers(self._model.net, {name: int(rows * full) for name, rows in at_two.items()})
 
     def _fast_path_sizes(self) -> list[tuple[int, int]]:
         if not self.config.fast_path_sizes:
