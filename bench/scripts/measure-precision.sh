@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU: what precision fp8 gives a compiled step, and how far it moves the images.
-#   measure-precision.sh sd15   SD1.5-shaped, 512²: the 64-row graph in fp16, bfloat16, fp8 (the layers
-#                               the engine picks) and fp8-all (every linear layer)
+#   measure-precision.sh sd15   SD1.5-shaped, 512²: the 64-row graph in fp16, bfloat16, fp8 (the layers an
+#                               engine of max_rows 64 picks) and fp8-all (every linear layer)
 #   measure-precision.sh sd3    SD3-medium-shaped, 1024²: the 8-row graph in bfloat16, fp8 and fp8-all
 #   measure-precision.sh sd3-images   the same model's images of 28 eager steps in fp16, bfloat16 and fp8 (2 seeds)
 # Each graph is a cold compile on its own fresh copy of the weights, all under cuDNN attention.

@@ -15,8 +15,9 @@ On the same weights (CUDA):
 - **Kernel classes**: each backend's compiled forward (no graph) under the profiler, its GPU time
   summed by attention, convolution, GEMM, inductor's Triton kernels and the rest, and the top kernels.
 - **Precisions** (`--precisions fp16,bf16,fp8`): the compiled graph at `--compiled` rows again on
-  a fresh copy of the weights in each (fp8: bfloat16 with the float8 linear layers the engine
-  picks by default, `fp8_layers: paying`; fp8-all: every one, `models/precision.py`), timed and profiled by class, with its output's distance from the first
+  a fresh copy of the weights in each (fp8: bfloat16 with the float8 linear layers an engine
+  with `max_rows` = `--compiled` picks by default, `fp8_layers: paying`; fp8-all: every one,
+  `models/precision.py`), timed and profiled by class, with its output's distance from the first
   precision's on the same inputs (how far one denoiser call moves, before 50 steps compound it).
 - **The compiled peer** (`--peer-rows`, UNets): diffusers' UNet compiled the way the throughput
   peer is (`torch.compile(unet, fullgraph=True)`, channels_last, torch's own attention choice, no
@@ -252,6 +253,8 @@ def main(argv: list[str] | None = None) -> None:
     precisions = [p for p in args.precisions.split(",") if p]
     if unknown := [p for p in precisions if p not in PRECISIONS]:
         ap.error(f"--precisions: {', '.join(unknown)} not among {', '.join(PRECISIONS)}")
+    if precisions and not args.compiled:
+        ap.error("--precisions compiles the graph of --compiled rows: give --compiled a row count")
     if not torch.cuda.is_available():
         raise SystemExit("the attention backends are CUDA kernels: run this on a GPU")
     rows = [int(r) for r in args.rows.split(",") if r]

@@ -108,3 +108,9 @@ def test_a_profile_is_keyed_by_the_arithmetic_and_the_compiled_vae(tiny_model, t
     assert profiler.arithmetic(ex) == "float32+fp8"
     assert profiler.ensure_profile(cfg, ex, path).dtype == "float32+fp8" and calls == [1, 1]  # the 16-bit one is not used
     assert "float32+fp8" in str(profiler.default_profile_path(ex, EMBEDDED_MODEL_DIR))
+    # Only some layers in float8 (fp8_layers: paying): another arithmetic, another profile.
+    ex.fp8_layers = "0123abcd"
+    assert profiler.arithmetic(ex) == "float32+fp8-0123abcd"
+    assert profiler.ensure_profile(cfg, ex, path).dtype == "float32+fp8-0123abcd" and calls == [1, 1, 1]
+    ex.fp8_layers = "all"
+    assert profiler.arithmetic(ex) == "float32+fp8"

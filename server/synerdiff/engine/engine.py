@@ -26,7 +26,7 @@ import torch
 
 from ..contract.config import EngineConfig, LimitsConfig, SchedulerConfig
 from ..models.loader import ModelBundle, load_model, resolve_device
-from ..models.precision import PrecisionError, apply_fp8, float8_layers, fp8_unsupported, linear_rows, paying_layers
+from ..models.precision import PrecisionError, apply_fp8, float8_layers, fp8_unsupported, layer_set, linear_rows, paying_layers
 from ..samplers import make_plan
 from ..scheduling.controller import ControllerState
 from ..scheduling.cost_model import CostModel
@@ -164,8 +164,10 @@ class Engine:
             self.lora = self._start_lora()
         self.executor = StepExecutor(self._model)
         if self.config.precision == "fp8":  # after LoRA wrapped its linears: the base layers are quantized
-            self.startup.fp8_layers = apply_fp8(self._model.net, self._model.device, self._fp8_only())
+            only = self._fp8_only()
+            self.startup.fp8_layers = apply_fp8(self._model.net, self._model.device, only)
             self.executor.precision = "fp8"
+            self.executor.fp8_layers = layer_set(only)
         elif float8_layers(self._model.net):
             raise PrecisionError(
                 "precision fp16, but this model's denoiser runs float8 linear layers (an engine with precision fp8 quantized the "
@@ -270,8 +272,9 @@ class Engine:
 
     def _fp8_only(self) -> set[str] | None:
         """The linear layers precision fp8 quantizes: None for every one (`fp8_layers: all`), else
-        those whose GEMM the roofline says gains at a full step (`max_rows` rows of the native
-        size), counted by one eager denoiser call of 2 rows."""
+        those whose GEMM the roofline says gains at a full step (the most rows a step of the native
+        size holds: `max_rows`, or fewer under `max_step_pixels`), counted by one eager denoiser call
+        of 2 rows. Chosen once at start: a later change of `max_rows` keeps the layers."""
         if self.config.fp8_layers == "all":
             return None
         assert self.executor is not None and self._model is not None
@@ -282,7 +285,9 @@ class Engine:
         t = torch.full((2,), 500.0, device=ex.device)
         cond = ex.example_conditioning(2, shape)
         at_two = linear_rows(self._model.net, lambda: ex.denoise(x, t, cond))
-        full = self.config.scheduler.max_rows / 2  # every layer's rows grow with the batch
+        sched = self.config.scheduler
+        step_rows = min(sched.max_rows, sched.max_step_pixels // size**2) if sched.max_step_pixels else sched.max_rows
+        full = max(1, step_rows) / 2  # every layer's rows grow with the batch
         return paying_layers(self._model.net, {name: int(rows * full) for name, rows in at_two.items()})
 
     def _fast_path_sizes(self) -> list[tuple[int, int]]:

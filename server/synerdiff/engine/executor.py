@@ -138,6 +138,7 @@ class StepExecutor:
             )
         self.graphed: GraphedUNet | None = None  # set by enable_fast_path
         self.precision = "fp16"  # "fp8" once the denoiser's linears are float8 (set by the engine)
+        self.fp8_layers: str | None = None  # which: "all", or a digest of their names (`precision.layer_set`)
         self.vae_compiled: CompiledVae | None = None  # set by enable_fast_path where the VAE is compiled
 
     def enable_fast_path(self, config: EngineConfig, sizes: list[tuple[int, int]], progress: Callable[[FastPathStart], None] | None = None) -> FastPathStart:
@@ -182,6 +183,7 @@ class StepExecutor:
                 trace=config.compile_trace,
                 precision=self.precision,
                 torchao=_version("torchao") if self.precision == "fp8" else None,
+                fp8_layers=self.fp8_layers if self.precision == "fp8" else None,
                 vae=model_fingerprint(dict(m.vae.config)) if config.vae_compile else None,
                 vae_dtype=str(self._vae_dtype),
             )

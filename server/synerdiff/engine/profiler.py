@@ -88,8 +88,12 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def arithmetic(executor: StepExecutor) -> str:
-    """The denoiser's arithmetic as profiles are keyed: its dtype, `+fp8` where its linears run in float8."""
-    return dtype_name(executor.model.dtype) + ("+fp8" if executor.precision == "fp8" else "")
+    """The denoiser's arithmetic as profiles are keyed: its dtype, `+fp8` where every linear layer
+    runs in float8, `+fp8-<digest>` where some do (`precision.layer_set`)."""
+    if executor.precision != "fp8":
+        return dtype_name(executor.model.dtype)
+    which = executor.fp8_layers
+    return dtype_name(executor.model.dtype) + ("+fp8" if which in (None, "all") else f"+fp8-{which}")
 
 
 def _until_oom(label: str, counts, time_one, dev: torch.device, progress: bool, per_item: str | None = None) -> list[tuple[int, float]]:

@@ -19,8 +19,10 @@ with the scaling counted (`fp8_pays`); `"all"` quantizes every layer whose sides
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -31,6 +33,9 @@ FP8_CAPABILITY = (8, 9)  # Ada; Hopper is 9.0, Blackwell 10.0
 # SXM: 989 TFLOP/s over 3.35 TB/s; an H200's 4.8 TB/s gives 206, an L40S 419). FP8's rate is twice fp16's.
 FLOPS_PER_BYTE = 300.0
 FP8_MARGIN = 0.9  # float8 is lossy: a layer takes it for a gain of 10% or more, not for a tie
+# A kernel's fixed cost, whatever its size (about 3 µs: its start within a graph, prologue and
+# tail), as bytes at an H100's 3.35 TB/s. It makes a GEMM of a few rows (a time embedding) a tie.
+KERNEL_BYTES = 10e6
 
 
 class PrecisionError(ValueError):
@@ -64,11 +69,12 @@ def gemm_time(m: int, k: int, n: int, fp8: bool, flops_per_byte: float = FLOPS_P
     """A roofline estimate of an (m×k)·(k×n) GEMM, in the time memory takes to move one byte: the
     larger of its FLOPs at the tensor rate and its traffic (16-bit operands and output; float8
     operands, a 16-bit output, and ~3 bytes an input element for the per-row scaling: a read for
-    the absolute maximum that inductor fuses into the producer, a float8 write)."""
+    the absolute maximum, a float8 write; the compiled graph fuses the rest into the producer),
+    plus each kernel's fixed cost (float8: the GEMM's and the scaling's)."""
     flops = 2.0 * m * k * n
     if not fp8:
-        return max(flops / flops_per_byte, 2.0 * (m * k + k * n + m * n))
-    return max(flops / (2 * flops_per_byte), m * k + k * n + 2.0 * m * n) + 3.0 * m * k
+        return max(flops / flops_per_byte, 2.0 * (m * k + k * n + m * n)) + KERNEL_BYTES
+    return max(flops / (2 * flops_per_byte), m * k + k * n + 2.0 * m * n) + 3.0 * m * k + 2 * KERNEL_BYTES
 
 
 def fp8_pays(m: int, k: int, n: int, flops_per_byte: float = FLOPS_PER_BYTE, margin: float = FP8_MARGIN) -> bool:
@@ -85,11 +91,11 @@ def linear_rows(net: torch.nn.Module, forward: Callable[[], object]) -> dict[str
     for name, module in net.named_modules():
         if isinstance(module, torch.nn.Linear):
 
-            def count(mod: torch.nn.Module, args: tuple[torch.Tensor, ...], name: str = name) -> None:
-                x = args[0]
+            def count(mod: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], name: str = name) -> None:
+                x = args[0] if args else kwargs["input"]
                 rows[name] = max(rows.get(name, 0), x.numel() // max(1, x.shape[-1]))
 
-            hooks.append(module.register_forward_pre_hook(count))
+            hooks.append(module.register_forward_pre_hook(count, with_kwargs=True))
     try:
         with torch.inference_mode():
             forward()
@@ -116,6 +122,11 @@ def float8_layers(net: torch.nn.Module) -> int:
 def _quantized(weight: torch.Tensor) -> bool:
     """A weight torchao already holds (a model shared by two fp8 engines is quantized once)."""
     return type(weight) is not torch.nn.Parameter and type(weight) is not torch.Tensor
+
+
+def layer_set(only: set[str] | None) -> str:
+    """A short name of which layers are float8, for cache and profile keys: "all", or a digest of their names."""
+    return "all" if only is None else hashlib.sha256("\n".join(sorted(only)).encode()).hexdigest()[:8]
 
 
 def apply_fp8(net: torch.nn.Module, device: torch.device, only: set[str] | None = None) -> int:
