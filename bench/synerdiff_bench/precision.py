@@ -36,11 +36,14 @@ def images(args: argparse.Namespace, dtype: str, precision: str) -> tuple[list[t
         device=args.device,
         dtype=dtype,  # type: ignore[arg-type]
         precision=precision,  # type: ignore[arg-type]
+        fp8_layers=args.fp8_layers,
         fast_path=False,
         warmup=False,
         scheduler=SchedulerConfig(policy="continuous", max_rows=2 * args.seeds),
     )
     with Engine(cfg).start() as eng:
+        if precision == "fp8":
+            args.float8_layers = eng.startup.fp8_layers
         reqs = [
             GenerationRequest(prompt=PROMPT, height=args.size, width=args.size, steps=args.steps, guidance_scale=args.guidance, seed=s)
             for s in range(args.seeds)
@@ -74,12 +77,13 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--guidance", type=float, default=7.5)
     ap.add_argument("--seeds", type=int, default=4)
     ap.add_argument("--rows", type=int, default=64, help="rows of the timed eager UNet step")
+    ap.add_argument("--fp8-layers", default="paying", choices=["paying", "all"], help="the engine's fp8_layers (paying: chosen at max_rows = 2 × seeds)")
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--name", default="precision")
     args = ap.parse_args(argv)
     args.model_path = resolve_model(args.model, device=args.device)
     report: dict[str, Any] = new_report(
-        "precision", args.name, None, model=args.model, size=args.size, steps=args.steps, guidance=args.guidance, seeds=args.seeds
+        "precision", args.name, None, model=args.model, size=args.size, steps=args.steps, guidance=args.guidance, seeds=args.seeds, fp8_layers=args.fp8_layers
     )
     report["command"] = shlex.join(["python", "-m", "synerdiff_bench.precision", *(sys.argv[1:] if argv is None else argv)])
     imgs: dict[str, list[torch.Tensor]] = {}
@@ -95,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     report["psnr_db"] = {f"{a}_vs_{b}": [psnr(x, y) for x, y in zip(imgs[a], imgs[b], strict=True)] for a, b in pairs if a in imgs and b in imgs}
     if "fp16" in imgs:  # how far apart two seeds are: the scale on which these distances read
         report["psnr_db"]["fp16_seed0_vs_seed1"] = [psnr(imgs["fp16"][0], imgs["fp16"][1])]
-    print(report["psnr_db"], flush=True)
+    report["float8_layers"] = getattr(args, "float8_layers", None)
+    print(report["psnr_db"], "float8 layers:", report["float8_layers"], flush=True)
     write_json(report, result_path(args.out, args.name))
 
 
