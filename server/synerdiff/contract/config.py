@@ -147,7 +147,7 @@ class EngineConfig(_Strict):
     precision: Literal["fp16", "fp8"] = Field(
         "fp16",
         description="The denoiser's arithmetic. fp16: the engine dtype throughout (float16, or bfloat16 for SD3 and FLUX). "
-        "fp8: its linear layers in float8 (torchao: activations scaled per row as they come, weights per output channel) "
+        "fp8: its linear layers in float8, those fp8_layers picks (torchao: activations scaled per row as they come, weights per output channel) "
         "over bfloat16 weights; lossy (its fidelity against fp16 is in docs/engine.md), a request's image still independent of "
         "its batch; CUDA GPUs with FP8 tensor cores only (compute capability 8.9+: Ada, Hopper, Blackwell) and the torchao package.",
     )
@@ -155,7 +155,8 @@ class EngineConfig(_Strict):
         "paying",
         description="Under precision fp8, which linear layers run in float8. paying: those whose GEMM a roofline estimate "
         "(Hopper's FP8 and FP16 tensor rates against its memory bandwidth, the per-row scaling of the input counted) puts at "
-        "least 10% faster in float8 at a full step (max_rows rows); small layers bound by memory stay 16-bit, where float8 "
+        "least 10% faster in float8 at a full step of the native size (max_rows rows, fewer under max_step_pixels; chosen at start); "
+        "small layers bound by memory stay 16-bit, where float8 "
         "would slow them. all: every linear layer whose sides are multiples of 16.",
     )
     fast_path: bool = Field(True, description="CUDA only: capture CUDA graphs of the UNet for fixed row buckets at start-up.")
