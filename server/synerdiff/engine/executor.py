@@ -183,10 +183,11 @@ class StepExecutor:
                 trace=config.compile_trace,
                 precision=self.precision,
                 torchao=_version("torchao") if self.precision == "fp8" else None,
-                fp8_layers=self.fp8_layers if self.precision == "fp8" else None,
                 vae=model_fingerprint(dict(m.vae.config)) if config.vae_compile else None,
                 vae_dtype=str(self._vae_dtype),
             )
+            if self.precision == "fp8":  # only here: a 16-bit engine's key stays what it was
+                facts["fp8_layers"] = self.fp8_layers
             cache = CompileCache(Path(config.compile_cache_dir) if config.compile_cache_dir else default_cache_dir(), facts)
             start.cache = "warm" if cache.load() else "cold"
             start.cache_path = str(cache.blob_path)
