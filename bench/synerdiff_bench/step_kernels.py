@@ -29,7 +29,6 @@ On the same weights (CUDA):
 from __future__ import annotations
 
 import argparse
-import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -40,7 +39,7 @@ from synerdiff.engine.executor import StepExecutor
 from synerdiff.engine.fastpath import ATTENTION_BACKENDS, GraphedUNet, attention, attention_calls, fastest_attention
 from synerdiff.engine.profiler import median_time, synchronizer
 from synerdiff.models.loader import load_model
-from synerdiff.models.precision import apply_fp8, linear_rows, paying_layers
+from synerdiff.models.precision import apply_fp8
 
 from .report import new_report, result_path, write_json
 from .sdmodels import resolve_model
@@ -176,12 +175,7 @@ def precision_runs(path: str, precisions: list[str], rows: int, size: int, backe
         f = model.vae_scale_factor
         shape = (model.unet_in_channels, size // f, size // f)
         if fp8 is not None:
-            only = None
-            if fp8 == "paying":  # as the engine chooses, at this graph's rows
-                two = ex.example_conditioning(2)
-                x2, t2 = torch.randn(2, *shape, device="cuda", dtype=ex.dtype), torch.full((2,), 500.0, device="cuda")
-                at_two = linear_rows(model.net, functools.partial(ex.denoise, x2, t2, two))
-                only = paying_layers(model.net, {k: v * rows // 2 for k, v in at_two.items()})
+            only = ex.fp8_paying_layers(shape, rows) if fp8 == "paying" else None  # as an engine of max_rows = rows chooses
             out["float8_layers"][name] = apply_fp8(model.net, model.device, only)
         if inputs is None:  # drawn once in float32, so that every precision sees the same values
             gen = torch.Generator("cuda").manual_seed(0)

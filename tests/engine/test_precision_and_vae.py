@@ -204,7 +204,7 @@ def test_float8_goes_to_the_wide_layers_the_rows_reach():
 
 
 def test_the_engine_judges_float8_at_the_rows_of_a_full_step(monkeypatch):
-    import synerdiff.engine.engine as engine_module
+    import synerdiff.engine.executor as executor_module
 
     seen = []
 
@@ -212,7 +212,7 @@ def test_the_engine_judges_float8_at_the_rows_of_a_full_step(monkeypatch):
         seen.append(dict(rows))
         return set()
 
-    monkeypatch.setattr(engine_module, "paying_layers", record)
+    monkeypatch.setattr(executor_module, "paying_layers", record)
     cfg = EngineConfig(device="cpu", dtype="float32", warmup=False, scheduler=SchedulerConfig(policy="continuous", max_rows=8))
     with Engine(cfg).start() as eng:
         linears = {n for n, m in eng.model.net.named_modules() if isinstance(m, torch.nn.Linear)}

@@ -26,7 +26,7 @@ import torch
 
 from ..contract.config import EngineConfig, LimitsConfig, SchedulerConfig
 from ..models.loader import ModelBundle, load_model, resolve_device
-from ..models.precision import PrecisionError, apply_fp8, float8_layers, fp8_unsupported, layer_set, linear_rows, paying_layers
+from ..models.precision import PrecisionError, apply_fp8, float8_layers, fp8_unsupported, layer_set
 from ..samplers import make_plan
 from ..scheduling.controller import ControllerState
 from ..scheduling.cost_model import CostModel
@@ -278,17 +278,11 @@ class Engine:
         if self.config.fp8_layers == "all":
             return None
         assert self.executor is not None and self._model is not None
-        ex = self.executor
         size = self._model.default_size
         (shape,) = shapes_latent(self._model, [(size, size)])
-        x = torch.randn(2, *shape, device=ex.device, dtype=ex.dtype)
-        t = torch.full((2,), 500.0, device=ex.device)
-        cond = ex.example_conditioning(2, shape)
-        at_two = linear_rows(self._model.net, lambda: ex.denoise(x, t, cond))
         sched = self.config.scheduler
         step_rows = min(sched.max_rows, sched.max_step_pixels // size**2) if sched.max_step_pixels else sched.max_rows
-        full = max(1, step_rows) / 2  # every layer's rows grow with the batch
-        return paying_layers(self._model.net, {name: int(rows * full) for name, rows in at_two.items()})
+        return self.executor.fp8_paying_layers(shape, step_rows)
 
     def _fast_path_sizes(self) -> list[tuple[int, int]]:
         if not self.config.fast_path_sizes:

@@ -23,6 +23,7 @@ from ..contract.config import EngineConfig
 from ..models.conditioning import Conditioning, Prompt, conditioner_for
 from ..models.denoisers import denoiser_for
 from ..models.loader import ModelBundle
+from ..models.precision import linear_rows, paying_layers
 from .compiled_vae import CompiledVae
 from .fastpath import Capture, GraphedUNet
 
@@ -284,6 +285,16 @@ class StepExecutor:
     def encode_prompts(self, prompts: list[Prompt]) -> list[Conditioning]:
         """One single-row `Conditioning` per prompt, as the family's pipeline encodes it."""
         return self.conditioner.encode(prompts)
+
+    def fp8_paying_layers(self, latents: tuple[int, int, int], rows: int) -> set[str]:
+        """The denoiser's linear layers whose GEMM the roofline says gains from float8 at a step of
+        `rows` rows of `latents` (C, h, w), counted by one eager call of 2 rows (`precision.paying_layers`)."""
+        x = torch.randn(2, *latents, device=self.device, dtype=self.dtype)
+        t = torch.full((2,), 500.0, device=self.device)
+        cond = self.example_conditioning(2, latents)
+        at_two = linear_rows(self.model.net, lambda: self.denoise(x, t, cond))
+        scale = max(1, rows) / 2  # every layer's rows grow with the batch
+        return paying_layers(self.model.net, {name: int(n * scale) for name, n in at_two.items()})
 
     def example_conditioning(self, rows: int, latents: tuple[int, int, int] | None = None) -> Conditioning:
         """Random conditions of the model's shapes for `rows` rows of `latents` (C, h, w), for
