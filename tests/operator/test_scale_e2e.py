@@ -1,7 +1,7 @@
 """Many pools at rest: the operator writes nothing, and a slow pool holds up no other.
 
 The real kopf operator on kmock's emulator with short periods: six autoscaled pools, each with
-one ready pod whose `/metrics` a static engine scrape answers, except one pool whose pod accepts
+one ready pod whose `/metrics` a static engine scrape (another process) answers, except one pool whose pod accepts
 connections and never answers. The numbers for a hundred pools at production periods come from
 `python -m tests.operator.scale_bench` (bench/results/operator-100-pools.json).
 """
@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
-import threading
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -32,30 +33,32 @@ N_POOLS = 6
 NAMESPACES = ("team-a", "team-b")
 
 
-class _Metrics(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 - http.server's name
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(METRICS)))
-        self.end_headers()
-        self.wfile.write(METRICS)
-
-    def log_message(self, *_: Any) -> None:
-        pass
-
-
 @pytest.fixture()
-def engines() -> Iterator[tuple[int, int]]:
-    """(port of a static engine scrape, port of a listener that never answers)."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Metrics)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+def engines(tmp_path: Path) -> Iterator[tuple[int, int]]:
+    """(port of a static engine scrape, port of a listener that never answers).
+
+    The scrape is served by its own process: on two busy cores a server thread in this process
+    waits on the GIL behind the operator and the emulator, and a scrape that misses its 1 s
+    timeout is a real change of status, which this test would count as a write."""
+    (tmp_path / "metrics").write_bytes(METRICS)
+    server = subprocess.Popen(
+        [sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(64)
     try:
-        yield server.server_address[1], silent.getsockname()[1]
+        assert server.stdout is not None
+        banner = server.stdout.readline()  # "Serving HTTP on 127.0.0.1 port N (...)"
+        port = re.search(r" port (\d+)", banner)
+        assert port, f"http.server did not say its port: {banner!r}"
+        yield int(port.group(1)), silent.getsockname()[1]
     finally:
-        server.shutdown()
-        server.server_close()
+        server.terminate()
+        server.wait(10)
         silent.close()
 
 
@@ -186,4 +189,5 @@ async def test_pools_at_rest_cost_no_writes_and_a_slow_pool_holds_up_no_other(le
         await operator.stop()
 
 
-pytestmark = pytest.mark.timeout(60)
+# A hang guard: settling alone can take 40 s on two cores that are busy elsewhere.
+pytestmark = pytest.mark.timeout(120)
