@@ -119,7 +119,7 @@ class Server:
             "fast_path_s": re.search(r"UNet fast path ready in ([\d.]+) s \(([^)]*)\)", text),
             "vae_compile_s": re.search(r"VAE compiled for .* in ([\d.]+) s \(one-image decode, ms: (.*)\)$", text, re.M),
             "engine_start_s": re.search(r"model loaded and warmed up in ([\d.]+)s", text),
-            "fp8_layers": re.search(r"precision fp8: (\d+) linear layers", text),
+            "fp8_layers": re.search(r"precision fp8: (\d+) of \d+ linear layers", text),
             "engine_ready_s": re.search(r"engine ready in ([\d.]+) s \((.*)\)$", text, re.M),
             "compile_breakdown": re.search(r"compile seconds: (.+)$", text, re.M),
         }
