@@ -10,7 +10,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from synerdiff.engine.size_compile import PerSizeBackend, agrees, mark_batch_dynamic, size_key
+from synerdiff.engine.size_compile import TOLERANCE, TOLERANCE_FP8, PerSizeBackend, mark_batch_dynamic, relative_error, size_key
 
 
 class Block(torch.nn.Module):
@@ -62,9 +62,13 @@ def test_size_key_and_agreement():
     assert key == (((5, 2), (2, 1), torch.float32), 5, ((), (), torch.float32), ((5,), (1,), torch.float32))
     assert size_key([torch.zeros(5, 2).t()]) != size_key([torch.zeros(2, 5)])  # strides count
     ref = torch.randn(4, 8)
-    assert agrees(ref + 1e-4 * torch.randn(4, 8), ref)
-    assert not agrees(ref * 1.5, ref)
-    assert not agrees(torch.full((4, 8), float("nan")), ref)
+    assert relative_error(ref + 1e-4 * torch.randn(4, 8), ref) < TOLERANCE
+    assert relative_error(ref * 1.5, ref) == pytest.approx(0.5)
+    assert relative_error(torch.full((4, 8), float("nan")), ref) == float("inf")
+    # Rows swapped (a kernel that mixes rows) is far past either tolerance; float8's rounding is not.
+    assert relative_error(ref.flip(0), ref) > 10 * TOLERANCE_FP8
+    wide = torch.randn(64, 256, generator=torch.Generator().manual_seed(0))
+    assert TOLERANCE < relative_error(wide.to(torch.float8_e4m3fn).float(), wide) < TOLERANCE_FP8
 
 
 def test_a_compiler_failure_surfaces_on_the_first_call():

@@ -26,6 +26,7 @@ from ..models.loader import ModelBundle
 from ..models.precision import linear_rows, paying_layers
 from .compiled_vae import CompiledVae
 from .fastpath import Capture, GraphedUNet
+from .size_compile import TOLERANCE, TOLERANCE_FP8
 
 log = logging.getLogger("synerdiff.executor")
 
@@ -220,6 +221,7 @@ class StepExecutor:
             mode=config.compile_mode,
             attention_backend=attn,
             trace_once=config.compile_trace == "once",
+            tolerance=TOLERANCE_FP8 if self.precision == "fp8" else TOLERANCE,
         )
 
         def captured(cap: Capture) -> None:
