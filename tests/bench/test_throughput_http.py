@@ -34,6 +34,10 @@ def test_http_compare_serves_measures_and_reports(tmp_path):
     assert "FP8 tensor cores" in r["errors"]["engine_fp8"]
     assert r["lone_s"]["engine"] > 0 and r["startup_s"]["cold"] > 0 and r["startup_s"]["warm_new_pod"] > 0
     exact = r["details"]["engine_exact"]
+    # The engine's account of a lone request: its stages fit in its total, which the client's wait includes.
+    acct = exact["lone_engine_s"]
+    assert acct["queue_wait_s"] + acct["inference_s"] + acct["decode_s"] <= acct["total_s"] + 1e-6
+    assert 0 < acct["inference_s"] and acct["total_s"] < exact["lone_s"]
     assert exact["errors"] == 0 and exact["completed_in_window"] > 3
     w = exact["window_metrics"]
     assert 2 <= w["mean_rows_per_step"] <= 4 and 0 < w["unet_busy_fraction"] <= 1.05
