@@ -116,7 +116,7 @@ class Server:
             for m in re.finditer(r"UNet graph \d+ of \d+: (\d+) rows, latents \([^)]*\), ([\d.]+) s \(replay ([\d.]+) ms\)", text)
         ]
         found = {
-            "fast_path_s": re.search(r"UNet fast path ready in ([\d.]+) s \(([^)]*)\)", text),
+            "fast_path_s": re.search(r"UNet fast path ready in ([\d.]+) s \((.*)\)$", text, re.M),
             "vae_compile_s": re.search(r"VAE compiled for .* in ([\d.]+) s \(one-image decode, ms: (.*)\)$", text, re.M),
             "engine_start_s": re.search(r"model loaded and warmed up in ([\d.]+)s", text),
             "fp8_layers": re.search(r"precision fp8: (\d+) of \d+ linear layers", text),

@@ -57,7 +57,8 @@ def test_startup_log_reads_the_lines_a_gpu_start_writes(tmp_path):
         "x INFO synerdiff.executor: compiled UNet graph 2 of 2: 64 rows, latents (4, 64, 64), 52.4 s (replay 132.54 ms)\n"
         "x INFO synerdiff.vae: VAE compiled for [(4, 64, 64)] in 37.2 s (one-image decode, ms: {(4, 64, 64): 8.39}; eager: {(4, 64, 64): 43.69})\n"
         "x INFO synerdiff.executor: compile seconds: total 120.5, dynamo_trace 20.1, backend 95.0\n"
-        "x INFO synerdiff.executor: UNet fast path ready in 154.9 s (compiled, compile cache cold, attention cudnn)\n"
+        "x INFO synerdiff.executor: UNet fast path ready in 154.9 s (compiled, compile cache cold, attention cudnn, trace per_size (one trace failed: "
+        "its 2-row output is 0.031 from the eager forward's, past 0.02), 3 dynamo graphs)\n"
         "x INFO synerdiff.precision: precision fp8: 184 of 312 linear layers in float8 (where the roofline estimate pays; per-row activation scales, per-channel weight scales)\n"
         "x INFO synerdiff.engine: engine ready in 161.5 s (loading model 5.8 s, compiling 155.0 s, warming up 0.7 s)\n"
     )
@@ -65,7 +66,8 @@ def test_startup_log_reads_the_lines_a_gpu_start_writes(tmp_path):
     server.log_path = log
     got = server.startup_log()
     assert got["graphs"] == [{"rows": 2, "seconds": 58.5, "replay_ms": 6.55}, {"rows": 64, "seconds": 52.4, "replay_ms": 132.54}]
-    assert got["fast_path_s"] == 154.9 and got["fast_path"] == "compiled, compile cache cold, attention cudnn"
+    assert got["fast_path_s"] == 154.9 and got["fast_path"].startswith("compiled, compile cache cold, attention cudnn, trace per_size (one")
+    assert got["fast_path"].endswith("past 0.02), 3 dynamo graphs")
     assert got["vae_compile_s"] == 37.2 and "eager: {(4, 64, 64): 43.69}" in got["vae_decode_ms"]
     assert got["compile_breakdown"] == "total 120.5, dynamo_trace 20.1, backend 95.0"
     assert got["fp8_layers"] == 184 and got["engine_ready_s"] == 161.5

@@ -40,26 +40,32 @@ def engines(tmp_path: Path) -> Iterator[tuple[int, int]]:
     The scrape is served by its own process: on two busy cores a server thread in this process
     waits on the GIL behind the operator and the emulator, and a scrape that misses its 1 s
     timeout is a real change of status, which this test would count as a write."""
-    (tmp_path / "metrics").write_bytes(METRICS)
+    root = tmp_path / "scrape"  # its own folder: http.server serves everything in it
+    root.mkdir()
+    (root / "metrics").write_bytes(METRICS)
     server = subprocess.Popen(
-        [sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory", str(tmp_path)],
+        [sys.executable, "-u", "-m", "http.server", "0", "--bind", "127.0.0.1", "--directory", str(root)],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
     )
-    silent = socket.socket()
-    silent.bind(("127.0.0.1", 0))
-    silent.listen(64)
+    assert server.stdout is not None
     try:
-        assert server.stdout is not None
-        banner = server.stdout.readline()  # "Serving HTTP on 127.0.0.1 port N (...)"
-        port = re.search(r" port (\d+)", banner)
-        assert port, f"http.server did not say its port: {banner!r}"
-        yield int(port.group(1)), silent.getsockname()[1]
+        with socket.socket() as silent:
+            silent.bind(("127.0.0.1", 0))
+            silent.listen(64)
+            banner = server.stdout.readline()  # "Serving HTTP on 127.0.0.1 port N (...)"
+            port = re.search(r" port (\d+)", banner)
+            assert port, f"http.server did not say its port: {banner!r}"
+            yield int(port.group(1)), silent.getsockname()[1]
     finally:
         server.terminate()
-        server.wait(10)
-        silent.close()
+        try:
+            server.wait(10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+        server.stdout.close()
 
 
 @pytest_asyncio.fixture()
