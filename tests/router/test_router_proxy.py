@@ -210,10 +210,20 @@ def test_a_request_goes_to_the_engine_holding_its_adapters_unless_that_one_is_mu
     holder, other = Fake("ok", outstanding=8, load_in_readyz=True), Fake("ok", load_in_readyz=True)
     holder.adapters, other.adapters = {"style-a"}, set()
     with fakes(holder, other) as urls, router(urls) as url:
-        wait_until(lambda: metric_value(httpx.get(url + "/metrics").text, names.ROUTER_OUTSTANDING, upstream=urls[0]) == 8, what="a poll")
+
+        def polled() -> None:
+            """Both engines ready, and the holder's 8 row-steps counted again. A scripted engine's
+            outstanding stays 8 while a request runs there, where a real engine's would count it:
+            a poll that lands during one of this router's requests reads the 8 as that request,
+            and until the next poll the holder's load reads 0, a tie with the other engine."""
+            wait_until(lambda: httpx.get(url + "/readyz").json()["engines_ready"] == 2, what="both engines ready")
+            wait_until(lambda: metric_value(httpx.get(url + "/metrics").text, names.ROUTER_OUTSTANDING, upstream=urls[0]) == 8, what="a poll")
+
+        polled()
         for _ in range(3):
             assert httpx.post(url + "/v1/images/generations", json=lora("style-a"), timeout=30).status_code == 200
         assert (holder.hits, other.hits) == (3, 0)  # a little busier, but it holds the adapter
+        polled()
         assert post(url).status_code == 200 and other.hits == 1  # no adapter: the less loaded one
         holder.outstanding = 1000  # far busier now: the other engine loads the adapter
         wait_until(lambda: metric_value(httpx.get(url + "/metrics").text, names.ROUTER_OUTSTANDING, upstream=urls[0]) == 1000, what="a poll")
