@@ -38,6 +38,7 @@ import torch
 from synerdiff.engine.executor import StepExecutor
 from synerdiff.engine.fastpath import ATTENTION_BACKENDS, GraphedUNet, attention, attention_calls, fastest_attention
 from synerdiff.engine.profiler import median_time, synchronizer
+from synerdiff.engine.size_compile import relative_error
 from synerdiff.models.loader import load_model
 from synerdiff.models.precision import apply_fp8
 
@@ -153,10 +154,9 @@ def distance(out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     reference's peak-to-peak range."""
     a, b = out.float(), ref.float()
     mse = float(torch.mean((a - b) ** 2))
-    rel = (mse / max(float(torch.mean(b**2)), 1e-30)) ** 0.5
     span = float(b.max() - b.min())
     psnr = float("inf") if mse == 0 else 10.0 * float(torch.log10(torch.tensor(span**2 / mse)))
-    return {"relative_rms": rel, "psnr_db": psnr}
+    return {"relative_rms": relative_error(out, ref), "psnr_db": psnr}
 
 
 def precision_runs(path: str, precisions: list[str], rows: int, size: int, backend: str, save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:

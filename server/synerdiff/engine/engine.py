@@ -30,7 +30,7 @@ from ..models.precision import PrecisionError, apply_fp8, float8_layers, fp8_uns
 from ..samplers import make_plan
 from ..scheduling.controller import ControllerState
 from ..scheduling.cost_model import CostModel
-from ..scheduling.planner import Policy
+from ..scheduling.planner import Policy, pixel_row_cap
 from ..scheduling.policies import policy_for
 from .core import EngineCore
 from .cpus import cpu_budget
@@ -281,8 +281,7 @@ class Engine:
         size = self._model.default_size
         (shape,) = shapes_latent(self._model, [(size, size)])
         sched = self.config.scheduler
-        step_rows = min(sched.max_rows, sched.max_step_pixels // size**2) if sched.max_step_pixels else sched.max_rows
-        return self.executor.fp8_paying_layers(shape, step_rows)
+        return self.executor.fp8_paying_layers(shape, pixel_row_cap(sched.max_rows, sched.max_step_pixels, size**2))
 
     def _fast_path_sizes(self) -> list[tuple[int, int]]:
         if not self.config.fast_path_sizes:

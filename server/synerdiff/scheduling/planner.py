@@ -80,15 +80,21 @@ class EngineView:
         """The rows a step of `bucket` may hold: at most max_rows and the pixel bound, and, where
         the runner replays fixed sizes, the largest of them that fits, so that a full step
         replays a size exactly instead of padding the next one up."""
-        cap = self.max_rows
-        if self.max_step_pixels:
-            cap = max(1, min(cap, self.max_step_pixels // (bucket[0] * bucket[1])))
+        cap = pixel_row_cap(self.max_rows, self.max_step_pixels, bucket[0] * bucket[1])
         fitting = [s for s in self.replay_rows.get(bucket, ()) if s <= cap]
         return max(fitting) if fitting else cap
 
     def replayed(self, bucket: Bucket, rows: int) -> int:
         """The rows a step of `rows` actually runs: the replay size it pads up to, or itself."""
         return min((s for s in self.replay_rows.get(bucket, ()) if s >= rows), default=rows)
+
+
+def pixel_row_cap(max_rows: int, max_step_pixels: int, pixels: int) -> int:
+    """The rows a step of rows of `pixels` pixels may hold: `max_rows`, and fewer where
+    `max_step_pixels` (0: no bound) allows fewer, but at least one."""
+    if not max_step_pixels:
+        return max_rows
+    return max(1, min(max_rows, max_step_pixels // pixels))
 
 
 @dataclass(frozen=True)
